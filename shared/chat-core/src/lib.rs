@@ -1,0 +1,19 @@
+//! The shared core of the chat backend: the conversation-turn state machine ([`fsm`]), the
+//! identifiers that parse at the edge ([`ids`]), the one DynamoDB table ([`table`]) and the
+//! store that enforces the state machine with conditional writes ([`store`]).
+
+pub mod error;
+pub mod fsm;
+pub mod ids;
+pub mod model;
+pub mod store;
+pub mod table;
+
+pub use error::StoreError;
+pub use fsm::{Event, State};
+pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
+pub use model::{Chunk, LeaseInfo, Message, Session, TransitionRecord};
+pub use store::{
+    AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,
+    Lease, LeaseStatus, NewMessage, Outcome, SendOutcome, SessionPage, Store, StoreOptions, TurnTicket,
+};

@@ -1,0 +1,294 @@
+//! What the store reads and returns, and how items map onto these types.
+
+use crate::error::StoreError;
+use crate::fsm::State;
+use crate::ids::{MessageId, Role, SessionId, Turn, UserId};
+use aws_sdk_dynamodb::types::AttributeValue;
+use std::collections::HashMap;
+use std::str::FromStr;
+
+/// A DynamoDB item.
+pub type Item = HashMap<String, AttributeValue>;
+
+/// A session as stored: its identity, its FSM position and its current turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    /// The session id.
+    pub id: SessionId,
+    /// Its owner.
+    pub user_id: UserId,
+    /// Where the current turn stands.
+    pub state: State,
+    /// Bumped by every transition; the fencing token of conditional writes.
+    pub version: u64,
+    /// The current (latest) turn.
+    pub turn: Turn,
+    /// Creation time, epoch ms.
+    pub created_at: u64,
+    /// Time of the last transition, epoch ms.
+    pub updated_at: u64,
+    /// The generator holding the current turn, while `ai_generating`.
+    pub lease: Option<LeaseInfo>,
+    /// When the current in-flight step is overdue, epoch ms.
+    pub due_at: Option<u64>,
+    /// Generation attempts of the current turn.
+    pub attempts: u32,
+    /// Times the sweeper re-drove the current turn.
+    pub redrives: u32,
+    /// The client asked to stop the current turn.
+    pub cancel_requested: bool,
+    /// Why the turn ended in `error` or `timeout`.
+    pub reason: Option<String>,
+    /// The operation id of the last transition, to recognise a retried write of our own.
+    pub last_op: Option<String>,
+}
+
+/// A generator's hold on a turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// The lease id of the holder.
+    pub owner: String,
+    /// When it lapses unless extended, epoch ms.
+    pub expires_at: u64,
+}
+
+/// A stored chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Session, turn and role.
+    pub id: MessageId,
+    /// The text.
+    pub content: String,
+    /// When it was committed, epoch ms.
+    pub timestamp: u64,
+    /// An assistant reply cut short by cancellation.
+    pub stopped: bool,
+}
+
+/// A batch of tokens of one turn, written by the lease holder in sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// The turn.
+    pub turn: Turn,
+    /// Position in the turn's chunk sequence, from 0, gap-free.
+    pub seq: u32,
+    /// Index (within the turn) of the first token.
+    pub start: u64,
+    /// The tokens; empty for the fence a takeover writes.
+    pub tokens: Vec<String>,
+    /// The lease id of the writer.
+    pub owner: String,
+}
+
+/// One recorded transition, for audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionRecord {
+    /// The version the transition produced.
+    pub version: u64,
+    /// The state it left (`None`: the session was created).
+    pub from: Option<State>,
+    /// The state it entered.
+    pub to: State,
+    /// The event name.
+    pub event: String,
+    /// The turn after the transition.
+    pub turn: Turn,
+    /// When, epoch ms.
+    pub at: u64,
+    /// Who: a request id or lease id.
+    pub by: String,
+}
+
+/// Typed reads of one item, with errors that name the item and attribute.
+pub(crate) struct Fields<'a> {
+    item: &'a Item,
+}
+
+impl<'a> Fields<'a> {
+    pub(crate) fn new(item: &'a Item) -> Self {
+        Fields { item }
+    }
+
+    fn key(&self) -> String {
+        let part = |name| self.item.get(name).and_then(|v| v.as_s().ok()).map_or("?", |s| s.as_str());
+        format!("{}/{}", part("pk"), part("sk"))
+    }
+
+    fn bad(&self, name: &str, why: &str) -> StoreError {
+        StoreError::corrupt(self.key(), format!("{name} {why}"))
+    }
+
+    pub(crate) fn opt_s(&self, name: &str) -> Result<Option<&'a str>, StoreError> {
+        match self.item.get(name) {
+            None | Some(AttributeValue::Null(_)) => Ok(None),
+            Some(AttributeValue::S(s)) => Ok(Some(s)),
+            Some(_) => Err(self.bad(name, "is not a string")),
+        }
+    }
+
+    pub(crate) fn s(&self, name: &str) -> Result<&'a str, StoreError> {
+        self.opt_s(name)?.ok_or_else(|| self.bad(name, "is missing"))
+    }
+
+    pub(crate) fn opt_n<T: FromStr>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        match self.item.get(name) {
+            None | Some(AttributeValue::Null(_)) => Ok(None),
+            Some(AttributeValue::N(n)) => n.parse().map(Some).map_err(|_| self.bad(name, "is out of range")),
+            Some(_) => Err(self.bad(name, "is not a number")),
+        }
+    }
+
+    pub(crate) fn n<T: FromStr>(&self, name: &str) -> Result<T, StoreError> {
+        self.opt_n(name)?.ok_or_else(|| self.bad(name, "is missing"))
+    }
+
+    pub(crate) fn flag(&self, name: &str) -> Result<bool, StoreError> {
+        match self.item.get(name) {
+            None => Ok(false),
+            Some(AttributeValue::Bool(b)) => Ok(*b),
+            Some(_) => Err(self.bad(name, "is not a boolean")),
+        }
+    }
+
+    pub(crate) fn parsed<T, E>(
+        &self,
+        name: &str,
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> Result<T, StoreError> {
+        parse(self.s(name)?).map_err(|_| self.bad(name, "does not parse"))
+    }
+
+    pub(crate) fn strings(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        match self.item.get(name) {
+            None => Ok(Vec::new()),
+            Some(AttributeValue::L(list)) => list
+                .iter()
+                .map(|v| v.as_s().cloned().map_err(|_| self.bad(name, "holds a non-string")))
+                .collect(),
+            Some(_) => Err(self.bad(name, "is not a list")),
+        }
+    }
+
+    pub(crate) fn turn(&self, name: &str) -> Result<Turn, StoreError> {
+        Turn::new(self.n(name)?).map_err(|_| self.bad(name, "is not a turn number"))
+    }
+
+    pub(crate) fn state(&self, name: &str) -> Result<State, StoreError> {
+        self.parsed(name, State::from_str)
+    }
+}
+
+impl Session {
+    pub(crate) fn from_item(item: &Item) -> Result<Session, StoreError> {
+        let f = Fields::new(item);
+        let lease = match (f.opt_s(attr::LEASE_OWNER)?, f.opt_n(attr::LEASE_EXPIRES_AT)?) {
+            (Some(owner), Some(expires_at)) => Some(LeaseInfo { owner: owner.to_owned(), expires_at }),
+            _ => None,
+        };
+        Ok(Session {
+            id: f.parsed(attr::SESSION_ID, SessionId::parse)?,
+            user_id: f.parsed(attr::USER_ID, UserId::parse)?,
+            state: f.state(attr::STATE)?,
+            version: f.n(attr::VERSION)?,
+            turn: f.turn(attr::TURN)?,
+            created_at: f.n(attr::CREATED_AT)?,
+            updated_at: f.n(attr::UPDATED_AT)?,
+            lease,
+            due_at: f.opt_n(crate::table::DUE_AT)?,
+            attempts: f.opt_n(attr::ATTEMPTS)?.unwrap_or(0),
+            redrives: f.opt_n(attr::REDRIVES)?.unwrap_or(0),
+            cancel_requested: f.flag(attr::CANCEL_REQUESTED)?,
+            reason: f.opt_s(attr::REASON)?.map(str::to_owned),
+            last_op: f.opt_s(attr::LAST_OP)?.map(str::to_owned),
+        })
+    }
+}
+
+impl Message {
+    pub(crate) fn from_item(item: &Item) -> Result<Message, StoreError> {
+        let f = Fields::new(item);
+        let role = match f.s(attr::ROLE)? {
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            _ => return Err(StoreError::corrupt(f.key(), "role is neither user nor assistant")),
+        };
+        Ok(Message {
+            id: MessageId {
+                session: f.parsed(attr::SESSION_ID, SessionId::parse)?,
+                turn: f.turn(attr::TURN)?,
+                role,
+            },
+            content: f.s(attr::CONTENT)?.to_owned(),
+            timestamp: f.n(attr::TIMESTAMP)?,
+            stopped: f.flag(attr::STOPPED)?,
+        })
+    }
+}
+
+impl Chunk {
+    pub(crate) fn from_item(item: &Item) -> Result<Chunk, StoreError> {
+        let f = Fields::new(item);
+        Ok(Chunk {
+            turn: f.turn(attr::TURN)?,
+            seq: f.n(attr::SEQ)?,
+            start: f.n(attr::START)?,
+            tokens: f.strings(attr::TOKENS)?,
+            owner: f.s(attr::OWNER)?.to_owned(),
+        })
+    }
+
+    /// Index one past the last token.
+    pub fn end(&self) -> u64 {
+        self.start + self.tokens.len() as u64
+    }
+}
+
+impl TransitionRecord {
+    pub(crate) fn from_item(item: &Item) -> Result<TransitionRecord, StoreError> {
+        let f = Fields::new(item);
+        Ok(TransitionRecord {
+            version: f.n(attr::VERSION)?,
+            from: match f.opt_s(attr::FROM)? {
+                Some(_) => Some(f.state(attr::FROM)?),
+                None => None,
+            },
+            to: f.state(attr::TO)?,
+            event: f.s(attr::EVENT)?.to_owned(),
+            turn: f.turn(attr::TURN)?,
+            at: f.n(attr::AT)?,
+            by: f.s(attr::BY)?.to_owned(),
+        })
+    }
+}
+
+/// Attribute names of items, in one place.
+pub(crate) mod attr {
+    pub const KIND: &str = "kind";
+    pub const SESSION_ID: &str = "session_id";
+    pub const USER_ID: &str = "user_id";
+    pub const STATE: &str = "state";
+    pub const VERSION: &str = "version";
+    pub const TURN: &str = "turn";
+    pub const CREATED_AT: &str = "created_at";
+    pub const UPDATED_AT: &str = "updated_at";
+    pub const LEASE_OWNER: &str = "lease_owner";
+    pub const LEASE_EXPIRES_AT: &str = "lease_expires_at";
+    pub const ATTEMPTS: &str = "attempts";
+    pub const REDRIVES: &str = "redrives";
+    pub const CANCEL_REQUESTED: &str = "cancel_requested";
+    pub const REASON: &str = "reason";
+    pub const LAST_OP: &str = "last_op";
+    pub const ROLE: &str = "role";
+    pub const CONTENT: &str = "content";
+    pub const TIMESTAMP: &str = "timestamp";
+    pub const STOPPED: &str = "stopped";
+    pub const SEQ: &str = "seq";
+    pub const START: &str = "start";
+    pub const TOKENS: &str = "tokens";
+    pub const OWNER: &str = "owner";
+    pub const FROM: &str = "from";
+    pub const TO: &str = "to";
+    pub const EVENT: &str = "event";
+    pub const AT: &str = "at";
+    pub const BY: &str = "by";
+}

@@ -1,0 +1,195 @@
+//! The one DynamoDB table: its keys, indexes and TTL attribute, and the item keys built on them.
+//!
+//! Local bootstrap creates the table from [`create_table`]; `template.yaml` must describe the same
+//! table (a test compares them).
+//!
+//! | item | `pk` | `sk` |
+//! |---|---|---|
+//! | session | `S#{session}` | `SESSION` |
+//! | message | `S#{session}` | `MSG#{turn:08}#1` (user), `MSG#{turn:08}#2` (assistant) |
+//! | token chunk | `S#{session}` | `CHUNK#{turn:08}#{seq:08}` |
+//! | transition | `S#{session}` | `TRANS#{version:010}` |
+//! | idempotency key | `U#{user}` | `IDEM#{client_message_id}` |
+//!
+//! Index `by_user` (`gsi1pk` = `U#{user}`, `gsi1sk` = `{created_at:013}#{session}`) lists a user's
+//! sessions newest first. Index `due` (`due_shard`, `due_at`) is sparse: only sessions with a turn in
+//! flight carry those attributes, so the sweeper reads just the turns it may have to act on.
+
+use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType, TimeToLiveSpecification,
+};
+use aws_sdk_dynamodb::Client;
+
+/// Partition key attribute.
+pub const PK: &str = "pk";
+/// Sort key attribute.
+pub const SK: &str = "sk";
+/// TTL attribute (epoch seconds); DynamoDB deletes the item some time after it passes.
+pub const TTL_ATTRIBUTE: &str = "expires_at";
+/// The user-sessions index.
+pub const BY_USER_INDEX: &str = "by_user";
+/// Partition key of [`BY_USER_INDEX`].
+pub const GSI1_PK: &str = "gsi1pk";
+/// Sort key of [`BY_USER_INDEX`].
+pub const GSI1_SK: &str = "gsi1sk";
+/// The sparse index of sessions with a deadline.
+pub const DUE_INDEX: &str = "due";
+/// Partition key of [`DUE_INDEX`]: one of [`DUE_SHARDS`] shards, so no single partition is hot.
+pub const DUE_SHARD: &str = "due_shard";
+/// Sort key of [`DUE_INDEX`]: when the turn's deadline or lease passes (epoch ms).
+pub const DUE_AT: &str = "due_at";
+/// How many shards [`DUE_INDEX`] spreads sessions over.
+pub const DUE_SHARDS: u32 = 4;
+
+/// Sort key of the session item.
+pub const SESSION_SK: &str = "SESSION";
+/// Sort key prefix of message items.
+pub const MESSAGE_PREFIX: &str = "MSG#";
+/// Sort key prefix of token chunk items.
+pub const CHUNK_PREFIX: &str = "CHUNK#";
+/// Sort key prefix of transition records.
+pub const TRANSITION_PREFIX: &str = "TRANS#";
+/// Sort key prefix of idempotency records.
+pub const IDEMPOTENCY_PREFIX: &str = "IDEM#";
+
+/// Partition key of everything in a session.
+pub fn session_pk(session: SessionId) -> String {
+    format!("S#{session}")
+}
+
+/// Partition key of a user's idempotency records, and the `by_user` index key.
+pub fn user_pk(user: &UserId) -> String {
+    format!("U#{user}")
+}
+
+/// Sort key of a message: the user's message sorts before the reply of the same turn.
+pub fn message_sk(turn: Turn, role: Role) -> String {
+    let rank = match role {
+        Role::User => 1,
+        Role::Assistant => 2,
+    };
+    format!("{MESSAGE_PREFIX}{:08}#{rank}", turn.get())
+}
+
+/// Sort key prefix of one turn's chunks.
+pub fn chunk_turn_prefix(turn: Turn) -> String {
+    format!("{CHUNK_PREFIX}{:08}#", turn.get())
+}
+
+/// Sort key of a chunk.
+pub fn chunk_sk(turn: Turn, seq: u32) -> String {
+    format!("{}{seq:08}", chunk_turn_prefix(turn))
+}
+
+/// Sort key of the transition record that produced `version`.
+pub fn transition_sk(version: u64) -> String {
+    format!("{TRANSITION_PREFIX}{version:010}")
+}
+
+/// Sort key of an idempotency record.
+pub fn idempotency_sk(key: &ClientMessageId) -> String {
+    format!("{IDEMPOTENCY_PREFIX}{key}")
+}
+
+/// `by_user` sort key: creation time then id, so newest-first is a reverse query.
+pub fn by_user_sk(created_at_ms: u64, session: SessionId) -> String {
+    format!("{created_at_ms:013}#{session}")
+}
+
+/// The `due` shard a session belongs to: stable, spread by the id's randomness.
+pub fn due_shard(session: SessionId) -> String {
+    let byte = session.to_string().as_bytes()[0];
+    format!("DUE#{}", u32::from(byte) % DUE_SHARDS)
+}
+
+/// Every `due` shard name.
+pub fn due_shards() -> impl Iterator<Item = String> {
+    (0..DUE_SHARDS).map(|n| format!("DUE#{n}"))
+}
+
+fn key(name: &str, key_type: KeyType) -> KeySchemaElement {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(key_type)
+        .build()
+        .expect("key schema fields are set")
+}
+
+fn attribute(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .expect("attribute definition fields are set")
+}
+
+fn index(name: &str, pk: &str, sk: &str, projection: ProjectionType) -> GlobalSecondaryIndex {
+    GlobalSecondaryIndex::builder()
+        .index_name(name)
+        .key_schema(key(pk, KeyType::Hash))
+        .key_schema(key(sk, KeyType::Range))
+        .projection(Projection::builder().projection_type(projection).build())
+        .build()
+        .expect("index fields are set")
+}
+
+/// Creates the table (on-demand, both indexes) and enables TTL. For local emulators and tests;
+/// in AWS, `template.yaml` creates it.
+pub async fn create_table(client: &Client, table: &str) -> Result<(), aws_sdk_dynamodb::Error> {
+    client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .key_schema(key(PK, KeyType::Hash))
+        .key_schema(key(SK, KeyType::Range))
+        .attribute_definitions(attribute(PK, ScalarAttributeType::S))
+        .attribute_definitions(attribute(SK, ScalarAttributeType::S))
+        .attribute_definitions(attribute(GSI1_PK, ScalarAttributeType::S))
+        .attribute_definitions(attribute(GSI1_SK, ScalarAttributeType::S))
+        .attribute_definitions(attribute(DUE_SHARD, ScalarAttributeType::S))
+        .attribute_definitions(attribute(DUE_AT, ScalarAttributeType::N))
+        .global_secondary_indexes(index(BY_USER_INDEX, GSI1_PK, GSI1_SK, ProjectionType::All))
+        .global_secondary_indexes(index(DUE_INDEX, DUE_SHARD, DUE_AT, ProjectionType::KeysOnly))
+        .send()
+        .await?;
+    client
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name(TTL_ATTRIBUTE)
+                .enabled(true)
+                .build()
+                .expect("ttl fields are set"),
+        )
+        .send()
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sort_keys_order_by_turn_then_sequence() {
+        let t2 = Turn::new(2).unwrap();
+        let t10 = Turn::new(10).unwrap();
+        assert!(chunk_sk(t2, 9) < chunk_sk(t2, 10));
+        assert!(chunk_sk(t2, 99_999) < chunk_sk(t10, 0));
+        assert!(message_sk(t2, Role::User) < message_sk(t10, Role::User));
+        assert!(message_sk(t2, Role::User) < message_sk(t2, Role::Assistant));
+        assert!(transition_sk(9) < transition_sk(10));
+        assert!(chunk_sk(t2, 0).starts_with(&chunk_turn_prefix(t2)));
+    }
+
+    #[test]
+    fn due_shards_cover_every_session() {
+        let shards: Vec<String> = due_shards().collect();
+        for _ in 0..100 {
+            assert!(shards.contains(&due_shard(SessionId::new())));
+        }
+    }
+}
