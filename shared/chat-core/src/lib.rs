@@ -2,12 +2,16 @@
 //! identifiers that parse at the edge ([`ids`]), the one DynamoDB table ([`table`]) and the
 //! store that enforces the state machine with conditional writes ([`store`]).
 
+pub mod aws;
+pub mod config;
 pub mod error;
 pub mod fsm;
 pub mod ids;
 pub mod model;
+pub mod queue;
 pub mod store;
 pub mod table;
+pub mod time;
 
 pub use error::StoreError;
 pub use fsm::{Event, State};

@@ -1,0 +1,285 @@
+//! The generator: answers one turn per SQS record. It claims the turn with a lease, streams the
+//! model's tokens into DynamoDB in batched chunks (on a time or size threshold), heartbeats the
+//! lease, honours cancellation at each chunk write, and commits the reply while it still holds
+//! the lease. Duplicate deliveries find nothing to claim and are acknowledged.
+
+pub mod model;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use chat_core::config::{CommonConfig, ConfigError, Env};
+use chat_core::queue::TurnMessage;
+use chat_core::{AppendOutcome, ClaimOutcome, Event, Lease, LeaseStatus, Outcome, Role, Store, StoreError};
+use futures::StreamExt;
+use model::{DemoModel, ModelProvider, Prompt};
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{info, warn, Instrument};
+
+/// Generation settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lease length; it is extended when half has passed.
+    pub lease: Duration,
+    /// Claims per turn before a stalled turn ends in timeout.
+    pub max_attempts: u32,
+    /// Flush buffered tokens once the oldest has waited this long (`FLUSH_INTERVAL_MS`).
+    pub flush_interval: Duration,
+    /// Flush once this many tokens are buffered (`FLUSH_MAX_TOKENS`).
+    pub flush_max_tokens: usize,
+}
+
+/// The generator function's dependencies, built once per cold start.
+pub struct Generator {
+    store: Store,
+    model: Box<dyn ModelProvider>,
+    settings: Settings,
+}
+
+/// Why a record should be delivered again.
+#[derive(Debug, thiserror::Error)]
+#[error("retry later: {0}")]
+struct RetryLater(#[from] StoreError);
+
+/// How a generation ended.
+enum Ending {
+    Complete,
+    Stopped,
+    Failed(String),
+    LeaseLost,
+}
+
+impl Generator {
+    /// Reads the configuration and builds the clients.
+    pub async fn from_env() -> Result<Generator, ConfigError> {
+        let env = Env::process();
+        let common = CommonConfig::from_env(&env)?;
+        let settings = Settings {
+            lease: common.lease,
+            max_attempts: common.max_attempts,
+            flush_interval: env.millis_or("FLUSH_INTERVAL_MS", Duration::from_millis(100))?,
+            flush_max_tokens: env.parse_or("FLUSH_MAX_TOKENS", 32)?,
+        };
+        let model = match env.optional("LLM_PROVIDER").as_deref().unwrap_or("demo") {
+            "demo" => DemoModel {
+                reply_tokens: env.parse_or("DEMO_REPLY_TOKENS", 50)?,
+                token_delay: env.millis_or("DEMO_TOKEN_DELAY_MS", Duration::from_millis(20))?,
+                faults: env.parse_or("DEMO_FAULTS", false)?,
+            },
+            other => {
+                return Err(ConfigError {
+                    variable: "LLM_PROVIDER".to_owned(),
+                    problem: format!("is {other:?}; this build supports \"demo\""),
+                })
+            }
+        };
+        let aws = chat_core::aws::load_config().await;
+        let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
+        Ok(Generator::new(store, Box::new(model), settings))
+    }
+
+    /// A generator over explicit parts.
+    pub fn new(store: Store, model: Box<dyn ModelProvider>, settings: Settings) -> Generator {
+        Generator { store, model, settings }
+    }
+
+    /// Handles a batch; records that hit a DynamoDB fault are reported for redelivery.
+    pub async fn handle(&self, event: SqsEvent) -> SqsBatchResponse {
+        let results = futures::future::join_all(event.records.iter().map(|r| self.process(r))).await;
+        let mut response = SqsBatchResponse::default();
+        for (record, result) in event.records.iter().zip(results) {
+            if let Err(err) = result {
+                warn!(error = %err, message_id = ?record.message_id, "record will be redelivered");
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = record.message_id.clone().unwrap_or_default();
+                response.batch_item_failures.push(failure);
+            }
+        }
+        response
+    }
+
+    async fn process(&self, record: &SqsMessage) -> Result<(), RetryLater> {
+        let body = record.body.as_deref().unwrap_or_default();
+        let Ok(message) = serde_json::from_str::<TurnMessage>(body) else {
+            // Redelivering a malformed body would never help; the DLQ is for real failures.
+            warn!(body_len = body.len(), "dropping a message that is not a turn");
+            return Ok(());
+        };
+        let owner = format!("gen-{}", uuid::Uuid::new_v4().simple());
+        let span =
+            tracing::info_span!("turn", session = %message.session_id, turn = %message.turn, lease = %owner);
+        async {
+            let claim = self
+                .store
+                .claim_generation(
+                    message.session_id,
+                    message.turn,
+                    &owner,
+                    self.settings.lease,
+                    self.settings.max_attempts,
+                )
+                .await?;
+            match claim {
+                ClaimOutcome::Claimed(lease) => self.generate(lease).await,
+                ClaimOutcome::Skipped { current } => {
+                    let state = current.map(|s| s.state.to_string());
+                    info!(state = state.as_deref().unwrap_or("deleted"), "nothing to generate");
+                    Ok(())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn generate(&self, mut lease: Lease) -> Result<(), RetryLater> {
+        let mut writer = ChunkWriter::new(&lease);
+        let ending = if lease.cancel_requested {
+            Ending::Stopped
+        } else {
+            let prompt = self.prompt(&lease).await?;
+            self.stream_reply(&mut lease, &mut writer, &prompt).await?
+        };
+        let outcome = match &ending {
+            Ending::LeaseLost => {
+                info!("lease taken over; leaving the turn to its new holder");
+                return Ok(());
+            }
+            Ending::Complete | Ending::Stopped => {
+                self.store.commit_reply(&lease, &writer.text, matches!(ending, Ending::Stopped)).await?
+            }
+            Ending::Failed(reason) => {
+                let Some(current) = self.store.get_session(lease.session_id, true).await? else {
+                    return Ok(());
+                };
+                if current.version != lease.version {
+                    return Ok(());
+                }
+                self.store.end_turn(&current, Event::GenerationFailed, reason, &lease.owner).await?
+            }
+        };
+        match outcome {
+            Outcome::Applied(_) => {
+                info!(tokens = writer.next_index, chunks = writer.next_seq, "turn finished")
+            }
+            Outcome::Conflict(conflict) => warn!(?conflict, "the turn moved on before it could be finished"),
+        }
+        Ok(())
+    }
+
+    /// The conversation up to this turn's user message.
+    async fn prompt(&self, lease: &Lease) -> Result<Prompt, StoreError> {
+        let Some((_, messages)) = self.store.get_conversation(lease.session_id).await? else {
+            return Ok(Vec::new());
+        };
+        Ok(messages
+            .into_iter()
+            .filter(|m| m.id.turn < lease.turn || (m.id.turn == lease.turn && m.id.role == Role::User))
+            .map(|m| (m.id.role, m.content))
+            .collect())
+    }
+
+    async fn stream_reply(
+        &self,
+        lease: &mut Lease,
+        writer: &mut ChunkWriter,
+        prompt: &Prompt,
+    ) -> Result<Ending, RetryLater> {
+        let mut tokens = self.model.stream(prompt, lease.resumed_tokens.len());
+        loop {
+            let flush_at = writer.oldest.map(|t| t + self.settings.flush_interval);
+            let next = tokio::select! {
+                next = tokens.next() => next,
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                    if let Some(ending) = self.flush(lease, writer).await? {
+                        return Ok(ending);
+                    }
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok(token)) => {
+                    writer.push(token);
+                    if writer.buffer.len() >= self.settings.flush_max_tokens {
+                        if let Some(ending) = self.flush(lease, writer).await? {
+                            return Ok(ending);
+                        }
+                    }
+                }
+                Some(Err(err)) => {
+                    warn!(error = %err, "the model failed");
+                    if let Some(ending) = self.flush(lease, writer).await? {
+                        return Ok(ending);
+                    }
+                    return Ok(Ending::Failed(format!("the model failed: {err}")));
+                }
+                None => {
+                    return Ok(self.flush(lease, writer).await?.unwrap_or(Ending::Complete));
+                }
+            }
+        }
+    }
+
+    /// Writes the buffered tokens as one chunk, then checks the lease and the cancel flag, and
+    /// extends the lease once half of it has passed. `Some` ends the generation.
+    async fn flush(&self, lease: &mut Lease, writer: &mut ChunkWriter) -> Result<Option<Ending>, RetryLater> {
+        if !writer.buffer.is_empty() {
+            let outcome =
+                self.store.append_chunk(lease, writer.next_seq, writer.next_index, &writer.buffer).await?;
+            if outcome == AppendOutcome::Fenced {
+                return Ok(Some(Ending::LeaseLost));
+            }
+            writer.written();
+        }
+        let half_gone = self.store.now_ms() + self.settings.lease.as_millis() as u64 / 2 >= lease.expires_at;
+        let status = if half_gone {
+            self.store.extend_lease(lease, self.settings.lease).await?
+        } else {
+            self.store.lease_status(lease, false).await?
+        };
+        Ok(match status {
+            LeaseStatus::Lost => Some(Ending::LeaseLost),
+            LeaseStatus::Held { cancel_requested: true } => Some(Ending::Stopped),
+            LeaseStatus::Held { cancel_requested: false } => None,
+        })
+    }
+}
+
+/// Buffers tokens and tracks where the next chunk goes.
+struct ChunkWriter {
+    buffer: Vec<String>,
+    /// When the oldest buffered token arrived.
+    oldest: Option<Instant>,
+    next_seq: u32,
+    next_index: u64,
+    /// Everything written so far: the reply if it ends now.
+    text: String,
+}
+
+impl ChunkWriter {
+    fn new(lease: &Lease) -> ChunkWriter {
+        ChunkWriter {
+            buffer: Vec::new(),
+            oldest: None,
+            next_seq: lease.next_seq,
+            next_index: lease.resumed_tokens.len() as u64,
+            text: lease.resumed_tokens.concat(),
+        }
+    }
+
+    fn push(&mut self, token: String) {
+        if token.is_empty() {
+            return;
+        }
+        self.oldest.get_or_insert_with(Instant::now);
+        self.buffer.push(token);
+    }
+
+    fn written(&mut self) {
+        self.next_seq += 1;
+        self.next_index += self.buffer.len() as u64;
+        for token in self.buffer.drain(..) {
+            self.text.push_str(&token);
+        }
+        self.oldest = None;
+    }
+}

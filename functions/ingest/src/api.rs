@@ -1,0 +1,170 @@
+//! The HTTP edge: request bodies that parse, and errors mapped to statuses in one place.
+
+use chat_core::{ClientMessageId, SessionId, State, StoreError, Turn};
+use lambda_http::http::{header, StatusCode};
+use lambda_http::{Body, Response};
+use serde_json::{json, Map, Value};
+
+/// A JSON response.
+pub fn json(status: StatusCode, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::Text(body.to_string()))
+        .expect("status and header are valid")
+}
+
+/// Why a request failed; each variant is one status, chosen in [`ApiError::into_response`].
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request is malformed; `message` says what to fix.
+    BadRequest { code: &'static str, message: String },
+    /// 404: no such session or route.
+    NotFound { code: &'static str, message: String },
+    /// 405: the path exists with other methods.
+    MethodNotAllowed { allow: &'static str },
+    /// 409: a turn is in flight.
+    TurnInFlight { state: State, turn: Turn },
+    /// 409: the session is not in a state that allows this.
+    Conflict { code: &'static str, message: String, state: State },
+    /// 413: the body is over the limit.
+    TooLarge,
+    /// 503: a dependency failed; nothing was half-written.
+    Unavailable { code: &'static str, message: String },
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest { code, message: message.into() }
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::Unavailable { code, message: message.into() }
+    }
+
+    pub fn method_not_allowed(allow: &'static str) -> ApiError {
+        ApiError::MethodNotAllowed { allow }
+    }
+
+    pub fn session_not_found() -> ApiError {
+        ApiError::NotFound { code: "session_not_found", message: "no such session for this user".to_owned() }
+    }
+
+    /// A DynamoDB fault: logged in full, reported without internals.
+    pub fn store_unavailable(err: &StoreError) -> ApiError {
+        tracing::error!(error = %err, "DynamoDB request failed");
+        ApiError::unavailable("store_unavailable", "the session store is unavailable; try again")
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code, message, extra) = match self {
+            ApiError::BadRequest { code, message } => (StatusCode::BAD_REQUEST, code, message, None),
+            ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, code, message, None),
+            ApiError::MethodNotAllowed { allow } => {
+                let mut response = json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    json!({"error": {"code": "method_not_allowed", "message": format!("use {allow} on this path")}}),
+                );
+                response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                return response;
+            }
+            ApiError::TurnInFlight { state, turn } => (
+                StatusCode::CONFLICT,
+                "turn_in_flight",
+                format!("turn {turn} is {state}; wait for it to finish or cancel it"),
+                Some(json!({"state": state, "turn": turn})),
+            ),
+            ApiError::Conflict { code, message, state } => {
+                (StatusCode::CONFLICT, code, message, Some(json!({"state": state})))
+            }
+            ApiError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is over {} bytes", crate::MAX_BODY_BYTES),
+                None,
+            ),
+            ApiError::Unavailable { code, message } => (StatusCode::SERVICE_UNAVAILABLE, code, message, None),
+        };
+        let mut error = Map::new();
+        error.insert("code".to_owned(), Value::String(code.to_owned()));
+        error.insert("message".to_owned(), Value::String(message));
+        if let Some(Value::Object(extra)) = extra {
+            error.extend(extra);
+        }
+        json(status, json!({ "error": error }))
+    }
+}
+
+/// A valid `POST /sessions/{user}/messages` body.
+#[derive(Debug)]
+pub struct SendBody {
+    pub message: String,
+    pub session_id: Option<SessionId>,
+    pub user_id: Option<String>,
+    pub client_message_id: Option<ClientMessageId>,
+}
+
+impl SendBody {
+    pub fn parse(body: &Body) -> Result<SendBody, ApiError> {
+        let bytes: &[u8] = match body {
+            Body::Empty => b"",
+            Body::Text(text) => text.as_bytes(),
+            Body::Binary(bytes) => bytes,
+            _ => b"",
+        };
+        if bytes.len() > crate::MAX_BODY_BYTES {
+            return Err(ApiError::TooLarge);
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::bad_request(
+                "missing_body",
+                r#"send a JSON object such as {"message": "hello"}"#,
+            ));
+        }
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+        })?;
+        let Value::Object(fields) = value else {
+            return Err(ApiError::bad_request("malformed_json", "the body must be a JSON object"));
+        };
+        let message = match fields.get("message") {
+            None | Some(Value::Null) => {
+                return Err(ApiError::bad_request("missing_message", "the body needs a \"message\" string"))
+            }
+            Some(Value::String(text)) if text.trim().is_empty() => {
+                return Err(ApiError::bad_request("empty_message", "\"message\" must not be empty or blank"))
+            }
+            Some(Value::String(text)) => text.clone(),
+            Some(_) => return Err(ApiError::bad_request("invalid_message", "\"message\" must be a string")),
+        };
+        let optional_string = |name: &str| -> Result<Option<&str>, ApiError> {
+            match fields.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.as_str())),
+                Some(_) => {
+                    Err(ApiError::bad_request("invalid_field", format!("\"{name}\" must be a string")))
+                }
+            }
+        };
+        let session_id = optional_string("session_id")?
+            .map(|raw| {
+                SessionId::parse(raw).map_err(|_| ApiError::NotFound {
+                    code: "session_not_found",
+                    message: format!("no session {raw:?}: session ids are UUIDs"),
+                })
+            })
+            .transpose()?;
+        let client_message_id = optional_string("client_message_id")?
+            .map(|raw| {
+                ClientMessageId::parse(raw)
+                    .map_err(|e| ApiError::bad_request("invalid_client_message_id", e.to_string()))
+            })
+            .transpose()?;
+        Ok(SendBody {
+            message,
+            session_id,
+            user_id: optional_string("user_id")?.map(str::to_owned),
+            client_message_id,
+        })
+    }
+}

@@ -1,0 +1,349 @@
+//! The ingest function: accepts a user's message for a session (claim the turn, store the
+//! message, enqueue generation) and serves reads, cancel and delete. Every route of the ingest
+//! contract in ARCHITECTURE.md lives in [`App::handle`].
+
+mod api;
+
+pub use api::ApiError;
+
+use api::json;
+use chat_core::config::{CommonConfig, ConfigError, Env};
+use chat_core::queue::{Queue, TurnMessage};
+use chat_core::time::rfc3339_ms;
+use chat_core::{
+    CancelOutcome, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome, Session, SessionId, State,
+    Store, TurnTicket, UserId,
+};
+use lambda_http::http::{Method, StatusCode};
+use lambda_http::{Body, Request, RequestExt, Response};
+use serde_json::{json, Value};
+use tracing::{error, info, warn, Instrument};
+
+/// Request bodies larger than this get 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The ingest function's dependencies, built once per cold start.
+pub struct App {
+    store: Store,
+    queue: Queue,
+    /// Base of the `stream_url` in answers (`STREAM_URL_BASE`); a relative URL when unset.
+    stream_url_base: String,
+}
+
+impl App {
+    /// Reads the configuration and builds the clients.
+    pub async fn from_env() -> Result<App, ConfigError> {
+        let env = Env::process();
+        let common = CommonConfig::from_env(&env)?;
+        let queue_url = env.required("QUEUE_URL")?;
+        let stream_url_base = env.optional("STREAM_URL_BASE").unwrap_or_default();
+        let aws = chat_core::aws::load_config().await;
+        let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
+        let queue = Queue::new(chat_core::aws::sqs(&aws), queue_url);
+        Ok(App { store, queue, stream_url_base: stream_url_base.trim_end_matches('/').to_owned() })
+    }
+
+    /// Serves one request; every outcome, errors included, is a JSON response.
+    pub async fn handle(&self, request: Request) -> Response<Body> {
+        let request_id = request
+            .lambda_context_ref()
+            .map_or_else(|| format!("local-{}", uuid::Uuid::new_v4().simple()), |c| c.request_id.clone());
+        let span = tracing::info_span!(
+            "request",
+            %request_id,
+            method = %request.method(),
+            path = %request.uri().path(),
+            session = tracing::field::Empty
+        );
+        async {
+            let response = match self.route(&request, &request_id).await {
+                Ok(response) => response,
+                Err(err) => err.into_response(),
+            };
+            info!(status = response.status().as_u16(), "answered");
+            response
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn route(&self, request: &Request, request_id: &str) -> Result<Response<Body>, ApiError> {
+        let path = request.uri().path().trim_end_matches('/').to_owned();
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let method = request.method().clone();
+        match (segments.as_slice(), &method) {
+            (["health"], &Method::GET) => Ok(json(StatusCode::OK, json!({"status": "ok"}))),
+            (["health"], _) => Err(ApiError::method_not_allowed("GET")),
+            (["sessions", user, "messages"], &Method::POST) => {
+                self.post_message(request, user, request_id).await
+            }
+            (["sessions", _, "messages"], _) => Err(ApiError::method_not_allowed("POST")),
+            (["sessions", "user", user], &Method::GET) | (["users", user, "sessions"], &Method::GET) => {
+                self.list_sessions(request, user).await
+            }
+            (["sessions", "user", _], _) | (["users", _, "sessions"], _) => {
+                Err(ApiError::method_not_allowed("GET"))
+            }
+            (["sessions", id, "cancel"], &Method::POST) => self.cancel(id).await,
+            (["sessions", _, "cancel"], _) => Err(ApiError::method_not_allowed("POST")),
+            (["sessions", id], &Method::GET) => self.get_session(id).await,
+            (["sessions", id], &Method::DELETE) => self.delete_session(id).await,
+            (["sessions", _], _) => Err(ApiError::method_not_allowed("GET, DELETE")),
+            _ => Err(ApiError::NotFound {
+                code: "route_not_found",
+                message: format!("no route for {method} {path}; see the API in README.md"),
+            }),
+        }
+    }
+
+    async fn post_message(
+        &self,
+        request: &Request,
+        user: &str,
+        request_id: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        let user =
+            UserId::parse(user).map_err(|e| ApiError::bad_request("invalid_user_id", e.to_string()))?;
+        let body = api::SendBody::parse(request.body())?;
+        if let Some(body_user) = &body.user_id {
+            if body_user != user.as_str() {
+                return Err(ApiError::bad_request(
+                    "user_mismatch",
+                    format!("user_id {body_user:?} in the body does not match {user:?} in the path"),
+                ));
+            }
+        }
+        let outcome = self
+            .store
+            .send_message(NewMessage {
+                user: &user,
+                session: body.session_id,
+                content: &body.message,
+                client_message_id: body.client_message_id.as_ref(),
+                by: request_id,
+            })
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?;
+        match outcome {
+            SendOutcome::Accepted(ticket) => {
+                tracing::Span::current().record("session", ticket.session_id.to_string());
+                self.commit_and_enqueue(&ticket, request_id).await?;
+                Ok(self.accepted(ticket.session_id, ticket.turn, &body.message))
+            }
+            SendOutcome::Duplicate { session_id, turn } => self.repeat(session_id, turn, request_id).await,
+            SendOutcome::InFlight { state, turn } => Err(ApiError::TurnInFlight { state, turn }),
+            SendOutcome::NotFound => Err(ApiError::session_not_found()),
+        }
+    }
+
+    /// Makes a claimed turn durable and queues it. If queueing fails the turn ends in `error`
+    /// (nothing is left waiting for a generator that will never come) and the client gets 503.
+    async fn commit_and_enqueue(&self, ticket: &TurnTicket, request_id: &str) -> Result<(), ApiError> {
+        let committed = match self.store.commit_user_message(ticket, request_id).await {
+            Ok(Outcome::Applied(committed)) => committed,
+            Ok(Outcome::Conflict(conflict)) => {
+                warn!(?conflict, "turn moved on before its message was committed");
+                return Err(ApiError::unavailable(
+                    "turn_aborted",
+                    "the turn was ended before it could be queued; send again",
+                ));
+            }
+            Err(err) => {
+                error!(error = %err, "committing the user message failed");
+                self.end_if_unchanged(
+                    ticket.session_id,
+                    State::UserWriting,
+                    ticket.version,
+                    Event::StoreFailed,
+                    request_id,
+                )
+                .await;
+                return Err(ApiError::store_unavailable(&err));
+            }
+        };
+        let message = TurnMessage { session_id: committed.session_id, turn: committed.turn };
+        if let Err(err) = self.queue.send(message).await {
+            error!(error = %err, "enqueueing the turn failed");
+            self.end_if_unchanged(
+                committed.session_id,
+                State::UserCommitted,
+                committed.version,
+                Event::ProcessingFailed,
+                request_id,
+            )
+            .await;
+            return Err(ApiError::unavailable(
+                "queue_unavailable",
+                "the generation queue is unavailable; try again",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Best effort: ends the turn if it is still where this request left it. If DynamoDB is down
+    /// too, the turn keeps its deadline and the sweeper ends it.
+    async fn end_if_unchanged(
+        &self,
+        id: SessionId,
+        state: State,
+        version: u64,
+        event: Event,
+        request_id: &str,
+    ) {
+        let current = match self.store.get_session(id, true).await {
+            Ok(Some(current)) if current.state == state && current.version == version => current,
+            Ok(_) => return,
+            Err(err) => return warn!(error = %err, "could not end the failed turn; the sweeper will"),
+        };
+        let reason = match event {
+            Event::StoreFailed => "the message could not be stored",
+            _ => "the message could not be queued for generation",
+        };
+        if let Err(err) = self.store.end_turn(&current, event, reason, request_id).await {
+            warn!(error = %err, "could not end the failed turn; the sweeper will");
+        }
+    }
+
+    /// A repeated idempotency key: the original answer. If the original request died between
+    /// claiming the turn and queueing it, this one finishes the job.
+    async fn repeat(
+        &self,
+        id: SessionId,
+        turn: chat_core::Turn,
+        request_id: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        let (session, messages) = self
+            .store
+            .get_conversation(id)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?
+            .ok_or_else(ApiError::session_not_found)?;
+        if session.turn == turn && session.state == State::UserWriting {
+            let ticket = TurnTicket { session_id: id, turn, version: session.version };
+            self.commit_and_enqueue(&ticket, request_id).await?;
+        }
+        let message = messages
+            .iter()
+            .find(|m| m.id.turn == turn && m.id.role == Role::User)
+            .map_or("", |m| m.content.as_str());
+        Ok(self.accepted(id, turn, message))
+    }
+
+    fn accepted(&self, id: SessionId, turn: chat_core::Turn, message: &str) -> Response<Body> {
+        json(
+            StatusCode::ACCEPTED,
+            json!({
+                "session_id": id,
+                "turn": turn,
+                "status": "ok",
+                "message": message,
+                "stream_url": format!("{}/sessions/{id}/stream?turn={turn}", self.stream_url_base),
+            }),
+        )
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Response<Body>, ApiError> {
+        let id = parse_session(id)?;
+        let (session, messages) = self
+            .store
+            .get_conversation(id)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?
+            .ok_or_else(ApiError::session_not_found)?;
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let mut value = json!({
+                    "id": m.id.to_string(),
+                    "role": m.id.role,
+                    "content": m.content,
+                    "timestamp": rfc3339_ms(m.timestamp),
+                });
+                if m.stopped {
+                    value["stopped"] = Value::Bool(true);
+                }
+                value
+            })
+            .collect();
+        let mut body = session_summary(&session);
+        body["messages"] = Value::Array(messages);
+        Ok(json(StatusCode::OK, json!({ "session": body })))
+    }
+
+    async fn list_sessions(&self, request: &Request, user: &str) -> Result<Response<Body>, ApiError> {
+        let user =
+            UserId::parse(user).map_err(|e| ApiError::bad_request("invalid_user_id", e.to_string()))?;
+        let query = request.query_string_parameters_ref();
+        let limit = match query.and_then(|q| q.first("limit")) {
+            None => 20,
+            Some(raw) => raw.parse::<u32>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!("limit {raw:?} must be a whole number from 1 to 100"),
+                )
+            })?,
+        };
+        let cursor = query.and_then(|q| q.first("cursor"));
+        let page = self
+            .store
+            .list_user_sessions(&user, limit, cursor)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?
+            .map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    "cursor is not one this API returned; start without it",
+                )
+            })?;
+        let sessions: Vec<Value> = page.sessions.iter().map(session_summary).collect();
+        Ok(json(StatusCode::OK, json!({ "sessions": sessions, "next_cursor": page.next_cursor })))
+    }
+
+    async fn cancel(&self, id: &str) -> Result<Response<Body>, ApiError> {
+        let id = parse_session(id)?;
+        match self.store.request_cancel(id, None).await.map_err(|e| ApiError::store_unavailable(&e))? {
+            CancelOutcome::Requested { turn, state } => Ok(json(
+                StatusCode::ACCEPTED,
+                json!({"session_id": id, "turn": turn, "state": state, "status": "cancel_requested"}),
+            )),
+            CancelOutcome::NotInFlight { state } => Err(ApiError::Conflict {
+                code: "no_turn_in_flight",
+                message: format!("nothing to cancel: the session is {state}"),
+                state,
+            }),
+            CancelOutcome::NotFound => Err(ApiError::session_not_found()),
+        }
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<Response<Body>, ApiError> {
+        let id = parse_session(id)?;
+        match self.store.delete_session(id).await.map_err(|e| ApiError::store_unavailable(&e))? {
+            DeleteOutcome::Deleted { items } => {
+                Ok(json(StatusCode::OK, json!({"session_id": id, "deleted": true, "items": items})))
+            }
+            DeleteOutcome::NotFound => Err(ApiError::session_not_found()),
+        }
+    }
+}
+
+fn parse_session(raw: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(raw).map_err(|_| ApiError::NotFound {
+        code: "session_not_found",
+        message: format!("no session {raw:?}: session ids are UUIDs"),
+    })
+}
+
+fn session_summary(session: &Session) -> Value {
+    let mut value = json!({
+        "id": session.id,
+        "user_id": session.user_id,
+        "state": session.state,
+        "turn": session.turn,
+        "created_at": rfc3339_ms(session.created_at),
+        "updated_at": rfc3339_ms(session.updated_at),
+    });
+    if let Some(reason) = &session.reason {
+        value["error"] = Value::String(reason.clone());
+    }
+    value
+}

@@ -1,0 +1,325 @@
+//! The stream function: relays one turn's tokens to a client as Server-Sent Events.
+//!
+//! It replays the turn from the start (or after `Last-Event-ID`), then follows it live by polling
+//! DynamoDB — fast while the turn is generating, slower while it waits — until the turn ends
+//! (`message_end` + `commit_done`, or `error`). It closes on its own before the Lambda limit with
+//! a `retry:` hint, and stops reading as soon as the client is gone.
+
+pub mod sse;
+
+use bytes::Bytes;
+use chat_core::config::{ConfigError, Env};
+use chat_core::{Role, Session, SessionId, State, Store, StoreError, Turn};
+use futures::stream::{self, BoxStream, StreamExt};
+use http_body_util::StreamBody;
+use lambda_http::http::{header, StatusCode};
+use lambda_http::{Request, RequestExt, Response};
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn, Instrument};
+
+/// The response body: frames from the relay task.
+pub type SseBody = StreamBody<BoxStream<'static, Result<http_body::Frame<Bytes>, Infallible>>>;
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Poll interval while the turn is generating (`STREAM_POLL_FAST_MS`).
+    pub poll_fast: Duration,
+    /// Poll interval while the turn waits for a generator (`STREAM_POLL_SLOW_MS`).
+    pub poll_slow: Duration,
+    /// Longest silence before a comment line (`STREAM_KEEPALIVE_MS`).
+    pub keepalive: Duration,
+    /// The stream closes itself after this long (`STREAM_MAX_DURATION_MS`), under the Lambda limit.
+    pub max_duration: Duration,
+    /// Reconnect delay suggested to clients (`STREAM_RETRY_MS`).
+    pub retry: Duration,
+}
+
+/// The stream function's dependencies, built once per cold start.
+#[derive(Clone)]
+pub struct Relay {
+    store: Store,
+    settings: Arc<Settings>,
+}
+
+/// Where a relay starts.
+struct Position {
+    session: SessionId,
+    turn: Turn,
+    /// Index of the last token the client has; tokens after it are sent.
+    after_index: Option<u64>,
+}
+
+impl Relay {
+    /// Reads the configuration and builds the clients.
+    pub async fn from_env() -> Result<Relay, ConfigError> {
+        let env = Env::process();
+        let table = env.required("TABLE_NAME")?;
+        let settings = Settings {
+            poll_fast: env.millis_or("STREAM_POLL_FAST_MS", Duration::from_millis(50))?,
+            poll_slow: env.millis_or("STREAM_POLL_SLOW_MS", Duration::from_millis(500))?,
+            keepalive: env.millis_or("STREAM_KEEPALIVE_MS", Duration::from_secs(15))?,
+            max_duration: env.millis_or("STREAM_MAX_DURATION_MS", Duration::from_secs(600))?,
+            retry: env.millis_or("STREAM_RETRY_MS", Duration::from_secs(1))?,
+        };
+        let aws = chat_core::aws::load_config().await;
+        let store = Store::new(chat_core::aws::dynamodb(&aws), table, Default::default());
+        Ok(Relay::new(store, settings))
+    }
+
+    /// A relay over explicit parts.
+    pub fn new(store: Store, settings: Settings) -> Relay {
+        Relay { store, settings: Arc::new(settings) }
+    }
+
+    /// Answers `GET /sessions/{id}/stream`: an SSE stream, or a JSON error.
+    pub async fn handle(&self, request: Request) -> Response<SseBody> {
+        match self.start(&request).await {
+            Ok((position, session)) => {
+                let (tx, rx) = mpsc::channel::<String>(64);
+                let relay = self.clone();
+                let span = tracing::info_span!("stream", session = %position.session, turn = %position.turn);
+                tokio::spawn(async move { relay.relay(position, session, tx).await }.instrument(span));
+                let frames = stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|text| (Ok(http_body::Frame::data(Bytes::from(text))), rx))
+                });
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "text/event-stream")
+                    .header(header::CACHE_CONTROL, "no-cache")
+                    .header("x-accel-buffering", "no")
+                    .body(StreamBody::new(frames.boxed()))
+                    .expect("valid response")
+            }
+            Err((status, code, message)) => {
+                let body = json!({"error": {"code": code, "message": message}}).to_string();
+                let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
+                Response::builder()
+                    .status(status)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(StreamBody::new(frames.boxed()))
+                    .expect("valid response")
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        request: &Request,
+    ) -> Result<(Position, Session), (StatusCode, &'static str, String)> {
+        let path = request.uri().path().trim_end_matches('/');
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let raw_id = match segments.as_slice() {
+            ["sessions", id, "stream"] => *id,
+            _ => return Err((StatusCode::NOT_FOUND, "route_not_found", format!("no stream at {path}"))),
+        };
+        if request.method() != lambda_http::http::Method::GET {
+            return Err((StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET".to_owned()));
+        }
+        let not_found = || (StatusCode::NOT_FOUND, "session_not_found", format!("no session {raw_id:?}"));
+        let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
+        let query = request.query_string_parameters_ref();
+        let last_event_id = request
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| query.and_then(|q| q.first("last_event_id")).map(str::to_owned))
+            .filter(|v| !v.trim().is_empty());
+        let resume = match &last_event_id {
+            None => None,
+            Some(raw) => Some(sse::parse_id(raw).ok_or_else(|| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_last_event_id",
+                    format!("{raw:?} is not an event id of the form turn:index"),
+                )
+            })?),
+        };
+        let requested_turn = match query.and_then(|q| q.first("turn")) {
+            None => None,
+            Some(raw) => {
+                Some(Turn::parse(raw).map_err(|e| (StatusCode::BAD_REQUEST, "invalid_turn", e.to_string()))?)
+            }
+        };
+        let session = self.store.get_session(id, true).await.map_err(unavailable)?.ok_or_else(not_found)?;
+        let turn =
+            requested_turn.or_else(|| resume.and_then(|(t, _)| Turn::new(t).ok())).unwrap_or(session.turn);
+        if turn > session.turn {
+            return Err((
+                StatusCode::NOT_FOUND,
+                "turn_not_found",
+                format!("the session has no turn {turn} yet"),
+            ));
+        }
+        let after_index = resume.filter(|(t, _)| *t == u64::from(turn.get())).map(|(_, i)| i);
+        Ok((Position { session: id, turn, after_index }, session))
+    }
+
+    async fn relay(&self, position: Position, first_read: Session, tx: mpsc::Sender<String>) {
+        match self.follow(&position, first_read, &tx).await {
+            Ok(()) => {}
+            Err(err) => {
+                warn!(error = %err, "stream ended by a DynamoDB fault");
+                let data = json!({"code": "store_unavailable", "message": "the session store is unavailable; reconnect to resume"});
+                let _ = tx.send(sse::event("error", None, &data.to_string())).await;
+                let _ = tx.send(sse::retry(self.settings.retry.as_millis() as u64)).await;
+            }
+        }
+    }
+
+    async fn follow(
+        &self,
+        position: &Position,
+        first_read: Session,
+        tx: &mpsc::Sender<String>,
+    ) -> Result<(), StoreError> {
+        let settings = &self.settings;
+        let started = Instant::now();
+        let mut last_sent = Instant::now();
+        let mut last_seq: Option<u32> = None;
+        let mut next_index = position.after_index.map_or(0, |i| i + 1);
+        let mut session = first_read;
+        let mut sent_tokens = 0usize;
+        let send = |text: String| async move { tx.send(text).await.is_ok() };
+        if !send(sse::retry(settings.retry.as_millis() as u64)).await {
+            return Ok(());
+        }
+        loop {
+            if tx.is_closed() {
+                info!(sent_tokens, "client went away");
+                return Ok(());
+            }
+            let chunks = self.store.read_chunks(position.session, position.turn, last_seq, false).await?;
+            let mut progressed = false;
+            // An eventually consistent read may miss the newest chunk; stop at any gap and re-poll.
+            for chunk in chunks {
+                if chunk.seq != last_seq.map_or(0, |s| s + 1) {
+                    break;
+                }
+                last_seq = Some(chunk.seq);
+                for (offset, token) in chunk.tokens.iter().enumerate() {
+                    let index = chunk.start + offset as u64;
+                    if index < next_index {
+                        continue;
+                    }
+                    let id = format!("{}:{index}", position.turn);
+                    if !send(sse::event("token", Some(&id), token)).await {
+                        return Ok(());
+                    }
+                    next_index = index + 1;
+                    sent_tokens += 1;
+                    progressed = true;
+                }
+            }
+            if progressed {
+                last_sent = Instant::now();
+            } else {
+                match self.store.get_session(position.session, false).await? {
+                    None => {
+                        let data = json!({"code": "session_deleted", "message": "the session was deleted"});
+                        send(sse::event("error", None, &data.to_string())).await;
+                        return Ok(());
+                    }
+                    Some(current) => session = current,
+                }
+                let turn_over = session.turn > position.turn || session.state.turn_ended();
+                if turn_over {
+                    return self.finish(position, &session, last_seq, next_index, tx).await;
+                }
+            }
+            if started.elapsed() >= settings.max_duration {
+                send(sse::comment("stream time limit; reconnect with Last-Event-ID to resume")).await;
+                send(sse::retry(settings.retry.as_millis() as u64)).await;
+                info!(sent_tokens, "closing at the stream's time limit");
+                return Ok(());
+            }
+            if last_sent.elapsed() >= settings.keepalive {
+                if !send(sse::comment("keepalive")).await {
+                    return Ok(());
+                }
+                last_sent = Instant::now();
+            }
+            let interval =
+                if session.state == State::AiGenerating { settings.poll_fast } else { settings.poll_slow };
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// The turn is over: sends what is left (read consistently, so nothing written before the
+    /// commit is missed), then how it ended.
+    async fn finish(
+        &self,
+        position: &Position,
+        session: &Session,
+        last_seq: Option<u32>,
+        mut next_index: u64,
+        tx: &mpsc::Sender<String>,
+    ) -> Result<(), StoreError> {
+        let chunks = self.store.read_chunks(position.session, position.turn, last_seq, true).await?;
+        for chunk in chunks {
+            for (offset, token) in chunk.tokens.iter().enumerate() {
+                let index = chunk.start + offset as u64;
+                if index >= next_index {
+                    let id = format!("{}:{index}", position.turn);
+                    if tx.send(sse::event("token", Some(&id), token)).await.is_err() {
+                        return Ok(());
+                    }
+                    next_index = index + 1;
+                }
+            }
+        }
+        let reply = match self.store.get_conversation(position.session).await? {
+            Some((_, messages)) => {
+                messages.into_iter().find(|m| m.id.turn == position.turn && m.id.role == Role::Assistant)
+            }
+            None => None,
+        };
+        let turn = position.turn;
+        let events = match reply {
+            Some(reply) => vec![
+                sse::event("message_end", None, &json!({"turn": turn, "stopped": reply.stopped}).to_string()),
+                sse::event(
+                    "commit_done",
+                    None,
+                    &json!({"session_id": position.session, "turn": turn}).to_string(),
+                ),
+            ],
+            None => {
+                let (code, state) = match (session.turn == turn, session.state) {
+                    (true, State::Timeout) => ("timeout", State::Timeout),
+                    (true, state) => ("error", state),
+                    (false, _) => ("error", State::Error),
+                };
+                let message = if session.turn == turn {
+                    session.reason.clone().unwrap_or_else(|| "the turn ended without a reply".to_owned())
+                } else {
+                    "the turn ended without a reply".to_owned()
+                };
+                let data = json!({"code": code, "message": message, "state": state, "turn": turn});
+                vec![sse::event("error", None, &data.to_string())]
+            }
+        };
+        for event in events {
+            if tx.send(event).await.is_err() {
+                break;
+            }
+        }
+        info!(tokens = next_index, "turn over; stream closed");
+        Ok(())
+    }
+}
+
+fn unavailable(err: StoreError) -> (StatusCode, &'static str, String) {
+    tracing::error!(error = %err, "DynamoDB request failed");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the session store is unavailable; try again".to_owned(),
+    )
+}

@@ -1,0 +1,9 @@
+use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    chat_core::aws::init_tracing();
+    let sweeper = sweeper::Sweeper::from_env().await?;
+    let sweeper = &sweeper;
+    run(service_fn(move |_: LambdaEvent<serde_json::Value>| async move { sweeper.sweep().await })).await
+}

@@ -1,0 +1,44 @@
+//! `make dev`: the whole stack in the foreground until Ctrl-C.
+
+use chat_core::config::Env;
+use chat_local::{Settings, Stack};
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let env = Env::process();
+    let root = std::env::current_dir()?;
+    let mut settings = Settings::new(root);
+    settings.api_port = env.parse_or("API_PORT", settings.api_port)?;
+    settings.dynamodb_port = env.parse_or("DYNAMODB_PORT", settings.dynamodb_port)?;
+    settings.sqs_port = env.parse_or("SQS_PORT", settings.sqs_port)?;
+    settings.concurrency = env.parse_or("LAMBDA_CONCURRENCY", settings.concurrency)?;
+    settings.sweep_interval = env.millis_or("SWEEP_INTERVAL_MS", settings.sweep_interval)?;
+    settings.visibility_timeout = env.millis_or("VISIBILITY_TIMEOUT_MS", settings.visibility_timeout)?;
+    if env.optional("LOG_FORMAT").is_none() {
+        settings.function_env.push(("LOG_FORMAT".to_owned(), "text".to_owned()));
+    }
+    let started = std::time::Instant::now();
+    let stack = Stack::start(settings, |step| eprintln!("==> {step}")).await?;
+    let api = &stack.api;
+    eprintln!(
+        "\n\
+==> ready in {:.1?}\n\
+    API (one origin)  {api}\n\
+    DynamoDB          {}\n\
+    SQS               {}  (queue {})\n\n\
+Try it:\n\
+    curl -s -X POST {api}/sessions/alice/messages -H 'content-type: application/json' -d '{{\"message\": \"Hello there\"}}'\n\
+    curl -N {api}/sessions/SESSION_ID/stream\n\
+    curl -s {api}/sessions/SESSION_ID\n\n\
+Ctrl-C stops everything.\n",
+        started.elapsed(),
+        stack.dynamodb_endpoint,
+        stack.sqs_endpoint,
+        stack.queue_url,
+    );
+    tokio::signal::ctrl_c().await?;
+    eprintln!("\n==> stopping");
+    tokio::time::timeout(Duration::from_secs(15), stack.stop()).await.ok();
+    Ok(())
+}
