@@ -32,7 +32,9 @@ dev: tools functions ## Run the whole stack locally at http://127.0.0.1:9000 (Ct
 	$(CARGO) run --locked -q -p chat-local --bin chat-local
 
 test: tools functions ## Run every test: unit, store laws, and end to end through cargo lambda watch
-	$(CARGO) test --workspace --locked
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
+	@infra/test-summary.sh target/test-output.log
 
 lint: check-toolchain ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

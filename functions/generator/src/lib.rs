@@ -26,6 +26,9 @@ pub struct Settings {
     pub flush_interval: Duration,
     /// Flush once this many tokens are buffered (`FLUSH_MAX_TOKENS`).
     pub flush_max_tokens: usize,
+    /// Honour test directives (`DEMO_FAULTS`): `[[crash-after:N]]` aborts the process once N
+    /// tokens are stored, on a first claim only, to prove recovery from a crashed generator.
+    pub faults: bool,
 }
 
 /// The generator function's dependencies, built once per cold start.
@@ -58,12 +61,13 @@ impl Generator {
             max_attempts: common.max_attempts,
             flush_interval: env.millis_or("FLUSH_INTERVAL_MS", Duration::from_millis(100))?,
             flush_max_tokens: env.parse_or("FLUSH_MAX_TOKENS", 32)?,
+            faults: env.parse_or("DEMO_FAULTS", false)?,
         };
         let model = match env.optional("LLM_PROVIDER").as_deref().unwrap_or("demo") {
             "demo" => DemoModel {
                 reply_tokens: env.parse_or("DEMO_REPLY_TOKENS", 50)?,
                 token_delay: env.millis_or("DEMO_TOKEN_DELAY_MS", Duration::from_millis(20))?,
-                faults: env.parse_or("DEMO_FAULTS", false)?,
+                faults: settings.faults,
             },
             other => {
                 return Err(ConfigError {
@@ -185,7 +189,13 @@ impl Generator {
         prompt: &Prompt,
     ) -> Result<Ending, RetryLater> {
         let mut tokens = self.model.stream(prompt, lease.resumed_tokens.len());
+        let crash_after =
+            model::directive(prompt, "crash-after").filter(|_| self.settings.faults && lease.next_seq == 0);
         loop {
+            if crash_after.is_some_and(|n| writer.next_index as usize >= n) {
+                warn!("crashing on purpose ([[crash-after]] test directive)");
+                std::process::abort();
+            }
             let flush_at = writer.oldest.map(|t| t + self.settings.flush_interval);
             let next = tokio::select! {
                 next = tokens.next() => next,

@@ -80,10 +80,15 @@ impl DemoModel {
         if !self.faults {
             return None;
         }
-        let text = &prompt.last()?.1;
-        let rest = text.split("[[fail-after:").nth(1)?;
-        rest.split("]]").next()?.parse().ok()
+        directive(prompt, "fail-after")
     }
+}
+
+/// A test directive `[[name:N]]` in the newest message, e.g. `[[fail-after:5]]`.
+pub fn directive(prompt: &Prompt, name: &str) -> Option<usize> {
+    let text = &prompt.last()?.1;
+    let rest = text.split(&format!("[[{name}:")).nth(1)?;
+    rest.split("]]").next()?.parse().ok()
 }
 
 impl ModelProvider for DemoModel {

@@ -388,7 +388,14 @@ pub async fn invoke(
     event: &Value,
 ) -> Result<Value, String> {
     let url = format!("{api}/2015-03-31/functions/{function}/invocations");
-    let response = http.post(&url).json(event).send().await.map_err(|e| e.to_string())?;
+    // Like Lambda's own timeout: an instance that died mid-invocation never answers.
+    let response = http
+        .post(&url)
+        .json(event)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status();
     let function_error = response.headers().contains_key("x-amz-function-error");
     let body = response.text().await.map_err(|e| e.to_string())?;

@@ -1056,60 +1056,84 @@ impl Store {
         Err(StoreError::Contention { attempts: self.options.max_attempts })
     }
 
-    /// After a takeover: writes an empty chunk right after the last one. The previous holder
-    /// writes its sequence in order, so its next write collides with the fence and fails; what
-    /// it wrote before the fence becomes the start of this holder's reply.
+    /// After a takeover: fences the previous holder out of the chunk sequence. It writes in
+    /// order and learns of the takeover only when a put finds its slot taken, so an empty chunk
+    /// placed ahead of it stops it there. The fence goes right after the last chunk if that
+    /// slot is free, else ever further ahead of the old holder; the slots it skipped are then
+    /// filled in order (each either takes an empty chunk or holds the old holder's), so the
+    /// sequence stays gap-free and what the old holder wrote becomes the start of this reply.
     async fn fence(&self, lease: &mut Lease) -> Result<AppendOutcome, StoreError> {
-        const MAX_SLOTS: u32 = 10_000;
-        let chunks = self.read_chunks(lease.session_id, lease.turn, None, true).await?;
-        let mut slot = chunks.last().map_or(0, |c| c.seq + 1);
-        let mut start = chunks.last().map_or(0, Chunk::end);
-        // A previous holder still writing takes slots one by one; step right behind it, without
-        // re-reading, so the fence lands after at most as many tries as it has writes left.
+        const MAX_TRIES: u32 = 64;
+        let (session, turn) = (lease.session_id, lease.turn);
+        let chunks = self.read_chunks(session, turn, None, true).await?;
+        let first_open = chunks.last().map_or(0, |c| c.seq + 1);
+        let mut stride = 0u32;
         let mut tries = 0;
-        loop {
-            match self.put_chunk(lease, slot, start, &[]).await? {
-                Ok(()) => break,
-                Err(occupant) => {
-                    tries += 1;
-                    if tries >= MAX_SLOTS {
-                        return Err(StoreError::Contention { attempts: tries });
-                    }
-                    if tries % 16 == 0 && self.lease_status(lease, true).await? == LeaseStatus::Lost {
-                        return Ok(AppendOutcome::Fenced);
-                    }
-                    start = match occupant {
-                        Some(chunk) => chunk.end(),
-                        None => self
-                            .read_chunks(lease.session_id, lease.turn, Some(slot), true)
-                            .await?
-                            .last()
-                            .map_or(start, Chunk::end),
-                    };
-                    slot += 1;
-                }
+        let fence_slot = loop {
+            let written = self.read_chunks(session, turn, first_open.checked_sub(1), true).await?;
+            let slot = written.last().map_or(first_open, |c| c.seq + 1) + stride;
+            if self.put_chunk(lease, slot, 0, &[]).await?.is_ok() {
+                break slot;
+            }
+            tries += 1;
+            if tries >= MAX_TRIES {
+                return Err(StoreError::Contention { attempts: tries });
+            }
+            if self.lease_status(lease, true).await? == LeaseStatus::Lost {
+                return Ok(AppendOutcome::Fenced);
+            }
+            stride = (stride * 2).max(4);
+        };
+        // Fill the skipped slots in order; each fill that lands stops the old holder there.
+        let mut end = match first_open.checked_sub(1) {
+            Some(seq) => {
+                self.read_chunks(session, turn, seq.checked_sub(1), true).await?.first().map_or(0, Chunk::end)
+            }
+            None => 0,
+        };
+        for slot in first_open..fence_slot {
+            match self.put_chunk(lease, slot, end, &[]).await? {
+                Ok(()) => {}
+                Err(Some(occupant)) if occupant.owner != lease.owner => end = occupant.end(),
+                Err(_) => return Err(StoreError::corrupt(table::chunk_sk(turn, slot), "unreadable chunk")),
             }
         }
-        let chunks = self.read_chunks(lease.session_id, lease.turn, None, true).await?;
+        self.set_chunk_start(lease, fence_slot, end).await?;
+        let chunks = self.read_chunks(session, turn, None, true).await?;
         let mut tokens = Vec::new();
-        for (expected_seq, chunk) in chunks.iter().enumerate() {
+        for (expected_seq, chunk) in chunks.iter().take(fence_slot as usize).enumerate() {
             if chunk.seq as usize != expected_seq {
                 return Err(StoreError::corrupt(
-                    table::chunk_sk(lease.turn, expected_seq as u32),
-                    "the chunk sequence has a gap",
+                    table::chunk_sk(turn, expected_seq as u32),
+                    "gap in the chunk sequence",
                 ));
-            }
-            if chunk.seq == slot {
-                if chunk.owner != lease.owner {
-                    return Ok(AppendOutcome::Fenced);
-                }
-                break;
             }
             tokens.extend(chunk.tokens.iter().cloned());
         }
-        lease.next_seq = slot + 1;
+        lease.next_seq = fence_slot + 1;
         lease.resumed_tokens = tokens;
         Ok(AppendOutcome::Appended)
+    }
+
+    /// Sets the token index of this lease's own (empty) fence chunk once it is known.
+    async fn set_chunk_start(&self, lease: &Lease, seq: u32, start: u64) -> Result<(), StoreError> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(table::session_pk(lease.session_id), table::chunk_sk(lease.turn, seq))))
+            .update_expression("SET #start = :start")
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#start", attr::START)
+            .expression_attribute_names("#owner", attr::OWNER)
+            .expression_attribute_values(":start", n(start))
+            .expression_attribute_values(":owner", s(lease.owner.clone()))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| StoreError::dynamo("UpdateItem", e))?;
+        self.capacity.add(true, out.consumed_capacity());
+        Ok(())
     }
 
     /// Writes chunk `seq` of the lease's turn. Sequence numbers are the fence: a position

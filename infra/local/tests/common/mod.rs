@@ -1,0 +1,251 @@
+//! End-to-end fixtures: one local stack per test binary (emulators + `cargo lambda watch` on free
+//! loopback ports), an HTTP client, and an SSE reader.
+#![allow(dead_code)]
+
+use chat_local::{Settings, Stack};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Where the shared stack listens, and its table and queue.
+#[derive(Debug, Clone)]
+pub struct StackInfo {
+    pub api: String,
+    pub dynamodb_endpoint: String,
+    pub sqs_endpoint: String,
+    pub queue_url: String,
+    pub table: String,
+}
+
+static STACK: OnceLock<StackInfo> = OnceLock::new();
+
+/// Timing used by the tests: short leases and deadlines so recovery paths finish quickly.
+pub fn test_env() -> Vec<(String, String)> {
+    [
+        ("DEMO_REPLY_TOKENS", "50"),
+        ("DEMO_TOKEN_DELAY_MS", "20"),
+        ("DEMO_FAULTS", "true"),
+        ("LEASE_MS", "3000"),
+        ("PICKUP_TIMEOUT_MS", "4000"),
+        ("MAX_ATTEMPTS", "3"),
+        ("MAX_REDRIVES", "3"),
+        ("STREAM_POLL_FAST_MS", "30"),
+        ("STREAM_POLL_SLOW_MS", "200"),
+        ("LOG_FORMAT", "text"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// The stack for this test binary, started on first use on a runtime of its own that lives as
+/// long as the process (its children stop when the process exits).
+pub fn stack(name: &str) -> &'static StackInfo {
+    STACK.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut settings = Settings::new(root.clone());
+        settings.api_port = 0;
+        settings.dynamodb_port = 0;
+        settings.sqs_port = 0;
+        settings.table = format!("chat-e2e-{}", std::process::id());
+        settings.concurrency = 8;
+        settings.sweep_interval = Duration::from_millis(500);
+        settings.visibility_timeout = Duration::from_secs(5);
+        settings.function_env = test_env();
+        settings.log_file = Some(root.join(format!("target/e2e-logs/{name}.log")));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                match Stack::start(settings, |step| eprintln!("[e2e] {step}")).await {
+                    Ok(stack) => {
+                        let info = StackInfo {
+                            api: stack.api.clone(),
+                            dynamodb_endpoint: stack.dynamodb_endpoint.clone(),
+                            sqs_endpoint: stack.sqs_endpoint.clone(),
+                            queue_url: stack.queue_url.clone(),
+                            table: stack.table.clone(),
+                        };
+                        tx.send(Ok(info)).expect("test thread waits");
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => tx.send(Err(e.to_string())).expect("test thread waits"),
+                }
+            });
+        });
+        match rx.recv().expect("stack thread answers") {
+            Ok(info) => info,
+            Err(e) => panic!("the local stack did not start: {e} (see target/e2e-logs/{name}.log)"),
+        }
+    })
+}
+
+pub fn user() -> String {
+    format!("u-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// A JSON answer: status and body.
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+pub async fn request(method: reqwest::Method, url: String, body: Option<String>) -> Answer {
+    let mut req = http().request(method, url).header("content-type", "application/json");
+    if let Some(body) = body {
+        req = req.body(body);
+    }
+    let response = req.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    Answer { status, body }
+}
+
+pub async fn send(api: &str, user: &str, body: Value) -> Answer {
+    request(reqwest::Method::POST, format!("{api}/sessions/{user}/messages"), Some(body.to_string())).await
+}
+
+pub async fn send_text(api: &str, user: &str, message: &str, session: Option<&str>) -> Answer {
+    let mut body = json!({ "message": message });
+    if let Some(session) = session {
+        body["session_id"] = json!(session);
+    }
+    send(api, user, body).await
+}
+
+pub async fn get_session(api: &str, id: &str) -> Answer {
+    request(reqwest::Method::GET, format!("{api}/sessions/{id}"), None).await
+}
+
+/// Polls the session until `done(state)`; panics after `timeout`.
+pub async fn wait_for_state(api: &str, id: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = get_session(api, id).await;
+        let state = answer.body["session"]["state"].as_str().unwrap_or_default().to_owned();
+        if done(&state) {
+            return answer.body["session"].clone();
+        }
+        assert!(Instant::now() < deadline, "session {id} still {state} after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The committed assistant message of `turn`, if any.
+pub fn reply_of(session: &Value, turn: u64) -> Option<Value> {
+    session["messages"]
+        .as_array()?
+        .iter()
+        .find(|m| {
+            m["role"] == "assistant"
+                && m["id"].as_str().is_some_and(|id| id.ends_with(&format!(":{turn}:assistant")))
+        })
+        .cloned()
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sse {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Reads SSE events from a response as they arrive.
+pub struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+    pub retry_hint: Option<u64>,
+    pub comments: usize,
+}
+
+impl SseReader {
+    pub async fn open(url: &str, last_event_id: Option<&str>) -> (u16, SseReader) {
+        let mut req = reqwest::Client::new().get(url).header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let response = req.send().await.expect("stream request");
+        let status = response.status().as_u16();
+        (
+            status,
+            SseReader {
+                body: response.bytes_stream().boxed(),
+                buffer: String::new(),
+                retry_hint: None,
+                comments: 0,
+            },
+        )
+    }
+
+    /// The next event, or `None` when the server closed the stream.
+    pub async fn next(&mut self) -> Option<Sse> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = Sse { event: "message".to_owned(), id: None, data: String::new() };
+                let mut data_lines = Vec::new();
+                let mut any_field = false;
+                for line in block.lines() {
+                    if let Some(comment) = line.strip_prefix(':') {
+                        let _ = comment;
+                        self.comments += 1;
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        event.event = v.to_owned();
+                        any_field = true;
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        event.id = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data_lines.push(v.to_owned());
+                        any_field = true;
+                    } else if line == "data:" {
+                        data_lines.push(String::new());
+                        any_field = true;
+                    } else if let Some(v) = line.strip_prefix("retry: ") {
+                        self.retry_hint = v.parse().ok();
+                    }
+                }
+                if any_field {
+                    event.data = data_lines.join("\n");
+                    return Some(event);
+                }
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(60), self.body.next()).await {
+                Ok(Some(Ok(bytes))) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(_) => return None,
+                Err(_) => panic!("no SSE data for 60 s"),
+            }
+        }
+    }
+
+    /// Every event until the server closes the stream.
+    pub async fn rest(&mut self) -> Vec<Sse> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next().await {
+            events.push(event);
+        }
+        events
+    }
+}
+
+/// The token events' text, concatenated.
+pub fn text_of(events: &[Sse]) -> String {
+    events.iter().filter(|e| e.event == "token").map(|e| e.data.as_str()).collect()
+}
+
+/// Token indexes of the events, in order.
+pub fn indexes_of(events: &[Sse]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e.event == "token")
+        .map(|e| e.id.as_deref().unwrap().split_once(':').unwrap().1.parse().unwrap())
+        .collect()
+}
