@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools functions dev test lint fmt check-toolchain
+.PHONY: help tools functions dev test lint fmt check-toolchain bench-turn
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ test: tools functions ## Run every test: unit, store laws, and end to end throug
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
 	@infra/test-summary.sh target/test-output.log
+
+bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
+	$(CARGO) run --locked -q -p chat-local --bin bench-turn
 
 lint: check-toolchain ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

@@ -25,6 +25,10 @@ use tracing::{info, warn, Instrument};
 /// The response body: frames from the relay task.
 pub type SseBody = StreamBody<BoxStream<'static, Result<http_body::Frame<Bytes>, Infallible>>>;
 
+/// How often, at most, a relay that finds no new tokens re-reads the session to see whether the
+/// turn has ended: ending detection may lag by this much, reads per client drop accordingly.
+const SESSION_CHECK_EVERY: Duration = Duration::from_millis(250);
+
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -184,7 +188,10 @@ impl Relay {
         let mut last_sent = Instant::now();
         let mut last_seq: Option<u32> = None;
         let mut next_index = position.after_index.map_or(0, |i| i + 1);
-        let mut session = first_read;
+        let mut generating = first_read.state == State::AiGenerating;
+        // Waiting for a generator: poll fast at first (pickup is usually quick), then back off.
+        let mut interval = settings.poll_fast;
+        let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
         let mut sent_tokens = 0usize;
         let send = |text: String| async move { tx.send(text).await.is_ok() };
         if !send(sse::retry(settings.retry.as_millis() as u64)).await {
@@ -219,15 +226,19 @@ impl Relay {
             }
             if progressed {
                 last_sent = Instant::now();
-            } else {
-                match self.store.get_session(position.session, false).await? {
+                // Tokens are flowing: the turn is generating, whatever the last session read said.
+                generating = true;
+            } else if session_read.elapsed() >= SESSION_CHECK_EVERY {
+                session_read = Instant::now();
+                let session = match self.store.get_session(position.session, false).await? {
                     None => {
                         let data = json!({"code": "session_deleted", "message": "the session was deleted"});
                         send(sse::event("error", None, &data.to_string())).await;
                         return Ok(());
                     }
-                    Some(current) => session = current,
-                }
+                    Some(current) => current,
+                };
+                generating = session.state == State::AiGenerating;
                 let turn_over = session.turn > position.turn || session.state.turn_ended();
                 if turn_over {
                     return self.finish(position, &session, last_seq, next_index, tx).await;
@@ -245,8 +256,11 @@ impl Relay {
                 }
                 last_sent = Instant::now();
             }
-            let interval =
-                if session.state == State::AiGenerating { settings.poll_fast } else { settings.poll_slow };
+            interval = if generating || progressed {
+                settings.poll_fast
+            } else {
+                (interval * 2).min(settings.poll_slow)
+            };
             tokio::time::sleep(interval).await;
         }
     }
