@@ -15,7 +15,7 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, ConsumedCapacity, DeleteRequest, Put, ReturnConsumedCapacity, ReturnValue,
+    AttributeValue, ConsumedCapacity, DeleteRequest, KeysAndAttributes, Put, ReturnConsumedCapacity, ReturnValue,
     ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem, Update, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
@@ -500,7 +500,12 @@ impl Store {
             .await
             .map_err(|e| StoreError::dynamo("Query", e))?;
         self.capacity.add(false, out.consumed_capacity());
-        let sessions = out.items().iter().map(Session::from_item).collect::<Result<Vec<_>, _>>()?;
+        let keys: Vec<Item> = out
+            .items()
+            .iter()
+            .map(|item| Ok(key(Fields::new(item).s(PK)?.to_owned(), table::SESSION_SK)))
+            .collect::<Result<_, StoreError>>()?;
+        let sessions = self.batch_get_sessions(keys).await?;
         let next_cursor = match out.last_evaluated_key() {
             Some(last) if !last.is_empty() => {
                 let sk = Fields::new(last).s(GSI1_SK)?;
@@ -509,6 +514,50 @@ impl Store {
             _ => None,
         };
         Ok(Ok(SessionPage { sessions, next_cursor }))
+    }
+
+    /// Reads session items by key, in the order given (a session deleted meanwhile is left out).
+    async fn batch_get_sessions(&self, keys: Vec<Item>) -> Result<Vec<Session>, StoreError> {
+        let mut found: HashMap<String, Session> = HashMap::new();
+        let order: Vec<String> =
+            keys.iter().filter_map(|k| k.get(PK).and_then(|v| v.as_s().ok()).cloned()).collect();
+        let mut pending = keys;
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            attempt += 1;
+            if attempt > self.options.max_attempts {
+                return Err(StoreError::Contention { attempts: attempt - 1 });
+            }
+            let request = KeysAndAttributes::builder()
+                .set_keys(Some(pending))
+                .consistent_read(true)
+                .build()
+                .expect("keys are set");
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&*self.table, request)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(|e| StoreError::dynamo("BatchGetItem", e))?;
+            for consumed in out.consumed_capacity() {
+                self.capacity.add(false, Some(consumed));
+            }
+            for item in out.responses().and_then(|r| r.get(&*self.table)).into_iter().flatten() {
+                let session = Session::from_item(item)?;
+                found.insert(table::session_pk(session.id), session);
+            }
+            pending = out
+                .unprocessed_keys()
+                .and_then(|u| u.get(&*self.table))
+                .map(|k| k.keys().to_vec())
+                .unwrap_or_default();
+            if !pending.is_empty() {
+                backoff(attempt).await;
+            }
+        }
+        Ok(order.into_iter().filter_map(|pk| found.remove(&pk)).collect())
     }
 
     fn decode_cursor(&self, user: &UserId, cursor: &str) -> Result<Item, InvalidCursor> {
@@ -523,33 +572,45 @@ impl Store {
         Ok(start)
     }
 
-    /// Sessions whose in-flight step is overdue at `now`, across every `due` shard.
+    /// Sessions whose in-flight step is overdue at `now`, across every `due` shard, at most
+    /// `limit` per shard. The index holds only sessions with a turn in flight, so each query
+    /// reads just those.
     pub async fn overdue_sessions(&self, now: u64, limit: u32) -> Result<Vec<SessionId>, StoreError> {
         let mut ids = Vec::new();
         for shard in table::due_shards() {
-            let out = self
-                .client
-                .query()
-                .table_name(&*self.table)
-                .index_name(table::DUE_INDEX)
-                .key_condition_expression("#shard = :shard AND #due <= :now")
-                .expression_attribute_names("#shard", DUE_SHARD)
-                .expression_attribute_names("#due", DUE_AT)
-                .expression_attribute_values(":shard", s(shard))
-                .expression_attribute_values(":now", n(now))
-                .limit(limit as i32)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(|e| StoreError::dynamo("Query", e))?;
-            self.capacity.add(false, out.consumed_capacity());
-            for item in out.items() {
-                let pk = Fields::new(item).s(PK)?;
-                let id = pk
-                    .strip_prefix("S#")
-                    .and_then(|raw| SessionId::parse(raw).ok())
-                    .ok_or_else(|| StoreError::corrupt(pk, "due index entry is not a session"))?;
-                ids.push(id);
+            let mut start: Option<Item> = None;
+            let mut found = 0;
+            loop {
+                let out = self
+                    .client
+                    .query()
+                    .table_name(&*self.table)
+                    .index_name(table::DUE_INDEX)
+                    .key_condition_expression("#shard = :shard")
+                    .filter_expression("#due <= :now")
+                    .expression_attribute_names("#shard", DUE_SHARD)
+                    .expression_attribute_names("#due", DUE_AT)
+                    .expression_attribute_values(":shard", s(shard.clone()))
+                    .expression_attribute_values(":now", n(now))
+                    .set_exclusive_start_key(start.take())
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+                    .await
+                    .map_err(|e| StoreError::dynamo("Query", e))?;
+                self.capacity.add(false, out.consumed_capacity());
+                for item in out.items() {
+                    let pk = Fields::new(item).s(PK)?;
+                    let id = pk
+                        .strip_prefix("S#")
+                        .and_then(|raw| SessionId::parse(raw).ok())
+                        .ok_or_else(|| StoreError::corrupt(pk, "due index entry is not a session"))?;
+                    ids.push(id);
+                    found += 1;
+                }
+                match out.last_evaluated_key() {
+                    Some(last) if !last.is_empty() && found < limit => start = Some(last.clone()),
+                    _ => break,
+                }
             }
         }
         Ok(ids)

@@ -11,9 +11,11 @@
 //! | transition | `S#{session}` | `TRANS#{version:010}` |
 //! | idempotency key | `U#{user}` | `IDEM#{client_message_id}` |
 //!
-//! Index `by_user` (`gsi1pk` = `U#{user}`, `gsi1sk` = `{created_at:013}#{session}`) lists a user's
-//! sessions newest first. Index `due` (`due_shard`, `due_at`) is sparse: only sessions with a turn in
-//! flight carry those attributes, so the sweeper reads just the turns it may have to act on.
+//! Index `by_user` (`gsi1pk` = `U#{user}`, `gsi1sk` = `{created_at:013}#{session}`, keys only) lists a
+//! user's sessions newest first; its keys never change, so session updates do not write to it.
+//! Index `due` (`due_shard`, `pk`, projecting `due_at`) is sparse: only sessions with a turn in
+//! flight carry `due_shard`, so the sweeper reads just the turns it may have to act on. Its sort
+//! key is stable, so moving a deadline updates the index entry rather than replacing it.
 
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
 use aws_sdk_dynamodb::types::{
@@ -38,7 +40,7 @@ pub const GSI1_SK: &str = "gsi1sk";
 pub const DUE_INDEX: &str = "due";
 /// Partition key of [`DUE_INDEX`]: one of [`DUE_SHARDS`] shards, so no single partition is hot.
 pub const DUE_SHARD: &str = "due_shard";
-/// Sort key of [`DUE_INDEX`]: when the turn's deadline or lease passes (epoch ms).
+/// When the turn's deadline or lease passes (epoch ms); projected into [`DUE_INDEX`].
 pub const DUE_AT: &str = "due_at";
 /// How many shards [`DUE_INDEX`] spreads sessions over.
 pub const DUE_SHARDS: u32 = 4;
@@ -125,12 +127,12 @@ fn attribute(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
         .expect("attribute definition fields are set")
 }
 
-fn index(name: &str, pk: &str, sk: &str, projection: ProjectionType) -> GlobalSecondaryIndex {
+fn index(name: &str, pk: &str, sk: &str, projection: Projection) -> GlobalSecondaryIndex {
     GlobalSecondaryIndex::builder()
         .index_name(name)
         .key_schema(key(pk, KeyType::Hash))
         .key_schema(key(sk, KeyType::Range))
-        .projection(Projection::builder().projection_type(projection).build())
+        .projection(projection)
         .build()
         .expect("index fields are set")
 }
@@ -149,9 +151,18 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), aws_sdk_dy
         .attribute_definitions(attribute(GSI1_PK, ScalarAttributeType::S))
         .attribute_definitions(attribute(GSI1_SK, ScalarAttributeType::S))
         .attribute_definitions(attribute(DUE_SHARD, ScalarAttributeType::S))
-        .attribute_definitions(attribute(DUE_AT, ScalarAttributeType::N))
-        .global_secondary_indexes(index(BY_USER_INDEX, GSI1_PK, GSI1_SK, ProjectionType::All))
-        .global_secondary_indexes(index(DUE_INDEX, DUE_SHARD, DUE_AT, ProjectionType::KeysOnly))
+        .global_secondary_indexes(index(
+            BY_USER_INDEX,
+            GSI1_PK,
+            GSI1_SK,
+            Projection::builder().projection_type(ProjectionType::KeysOnly).build(),
+        ))
+        .global_secondary_indexes(index(
+            DUE_INDEX,
+            DUE_SHARD,
+            PK,
+            Projection::builder().projection_type(ProjectionType::Include).non_key_attributes(DUE_AT).build(),
+        ))
         .send()
         .await?;
     client
