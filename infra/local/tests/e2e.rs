@@ -371,6 +371,10 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     assert_eq!(status, 404);
     let health = request(reqwest::Method::GET, format!("{}/health", api()), None).await;
     assert_eq!(health.status, 200);
+    // Each function is also reachable on its own Function URL path.
+    let direct =
+        request(reqwest::Method::GET, format!("{}/lambda-url/ingest/sessions/{id}", api()), None).await;
+    assert_eq!(direct.status, 200);
     // None of it changed the session.
     let after = get_session(api(), &id).await.body["session"].clone();
     assert_eq!(after, settled);
