@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools functions dev test lint fmt check-toolchain bench-turn
+.PHONY: help tools functions dev test lint fmt check-toolchain bench-turn validate build deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,10 +31,32 @@ functions: check-toolchain ## Build every function the way cargo lambda watch ru
 dev: tools functions ## Run the whole stack locally at http://127.0.0.1:9000 (Ctrl-C stops it)
 	$(CARGO) run --locked -q -p chat-local --bin chat-local
 
-test: tools functions ## Run every test: unit, store laws, and end to end through cargo lambda watch
+validate: tools ## Lint template.yaml with cfn-lint (part of make test)
+	$(VENV)/bin/cfn-lint template.yaml
+
+test: tools functions validate ## Run every test: unit, store laws, template drift, end to end through cargo lambda watch
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
 	@infra/test-summary.sh target/test-output.log
+
+DEPLOY_VENV := .tools/deploy-venv
+$(DEPLOY_VENV)/.installed: infra/requirements-deploy.txt
+	@echo "==> installing the build and deploy tools into $(DEPLOY_VENV) (cargo-lambda, zig, SAM CLI)"
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r infra/requirements-deploy.txt
+	touch $@
+
+# Release builds for Lambda (arm64, provided.al2023), zipped; prints each binary's and zip's size.
+build: check-toolchain $(DEPLOY_VENV)/.installed ## Build arm64 release zips of every function into target/lambda
+	@test -d "$$(rustc --print sysroot)/lib/rustlib/aarch64-unknown-linux-gnu" || { \
+	  echo "the aarch64-unknown-linux-gnu standard library is missing: rustup target add aarch64-unknown-linux-gnu" >&2; exit 1; }
+	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 \
+	  $(DEPLOY_VENV)/bin/cargo-lambda lambda build --release --arm64 --output-format zip $(addprefix --bin ,$(FUNCTIONS))
+	@for f in $(FUNCTIONS); do ls -l target/lambda/$$f/bootstrap.zip | awk -v f=$$f '{printf "  %-10s zip %6.1f MB\n", f, $$5/1048576}'; done
+
+deploy: $(DEPLOY_VENV)/.installed ## sam build + sam deploy (guided the first time) to your AWS account
+	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 $(DEPLOY_VENV)/bin/sam build
+	@if [ -f samconfig.toml ]; then $(DEPLOY_VENV)/bin/sam deploy; else $(DEPLOY_VENV)/bin/sam deploy --guided; fi
 
 bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
 	$(CARGO) run --locked -q -p chat-local --bin bench-turn

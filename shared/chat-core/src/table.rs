@@ -111,6 +111,42 @@ pub fn due_shards() -> impl Iterator<Item = String> {
     (0..DUE_SHARDS).map(|n| format!("DUE#{n}"))
 }
 
+/// Every key attribute of the table and its indexes; all are strings.
+pub const KEY_ATTRIBUTES: [&str; 5] = [PK, SK, GSI1_PK, GSI1_SK, DUE_SHARD];
+
+/// A global secondary index, as data (local bootstrap and the template drift test read it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexDefinition {
+    /// Index name.
+    pub name: &'static str,
+    /// Partition key attribute.
+    pub hash_key: &'static str,
+    /// Sort key attribute.
+    pub range_key: &'static str,
+    /// `KEYS_ONLY`, `INCLUDE` or `ALL`.
+    pub projection: &'static str,
+    /// Projected non-key attributes (for `INCLUDE`).
+    pub non_key_attributes: &'static [&'static str],
+}
+
+/// The table's indexes.
+pub const INDEXES: [IndexDefinition; 2] = [
+    IndexDefinition {
+        name: BY_USER_INDEX,
+        hash_key: GSI1_PK,
+        range_key: GSI1_SK,
+        projection: "KEYS_ONLY",
+        non_key_attributes: &[],
+    },
+    IndexDefinition {
+        name: DUE_INDEX,
+        hash_key: DUE_SHARD,
+        range_key: PK,
+        projection: "INCLUDE",
+        non_key_attributes: &[DUE_AT],
+    },
+];
+
 fn key(name: &str, key_type: KeyType) -> KeySchemaElement {
     KeySchemaElement::builder()
         .attribute_name(name)
@@ -119,20 +155,16 @@ fn key(name: &str, key_type: KeyType) -> KeySchemaElement {
         .expect("key schema fields are set")
 }
 
-fn attribute(name: &str, kind: ScalarAttributeType) -> AttributeDefinition {
-    AttributeDefinition::builder()
-        .attribute_name(name)
-        .attribute_type(kind)
-        .build()
-        .expect("attribute definition fields are set")
-}
-
-fn index(name: &str, pk: &str, sk: &str, projection: Projection) -> GlobalSecondaryIndex {
+fn index(def: &IndexDefinition) -> GlobalSecondaryIndex {
+    let mut projection = Projection::builder().projection_type(ProjectionType::from(def.projection));
+    for attribute in def.non_key_attributes {
+        projection = projection.non_key_attributes(*attribute);
+    }
     GlobalSecondaryIndex::builder()
-        .index_name(name)
-        .key_schema(key(pk, KeyType::Hash))
-        .key_schema(key(sk, KeyType::Range))
-        .projection(projection)
+        .index_name(def.name)
+        .key_schema(key(def.hash_key, KeyType::Hash))
+        .key_schema(key(def.range_key, KeyType::Range))
+        .projection(projection.build())
         .build()
         .expect("index fields are set")
 }
@@ -140,31 +172,24 @@ fn index(name: &str, pk: &str, sk: &str, projection: Projection) -> GlobalSecond
 /// Creates the table (on-demand, both indexes) and enables TTL. For local emulators and tests;
 /// in AWS, `template.yaml` creates it.
 pub async fn create_table(client: &Client, table: &str) -> Result<(), aws_sdk_dynamodb::Error> {
-    client
+    let mut request = client
         .create_table()
         .table_name(table)
         .billing_mode(BillingMode::PayPerRequest)
         .key_schema(key(PK, KeyType::Hash))
-        .key_schema(key(SK, KeyType::Range))
-        .attribute_definitions(attribute(PK, ScalarAttributeType::S))
-        .attribute_definitions(attribute(SK, ScalarAttributeType::S))
-        .attribute_definitions(attribute(GSI1_PK, ScalarAttributeType::S))
-        .attribute_definitions(attribute(GSI1_SK, ScalarAttributeType::S))
-        .attribute_definitions(attribute(DUE_SHARD, ScalarAttributeType::S))
-        .global_secondary_indexes(index(
-            BY_USER_INDEX,
-            GSI1_PK,
-            GSI1_SK,
-            Projection::builder().projection_type(ProjectionType::KeysOnly).build(),
-        ))
-        .global_secondary_indexes(index(
-            DUE_INDEX,
-            DUE_SHARD,
-            PK,
-            Projection::builder().projection_type(ProjectionType::Include).non_key_attributes(DUE_AT).build(),
-        ))
-        .send()
-        .await?;
+        .key_schema(key(SK, KeyType::Range));
+    for name in KEY_ATTRIBUTES {
+        let definition = AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .expect("attribute definition fields are set");
+        request = request.attribute_definitions(definition);
+    }
+    for def in &INDEXES {
+        request = request.global_secondary_indexes(index(def));
+    }
+    request.send().await?;
     client
         .update_time_to_live()
         .table_name(table)

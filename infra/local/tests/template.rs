@@ -1,0 +1,172 @@
+//! `template.yaml` and the code must not drift: the table is the one `table.rs` defines (which
+//! local bootstrap creates), the queue is the one the local stack creates, every function is
+//! built by cargo-lambda for arm64, and each policy grants only actions its function's code uses.
+
+use chat_core::table;
+use serde_norway::Value;
+use std::collections::BTreeSet;
+
+fn template() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
+    serde_norway::from_str(&std::fs::read_to_string(path).expect("template.yaml")).expect("valid YAML")
+}
+
+fn resource<'a>(template: &'a Value, name: &str) -> &'a Value {
+    &template["Resources"][name]
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .map(|s| s.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_table_is_the_one_table_rs_defines() {
+    let template = template();
+    let table = &resource(&template, "Table")["Properties"];
+    assert_eq!(table["BillingMode"], "PAY_PER_REQUEST");
+    let keys: Vec<(String, String)> = table["KeySchema"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|k| (k["AttributeName"].as_str().unwrap().to_owned(), k["KeyType"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![(table::PK.to_owned(), "HASH".to_owned()), (table::SK.to_owned(), "RANGE".to_owned())]
+    );
+    let attributes: BTreeSet<(String, String)> = table["AttributeDefinitions"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (a["AttributeName"].as_str().unwrap().to_owned(), a["AttributeType"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let expected: BTreeSet<(String, String)> =
+        table::KEY_ATTRIBUTES.iter().map(|a| ((*a).to_owned(), "S".to_owned())).collect();
+    assert_eq!(attributes, expected);
+    let indexes = table["GlobalSecondaryIndexes"].as_sequence().unwrap();
+    assert_eq!(indexes.len(), table::INDEXES.len());
+    for def in &table::INDEXES {
+        let index = indexes
+            .iter()
+            .find(|i| i["IndexName"] == def.name)
+            .unwrap_or_else(|| panic!("index {} is missing", def.name));
+        let schema = index["KeySchema"].as_sequence().unwrap();
+        assert_eq!(
+            (schema[0]["AttributeName"].as_str(), schema[0]["KeyType"].as_str()),
+            (Some(def.hash_key), Some("HASH"))
+        );
+        assert_eq!(
+            (schema[1]["AttributeName"].as_str(), schema[1]["KeyType"].as_str()),
+            (Some(def.range_key), Some("RANGE"))
+        );
+        assert_eq!(index["Projection"]["ProjectionType"].as_str(), Some(def.projection));
+        assert_eq!(strings(&index["Projection"]["NonKeyAttributes"]), def.non_key_attributes.to_vec());
+    }
+    assert_eq!(table["TimeToLiveSpecification"]["AttributeName"].as_str(), Some(table::TTL_ATTRIBUTE));
+    assert_eq!(table["TimeToLiveSpecification"]["Enabled"], true);
+    assert_eq!(table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"], true);
+}
+
+#[test]
+fn the_queue_matches_the_local_stack_and_outlasts_the_generator() {
+    let template = template();
+    let local = chat_local::Settings::new(".");
+    let queue = &resource(&template, "TurnsQueue")["Properties"];
+    assert_eq!(queue["RedrivePolicy"]["maxReceiveCount"].as_u64(), Some(u64::from(local.max_receive_count)));
+    assert!(local.max_receive_count >= 5);
+    let generator_timeout =
+        resource(&template, "GeneratorFunction")["Properties"]["Timeout"].as_u64().unwrap();
+    assert!(
+        queue["VisibilityTimeout"].as_u64().unwrap() >= 6 * generator_timeout,
+        "visibility >= 6x the generator timeout"
+    );
+    let event = &resource(&template, "GeneratorFunction")["Properties"]["Events"]["Turns"];
+    assert_eq!(event["Type"], "SQS");
+    assert_eq!(strings(&event["Properties"]["FunctionResponseTypes"]), ["ReportBatchItemFailures"]);
+}
+
+#[test]
+fn every_function_is_built_by_cargo_lambda_for_arm64() {
+    let template = template();
+    let globals = &template["Globals"]["Function"];
+    assert_eq!(globals["Runtime"], "provided.al2023");
+    assert_eq!(strings(&globals["Architectures"]), ["arm64"]);
+    for name in chat_local::FUNCTIONS {
+        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
+        let function = resource(&template, &logical);
+        assert_eq!(function["Type"], "AWS::Serverless::Function", "{logical}");
+        assert_eq!(function["Metadata"]["BuildMethod"], "rust-cargolambda");
+        assert_eq!(function["Metadata"]["BuildProperties"]["Binary"].as_str(), Some(name));
+    }
+    let stream = &resource(&template, "StreamFunction")["Properties"];
+    assert_eq!(stream["FunctionUrlConfig"]["InvokeMode"], "RESPONSE_STREAM");
+    let stream_timeout_ms = stream["Timeout"].as_u64().unwrap() * 1000;
+    let stream_limit: u64 =
+        stream["Environment"]["Variables"]["STREAM_MAX_DURATION_MS"].as_str().unwrap().parse().unwrap();
+    assert!(
+        stream_limit + 60_000 <= stream_timeout_ms,
+        "the stream closes itself well before the Lambda limit"
+    );
+}
+
+/// The AWS actions each function's code performs, from the store and queue operations it calls.
+/// TransactWriteItems is authorised per item (Put/Update), and BatchGet/BatchWrite by name.
+#[test]
+fn each_policy_grants_exactly_the_actions_its_function_uses() {
+    let expected: [(&str, &[&str]); 4] = [
+        (
+            "IngestFunction",
+            &[
+                "dynamodb:BatchGetItem",
+                "dynamodb:BatchWriteItem",
+                "dynamodb:DeleteItem",
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:Query",
+                "dynamodb:UpdateItem",
+                "sqs:SendMessage",
+            ],
+        ),
+        (
+            "GeneratorFunction",
+            &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"],
+        ),
+        ("StreamFunction", &["dynamodb:GetItem", "dynamodb:Query"]),
+        (
+            "SweeperFunction",
+            &[
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:Query",
+                "dynamodb:UpdateItem",
+                "sqs:SendMessage",
+            ],
+        ),
+    ];
+    let template = template();
+    for (function, actions) in expected {
+        let mut granted = BTreeSet::new();
+        for policy in resource(&template, function)["Properties"]["Policies"].as_sequence().unwrap() {
+            for statement in policy["Statement"].as_sequence().unwrap() {
+                assert_eq!(statement["Effect"], "Allow");
+                match &statement["Action"] {
+                    Value::String(action) => granted.insert(action.clone()),
+                    list => {
+                        for action in strings(list) {
+                            assert!(!action.contains('*'), "{function}: no wildcard actions");
+                            granted.insert(action);
+                        }
+                        true
+                    }
+                };
+            }
+        }
+        let expected: BTreeSet<String> = actions.iter().map(|a| (*a).to_owned()).collect();
+        assert_eq!(granted, expected, "{function}");
+    }
+}
