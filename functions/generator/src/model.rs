@@ -30,7 +30,8 @@ pub struct DemoModel {
     pub reply_tokens: usize,
     /// Pause before each token, so streaming is visible.
     pub token_delay: Duration,
-    /// Honour `[[fail-after:N]]` in a message: fail after N tokens (for tests).
+    /// Honour test directives in a message: `[[fail-after:N]]` fails after N tokens,
+    /// `[[reply-tokens:N]]` makes the reply N tokens long.
     pub faults: bool,
 }
 
@@ -66,8 +67,9 @@ impl DemoModel {
         let mut tokens = vec!["You ".to_owned(), "said: ".to_owned(), "\"".to_owned()];
         tokens.extend(split_tokens(last));
         tokens.push("\". ".to_owned());
+        let length = if self.faults { directive(prompt, "reply-tokens") } else { None };
         let mut filler = FILLER.iter().cycle();
-        while tokens.len() < self.reply_tokens {
+        while tokens.len() < length.unwrap_or(self.reply_tokens) {
             tokens.push(format!("{} ", filler.next().expect("cycle never ends")));
         }
         if let Some(last) = tokens.last_mut() {
