@@ -12,6 +12,7 @@ use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
 use crate::model::{attr, Chunk, Fields, Item, Message, Session, TransitionRecord};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
@@ -391,29 +392,15 @@ impl Store {
         out.item().map(Session::from_item).transpose()
     }
 
-    /// Queries one partition's items whose sort key lies in `[from, to]`, all pages.
-    async fn query_range(
+    /// Runs a query to its last page; `query` builds each page's request from its start key.
+    async fn query_pages(
         &self,
-        pk: String,
-        from: String,
-        to: String,
-        consistent: bool,
+        query: impl Fn(Option<Item>) -> QueryFluentBuilder,
     ) -> Result<Vec<Item>, StoreError> {
         let mut items = Vec::new();
         let mut start: Option<Item> = None;
         loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&*self.table)
-                .key_condition_expression("#pk = :pk AND #sk BETWEEN :from AND :to")
-                .expression_attribute_names("#pk", PK)
-                .expression_attribute_names("#sk", SK)
-                .expression_attribute_values(":pk", s(pk.clone()))
-                .expression_attribute_values(":from", s(from.clone()))
-                .expression_attribute_values(":to", s(to.clone()))
-                .consistent_read(consistent)
-                .set_exclusive_start_key(start.take())
+            let out = query(start.take())
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
                 .await
@@ -425,6 +412,30 @@ impl Store {
                 _ => return Ok(items),
             }
         }
+    }
+
+    /// Queries one partition's items whose sort key lies in `[from, to]`, all pages.
+    async fn query_range(
+        &self,
+        pk: String,
+        from: String,
+        to: String,
+        consistent: bool,
+    ) -> Result<Vec<Item>, StoreError> {
+        self.query_pages(|start| {
+            self.client
+                .query()
+                .table_name(&*self.table)
+                .key_condition_expression("#pk = :pk AND #sk BETWEEN :from AND :to")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .expression_attribute_values(":from", s(from.clone()))
+                .expression_attribute_values(":to", s(to.clone()))
+                .consistent_read(consistent)
+                .set_exclusive_start_key(start)
+        })
+        .await
     }
 
     /// Reads a session and all its messages, oldest first.
@@ -1500,11 +1511,8 @@ impl Store {
     }
 
     async fn partition_keys(&self, pk: String) -> Result<Vec<Item>, StoreError> {
-        let mut keys = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
+        self.query_pages(|start| {
+            self.client
                 .query()
                 .table_name(&*self.table)
                 .key_condition_expression("#pk = :pk")
@@ -1514,18 +1522,9 @@ impl Store {
                 .projection_expression("#pk, #sk")
                 .select(Select::SpecificAttributes)
                 .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(|e| StoreError::dynamo("Query", e))?;
-            self.capacity.add(false, out.consumed_capacity());
-            keys.extend(out.items().iter().cloned());
-            match out.last_evaluated_key() {
-                Some(last) if !last.is_empty() => start = Some(last.clone()),
-                _ => return Ok(keys),
-            }
-        }
+                .set_exclusive_start_key(start)
+        })
+        .await
     }
 }
 
