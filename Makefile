@@ -23,10 +23,11 @@ $(VENV)/.installed: infra/requirements.txt
 
 tools: check-toolchain $(VENV)/.installed ## Install the pinned local tools (cargo-lambda, moto)
 
-# `cargo lambda watch` builds each function lazily with its own feature set; building each one
+# `cargo lambda watch` builds each function lazily (`cargo run --manifest-path Cargo.toml --bin F`,
+# features unified across the workspace); building each one exactly that way
 # here, one at a time, means the first request does not wait for a compile.
 functions: check-toolchain ## Build every function the way cargo lambda watch runs it
-	@for f in $(FUNCTIONS); do echo "==> building $$f"; $(CARGO) build --locked -p $$f --bin $$f || exit 1; done
+	@for f in $(FUNCTIONS); do echo "==> building $$f"; $(CARGO) build --locked --manifest-path Cargo.toml --bin $$f || exit 1; done
 
 dev: tools functions ## Run the whole stack locally at http://127.0.0.1:9000 (Ctrl-C stops it)
 	$(CARGO) run --locked -q -p chat-local --bin chat-local
