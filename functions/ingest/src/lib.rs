@@ -11,8 +11,8 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::{Queue, TurnMessage};
 use chat_core::time::rfc3339_ms;
 use chat_core::{
-    CancelOutcome, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome, Session, SessionId, State,
-    Store, TurnTicket, UserId,
+    CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome, Session,
+    SessionId, State, Store, TurnTicket, UserId,
 };
 use lambda_http::http::{Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
@@ -127,18 +127,28 @@ impl App {
         match outcome {
             SendOutcome::Accepted(ticket) => {
                 tracing::Span::current().record("session", ticket.session_id.to_string());
-                self.commit_and_enqueue(&ticket, request_id).await?;
+                let release = body.client_message_id.as_ref().map(|k| (&user, k));
+                self.commit_and_enqueue(&ticket, request_id, release).await?;
                 Ok(self.accepted(ticket.session_id, ticket.turn, &body.message))
             }
-            SendOutcome::Duplicate { session_id, turn } => self.repeat(session_id, turn, request_id).await,
+            SendOutcome::Duplicate { session_id, turn } => {
+                let key = body.client_message_id.as_ref().expect("a duplicate has a key");
+                self.repeat(session_id, turn, request_id, (&user, key)).await
+            }
             SendOutcome::InFlight { state, turn } => Err(ApiError::TurnInFlight { state, turn }),
             SendOutcome::NotFound => Err(ApiError::session_not_found()),
         }
     }
 
     /// Makes a claimed turn durable and queues it. If queueing fails the turn ends in `error`
-    /// (nothing is left waiting for a generator that will never come) and the client gets 503.
-    async fn commit_and_enqueue(&self, ticket: &TurnTicket, request_id: &str) -> Result<(), ApiError> {
+    /// (nothing is left waiting for a generator that will never come) and the client gets 503;
+    /// the idempotency key it was sent with is released, so a retry starts a new turn.
+    async fn commit_and_enqueue(
+        &self,
+        ticket: &TurnTicket,
+        request_id: &str,
+        release: Option<(&UserId, &ClientMessageId)>,
+    ) -> Result<(), ApiError> {
         let committed = match self.store.commit_user_message(ticket, request_id).await {
             Ok(Outcome::Applied(committed)) => committed,
             Ok(Outcome::Conflict(conflict)) => {
@@ -151,11 +161,10 @@ impl App {
             Err(err) => {
                 error!(error = %err, "committing the user message failed");
                 self.end_if_unchanged(
-                    ticket.session_id,
-                    State::UserWriting,
-                    ticket.version,
+                    (ticket.session_id, State::UserWriting, ticket.version),
                     Event::StoreFailed,
                     request_id,
+                    release,
                 )
                 .await;
                 return Err(ApiError::store_unavailable(&err));
@@ -165,11 +174,10 @@ impl App {
         if let Err(err) = self.queue.send(message).await {
             error!(error = %err, "enqueueing the turn failed");
             self.end_if_unchanged(
-                committed.session_id,
-                State::UserCommitted,
-                committed.version,
+                (committed.session_id, State::UserCommitted, committed.version),
                 Event::ProcessingFailed,
                 request_id,
+                release,
             )
             .await;
             return Err(ApiError::unavailable(
@@ -184,11 +192,10 @@ impl App {
     /// too, the turn keeps its deadline and the sweeper ends it.
     async fn end_if_unchanged(
         &self,
-        id: SessionId,
-        state: State,
-        version: u64,
+        (id, state, version): (SessionId, State, u64),
         event: Event,
         request_id: &str,
+        release: Option<(&UserId, &ClientMessageId)>,
     ) {
         let current = match self.store.get_session(id, true).await {
             Ok(Some(current)) if current.state == state && current.version == version => current,
@@ -199,7 +206,7 @@ impl App {
             Event::StoreFailed => "the message could not be stored",
             _ => "the message could not be queued for generation",
         };
-        if let Err(err) = self.store.end_turn(&current, event, reason, request_id).await {
+        if let Err(err) = self.store.end_turn_releasing(&current, event, reason, request_id, release).await {
             warn!(error = %err, "could not end the failed turn; the sweeper will");
         }
     }
@@ -211,6 +218,7 @@ impl App {
         id: SessionId,
         turn: chat_core::Turn,
         request_id: &str,
+        key: (&UserId, &ClientMessageId),
     ) -> Result<Response<Body>, ApiError> {
         let (session, messages) = self
             .store
@@ -220,7 +228,7 @@ impl App {
             .ok_or_else(ApiError::session_not_found)?;
         if session.turn == turn && session.state == State::UserWriting {
             let ticket = TurnTicket { session_id: id, turn, version: session.version };
-            self.commit_and_enqueue(&ticket, request_id).await?;
+            self.commit_and_enqueue(&ticket, request_id, Some(key)).await?;
         }
         let message = messages
             .iter()

@@ -55,4 +55,11 @@ async fn a_send_while_sqs_is_down_gets_503_and_its_turn_ends_in_error() {
     // A first message (no session yet) is refused the same way.
     let fresh = send_text(api, &common::user(), "new session during the outage", None).await;
     assert_eq!(fresh.status, 503);
+
+    // Its idempotency key was released with the dead turn: a retry is a new attempt (503 again
+    // while SQS is down), never a 202 pointing at the turn that failed.
+    let keyed = serde_json::json!({"message": "keyed", "session_id": id, "client_message_id": "k-outage"});
+    assert_eq!(send(api, &user, keyed.clone()).await.status, 503);
+    let retry = send(api, &user, keyed).await;
+    assert_eq!(retry.status, 503, "{}", retry.body);
 }

@@ -16,7 +16,7 @@ use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, ConsumedCapacity, DeleteRequest, KeysAndAttributes, Put, ReturnConsumedCapacity,
+    AttributeValue, ConsumedCapacity, Delete, DeleteRequest, KeysAndAttributes, Put, ReturnConsumedCapacity,
     ReturnValue, ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem, Update, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
@@ -1354,6 +1354,21 @@ impl Store {
         reason: &str,
         by: &str,
     ) -> Result<Outcome<u64>, StoreError> {
+        self.end_turn_releasing(current, event, reason, by, None).await
+    }
+
+    /// [`Store::end_turn`], also forgetting the idempotency key the turn was sent with, in the
+    /// same transaction: for a turn ended because its message could not be stored or queued,
+    /// whose client got a 503, so that retrying with the same key starts a new turn rather than
+    /// answering with this dead one.
+    pub async fn end_turn_releasing(
+        &self,
+        current: &Session,
+        event: Event,
+        reason: &str,
+        by: &str,
+        release: Option<(&UserId, &ClientMessageId)>,
+    ) -> Result<Outcome<u64>, StoreError> {
         let to = fsm::transition(Some(current.state), event)
             .ok_or(StoreError::IllegalTransition { from: Some(current.state), event })?;
         let (set, remove) = match (event, to) {
@@ -1372,6 +1387,17 @@ impl Store {
             (Event::Settle | Event::Recover, State::Idle) => (vec![], vec![attr::REASON, DUE_SHARD, DUE_AT]),
             _ => return Err(StoreError::IllegalTransition { from: Some(current.state), event }),
         };
+        let extra_items = release
+            .map(|(user, idem)| {
+                let delete = Delete::builder()
+                    .table_name(&*self.table)
+                    .set_key(Some(key(table::user_pk(user), table::idempotency_sk(idem))))
+                    .build()
+                    .expect("delete fields are set");
+                TransactWriteItem::builder().delete(delete).build()
+            })
+            .into_iter()
+            .collect();
         let write = TransitionWrite {
             session: current.id,
             expected: Some((current.state, current.version)),
@@ -1381,7 +1407,7 @@ impl Store {
             set,
             remove,
             extra_condition: None,
-            extra_items: vec![],
+            extra_items,
         };
         self.outcome(write).await
     }

@@ -733,3 +733,27 @@ async fn consumed_capacity_is_counted_from_dynamodbs_own_figures() {
     assert!(after.write_units > before.write_units);
     assert!(after.read_units >= before.read_units);
 }
+
+#[tokio::test]
+async fn a_turn_ended_for_a_failed_enqueue_releases_its_idempotency_key() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let key = ClientMessageId::parse("retry-after-503").unwrap();
+    let msg =
+        NewMessage { user: &user, session: None, content: "hi", client_message_id: Some(&key), by: "r1" };
+    let first = accepted(store.send_message(msg.clone()).await.unwrap());
+    let Outcome::Applied(t) = store.commit_user_message(&first, "r1").await.unwrap() else { panic!() };
+    let current = session(&store, t.session_id).await;
+    let ended =
+        store.end_turn_releasing(&current, Event::ProcessingFailed, "queue down", "r1", Some((&user, &key)));
+    assert!(matches!(ended.await.unwrap(), Outcome::Applied(_)));
+    assert_eq!(session(&store, t.session_id).await.state, State::Error);
+    // The retry is a new request: a new session and turn, not the dead one.
+    let retry = accepted(store.send_message(NewMessage { by: "r2", ..msg.clone() }).await.unwrap());
+    assert_ne!(retry.session_id, first.session_id);
+    assert_eq!(
+        store.send_message(NewMessage { by: "r3", ..msg }).await.unwrap(),
+        SendOutcome::Duplicate { session_id: retry.session_id, turn: retry.turn }
+    );
+}
