@@ -95,6 +95,14 @@ impl ApiError {
     }
 }
 
+/// A session id from the path or body; one that is not a UUID names no session, so 404.
+pub fn parse_session(raw: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(raw).map_err(|_| ApiError::NotFound {
+        code: "session_not_found",
+        message: format!("no session {raw:?}: session ids are UUIDs"),
+    })
+}
+
 /// A valid `POST /sessions/{user}/messages` body.
 #[derive(Debug)]
 pub struct SendBody {
@@ -146,14 +154,7 @@ impl SendBody {
                 }
             }
         };
-        let session_id = optional_string("session_id")?
-            .map(|raw| {
-                SessionId::parse(raw).map_err(|_| ApiError::NotFound {
-                    code: "session_not_found",
-                    message: format!("no session {raw:?}: session ids are UUIDs"),
-                })
-            })
-            .transpose()?;
+        let session_id = optional_string("session_id")?.map(parse_session).transpose()?;
         let client_message_id = optional_string("client_message_id")?
             .map(|raw| {
                 ClientMessageId::parse(raw)

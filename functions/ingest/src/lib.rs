@@ -6,13 +6,13 @@ mod api;
 
 pub use api::ApiError;
 
-use api::json;
+use api::{json, parse_session};
 use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::{Queue, TurnMessage};
 use chat_core::time::rfc3339_ms;
 use chat_core::{
     CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome, Session,
-    SessionId, State, Store, TurnTicket, UserId,
+    SessionId, State, Store, StoreError, TurnTicket, UserId,
 };
 use lambda_http::http::{Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
@@ -220,21 +220,19 @@ impl App {
         request_id: &str,
         key: (&UserId, &ClientMessageId),
     ) -> Result<Response<Body>, ApiError> {
-        let (session, messages) = self
+        let unavailable = |e: StoreError| ApiError::store_unavailable(&e);
+        let session = self
             .store
-            .get_conversation(id)
+            .get_session(id, true)
             .await
-            .map_err(|e| ApiError::store_unavailable(&e))?
+            .map_err(unavailable)?
             .ok_or_else(ApiError::session_not_found)?;
         if session.turn == turn && session.state == State::UserWriting {
             let ticket = TurnTicket { session_id: id, turn, version: session.version };
             self.commit_and_enqueue(&ticket, request_id, Some(key)).await?;
         }
-        let message = messages
-            .iter()
-            .find(|m| m.id.turn == turn && m.id.role == Role::User)
-            .map_or("", |m| m.content.as_str());
-        Ok(self.accepted(id, turn, message))
+        let message = self.store.get_message(id, turn, Role::User, true).await.map_err(unavailable)?;
+        Ok(self.accepted(id, turn, message.as_ref().map_or("", |m| m.content.as_str())))
     }
 
     fn accepted(&self, id: SessionId, turn: chat_core::Turn, message: &str) -> Response<Body> {
@@ -332,13 +330,6 @@ impl App {
             DeleteOutcome::NotFound => Err(ApiError::session_not_found()),
         }
     }
-}
-
-fn parse_session(raw: &str) -> Result<SessionId, ApiError> {
-    SessionId::parse(raw).map_err(|_| ApiError::NotFound {
-        code: "session_not_found",
-        message: format!("no session {raw:?}: session ids are UUIDs"),
-    })
 }
 
 fn session_summary(session: &Session) -> Value {

@@ -9,7 +9,7 @@ pub mod sse;
 
 use bytes::Bytes;
 use chat_core::config::{ConfigError, Env};
-use chat_core::{Role, Session, SessionId, State, Store, StoreError, Turn};
+use chat_core::{Chunk, Role, Session, SessionId, State, Store, StoreError, Turn};
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::StreamBody;
 use lambda_http::http::{header, StatusCode};
@@ -210,19 +210,11 @@ impl Relay {
                     break;
                 }
                 last_seq = Some(chunk.seq);
-                for (offset, token) in chunk.tokens.iter().enumerate() {
-                    let index = chunk.start + offset as u64;
-                    if index < next_index {
-                        continue;
-                    }
-                    let id = format!("{}:{index}", position.turn);
-                    if !send(sse::event("token", Some(&id), token)).await {
-                        return Ok(());
-                    }
-                    next_index = index + 1;
-                    sent_tokens += 1;
-                    progressed = true;
-                }
+                let Some(sent) = send_tokens(position.turn, &chunk, &mut next_index, tx).await else {
+                    return Ok(());
+                };
+                sent_tokens += sent;
+                progressed |= sent > 0;
             }
             if progressed {
                 last_sent = Instant::now();
@@ -277,23 +269,11 @@ impl Relay {
     ) -> Result<(), StoreError> {
         let chunks = self.store.read_chunks(position.session, position.turn, last_seq, true).await?;
         for chunk in chunks {
-            for (offset, token) in chunk.tokens.iter().enumerate() {
-                let index = chunk.start + offset as u64;
-                if index >= next_index {
-                    let id = format!("{}:{index}", position.turn);
-                    if tx.send(sse::event("token", Some(&id), token)).await.is_err() {
-                        return Ok(());
-                    }
-                    next_index = index + 1;
-                }
+            if send_tokens(position.turn, &chunk, &mut next_index, tx).await.is_none() {
+                return Ok(());
             }
         }
-        let reply = match self.store.get_conversation(position.session).await? {
-            Some((_, messages)) => {
-                messages.into_iter().find(|m| m.id.turn == position.turn && m.id.role == Role::Assistant)
-            }
-            None => None,
-        };
+        let reply = self.store.get_message(position.session, position.turn, Role::Assistant, true).await?;
         let turn = position.turn;
         let events = match reply {
             Some(reply) => vec![
@@ -327,6 +307,28 @@ impl Relay {
         info!(tokens = next_index, "turn over; stream closed");
         Ok(())
     }
+}
+
+/// Sends the chunk's tokens from `next_index` on, as `token` events with ids `{turn}:{index}`;
+/// how many it sent, or `None` once the client is gone.
+async fn send_tokens(
+    turn: Turn,
+    chunk: &Chunk,
+    next_index: &mut u64,
+    tx: &mpsc::Sender<String>,
+) -> Option<usize> {
+    let mut sent = 0;
+    for (offset, token) in chunk.tokens.iter().enumerate() {
+        let index = chunk.start + offset as u64;
+        if index < *next_index {
+            continue;
+        }
+        let id = format!("{turn}:{index}");
+        tx.send(sse::event("token", Some(&id), token)).await.ok()?;
+        *next_index = index + 1;
+        sent += 1;
+    }
+    Some(sent)
 }
 
 fn unavailable(err: StoreError) -> (StatusCode, &'static str, String) {

@@ -17,15 +17,18 @@ pub fn sqs(config: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
 }
 
 /// Sets up structured logs: JSON on Lambda (one object per line, with span fields such as the
-/// request id, session and turn), human-readable elsewhere. `RUST_LOG` sets the level.
+/// request id, session and turn), human-readable elsewhere; `LOG_FORMAT` (`json` or `text`)
+/// overrides either. `RUST_LOG` sets the level.
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let on_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some()
-        && std::env::var_os("CARGO_LAMBDA_WATCH").is_none()
-        && std::env::var("LOG_FORMAT").map_or(true, |f| f != "text");
+    let json = match std::env::var("LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some(),
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    if on_lambda || std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+    if json {
         builder.json().with_current_span(true).without_time().init();
     } else {
         builder.init();

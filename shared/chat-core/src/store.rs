@@ -438,6 +438,28 @@ impl Store {
         .await
     }
 
+    /// Reads one message of a turn (one `GetItem`), if it exists.
+    pub async fn get_message(
+        &self,
+        session: SessionId,
+        turn: Turn,
+        role: Role,
+        consistent: bool,
+    ) -> Result<Option<Message>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(table::session_pk(session), table::message_sk(turn, role))))
+            .consistent_read(consistent)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| StoreError::dynamo("GetItem", e))?;
+        self.capacity.add(false, out.consumed_capacity());
+        out.item().map(Message::from_item).transpose()
+    }
+
     /// Reads a session and all its messages, oldest first.
     pub async fn get_conversation(
         &self,
