@@ -3,6 +3,8 @@
 //! lease, honours cancellation at each chunk write, and commits the reply while it still holds
 //! the lease. Duplicate deliveries find nothing to claim and are acknowledged.
 
+pub mod config;
+pub mod memory;
 pub mod model;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
@@ -10,7 +12,8 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::TurnMessage;
 use chat_core::{AppendOutcome, ClaimOutcome, Event, Lease, LeaseStatus, Outcome, Role, Store, StoreError};
 use futures::StreamExt;
-use model::{DemoModel, ModelProvider, Prompt};
+use memory::{MemoryLimits, TokenCounter};
+use model::{Model, Prompt};
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
@@ -29,13 +32,18 @@ pub struct Settings {
     /// Honour test directives (`DEMO_FAULTS`): `[[crash-after:N]]` aborts the process once N
     /// tokens are stored, on a first claim only, to prove recovery from a crashed generator.
     pub faults: bool,
+    /// The system prompt (`LLM_SYSTEM_PROMPT`).
+    pub system_prompt: Option<String>,
+    /// How much history the model sees (`MEMORY_MAX_TOKENS`, `MEMORY_MAX_TURNS`).
+    pub memory: MemoryLimits,
 }
 
 /// The generator function's dependencies, built once per cold start.
 pub struct Generator {
     store: Store,
-    model: Box<dyn ModelProvider>,
+    model: Model,
     settings: Settings,
+    counter: TokenCounter,
 }
 
 /// Why a record should be delivered again.
@@ -56,34 +64,27 @@ impl Generator {
     pub async fn from_env() -> Result<Generator, ConfigError> {
         let env = Env::process();
         let common = CommonConfig::from_env(&env)?;
+        let faults = env.parse_or("DEMO_FAULTS", false)?;
+        let model_config = config::ModelConfig::from_env(&env, faults)?;
         let settings = Settings {
             lease: common.lease,
             max_attempts: common.max_attempts,
             flush_interval: env.millis_or("FLUSH_INTERVAL_MS", Duration::from_millis(100))?,
             flush_max_tokens: env.parse_or("FLUSH_MAX_TOKENS", 32)?,
-            faults: env.parse_or("DEMO_FAULTS", false)?,
-        };
-        let model = match env.optional("LLM_PROVIDER").as_deref().unwrap_or("demo") {
-            "demo" => DemoModel {
-                reply_tokens: env.parse_or("DEMO_REPLY_TOKENS", 50)?,
-                token_delay: env.millis_or("DEMO_TOKEN_DELAY_MS", Duration::from_millis(20))?,
-                faults: settings.faults,
-            },
-            other => {
-                return Err(ConfigError {
-                    variable: "LLM_PROVIDER".to_owned(),
-                    problem: format!("is {other:?}; this build supports \"demo\""),
-                })
-            }
+            faults,
+            system_prompt: model_config.system_prompt.clone(),
+            memory: model_config.memory,
         };
         let aws = chat_core::aws::load_config().await;
+        let model = model_config.build(&aws).await?;
+        info!(model = %model_config.describe(), "model ready");
         let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
-        Ok(Generator::new(store, Box::new(model), settings))
+        Ok(Generator::new(store, model, settings))
     }
 
-    /// A generator over explicit parts.
-    pub fn new(store: Store, model: Box<dyn ModelProvider>, settings: Settings) -> Generator {
-        Generator { store, model, settings }
+    /// A generator over explicit parts. Loads the tokenizer (once per process).
+    pub fn new(store: Store, model: Model, settings: Settings) -> Generator {
+        Generator { store, model, settings, counter: TokenCounter::load() }
     }
 
     /// Handles a batch; records that hit a DynamoDB fault are reported for redelivery.
@@ -140,8 +141,10 @@ impl Generator {
         let ending = if lease.cancel_requested {
             Ending::Stopped
         } else {
-            let prompt = self.prompt(&lease).await?;
-            self.stream_reply(&mut lease, &mut writer, &prompt).await?
+            match self.prompt(&lease).await? {
+                Ok(prompt) => self.stream_reply(&mut lease, &mut writer, prompt).await?,
+                Err(reason) => Ending::Failed(reason),
+            }
         };
         let outcome = match &ending {
             Ending::LeaseLost => {
@@ -170,36 +173,53 @@ impl Generator {
         Ok(())
     }
 
-    /// The conversation up to this turn's user message.
-    async fn prompt(&self, lease: &Lease) -> Result<Prompt, StoreError> {
-        let Some((_, messages)) = self.store.get_conversation(lease.session_id).await? else {
-            return Ok(Vec::new());
+    /// What the model is asked: the system prompt and as much recent history as the memory
+    /// limits allow, ending with this turn's user message. `Err` is why the turn cannot proceed.
+    async fn prompt(&self, lease: &Lease) -> Result<Result<Prompt, String>, StoreError> {
+        let messages = match self.store.get_conversation(lease.session_id).await? {
+            Some((_, messages)) => messages,
+            None => Vec::new(),
         };
-        Ok(messages
-            .into_iter()
-            .filter(|m| m.id.turn < lease.turn || (m.id.turn == lease.turn && m.id.role == Role::User))
-            .map(|m| (m.id.role, m.content))
-            .collect())
+        let system = self.settings.system_prompt.as_deref();
+        let selected = match memory::select(messages, lease.turn, system, self.settings.memory, self.counter)
+        {
+            Ok(selected) => selected,
+            Err(err) => return Ok(Err(err.to_string())),
+        };
+        if !matches!(selected.last(), Some((Role::User, _))) {
+            return Ok(Err("the turn's message is missing".to_owned()));
+        }
+        Ok(Ok(Prompt {
+            system: self.settings.system_prompt.clone(),
+            messages: selected,
+            resumed: lease.resumed_tokens.clone(),
+        }))
     }
 
     async fn stream_reply(
         &self,
         lease: &mut Lease,
         writer: &mut ChunkWriter,
-        prompt: &Prompt,
+        prompt: Prompt,
     ) -> Result<Ending, RetryLater> {
-        let mut tokens = self.model.stream(prompt, lease.resumed_tokens.len());
         let crash_after =
-            model::directive(prompt, "crash-after").filter(|_| self.settings.faults && lease.next_seq == 0);
+            model::directive(&prompt, "crash-after").filter(|_| self.settings.faults && lease.next_seq == 0);
+        let mut tokens = self.model.stream(prompt);
+        // While the model is silent (thinking, or retrying), the lease is still checked and
+        // extended, and a cancel still lands.
+        let heartbeat = self.settings.lease / 4;
+        let mut checked = Instant::now();
         loop {
             if crash_after.is_some_and(|n| writer.next_index as usize >= n) {
                 warn!("crashing on purpose ([[crash-after]] test directive)");
                 std::process::abort();
             }
             let flush_at = writer.oldest.map(|t| t + self.settings.flush_interval);
+            let check_at = flush_at.unwrap_or(checked + heartbeat).min(checked + heartbeat);
             let next = tokio::select! {
                 next = tokens.next() => next,
-                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                _ = tokio::time::sleep_until(check_at) => {
+                    checked = Instant::now();
                     if let Some(ending) = self.flush(lease, writer).await? {
                         return Ok(ending);
                     }
@@ -210,6 +230,7 @@ impl Generator {
                 Some(Ok(token)) => {
                     writer.push(token);
                     if writer.buffer.len() >= self.settings.flush_max_tokens {
+                        checked = Instant::now();
                         if let Some(ending) = self.flush(lease, writer).await? {
                             return Ok(ending);
                         }

@@ -11,8 +11,9 @@ use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
 use chat_core::queue::TurnMessage;
 use chat_core::{NewMessage, Outcome, Role, SendOutcome, Store, StoreOptions, UserId};
-use futures::stream::{BoxStream, StreamExt};
-use generator::model::{DemoModel, ModelError, ModelProvider, Prompt};
+use futures::future::BoxFuture;
+use futures::stream::StreamExt;
+use generator::model::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
 use http_body_util::BodyExt;
 use lambda_http::RequestExt;
 use std::collections::HashMap;
@@ -26,15 +27,18 @@ struct TimedModel {
 }
 
 impl ModelProvider for TimedModel {
-    fn stream(&self, prompt: &Prompt, skip: usize) -> BoxStream<'static, Result<String, ModelError>> {
+    fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
         let handed = self.handed.clone();
-        self.inner
-            .stream(prompt, skip)
-            .map(move |token| {
-                handed.lock().unwrap().push(Instant::now());
-                token
-            })
-            .boxed()
+        let opened = self.inner.open(prompt);
+        Box::pin(async move {
+            let tokens = opened.await?;
+            Ok(tokens
+                .map(move |token| {
+                    handed.lock().unwrap().push(Instant::now());
+                    token
+                })
+                .boxed())
+        })
     }
 }
 
@@ -130,13 +134,15 @@ async fn run(
         TimedModel { inner: DemoModel { reply_tokens, token_delay, faults: false }, handed: handed.clone() };
     let generator = generator::Generator::new(
         generator_store.clone(),
-        Box::new(model),
+        Model::new(Arc::new(model), RetryPolicy::default()),
         generator::Settings {
             lease: Duration::from_secs(30),
             max_attempts: 3,
             flush_interval: setting.flush_interval,
             flush_max_tokens: setting.flush_max_tokens,
             faults: false,
+            system_prompt: None,
+            memory: Default::default(),
         },
     );
     let relay = stream::Relay::new(

@@ -1,26 +1,11 @@
-//! The model seam: anything that turns a conversation into a stream of tokens.
+//! The built-in demo model: deterministic, offline, with test directives.
 
+use super::{ModelError, ModelProvider, Prompt, TokenStream};
 use chat_core::Role;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::future::BoxFuture;
+use futures::stream::{self, StreamExt};
+use std::sync::Arc;
 use std::time::Duration;
-
-/// A model failure; `message` is safe to show to the client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ModelError {
-    /// What went wrong, without secrets or raw upstream bodies.
-    pub message: String,
-}
-
-/// The conversation so far, oldest first; the last message is the user's new one.
-pub type Prompt = Vec<(Role, String)>;
-
-/// A source of reply tokens.
-pub trait ModelProvider: Send + Sync {
-    /// Streams the reply to `prompt`, leaving out its first `skip` tokens (already streamed by
-    /// an earlier attempt that stalled).
-    fn stream(&self, prompt: &Prompt, skip: usize) -> BoxStream<'static, Result<String, ModelError>>;
-}
 
 /// The built-in model: deterministic, no network. Its reply quotes the user's message verbatim,
 /// then fills up to `reply_tokens` tokens, one every `token_delay`.
@@ -62,8 +47,12 @@ pub fn split_tokens(text: &str) -> Vec<String> {
 impl DemoModel {
     /// The whole reply to `prompt`, as tokens.
     pub fn reply(&self, prompt: &Prompt) -> Vec<String> {
-        let last =
-            prompt.iter().rev().find(|(role, _)| *role == Role::User).map_or("", |(_, text)| text.as_str());
+        let last = prompt
+            .messages
+            .iter()
+            .rev()
+            .find(|(role, _)| *role == Role::User)
+            .map_or("", |(_, text)| text.as_str());
         let mut tokens = vec!["You ".to_owned(), "said: ".to_owned(), "\"".to_owned()];
         tokens.extend(split_tokens(last));
         tokens.push("\". ".to_owned());
@@ -88,34 +77,41 @@ impl DemoModel {
 
 /// A test directive `[[name:N]]` in the newest message, e.g. `[[fail-after:5]]`.
 pub fn directive(prompt: &Prompt, name: &str) -> Option<usize> {
-    let text = &prompt.last()?.1;
+    let text = &prompt.messages.last()?.1;
     let rest = text.split(&format!("[[{name}:")).nth(1)?;
     rest.split("]]").next()?.parse().ok()
 }
 
 impl ModelProvider for DemoModel {
-    fn stream(&self, prompt: &Prompt, skip: usize) -> BoxStream<'static, Result<String, ModelError>> {
-        let tokens = self.reply(prompt);
-        let fail_after = self.fail_after(prompt);
+    /// Resumes after the tokens an earlier attempt streamed: the reply is deterministic.
+    fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
+        let tokens = self.reply(&prompt);
+        let fail_after = self.fail_after(&prompt);
         let delay = self.token_delay;
-        stream::iter(tokens.into_iter().enumerate().skip(skip))
+        let stream = stream::iter(tokens.into_iter().enumerate().skip(prompt.resumed.len()))
             .then(move |(index, token)| async move {
                 tokio::time::sleep(delay).await;
                 match fail_after {
-                    Some(n) if index >= n => {
-                        Err(ModelError { message: "the demo model was told to fail".to_owned() })
-                    }
+                    Some(n) if index >= n => Err(ModelError::fatal("the demo model was told to fail")),
                     _ => Ok(token),
                 }
             })
-            .boxed()
+            .boxed();
+        Box::pin(async move { Ok(stream) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::StreamExt;
+
+    fn user(text: &str) -> Prompt {
+        Prompt { messages: vec![(Role::User, text.to_owned())], ..Prompt::default() }
+    }
+
+    async fn collect(model: &DemoModel, prompt: Prompt) -> Vec<Result<String, ModelError>> {
+        model.open(Arc::new(prompt)).await.unwrap().collect().await
+    }
 
     fn demo(reply_tokens: usize) -> DemoModel {
         DemoModel { reply_tokens, token_delay: Duration::ZERO, faults: true }
@@ -130,27 +126,27 @@ mod tests {
 
     #[test]
     fn the_reply_quotes_the_message_verbatim_and_has_the_configured_length() {
-        let prompt = vec![(Role::User, "Hello\nworld, ünïcode!".to_owned())];
+        let prompt = user("Hello\nworld, ünïcode!");
         let reply = demo(50).reply(&prompt);
         assert_eq!(reply.len(), 50);
         assert!(reply.concat().contains("Hello\nworld, ünïcode!"));
         let long = "w ".repeat(80);
-        assert!(demo(50).reply(&vec![(Role::User, long.clone())]).concat().contains(long.trim_end()));
+        assert!(demo(50).reply(&user(&long)).concat().contains(long.trim_end()));
     }
 
     #[tokio::test]
     async fn a_resumed_stream_continues_where_the_first_left_off() {
-        let prompt = vec![(Role::User, "resume me".to_owned())];
         let model = demo(20);
-        let all: Vec<String> = model.stream(&prompt, 0).map(Result::unwrap).collect().await;
-        let rest: Vec<String> = model.stream(&prompt, 7).map(Result::unwrap).collect().await;
+        let all: Vec<String> =
+            collect(&model, user("resume me")).await.into_iter().map(Result::unwrap).collect();
+        let resumed = Prompt { resumed: all[..7].to_vec(), ..user("resume me") };
+        let rest: Vec<String> = collect(&model, resumed).await.into_iter().map(Result::unwrap).collect();
         assert_eq!(all[7..], rest[..]);
     }
 
     #[tokio::test]
     async fn fault_directive_fails_after_n_tokens() {
-        let prompt = vec![(Role::User, "x [[fail-after:4]]".to_owned())];
-        let results: Vec<_> = demo(20).stream(&prompt, 0).collect().await;
+        let results = collect(&demo(20), user("x [[fail-after:4]]")).await;
         assert!(results[..4].iter().all(Result::is_ok));
         assert!(results[4].is_err());
     }

@@ -1,0 +1,234 @@
+//! The model configuration, read once at cold start. A missing or invalid variable fails the
+//! start with a message naming it; the API key is never printed.
+
+use crate::memory::MemoryLimits;
+use crate::model::bedrock::BedrockSettings;
+use crate::model::openai::OpenAiSettings;
+use crate::model::{Bedrock, DemoModel, Model, ModelProvider, OpenAi, RetryPolicy};
+use chat_core::config::{ConfigError, Env};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which provider answers.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// The built-in demo model (no network).
+    Demo(DemoModel),
+    /// An OpenAI-compatible endpoint.
+    OpenAi {
+        /// Its settings; `api_key` is filled from the secret at build time when one is named.
+        settings: OpenAiSettings,
+        /// A Secrets Manager secret holding the key (`OPENAI_API_KEY_SECRET_ARN`).
+        api_key_secret: Option<String>,
+    },
+    /// Amazon Bedrock.
+    Bedrock(BedrockSettings),
+}
+
+/// Everything about the model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// The provider.
+    pub provider: Provider,
+    /// The system prompt (`LLM_SYSTEM_PROMPT`).
+    pub system_prompt: Option<String>,
+    /// Retries before the first token, and the idle timeout.
+    pub retry: RetryPolicy,
+    /// How much history the model sees.
+    pub memory: MemoryLimits,
+}
+
+fn invalid(variable: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { variable: variable.to_owned(), problem: problem.into() }
+}
+
+impl ModelConfig {
+    /// Reads the model settings; `faults` enables the demo model's test directives.
+    pub fn from_env<F: Fn(&str) -> Option<String>>(
+        env: &Env<F>,
+        faults: bool,
+    ) -> Result<ModelConfig, ConfigError> {
+        let temperature = match env.optional("LLM_TEMPERATURE") {
+            None => None,
+            Some(_) => match env.parse_or::<f32>("LLM_TEMPERATURE", 0.0)? {
+                t if (0.0..=2.0).contains(&t) => Some(t),
+                t => return Err(invalid("LLM_TEMPERATURE", format!("is {t}; use a value from 0 to 2"))),
+            },
+        };
+        let max_tokens = match env.parse_or::<u32>("LLM_MAX_TOKENS", 1024)? {
+            0 => return Err(invalid("LLM_MAX_TOKENS", "must be at least 1")),
+            n => n,
+        };
+        let provider = match env.optional("LLM_PROVIDER").as_deref().unwrap_or("demo") {
+            "demo" => Provider::Demo(DemoModel {
+                reply_tokens: env.parse_or("DEMO_REPLY_TOKENS", 50)?,
+                token_delay: env.millis_or("DEMO_TOKEN_DELAY_MS", Duration::from_millis(20))?,
+                faults,
+            }),
+            "openai" => {
+                let base_url =
+                    env.optional("OPENAI_BASE_URL").unwrap_or_else(|| "https://api.openai.com/v1".to_owned());
+                if !(base_url.starts_with("https://") || base_url.starts_with("http://")) {
+                    return Err(invalid(
+                        "OPENAI_BASE_URL",
+                        format!("is {base_url:?}; it must start with https:// or http://"),
+                    ));
+                }
+                let api_key = env.optional("OPENAI_API_KEY");
+                let api_key_secret = env.optional("OPENAI_API_KEY_SECRET_ARN");
+                if api_key.is_some() && api_key_secret.is_some() {
+                    return Err(invalid(
+                        "OPENAI_API_KEY_SECRET_ARN",
+                        "is set together with OPENAI_API_KEY; set only one",
+                    ));
+                }
+                Provider::OpenAi {
+                    settings: OpenAiSettings {
+                        base_url,
+                        api_key,
+                        model: env.required("LLM_MODEL")?,
+                        temperature,
+                        max_tokens,
+                        connect_timeout: env.millis_or("LLM_CONNECT_TIMEOUT_MS", Duration::from_secs(10))?,
+                    },
+                    api_key_secret,
+                }
+            }
+            "bedrock" => Provider::Bedrock(BedrockSettings {
+                model: env.required("LLM_MODEL")?,
+                temperature,
+                max_tokens,
+            }),
+            other => {
+                return Err(invalid(
+                    "LLM_PROVIDER",
+                    format!("is {other:?}; use \"demo\", \"openai\" or \"bedrock\""),
+                ))
+            }
+        };
+        let defaults = RetryPolicy::default();
+        let retry = RetryPolicy {
+            max_attempts: env.parse_or("LLM_MAX_ATTEMPTS", defaults.max_attempts)?.max(1),
+            base: env.millis_or("LLM_RETRY_BASE_MS", defaults.base)?,
+            cap: env.millis_or("LLM_RETRY_CAP_MS", defaults.cap)?,
+            idle_timeout: env.millis_or("LLM_IDLE_TIMEOUT_MS", defaults.idle_timeout)?,
+        };
+        let memory_defaults = MemoryLimits::default();
+        let memory = MemoryLimits {
+            max_tokens: env.parse_or("MEMORY_MAX_TOKENS", memory_defaults.max_tokens)?,
+            max_turns: match env.parse_or("MEMORY_MAX_TURNS", memory_defaults.max_turns)? {
+                0 => return Err(invalid("MEMORY_MAX_TURNS", "must be at least 1 (the current turn)")),
+                n => n,
+            },
+        };
+        Ok(ModelConfig { provider, system_prompt: env.optional("LLM_SYSTEM_PROMPT"), retry, memory })
+    }
+
+    /// The provider and model, for the log (never the key).
+    pub fn describe(&self) -> String {
+        match &self.provider {
+            Provider::Demo(_) => "demo".to_owned(),
+            Provider::OpenAi { settings, .. } => {
+                format!("openai {} at {}", settings.model, settings.base_url)
+            }
+            Provider::Bedrock(settings) => format!("bedrock {}", settings.model),
+        }
+    }
+
+    /// Builds the model: fetches the API key from its secret when one is named.
+    pub async fn build(&self, aws: &aws_config::SdkConfig) -> Result<Model, ConfigError> {
+        let provider: Arc<dyn ModelProvider> = match &self.provider {
+            Provider::Demo(demo) => Arc::new(demo.clone()),
+            Provider::OpenAi { settings, api_key_secret } => {
+                let mut settings = settings.clone();
+                if let Some(arn) = api_key_secret {
+                    settings.api_key = Some(fetch_secret(aws, arn).await?);
+                }
+                Arc::new(OpenAi::new(settings).map_err(|e| invalid("OPENAI_BASE_URL", e))?)
+            }
+            Provider::Bedrock(settings) => Arc::new(Bedrock::new(aws, settings.clone())),
+        };
+        Ok(Model::new(provider, self.retry))
+    }
+}
+
+/// The secret's string value, trimmed.
+async fn fetch_secret(aws: &aws_config::SdkConfig, arn: &str) -> Result<String, ConfigError> {
+    let client = aws_sdk_secretsmanager::Client::new(aws);
+    let output = client.get_secret_value().secret_id(arn).send().await.map_err(|e| {
+        let detail = aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string();
+        tracing::error!(error = %detail, "cannot read the API key secret");
+        invalid("OPENAI_API_KEY_SECRET_ARN", "names a secret this function cannot read (see the log)")
+    })?;
+    match output.secret_string().map(str::trim) {
+        Some(key) if !key.is_empty() => Ok(key.to_owned()),
+        _ => Err(invalid("OPENAI_API_KEY_SECRET_ARN", "names a secret with no string value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn read(pairs: &[(&str, &str)]) -> Result<ModelConfig, ConfigError> {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        ModelConfig::from_env(&Env::from_fn(move |name| map.get(name).cloned()), false)
+    }
+
+    #[test]
+    fn the_demo_needs_nothing() {
+        assert!(matches!(read(&[]).unwrap().provider, Provider::Demo(_)));
+    }
+
+    #[test]
+    fn missing_and_invalid_settings_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("LLM_PROVIDER", "gpt")], "LLM_PROVIDER"),
+            (&[("LLM_PROVIDER", "openai")], "LLM_MODEL"),
+            (&[("LLM_PROVIDER", "bedrock")], "LLM_MODEL"),
+            (
+                &[("LLM_PROVIDER", "openai"), ("LLM_MODEL", "m"), ("OPENAI_BASE_URL", "api.openai.com")],
+                "OPENAI_BASE_URL",
+            ),
+            (&[("LLM_TEMPERATURE", "hot")], "LLM_TEMPERATURE"),
+            (&[("LLM_TEMPERATURE", "3")], "LLM_TEMPERATURE"),
+            (&[("LLM_MAX_TOKENS", "0")], "LLM_MAX_TOKENS"),
+            (&[("MEMORY_MAX_TOKENS", "lots")], "MEMORY_MAX_TOKENS"),
+            (&[("MEMORY_MAX_TURNS", "0")], "MEMORY_MAX_TURNS"),
+            (
+                &[
+                    ("LLM_PROVIDER", "openai"),
+                    ("LLM_MODEL", "m"),
+                    ("OPENAI_API_KEY", "sk-secret"),
+                    ("OPENAI_API_KEY_SECRET_ARN", "arn"),
+                ],
+                "OPENAI_API_KEY_SECRET_ARN",
+            ),
+        ];
+        for (pairs, variable) in cases {
+            let err = read(pairs).unwrap_err();
+            assert_eq!(err.variable, *variable, "{pairs:?}");
+            assert!(!err.to_string().contains("sk-secret"));
+        }
+    }
+
+    #[test]
+    fn openai_settings_are_read_and_the_key_stays_out_of_debug_output() {
+        let config = read(&[
+            ("LLM_PROVIDER", "openai"),
+            ("LLM_MODEL", "gpt-4o-mini"),
+            ("OPENAI_API_KEY", "sk-secret"),
+            ("LLM_TEMPERATURE", "0.2"),
+            ("LLM_SYSTEM_PROMPT", "Be brief."),
+        ])
+        .unwrap();
+        let Provider::OpenAi { settings, .. } = &config.provider else { panic!("not openai") };
+        assert_eq!(settings.base_url, "https://api.openai.com/v1");
+        assert_eq!(settings.temperature, Some(0.2));
+        assert_eq!(config.system_prompt.as_deref(), Some("Be brief."));
+        assert!(!format!("{config:?}").contains("sk-secret"));
+        assert!(!config.describe().contains("sk-secret"));
+    }
+}

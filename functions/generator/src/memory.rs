@@ -1,0 +1,185 @@
+//! Conversation memory: which messages of a session the model sees. Whole turns, newest first,
+//! until the token budget or the turn limit is reached; never part of a message.
+
+use chat_core::{Message, Role, Turn};
+use tiktoken_rs::CoreBPE;
+
+/// How much history a prompt may carry.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryLimits {
+    /// Tokens for the system prompt and the messages together (`MEMORY_MAX_TOKENS`).
+    pub max_tokens: usize,
+    /// Turns, the current one included (`MEMORY_MAX_TURNS`).
+    pub max_turns: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        MemoryLimits { max_tokens: 8192, max_turns: 20 }
+    }
+}
+
+/// Framing a chat API adds around each message (role and separators), as OpenAI counts it.
+const PER_MESSAGE: usize = 4;
+/// Framing around the whole prompt (the reply's priming).
+const PER_PROMPT: usize = 3;
+
+/// Counts tokens with `o200k_base` (GPT-4o's encoding, bundled, works offline). For other model
+/// families it is an estimate; leave headroom in the budget.
+#[derive(Clone, Copy)]
+pub struct TokenCounter {
+    bpe: &'static CoreBPE,
+}
+
+impl TokenCounter {
+    /// The counter; the first call loads the encoding (once per process).
+    pub fn load() -> TokenCounter {
+        TokenCounter { bpe: tiktoken_rs::o200k_base_singleton() }
+    }
+
+    /// Tokens in `text`.
+    pub fn count(&self, text: &str) -> usize {
+        self.bpe.encode_ordinary(text).len()
+    }
+
+    /// Tokens a message costs in a prompt.
+    pub fn message(&self, text: &str) -> usize {
+        self.count(text) + PER_MESSAGE
+    }
+}
+
+/// The current turn's message does not fit the budget even alone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the message needs {needed} tokens with the system prompt, more than the {budget}-token context budget"
+)]
+pub struct OverBudget {
+    /// Tokens the system prompt and the message need.
+    pub needed: usize,
+    /// The budget.
+    pub budget: usize,
+}
+
+/// The history for `turn`: the messages of the newest turns up to and including this turn's user
+/// message that fit `limits` with `system`, oldest first. Earlier turns are whole (user message
+/// and reply) or left out; the current turn's message is always there, or [`OverBudget`].
+pub fn select(
+    messages: Vec<Message>,
+    turn: Turn,
+    system: Option<&str>,
+    limits: MemoryLimits,
+    counter: TokenCounter,
+) -> Result<Vec<(Role, String)>, OverBudget> {
+    let mut used = PER_PROMPT + system.map_or(0, |s| counter.message(s));
+    let mut turns: Vec<Vec<Message>> = Vec::new();
+    for message in messages {
+        if message.id.turn > turn || (message.id.turn == turn && message.id.role != Role::User) {
+            continue;
+        }
+        match turns.last_mut() {
+            Some(group) if group[0].id.turn == message.id.turn => group.push(message),
+            _ => turns.push(vec![message]),
+        }
+    }
+    let mut kept: Vec<Vec<Message>> = Vec::new();
+    for group in turns.into_iter().rev() {
+        if kept.len() >= limits.max_turns.max(1) {
+            break;
+        }
+        let cost: usize = group.iter().map(|m| counter.message(&m.content)).sum();
+        if used + cost > limits.max_tokens {
+            if kept.is_empty() {
+                return Err(OverBudget { needed: used + cost, budget: limits.max_tokens });
+            }
+            break;
+        }
+        used += cost;
+        kept.push(group);
+    }
+    Ok(kept.into_iter().rev().flatten().map(|m| (m.id.role, m.content)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::{MessageId, SessionId};
+
+    fn conversation(turns: u64, words: usize) -> Vec<Message> {
+        let session = SessionId::new();
+        let mut messages = Vec::new();
+        for turn in 1..=turns {
+            for role in [Role::User, Role::Assistant] {
+                messages.push(Message {
+                    id: MessageId { session, turn: Turn::new(turn).unwrap(), role },
+                    content: format!("turn {turn} {role:?}: {}", "word ".repeat(words)),
+                    timestamp: 0,
+                    stopped: false,
+                });
+            }
+        }
+        messages
+    }
+
+    fn cost(counter: TokenCounter, system: Option<&str>, kept: &[(Role, String)]) -> usize {
+        PER_PROMPT
+            + system.map_or(0, |s| counter.message(s))
+            + kept.iter().map(|(_, t)| counter.message(t)).sum::<usize>()
+    }
+
+    #[test]
+    fn a_long_conversation_stays_within_budget_keeping_the_newest_whole_turns() {
+        let counter = TokenCounter::load();
+        let history = conversation(200, 30);
+        let system = Some("You are terse.");
+        for budget in [80, 200, 1000, 5000] {
+            let limits = MemoryLimits { max_tokens: budget, max_turns: 1000 };
+            let kept = select(history.clone(), Turn::new(150).unwrap(), system, limits, counter).unwrap();
+            assert!(cost(counter, system, &kept) <= budget, "budget {budget}");
+            // Ends with turn 150's user message; before it, whole turns in order, newest kept.
+            assert!(kept.last().unwrap().1.starts_with("turn 150 User"));
+            assert_eq!(kept.len() % 2, 1);
+            let first_turn = 150 - (kept.len() as u64 - 1) / 2;
+            for (i, (role, text)) in kept.iter().enumerate() {
+                let turn = first_turn + i as u64 / 2;
+                let expected_role = if i % 2 == 0 { Role::User } else { Role::Assistant };
+                assert_eq!(*role, expected_role);
+                assert!(text.starts_with(&format!("turn {turn} {expected_role:?}: ")));
+                assert!(text.ends_with("word "), "never split");
+            }
+            // The next older turn would not have fit.
+            if first_turn > 1 {
+                let older: usize = history
+                    .iter()
+                    .filter(|m| m.id.turn == Turn::new(first_turn - 1).unwrap())
+                    .map(|m| counter.message(&m.content))
+                    .sum();
+                assert!(cost(counter, system, &kept) + older > budget);
+            }
+        }
+    }
+
+    #[test]
+    fn the_turn_limit_counts_the_current_turn() {
+        let counter = TokenCounter::load();
+        let limits = MemoryLimits { max_tokens: 1_000_000, max_turns: 3 };
+        let kept = select(conversation(10, 3), Turn::new(10).unwrap(), None, limits, counter).unwrap();
+        let turns: Vec<&str> = kept.iter().map(|(_, t)| &t[..7]).collect();
+        assert_eq!(turns, ["turn 8 ", "turn 8 ", "turn 9 ", "turn 9 ", "turn 10"]);
+    }
+
+    #[test]
+    fn a_message_over_the_budget_alone_is_an_error_not_a_cut() {
+        let counter = TokenCounter::load();
+        let limits = MemoryLimits { max_tokens: 50, max_turns: 20 };
+        let err = select(conversation(2, 100), Turn::new(2).unwrap(), None, limits, counter).unwrap_err();
+        assert!(err.needed > 50);
+        assert_eq!(err.budget, 50);
+    }
+
+    #[test]
+    fn the_tokenizer_is_real() {
+        let counter = TokenCounter::load();
+        assert_eq!(counter.count("hello world"), 2);
+        assert!(counter.count("ünïcode 🦀 text\nwith lines") > 4);
+    }
+}

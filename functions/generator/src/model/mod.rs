@@ -1,0 +1,292 @@
+//! The model seam: anything that turns a conversation into a stream of tokens, and the one retry
+//! policy every provider shares.
+
+pub mod bedrock;
+mod demo;
+pub mod openai;
+
+pub use bedrock::Bedrock;
+pub use demo::{directive, split_tokens, DemoModel};
+pub use openai::{OpenAi, SseDecoder};
+
+use chat_core::Role;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream, StreamExt};
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A model failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ModelError {
+    /// What went wrong, safe to show to the client: no secrets, no raw upstream bodies.
+    pub message: String,
+    /// Whether trying again may help (rate limits, 5xx, lost connections). Only failures before
+    /// the first token are retried: after it, the client has seen part of a reply.
+    pub retryable: bool,
+    /// How long the provider asked us to wait (`Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl ModelError {
+    /// A failure that trying again will not fix.
+    pub fn fatal(message: impl Into<String>) -> ModelError {
+        ModelError { message: message.into(), retryable: false, retry_after: None }
+    }
+
+    /// A failure that may pass.
+    pub fn retryable(message: impl Into<String>) -> ModelError {
+        ModelError { message: message.into(), retryable: true, retry_after: None }
+    }
+}
+
+/// A stream of reply tokens.
+pub type TokenStream = BoxStream<'static, Result<String, ModelError>>;
+
+/// What the model is asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prompt {
+    /// The system prompt (`LLM_SYSTEM_PROMPT`).
+    pub system: Option<String>,
+    /// The conversation, oldest first, ending with the user's new message.
+    pub messages: Vec<(Role, String)>,
+    /// Reply tokens an earlier holder of the turn already streamed (after a takeover): the new
+    /// reply must continue them. Real providers get them as the start of the assistant's reply.
+    pub resumed: Vec<String>,
+}
+
+impl Prompt {
+    /// The messages a chat API should get: the conversation, plus the resumed part of the reply
+    /// as a trailing assistant message when there is one.
+    pub fn with_resumed_reply(&self) -> Vec<(Role, String)> {
+        let mut messages = self.messages.clone();
+        let resumed = self.resumed.concat();
+        if !resumed.is_empty() {
+            messages.push((Role::Assistant, resumed));
+        }
+        messages
+    }
+}
+
+/// A source of reply tokens: one attempt, no retries (see [`Model`]).
+pub trait ModelProvider: Send + Sync {
+    /// Starts a reply to `prompt`. Errors before the stream exists (a refused request) come from
+    /// the future; errors after (a broken stream) come from the stream.
+    fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>>;
+}
+
+/// How failures before the first token are retried, and how long a silent provider is waited for.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts in all (`LLM_MAX_ATTEMPTS`, default 4).
+    pub max_attempts: u32,
+    /// The first backoff; it doubles each attempt, with full jitter (`LLM_RETRY_BASE_MS`).
+    pub base: Duration,
+    /// The longest backoff, also the cap on a provider's `Retry-After`.
+    pub cap: Duration,
+    /// How long to wait for the next token (or the response) before giving up on an attempt
+    /// (`LLM_IDLE_TIMEOUT_MS`).
+    pub idle_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 4,
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(8),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause before attempt `attempt + 1` (after `attempt` failures): full jitter over an
+    /// exponential window, or the provider's `Retry-After` when it gave one (capped).
+    pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(wait) = retry_after {
+            return wait.min(self.cap);
+        }
+        let window = self.base.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(self.cap);
+        window.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+}
+
+/// A provider with the retry policy applied.
+#[derive(Clone)]
+pub struct Model {
+    provider: Arc<dyn ModelProvider>,
+    policy: RetryPolicy,
+}
+
+enum Phase {
+    Start { attempt: u32 },
+    Streaming { tokens: TokenStream, attempt: u32, yielded: bool },
+    Done,
+}
+
+impl Model {
+    /// `provider`, retried by `policy`.
+    pub fn new(provider: Arc<dyn ModelProvider>, policy: RetryPolicy) -> Model {
+        Model { provider, policy }
+    }
+
+    /// Streams the reply to `prompt`. Failures before the first token are retried with backoff;
+    /// a failure after it ends the stream with that error.
+    pub fn stream(&self, prompt: Prompt) -> TokenStream {
+        let model = self.clone();
+        let prompt = Arc::new(prompt);
+        stream::unfold(Phase::Start { attempt: 1 }, move |phase| {
+            let model = model.clone();
+            let prompt = prompt.clone();
+            async move { model.step(phase, prompt).await }
+        })
+        .boxed()
+    }
+
+    async fn step(
+        &self,
+        mut phase: Phase,
+        prompt: Arc<Prompt>,
+    ) -> Option<(Result<String, ModelError>, Phase)> {
+        let idle = self.policy.idle_timeout;
+        loop {
+            phase = match phase {
+                Phase::Done => return None,
+                Phase::Start { attempt } => {
+                    let opened = tokio::time::timeout(idle, self.provider.open(prompt.clone()))
+                        .await
+                        .unwrap_or_else(|_| Err(silent(idle)));
+                    match opened {
+                        Ok(tokens) => Phase::Streaming { tokens, attempt, yielded: false },
+                        Err(err) => match self.retry(err, attempt).await {
+                            Ok(next) => next,
+                            Err(err) => return Some((Err(err), Phase::Done)),
+                        },
+                    }
+                }
+                Phase::Streaming { mut tokens, attempt, yielded } => {
+                    let next = tokio::time::timeout(idle, tokens.next())
+                        .await
+                        .unwrap_or_else(|_| Some(Err(silent(idle))));
+                    match next {
+                        None => return None,
+                        Some(Ok(token)) => {
+                            return Some((Ok(token), Phase::Streaming { tokens, attempt, yielded: true }))
+                        }
+                        Some(Err(err)) if yielded => return Some((Err(err), Phase::Done)),
+                        Some(Err(err)) => match self.retry(err, attempt).await {
+                            Ok(next) => next,
+                            Err(err) => return Some((Err(err), Phase::Done)),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits and starts the next attempt, or gives the error back when retrying cannot help.
+    async fn retry(&self, err: ModelError, attempt: u32) -> Result<Phase, ModelError> {
+        if !err.retryable {
+            return Err(err);
+        }
+        if attempt >= self.policy.max_attempts {
+            let message = format!("{} (gave up after {attempt} attempts)", err.message);
+            return Err(ModelError { message, ..err });
+        }
+        let wait = self.policy.backoff(attempt, err.retry_after);
+        tracing::warn!(error = %err, attempt, wait_ms = wait.as_millis() as u64, "model attempt failed; retrying");
+        tokio::time::sleep(wait).await;
+        Ok(Phase::Start { attempt: attempt + 1 })
+    }
+}
+
+fn silent(idle: Duration) -> ModelError {
+    ModelError::retryable(format!("the model provider sent nothing for {} s", idle.as_secs_f32()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+
+    /// One attempt: refused (`Err`), or the items its stream yields.
+    type Script = Result<Vec<Result<String, ModelError>>, ModelError>;
+
+    /// Each `open` takes the next script: `Err` refuses, `Ok` streams its items.
+    struct Scripted {
+        scripts: Mutex<Vec<Script>>,
+        opens: AtomicU32,
+    }
+
+    impl ModelProvider for Scripted {
+        fn open(&self, _prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
+            self.opens.fetch_add(1, Ordering::SeqCst);
+            let script = self.scripts.lock().unwrap().remove(0);
+            Box::pin(async move { script.map(|items| stream::iter(items).boxed()) })
+        }
+    }
+
+    fn scripted(scripts: Vec<Script>) -> (Model, Arc<Scripted>) {
+        let provider = Arc::new(Scripted { scripts: Mutex::new(scripts), opens: AtomicU32::new(0) });
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(5),
+            idle_timeout: Duration::from_secs(5),
+        };
+        (Model::new(provider.clone(), policy), provider)
+    }
+
+    fn ok(t: &str) -> Result<String, ModelError> {
+        Ok(t.to_owned())
+    }
+
+    #[tokio::test]
+    async fn failures_before_the_first_token_are_retried() {
+        let (model, provider) = scripted(vec![
+            Err(ModelError::retryable("429")),
+            Ok(vec![Err(ModelError::retryable("dropped before any token"))]),
+            Ok(vec![ok("a"), ok("b")]),
+        ]);
+        let out: Vec<_> = model.stream(Prompt::default()).collect().await;
+        assert_eq!(out, vec![ok("a"), ok("b")]);
+        assert_eq!(provider.opens.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_a_token_ends_the_stream_without_a_retry() {
+        let (model, provider) =
+            scripted(vec![Ok(vec![ok("a"), Err(ModelError::retryable("cut"))]), Ok(vec![ok("never")])]);
+        let out: Vec<_> = model.stream(Prompt::default()).collect().await;
+        assert_eq!(out, vec![ok("a"), Err(ModelError::retryable("cut"))]);
+        assert_eq!(provider.opens.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn fatal_errors_and_exhausted_attempts_are_not_retried() {
+        let (model, provider) = scripted(vec![Err(ModelError::fatal("401")), Ok(vec![ok("never")])]);
+        let out: Vec<_> = model.stream(Prompt::default()).collect().await;
+        assert_eq!(out, vec![Err(ModelError::fatal("401"))]);
+        assert_eq!(provider.opens.load(Ordering::SeqCst), 1);
+
+        let busy = || Err(ModelError::retryable("503"));
+        let (model, provider) = scripted(vec![busy(), busy(), busy(), Ok(vec![ok("never")])]);
+        let out: Vec<_> = model.stream(Prompt::default()).collect().await;
+        assert_eq!(out, vec![Err(ModelError::retryable("503 (gave up after 3 attempts)"))]);
+        assert_eq!(provider.opens.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn backoff_grows_within_its_cap_and_honours_retry_after() {
+        let policy = RetryPolicy::default();
+        for attempt in 1..10 {
+            let window = policy.base.saturating_mul(1 << (attempt - 1)).min(policy.cap);
+            assert!(policy.backoff(attempt, None) <= window);
+        }
+        assert_eq!(policy.backoff(1, Some(Duration::from_secs(2))), Duration::from_secs(2));
+        assert_eq!(policy.backoff(1, Some(Duration::from_secs(600))), policy.cap);
+    }
+}

@@ -1,0 +1,427 @@
+//! Any OpenAI-compatible `/chat/completions` endpoint with `stream: true`: OpenAI, vLLM, Ollama,
+//! llama.cpp server, Gemini's compatible endpoint and the like.
+
+use super::{ModelError, ModelProvider, Prompt, TokenStream};
+use bytes::Bytes;
+use chat_core::Role;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream, StreamExt};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Settings of an OpenAI-compatible provider.
+#[derive(Clone)]
+pub struct OpenAiSettings {
+    /// Base URL up to and including the version, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Sent as a bearer token when set; never logged.
+    pub api_key: Option<String>,
+    /// The model name, e.g. `gpt-4o-mini`.
+    pub model: String,
+    /// Sampling temperature; left to the server when unset.
+    pub temperature: Option<f32>,
+    /// Longest reply, in tokens.
+    pub max_tokens: u32,
+    /// Connecting (TCP and TLS) may take this long.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for OpenAiSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiSettings")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[set]"))
+            .field("model", &self.model)
+            .field("temperature", &self.temperature)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
+    }
+}
+
+/// An OpenAI-compatible streaming chat provider.
+#[derive(Clone)]
+pub struct OpenAi {
+    client: reqwest::Client,
+    url: String,
+    settings: Arc<OpenAiSettings>,
+}
+
+impl OpenAi {
+    /// A provider for `settings`; TLS is rustls over the aws-lc-rs the AWS SDK already links,
+    /// trusting the system's roots.
+    pub fn new(settings: OpenAiSettings) -> Result<OpenAi, String> {
+        // Already installed (by an earlier provider in this process) is fine.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
+        Ok(OpenAi { client, url, settings: Arc::new(settings) })
+    }
+
+    /// The request body for `prompt`.
+    pub fn request_body(&self, prompt: &Prompt) -> Value {
+        let mut messages = Vec::new();
+        if let Some(system) = &prompt.system {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        for (role, content) in prompt.with_resumed_reply() {
+            let role = match role {
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            };
+            messages.push(json!({"role": role, "content": content}));
+        }
+        let mut body = json!({
+            "model": self.settings.model,
+            "messages": messages,
+            "stream": true,
+            "max_tokens": self.settings.max_tokens,
+        });
+        if let Some(temperature) = self.settings.temperature {
+            body["temperature"] = json!(temperature);
+        }
+        body
+    }
+
+    async fn start(self, prompt: Arc<Prompt>) -> Result<TokenStream, ModelError> {
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&self.request_body(&prompt));
+        if let Some(key) = &self.settings.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = read_prefix(response, 8 * 1024).await;
+            warn!(status = status.as_u16(), detail = %self.upstream_detail(&body), "the model provider refused the request");
+            let mut err = status_error(status.as_u16());
+            err.retry_after = retry_after;
+            return Err(err);
+        }
+        let state = Reading {
+            body: response.bytes_stream().boxed(),
+            decoder: SseDecoder::default(),
+            pending: VecDeque::new(),
+            finished: false,
+            done: false,
+            provider: self,
+        };
+        Ok(stream::unfold(state, Reading::next).boxed())
+    }
+
+    /// What an upstream error body says (its `error` object's type, code and message), with the
+    /// API key removed and the length bounded: for the logs, never for the client.
+    fn upstream_detail(&self, body: &[u8]) -> String {
+        let text = match serde_json::from_slice::<Value>(body) {
+            Ok(value) => {
+                let error = value.get("error").unwrap_or(&value);
+                let field = |name: &str| error.get(name).map(|v| v.to_string()).unwrap_or_default();
+                format!("type={} code={} message={}", field("type"), field("code"), field("message"))
+            }
+            Err(_) => String::from_utf8_lossy(body).into_owned(),
+        };
+        let text = match &self.settings.api_key {
+            Some(key) if !key.is_empty() => text.replace(key.as_str(), "[redacted]"),
+            _ => text,
+        };
+        text.chars().take(300).collect()
+    }
+}
+
+impl ModelProvider for OpenAi {
+    fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
+        Box::pin(self.clone().start(prompt))
+    }
+}
+
+fn transport_error(err: &reqwest::Error) -> ModelError {
+    warn!(error = %err, "cannot reach the model provider");
+    if err.is_timeout() {
+        ModelError::retryable("timed out reaching the model provider")
+    } else {
+        ModelError::retryable("could not reach the model provider")
+    }
+}
+
+/// The client-facing error for an HTTP status.
+fn status_error(status: u16) -> ModelError {
+    match status {
+        429 => ModelError::retryable("the model provider is rate limiting requests (HTTP 429)"),
+        408 | 500..=599 => ModelError::retryable(format!("the model provider is unavailable (HTTP {status})")),
+        401 | 403 => ModelError::fatal(format!(
+            "the model provider rejected the credentials (HTTP {status}); check the API key setting"
+        )),
+        404 => ModelError::fatal(
+            "the model provider does not know this model or endpoint (HTTP 404); check LLM_MODEL and OPENAI_BASE_URL",
+        ),
+        _ => ModelError::fatal(format!("the model provider rejected the request (HTTP {status})")),
+    }
+}
+
+async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(limit);
+    body
+}
+
+/// Reading one streamed reply.
+struct Reading {
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    decoder: SseDecoder,
+    pending: VecDeque<Result<String, ModelError>>,
+    /// A `finish_reason` or `[DONE]` arrived: the reply is complete.
+    finished: bool,
+    /// Nothing more will be read.
+    done: bool,
+    provider: OpenAi,
+}
+
+impl Reading {
+    async fn next(mut self) -> Option<(Result<String, ModelError>, Reading)> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                if item.is_err() {
+                    self.pending.clear();
+                    self.done = true;
+                }
+                return Some((item, self));
+            }
+            if self.done {
+                return None;
+            }
+            match self.body.next().await {
+                Some(Ok(bytes)) => match self.decoder.feed(&bytes) {
+                    Ok(events) => events.iter().for_each(|data| self.handle(data)),
+                    Err(err) => self.pending.push_back(Err(err)),
+                },
+                Some(Err(err)) => {
+                    self.done = true;
+                    if !self.finished {
+                        warn!(error = %err, "the model's stream broke");
+                        return Some((
+                            Err(ModelError::retryable(
+                                "the connection to the model provider was lost mid-reply",
+                            )),
+                            self,
+                        ));
+                    }
+                }
+                None => {
+                    match self.decoder.finish() {
+                        Ok(events) => events.iter().for_each(|data| self.handle(data)),
+                        Err(err) => self.pending.push_back(Err(err)),
+                    }
+                    if !self.finished && self.pending.iter().all(Result::is_ok) {
+                        self.pending.push_back(Err(ModelError::retryable(
+                            "the model's stream ended before the reply was complete",
+                        )));
+                    }
+                    self.done = true;
+                }
+            }
+        }
+    }
+
+    /// One event's data: a chunk, an error object, or `[DONE]`.
+    fn handle(&mut self, data: &str) {
+        if self.done || self.pending.iter().any(Result::is_err) {
+            return;
+        }
+        if data.trim() == "[DONE]" {
+            self.finished = true;
+            self.done = true;
+            return;
+        }
+        let chunk: Value = match serde_json::from_str(data) {
+            Ok(chunk) => chunk,
+            Err(err) => {
+                warn!(error = %err, len = data.len(), "the model provider sent a chunk that is not JSON");
+                self.pending.push_back(Err(ModelError::fatal("the model provider sent a malformed chunk")));
+                return;
+            }
+        };
+        if let Some(error) = chunk.get("error") {
+            let detail = self.provider.upstream_detail(error.to_string().as_bytes());
+            warn!(%detail, "the model provider reported an error mid-stream");
+            let overloaded = ["rate_limit", "server_error", "overloaded", "unavailable"]
+                .iter()
+                .any(|word| error.to_string().to_lowercase().contains(word));
+            let message = "the model provider reported an error while replying";
+            self.pending.push_back(Err(if overloaded {
+                ModelError::retryable(message)
+            } else {
+                ModelError::fatal(message)
+            }));
+            return;
+        }
+        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+            self.pending.push_back(Err(ModelError::fatal("the model provider sent a malformed chunk")));
+            return;
+        };
+        // Usage-only chunks have no choices; only the first choice is the reply.
+        let Some(choice) = choices.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+        else {
+            return;
+        };
+        if let Some(content) = choice.pointer("/delta/content").and_then(Value::as_str) {
+            if !content.is_empty() {
+                self.pending.push_back(Ok(content.to_owned()));
+            }
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            self.finished = true;
+            if reason != "stop" {
+                info!(finish_reason = reason, "the model stopped early");
+            }
+        }
+    }
+}
+
+/// Splits a `text/event-stream` body into the data of its events.
+#[derive(Debug, Default)]
+pub struct SseDecoder {
+    buffer: Vec<u8>,
+    data: Option<String>,
+}
+
+impl SseDecoder {
+    /// Takes the next bytes; returns the data of each event they complete. Lines are decoded
+    /// whole, so a character split across reads is never broken.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<String>, ModelError> {
+        self.buffer.extend_from_slice(bytes);
+        let mut events = Vec::new();
+        while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buffer.drain(..=end).collect();
+            self.line(&line[..end], &mut events)?;
+        }
+        Ok(events)
+    }
+
+    /// The body ended: whatever event is still open counts.
+    pub fn finish(&mut self) -> Result<Vec<String>, ModelError> {
+        let mut events = Vec::new();
+        let rest = std::mem::take(&mut self.buffer);
+        if !rest.is_empty() {
+            self.line(&rest, &mut events)?;
+        }
+        events.extend(self.data.take());
+        Ok(events)
+    }
+
+    fn line(&mut self, line: &[u8], events: &mut Vec<String>) -> Result<(), ModelError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = std::str::from_utf8(line)
+            .map_err(|_| ModelError::fatal("the model provider sent a malformed chunk (not UTF-8)"))?;
+        if line.is_empty() {
+            events.extend(self.data.take());
+            return Ok(());
+        }
+        if line.starts_with(':') {
+            return Ok(()); // a comment, e.g. a keep-alive
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        if field == "data" {
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match &mut self.data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => self.data = Some(value.to_owned()),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_anywhere_decode_the_same() {
+        let body =
+            "data: {\"a\":\"é🦀\"}\r\n\r\n: keep-alive\n\ndata: one\ndata: two\n\nevent: x\ndata: [DONE]\n\n";
+        let whole = SseDecoder::default().feed(body.as_bytes()).unwrap();
+        assert_eq!(whole, vec!["{\"a\":\"é🦀\"}", "one\ntwo", "[DONE]"]);
+        for size in 1..8 {
+            let mut decoder = SseDecoder::default();
+            let mut events = Vec::new();
+            for piece in body.as_bytes().chunks(size) {
+                events.extend(decoder.feed(piece).unwrap());
+            }
+            events.extend(decoder.finish().unwrap());
+            assert_eq!(events, whole, "pieces of {size} bytes");
+        }
+    }
+
+    #[test]
+    fn a_last_event_without_a_blank_line_still_counts() {
+        let mut decoder = SseDecoder::default();
+        assert!(decoder.feed(b"data: [DONE]").unwrap().is_empty());
+        assert_eq!(decoder.finish().unwrap(), vec!["[DONE]"]);
+    }
+
+    #[test]
+    fn statuses_map_to_clear_errors() {
+        assert!(status_error(429).retryable);
+        assert!(status_error(503).retryable);
+        assert!(!status_error(401).retryable);
+        assert!(status_error(401).message.contains("credentials"));
+        assert!(!status_error(400).retryable);
+    }
+
+    #[test]
+    fn the_request_carries_the_system_prompt_history_and_a_resumed_reply() {
+        let provider = OpenAi::new(OpenAiSettings {
+            base_url: "http://127.0.0.1:1/v1/".to_owned(),
+            api_key: Some("sk-secret".to_owned()),
+            model: "m".to_owned(),
+            temperature: Some(0.5),
+            max_tokens: 64,
+            connect_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        assert_eq!(provider.url, "http://127.0.0.1:1/v1/chat/completions");
+        let prompt = Prompt {
+            system: Some("be brief".to_owned()),
+            messages: vec![(Role::User, "hi".to_owned())],
+            resumed: vec!["Hel".to_owned(), "lo".to_owned()],
+        };
+        let body = provider.request_body(&prompt);
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello"},
+            ])
+        );
+        assert_eq!(body["stream"], json!(true));
+        assert_eq!(body["max_tokens"], json!(64));
+        assert_eq!(body["temperature"], json!(0.5));
+        assert!(!format!("{:?}", provider.settings).contains("sk-secret"));
+        let detail = provider.upstream_detail(b"{\"error\":{\"message\":\"bad key sk-secret\"}}");
+        assert!(detail.contains("bad key [redacted]"), "{detail}");
+    }
+}
