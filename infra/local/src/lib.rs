@@ -21,6 +21,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+pub mod fake_llm;
+
 /// The functions the stack runs, in build order.
 pub const FUNCTIONS: [&str; 4] = ["ingest", "generator", "stream", "sweeper"];
 
@@ -157,6 +159,45 @@ where
     Err(fail(format!("{what} did not become ready within {timeout:?}")))
 }
 
+/// A DynamoDB emulator (dynoxide) in this process on 127.0.0.1 with the table created. Dropping
+/// it stops the server.
+pub struct LocalDynamo {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LocalDynamo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LocalDynamo {
+    /// Starts the emulator on `port` (0 picks a free one) and creates `table`.
+    pub async fn start(port: u16, table: &str) -> Result<LocalDynamo, StackError> {
+        let port = free_port(port)?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.map_err(fail)?;
+        let db = dynoxide::Database::memory().map_err(|e| fail(format!("dynoxide: {e}")))?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = dynoxide::server::serve_with_shutdown(listener, db, std::future::pending()).await
+            {
+                tracing::error!(error = %e, "DynamoDB emulator stopped");
+            }
+        });
+        let dynamo = LocalDynamo { endpoint: format!("http://127.0.0.1:{port}"), task };
+        chat_core::table::create_table(&dynamodb_client(&dynamo.endpoint), table).await.map_err(|e| {
+            fail(format!("creating the table: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))
+        })?;
+        Ok(dynamo)
+    }
+
+    /// A store on `table` through this emulator.
+    pub fn store(&self, table: &str, options: StoreOptions) -> Store {
+        Store::new(dynamodb_client(&self.endpoint), table, options)
+    }
+}
+
 impl Stack {
     /// Starts everything and returns once the API answers; `progress` hears each step.
     pub async fn start(settings: Settings, progress: impl Fn(&str)) -> Result<Stack, StackError> {
@@ -188,23 +229,14 @@ impl Stack {
         let mut tasks = Vec::new();
 
         progress("starting DynamoDB (embedded dynoxide)");
-        let dynamodb_port = free_port(settings.dynamodb_port)?;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", dynamodb_port)).await.map_err(fail)?;
-        let db = dynoxide::Database::memory().map_err(|e| fail(format!("dynoxide: {e}")))?;
+        let dynamo = LocalDynamo::start(settings.dynamodb_port, &settings.table).await?;
+        let dynamodb_endpoint = dynamo.endpoint.clone();
+        let dynamodb = dynamodb_client(&dynamodb_endpoint);
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
-            let signal = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = dynoxide::server::serve_with_shutdown(listener, db, signal).await {
-                tracing::error!(error = %e, "DynamoDB emulator stopped");
-            }
+            let _ = stop.wait_for(|s| *s).await;
+            drop(dynamo);
         }));
-        let dynamodb_endpoint = format!("http://127.0.0.1:{dynamodb_port}");
-        let dynamodb = dynamodb_client(&dynamodb_endpoint);
-        chat_core::table::create_table(&dynamodb, &settings.table).await.map_err(|e| {
-            fail(format!("creating the table: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))
-        })?;
 
         progress("starting SQS (moto server)");
         let sqs_port = free_port(settings.sqs_port)?;

@@ -56,7 +56,7 @@ impl Bedrock {
             .inference_config(inference.build())
             .send()
             .await
-            .map_err(|e| sdk_error(&e))?;
+            .map_err(|e| sdk_error(&e, |service| service.code().map(str::to_owned)))?;
         let reading = Reading { events: output.stream, finished: false };
         Ok(stream::unfold(reading, Reading::next).boxed())
     }
@@ -104,14 +104,29 @@ fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
         .collect()
 }
 
+/// The code of an exception inside the stream: these arrive as variants without error metadata.
+fn stream_error_code(error: &ConverseStreamOutputError) -> Option<String> {
+    let code = match error {
+        ConverseStreamOutputError::ThrottlingException(_) => "ThrottlingException",
+        ConverseStreamOutputError::ServiceUnavailableException(_) => "ServiceUnavailableException",
+        ConverseStreamOutputError::InternalServerException(_) => "InternalServerException",
+        ConverseStreamOutputError::ModelStreamErrorException(_) => "ModelStreamErrorException",
+        ConverseStreamOutputError::ValidationException(_) => "ValidationException",
+        other => return other.code().map(str::to_owned),
+    };
+    Some(code.to_owned())
+}
+
 /// The client-facing error for an SDK failure; the details go to the log.
 fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
     err: &SdkError<E, R>,
+    code_of: impl Fn(&E) -> Option<String>,
 ) -> ModelError {
     match err {
         SdkError::ServiceError(service) => {
             let error = service.err();
-            let code = error.code().unwrap_or("unknown");
+            let code = code_of(error).unwrap_or_else(|| "unknown".to_owned());
+            let code = code.as_str();
             warn!(code, message = error.message().unwrap_or(""), "Bedrock refused");
             match code {
                 "ThrottlingException" | "ServiceQuotaExceededException" => {
@@ -172,7 +187,7 @@ impl Reading {
                     return None;
                 }
                 Err(err) => {
-                    let err = sdk_error(&err);
+                    let err = sdk_error(&err, stream_error_code);
                     return Some((Err(err), Reading { finished: true, ..self }));
                 }
             }

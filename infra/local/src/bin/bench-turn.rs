@@ -10,7 +10,7 @@
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
 use chat_core::queue::TurnMessage;
-use chat_core::{NewMessage, Outcome, Role, SendOutcome, Store, StoreOptions, UserId};
+use chat_core::{NewMessage, Outcome, Role, SendOutcome, StoreOptions, UserId};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
 use generator::model::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
@@ -118,16 +118,9 @@ async fn run(
     token_delay: Duration,
     poll_fast: Duration,
 ) -> Result<Totals, Box<dyn std::error::Error>> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        tokio::spawn(dynoxide::server::serve_with_shutdown(listener, dynoxide::Database::memory()?, async {
-            let _ = stopped.await;
-        }));
     let table = "bench";
-    chat_core::table::create_table(&chat_local::dynamodb_client(&endpoint), table).await?;
-    let store = || Store::new(chat_local::dynamodb_client(&endpoint), table, StoreOptions::default());
+    let dynamo = chat_local::LocalDynamo::start(0, table).await?;
+    let store = || dynamo.store(table, StoreOptions::default());
     let (ingest_store, generator_store, stream_store) = (store(), store(), store());
     let handed = Arc::new(Mutex::new(Vec::new()));
     let model =
@@ -233,7 +226,5 @@ async fn run(
         totals.stream_read_units += after.2.read_units - before.2.read_units;
         totals.turns += 1;
     }
-    let _ = stop.send(());
-    let _ = server.await;
     Ok(totals)
 }

@@ -1,0 +1,288 @@
+//! Fake model servers on loopback that speak the real wire protocols: OpenAI-style
+//! `/chat/completions` Server-Sent Events, and Bedrock `ConverseStream`'s AWS event stream.
+//! Each request takes the next scripted [`Reply`] (the last one repeats); every request is recorded.
+
+use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// What the server answers to one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A complete response with a status (e.g. 429 with `retry-after`).
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Extra headers.
+        headers: Vec<(String, String)>,
+        /// The body.
+        body: String,
+    },
+    /// A 200 whose body is written in parts, a pause before each; the connection then closes
+    /// (which ends the body, or cuts it when the parts were not a whole reply).
+    Stream {
+        /// The body's content type.
+        content_type: String,
+        /// Pause, then bytes.
+        parts: Vec<(Duration, Vec<u8>)>,
+    },
+}
+
+/// A request the server received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The request path.
+    pub path: String,
+    /// Headers, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A running fake model server; dropping it stops it.
+pub struct FakeLlm {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    replies: Arc<Mutex<VecDeque<Reply>>>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeLlm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeLlm {
+    /// Starts a server on 127.0.0.1 that answers with `replies` in order, repeating the last.
+    pub async fn start(replies: Vec<Reply>) -> std::io::Result<FakeLlm> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let replies = Arc::new(Mutex::new(VecDeque::from(replies)));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (r, q) = (replies.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(serve(socket, r.clone(), q.clone()));
+            }
+        });
+        Ok(FakeLlm { url, replies, requests, task })
+    }
+
+    /// Replaces the script.
+    pub fn script(&self, replies: Vec<Reply>) {
+        *self.replies.lock().unwrap() = VecDeque::from(replies);
+    }
+
+    /// The requests so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+async fn serve(
+    mut socket: TcpStream,
+    replies: Arc<Mutex<VecDeque<Reply>>>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+) {
+    let Some(request) = read_request(&mut socket).await else { return };
+    requests.lock().unwrap().push(request);
+    let reply = {
+        let mut replies = replies.lock().unwrap();
+        if replies.len() > 1 {
+            replies.pop_front()
+        } else {
+            replies.front().cloned()
+        }
+    };
+    let Some(reply) = reply else { return };
+    match reply {
+        Reply::Status { status, headers, body } => {
+            let mut head = format!(
+                "HTTP/1.1 {status} Status\r\ncontent-length: {}\r\nconnection: close\r\n",
+                body.len()
+            );
+            for (name, value) in headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str("\r\n");
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+        }
+        Reply::Stream { content_type, parts } => {
+            let head =
+                format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n\r\n");
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for (pause, bytes) in parts {
+                tokio::time::sleep(pause).await;
+                if socket.write_all(&bytes).await.is_err() || socket.flush().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = socket.shutdown().await;
+}
+
+async fn read_request(socket: &mut TcpStream) -> Option<Recorded> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let n = socket.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines.next()?.split(' ').nth(1)?.to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize =
+        headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    let mut body = data[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = socket.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    Some(Recorded { path, headers, body })
+}
+
+/// A status reply, e.g. `status(429, &[("retry-after", "0")], "{}")`.
+pub fn status(code: u16, headers: &[(&str, &str)], body: &str) -> Reply {
+    Reply::Status {
+        status: code,
+        headers: headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect(),
+        body: body.to_owned(),
+    }
+}
+
+/// OpenAI-style SSE bytes for one `data:` event.
+pub fn sse_data(data: &str) -> Vec<u8> {
+    format!("data: {data}\n\n").into_bytes()
+}
+
+/// An OpenAI-style chunk carrying `content`.
+pub fn openai_chunk(content: &str) -> Vec<u8> {
+    sse_data(
+        &json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": "fake",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]})
+        .to_string(),
+    )
+}
+
+/// A whole OpenAI-style streamed reply of `tokens`, `pause` apart: a role chunk, one chunk per
+/// token, a `finish_reason`, a usage chunk and `[DONE]`.
+pub fn openai_reply(tokens: &[&str], pause: Duration) -> Reply {
+    let mut parts = vec![(
+        Duration::ZERO,
+        sse_data(
+            &json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}).to_string(),
+        ),
+    )];
+    parts.extend(tokens.iter().map(|t| (pause, openai_chunk(t))));
+    parts.push((
+        Duration::ZERO,
+        sse_data(&json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).to_string()),
+    ));
+    parts.push((Duration::ZERO, sse_data(&json!({"choices": [], "usage": {"total_tokens": 9}}).to_string())));
+    parts.push((Duration::ZERO, sse_data("[DONE]")));
+    Reply::Stream { content_type: "text/event-stream".to_owned(), parts }
+}
+
+/// OpenAI-style chunks of `tokens`, then whatever `tail` holds raw (e.g. nothing: the
+/// connection just closes mid-reply).
+pub fn openai_partial(tokens: &[&str], tail: &[u8]) -> Reply {
+    let mut parts: Vec<(Duration, Vec<u8>)> =
+        tokens.iter().map(|t| (Duration::ZERO, openai_chunk(t))).collect();
+    parts.push((Duration::from_millis(20), tail.to_vec()));
+    Reply::Stream { content_type: "text/event-stream".to_owned(), parts }
+}
+
+/// One AWS event-stream frame.
+pub fn event_frame(message_type: &str, type_header: (&str, &str), payload: &Value) -> Vec<u8> {
+    let message = Message::new(payload.to_string().into_bytes())
+        .add_header(Header::new(":message-type", HeaderValue::String(message_type.to_owned().into())))
+        .add_header(Header::new(
+            type_header.0.to_owned(),
+            HeaderValue::String(type_header.1.to_owned().into()),
+        ))
+        .add_header(Header::new(":content-type", HeaderValue::String("application/json".into())));
+    let mut bytes = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&message, &mut bytes).expect("frame encodes");
+    bytes
+}
+
+/// A Bedrock `ConverseStream` event.
+pub fn bedrock_event(event_type: &str, payload: Value) -> Vec<u8> {
+    event_frame("event", (":event-type", event_type), &payload)
+}
+
+/// A Bedrock exception inside the stream, e.g. `throttlingException`.
+pub fn bedrock_exception(exception_type: &str) -> Vec<u8> {
+    event_frame("exception", (":exception-type", exception_type), &json!({"message": "fake"}))
+}
+
+/// Bedrock event-stream frames for a whole reply of `tokens`.
+pub fn bedrock_frames(tokens: &[&str]) -> Vec<Vec<u8>> {
+    let mut frames = vec![bedrock_event("messageStart", json!({"role": "assistant"}))];
+    frames.extend(
+        tokens.iter().map(|t| {
+            bedrock_event("contentBlockDelta", json!({"contentBlockIndex": 0, "delta": {"text": t}}))
+        }),
+    );
+    frames.push(bedrock_event("contentBlockStop", json!({"contentBlockIndex": 0})));
+    frames.push(bedrock_event("messageStop", json!({"stopReason": "end_turn"})));
+    frames.push(bedrock_event(
+        "metadata",
+        json!({"usage": {"inputTokens": 5, "outputTokens": tokens.len(), "totalTokens": 5 + tokens.len()},
+               "metrics": {"latencyMs": 10}}),
+    ));
+    frames
+}
+
+/// A 200 `ConverseStream` response made of `frames`.
+pub fn bedrock_stream(frames: Vec<Vec<u8>>) -> Reply {
+    Reply::Stream {
+        content_type: "application/vnd.amazon.eventstream".to_owned(),
+        parts: frames.into_iter().map(|f| (Duration::ZERO, f)).collect(),
+    }
+}
+
+/// A Bedrock error response before the stream, e.g. `bedrock_error(429, "ThrottlingException")`.
+pub fn bedrock_error(code: u16, error_type: &str) -> Reply {
+    status(
+        code,
+        &[("content-type", "application/json"), ("x-amzn-errortype", error_type)],
+        &json!({"message": "fake refusal"}).to_string(),
+    )
+}

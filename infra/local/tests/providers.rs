@@ -1,0 +1,429 @@
+//! The real providers against local servers that speak their wire protocols: OpenAI-style SSE
+//! and Bedrock's AWS event stream. First each provider with the retry policy, then the whole
+//! generator (embedded DynamoDB) turning their streams into committed replies or error states.
+
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use chat_core::queue::TurnMessage;
+use chat_core::{
+    NewMessage, Outcome, Role, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId,
+};
+use chat_local::fake_llm::{self, FakeLlm};
+use futures::StreamExt;
+use generator::model::bedrock::BedrockSettings;
+use generator::model::openai::OpenAiSettings;
+use generator::model::{Bedrock, Model, ModelError, OpenAi, Prompt, RetryPolicy};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+const API_KEY: &str = "sk-test-3f9a1c";
+
+/// Tokens that must survive the trip byte for byte: newlines, CRLF, unicode, SSE-looking text.
+const TRICKY: &[&str] =
+    &["Hello", ",\nworld", " ünïcødé ", "🦀", "\r\n", "data: not an event", "\n\n", " end."];
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        base: Duration::from_millis(5),
+        cap: Duration::from_millis(50),
+        idle_timeout: Duration::from_secs(5),
+    }
+}
+
+fn openai(server: &FakeLlm) -> Model {
+    let provider = OpenAi::new(OpenAiSettings {
+        base_url: format!("{}/v1", server.url),
+        api_key: Some(API_KEY.to_owned()),
+        model: "fake-model".to_owned(),
+        temperature: Some(0.3),
+        max_tokens: 256,
+        connect_timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    Model::new(Arc::new(provider), policy())
+}
+
+async fn bedrock(server: &FakeLlm) -> Model {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&server.url)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "AKIDTEST", "secret", None, None, "test",
+        ))
+        .load()
+        .await;
+    let settings =
+        BedrockSettings { model: "anthropic.fake-v1:0".to_owned(), temperature: None, max_tokens: 256 };
+    Model::new(Arc::new(Bedrock::new(&config, settings)), policy())
+}
+
+fn prompt(text: &str) -> Prompt {
+    Prompt {
+        system: Some("Answer briefly.".to_owned()),
+        messages: vec![
+            (Role::User, "earlier".to_owned()),
+            (Role::Assistant, "reply".to_owned()),
+            (Role::User, text.to_owned()),
+        ],
+        resumed: Vec::new(),
+    }
+}
+
+async fn collect(model: &Model, text: &str) -> Vec<Result<String, ModelError>> {
+    model.stream(prompt(text)).collect().await
+}
+
+fn tokens(items: &[Result<String, ModelError>]) -> Vec<String> {
+    items.iter().filter_map(|r| r.as_ref().ok().cloned()).collect()
+}
+
+fn owned(tokens: &[&str]) -> Vec<String> {
+    tokens.iter().map(|t| (*t).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn openai_tokens_arrive_in_order_byte_for_byte_and_the_request_is_well_formed() {
+    let server =
+        FakeLlm::start(vec![fake_llm::openai_reply(TRICKY, Duration::from_millis(2))]).await.unwrap();
+    let out = collect(&openai(&server), "Say something tricky").await;
+    assert_eq!(out, owned(TRICKY).into_iter().map(Ok).collect::<Vec<_>>());
+
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert_eq!(request.path, "/v1/chat/completions");
+    assert_eq!(request.header("authorization"), Some(format!("Bearer {API_KEY}").as_str()));
+    let body = request.json();
+    assert_eq!(body["model"], "fake-model");
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["max_tokens"], 256);
+    assert_eq!(
+        body["messages"],
+        json!([
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "earlier"},
+            {"role": "assistant", "content": "reply"},
+            {"role": "user", "content": "Say something tricky"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn openai_429_and_503_before_the_first_token_are_retried() {
+    let server = FakeLlm::start(vec![
+        fake_llm::status(
+            429,
+            &[("retry-after", "0")],
+            r#"{"error":{"message":"slow down","type":"rate_limit"}}"#,
+        ),
+        fake_llm::status(503, &[], "upstream busy"),
+        fake_llm::openai_reply(&["after", " retries"], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let out = collect(&openai(&server), "hi").await;
+    assert_eq!(out, vec![Ok("after".to_owned()), Ok(" retries".to_owned())]);
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn openai_rate_limits_that_never_end_give_up_with_a_clear_error() {
+    let server = FakeLlm::start(vec![fake_llm::status(429, &[], "{}")]).await.unwrap();
+    let out = collect(&openai(&server), "hi").await;
+    let [Err(err)] = &out[..] else { panic!("expected one error, got {out:?}") };
+    assert_eq!(
+        err.message,
+        "the model provider is rate limiting requests (HTTP 429) (gave up after 3 attempts)"
+    );
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn openai_refusals_are_not_retried_and_leak_neither_key_nor_body() {
+    let body = format!(
+        r#"{{"error":{{"message":"Incorrect API key provided: {API_KEY}","type":"invalid_request_error"}}}}"#
+    );
+    let server = FakeLlm::start(vec![fake_llm::status(401, &[], &body)]).await.unwrap();
+    let out = collect(&openai(&server), "hi").await;
+    let [Err(err)] = &out[..] else { panic!("expected one error, got {out:?}") };
+    assert!(err.message.contains("HTTP 401") && err.message.contains("API key"), "{err}");
+    assert!(!err.message.contains(API_KEY) && !err.message.contains("Incorrect"), "{err}");
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn openai_disconnect_mid_reply_is_an_error_after_the_tokens_and_not_retried() {
+    let server = FakeLlm::start(vec![fake_llm::openai_partial(&["one", " two"], b"")]).await.unwrap();
+    let out = collect(&openai(&server), "hi").await;
+    assert_eq!(tokens(&out), owned(&["one", " two"]));
+    let Some(Err(err)) = out.last() else { panic!("expected an error last, got {out:?}") };
+    assert!(err.message.contains("ended before the reply was complete"), "{err}");
+    assert_eq!(server.requests().len(), 1, "a reply already under way is never restarted");
+}
+
+#[tokio::test]
+async fn openai_malformed_chunks_and_error_events_are_errors_not_panics() {
+    for tail in [
+        &b"data: {\"choices\": [ not json\n\n"[..],
+        b"data: {\"unexpected\": true}\n\n",
+        b"data: \xff\xfe\n\n",
+    ] {
+        let server = FakeLlm::start(vec![fake_llm::openai_partial(&["ok"], tail)]).await.unwrap();
+        let out = collect(&openai(&server), "hi").await;
+        assert_eq!(tokens(&out), owned(&["ok"]));
+        let Some(Err(err)) = out.last() else { panic!("expected an error last, got {out:?}") };
+        assert!(err.message.contains("malformed"), "{err}");
+    }
+    let error_event =
+        fake_llm::sse_data(r#"{"error":{"message":"context too long","type":"invalid_request_error"}}"#);
+    let server = FakeLlm::start(vec![fake_llm::openai_partial(&[], &error_event)]).await.unwrap();
+    let out = collect(&openai(&server), "hi").await;
+    let [Err(err)] = &out[..] else { panic!("expected one error, got {out:?}") };
+    assert_eq!(err.message, "the model provider reported an error while replying");
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn openai_unreachable_is_retried_then_reported() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let model = Model::new(
+        Arc::new(
+            OpenAi::new(OpenAiSettings {
+                base_url: url,
+                api_key: None,
+                model: "m".to_owned(),
+                temperature: None,
+                max_tokens: 8,
+                connect_timeout: Duration::from_secs(1),
+            })
+            .unwrap(),
+        ),
+        policy(),
+    );
+    let out = collect(&model, "hi").await;
+    let [Err(err)] = &out[..] else { panic!("expected one error, got {out:?}") };
+    assert_eq!(err.message, "could not reach the model provider (gave up after 3 attempts)");
+}
+
+#[tokio::test]
+async fn bedrock_tokens_arrive_in_order_byte_for_byte_and_the_request_is_well_formed() {
+    let server =
+        FakeLlm::start(vec![fake_llm::bedrock_stream(fake_llm::bedrock_frames(TRICKY))]).await.unwrap();
+    let out = collect(&bedrock(&server).await, "Say something tricky").await;
+    assert_eq!(out, owned(TRICKY).into_iter().map(Ok).collect::<Vec<_>>());
+
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert_eq!(request.path, "/model/anthropic.fake-v1%3A0/converse-stream");
+    assert!(
+        request.header("authorization").is_some_and(|a| a.starts_with("AWS4-HMAC-SHA256")),
+        "SigV4-signed"
+    );
+    let body = request.json();
+    assert_eq!(body["system"], json!([{"text": "Answer briefly."}]));
+    assert_eq!(body["inferenceConfig"]["maxTokens"], 256);
+    assert_eq!(
+        body["messages"],
+        json!([
+            {"role": "user", "content": [{"text": "earlier"}]},
+            {"role": "assistant", "content": [{"text": "reply"}]},
+            {"role": "user", "content": [{"text": "Say something tricky"}]},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn bedrock_throttling_before_the_first_token_is_retried_in_either_form() {
+    // Refused outright (HTTP 429), then throttled inside an opened stream, then a reply.
+    let server = FakeLlm::start(vec![
+        fake_llm::bedrock_error(429, "ThrottlingException"),
+        fake_llm::bedrock_stream(vec![
+            fake_llm::bedrock_event("messageStart", json!({"role": "assistant"})),
+            fake_llm::bedrock_exception("throttlingException"),
+        ]),
+        fake_llm::bedrock_stream(fake_llm::bedrock_frames(&["third", " time"])),
+    ])
+    .await
+    .unwrap();
+    let out = collect(&bedrock(&server).await, "hi").await;
+    assert_eq!(out, vec![Ok("third".to_owned()), Ok(" time".to_owned())]);
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn bedrock_access_denied_is_clear_and_not_retried() {
+    let server = FakeLlm::start(vec![fake_llm::bedrock_error(403, "AccessDeniedException")]).await.unwrap();
+    let out = collect(&bedrock(&server).await, "hi").await;
+    let [Err(err)] = &out[..] else { panic!("expected one error, got {out:?}") };
+    assert!(err.message.contains("denied access") && err.message.contains("IAM"), "{err}");
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn bedrock_cut_streams_and_garbage_frames_are_errors_not_panics() {
+    let mut cut = fake_llm::bedrock_frames(&["half", " a"]);
+    cut.truncate(3); // messageStart and two deltas; no messageStop
+    let garbage = {
+        let mut frames = fake_llm::bedrock_frames(&["ok"])[..2].to_vec();
+        frames.push(vec![0, 0, 0, 40, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        frames
+    };
+    let throttled_late = {
+        let mut frames = fake_llm::bedrock_frames(&["late"])[..2].to_vec();
+        frames.push(fake_llm::bedrock_exception("throttlingException"));
+        frames
+    };
+    for (frames, expected) in
+        [(cut, vec!["half", " a"]), (garbage, vec!["ok"]), (throttled_late, vec!["late"])]
+    {
+        let server = FakeLlm::start(vec![fake_llm::bedrock_stream(frames)]).await.unwrap();
+        let out = collect(&bedrock(&server).await, "hi").await;
+        assert_eq!(tokens(&out), owned(&expected));
+        assert!(matches!(out.last(), Some(Err(_))), "{out:?}");
+        assert_eq!(server.requests().len(), 1, "a reply already under way is never restarted");
+    }
+}
+
+// The whole generator: turns through DynamoDB (embedded), replies from the fake servers.
+
+struct Harness {
+    _dynamo: chat_local::LocalDynamo,
+    store: Store,
+    generator: generator::Generator,
+}
+
+async fn harness(model: Model, system_prompt: Option<&str>) -> Harness {
+    let dynamo = chat_local::LocalDynamo::start(0, "providers").await.unwrap();
+    let store = dynamo.store("providers", StoreOptions::default());
+    let settings = generator::Settings {
+        lease: Duration::from_secs(30),
+        max_attempts: 3,
+        flush_interval: Duration::from_millis(20),
+        flush_max_tokens: 3,
+        faults: false,
+        system_prompt: system_prompt.map(str::to_owned),
+        memory: Default::default(),
+    };
+    let generator = generator::Generator::new(store.clone(), model, settings);
+    Harness { _dynamo: dynamo, store, generator }
+}
+
+impl Harness {
+    /// Sends `text` (continuing `session` if given) and runs the generator on it.
+    async fn turn(&self, session: Option<SessionId>, text: &str) -> (SessionId, Turn) {
+        let user = UserId::parse("provider-tester").unwrap();
+        let sent = self
+            .store
+            .send_message(NewMessage {
+                user: &user,
+                session,
+                content: text,
+                client_message_id: None,
+                by: "test",
+            })
+            .await
+            .unwrap();
+        let SendOutcome::Accepted(ticket) = sent else { panic!("send refused: {sent:?}") };
+        let Outcome::Applied(ticket) = self.store.commit_user_message(&ticket, "test").await.unwrap() else {
+            panic!("commit refused")
+        };
+        let mut record = SqsMessage::default();
+        record.message_id = Some("m".to_owned());
+        record.body = Some(
+            serde_json::to_string(&TurnMessage { session_id: ticket.session_id, turn: ticket.turn }).unwrap(),
+        );
+        let mut event = SqsEvent::default();
+        event.records = vec![record];
+        let response = self.generator.handle(event).await;
+        assert!(response.batch_item_failures.is_empty(), "the generator asked for a redelivery");
+        (ticket.session_id, ticket.turn)
+    }
+
+    async fn streamed(&self, session: SessionId, turn: Turn) -> String {
+        let chunks = self.store.read_chunks(session, turn, None, true).await.unwrap();
+        chunks.iter().flat_map(|c| c.tokens.iter()).cloned().collect()
+    }
+}
+
+#[tokio::test]
+async fn the_committed_reply_is_exactly_the_streamed_tokens_and_history_reaches_the_model() {
+    let server =
+        FakeLlm::start(vec![fake_llm::openai_reply(TRICKY, Duration::from_millis(3))]).await.unwrap();
+    let h = harness(openai(&server), Some("You are a test.")).await;
+    let (session, turn) = h.turn(None, "first question").await;
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::AiCommitted);
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, TRICKY.concat());
+    assert_eq!(h.streamed(session, turn).await, TRICKY.concat());
+
+    // The second turn's request carries the system prompt and the first turn whole.
+    server.script(vec![fake_llm::openai_reply(&["second"], Duration::ZERO)]);
+    let (_, turn2) = h.turn(Some(session), "second question").await;
+    assert_eq!(turn2, turn.next());
+    let body = server.requests().last().unwrap().json();
+    assert_eq!(
+        body["messages"],
+        json!([
+            {"role": "system", "content": "You are a test."},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": TRICKY.concat()},
+            {"role": "user", "content": "second question"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_disconnect_mid_reply_ends_the_turn_in_error_with_the_partial_reply_not_committed() {
+    let server =
+        FakeLlm::start(vec![fake_llm::openai_partial(&["Partial", " answer", " cut"], b"")]).await.unwrap();
+    let h = harness(openai(&server), None).await;
+    let (session, turn) = h.turn(None, "tell me").await;
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::Error);
+    let reason = stored.reason.unwrap_or_default();
+    assert!(reason.contains("ended before the reply was complete"), "{reason}");
+    assert!(!messages.iter().any(|m| m.id.role == Role::Assistant), "no reply is presented as complete");
+    assert_eq!(h.streamed(session, turn).await, "Partial answer cut", "what was streamed stays readable");
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_bedrock_turn_commits_its_reply() {
+    let server =
+        FakeLlm::start(vec![fake_llm::bedrock_stream(fake_llm::bedrock_frames(TRICKY))]).await.unwrap();
+    let h = harness(bedrock(&server).await, None).await;
+    let (session, turn) = h.turn(None, "hello bedrock").await;
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::AiCommitted);
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, TRICKY.concat());
+}
+
+#[tokio::test]
+async fn a_message_over_the_memory_budget_ends_the_turn_with_a_clear_error_without_calling_the_model() {
+    let server = FakeLlm::start(vec![fake_llm::openai_reply(&["never"], Duration::ZERO)]).await.unwrap();
+    let mut h = harness(openai(&server), None).await;
+    h.generator = generator::Generator::new(
+        h.store.clone(),
+        openai(&server),
+        generator::Settings {
+            lease: Duration::from_secs(30),
+            max_attempts: 3,
+            flush_interval: Duration::from_millis(20),
+            flush_max_tokens: 3,
+            faults: false,
+            system_prompt: None,
+            memory: generator::memory::MemoryLimits { max_tokens: 50, max_turns: 20 },
+        },
+    );
+    let (session, _) = h.turn(None, &"many words ".repeat(100)).await;
+    let stored = h.store.get_session(session, true).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::Error);
+    assert!(stored.reason.unwrap_or_default().contains("context budget"));
+    assert!(server.requests().is_empty());
+}
