@@ -156,8 +156,8 @@ impl ModelConfig {
 async fn fetch_secret(aws: &aws_config::SdkConfig, arn: &str) -> Result<String, ConfigError> {
     let client = aws_sdk_secretsmanager::Client::new(aws);
     let output = client.get_secret_value().secret_id(arn).send().await.map_err(|e| {
-        let detail = aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string();
-        tracing::error!(error = %detail, "cannot read the API key secret");
+        use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
+        tracing::error!(code = e.code().unwrap_or(""), message = e.message().unwrap_or(""), error = %e, "cannot read the API key secret");
         invalid("OPENAI_API_KEY_SECRET_ARN", "names a secret this function cannot read (see the log)")
     })?;
     match output.secret_string().map(str::trim) {

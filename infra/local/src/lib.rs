@@ -51,6 +51,8 @@ pub struct Settings {
     pub max_receive_count: u32,
     /// Extra environment for the functions (model, timing), on top of the caller's environment.
     pub function_env: Vec<(String, String)>,
+    /// Secrets (name, value) to create in the local Secrets Manager before the functions start.
+    pub secrets: Vec<(String, String)>,
     /// Where the emulators' and functions' output goes; `None` passes it through.
     pub log_file: Option<PathBuf>,
 }
@@ -70,6 +72,7 @@ impl Settings {
             visibility_timeout: Duration::from_secs(60),
             max_receive_count: 5,
             function_env: Vec::new(),
+            secrets: Vec::new(),
             log_file: None,
         }
     }
@@ -259,6 +262,7 @@ impl Stack {
         .await?;
         let sqs = sqs_client(&sqs_endpoint);
         let (queue_url, dlq_url) = create_queues(&sqs, &settings).await?;
+        create_secrets(&sqs_endpoint, &settings.secrets).await?;
 
         progress("starting the functions (cargo lambda watch; the first start builds them)");
         let api_port = free_port(settings.api_port)?;
@@ -274,12 +278,31 @@ impl Stack {
             .env("STREAM_URL_BASE", &api)
             .env("AWS_ENDPOINT_URL_DYNAMODB", &dynamodb_endpoint)
             .env("AWS_ENDPOINT_URL_SQS", &sqs_endpoint)
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "local")
-            .env("AWS_SECRET_ACCESS_KEY", "local")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_SESSION_TOKEN")
+            // moto serves Secrets Manager too: a local API key secret works like the deployed one.
+            .env("AWS_ENDPOINT_URL_SECRETS_MANAGER", &sqs_endpoint);
+        let provider = settings
+            .function_env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "LLM_PROVIDER")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("LLM_PROVIDER").ok());
+        if provider.as_deref() == Some("bedrock") {
+            // Bedrock is the real service: keep the caller's AWS credentials and region (the
+            // emulators accept any).
+            if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+                watch_cmd.env("AWS_REGION", "us-east-1");
+            }
+        } else {
+            watch_cmd
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_ACCESS_KEY_ID", "local")
+                .env("AWS_SECRET_ACCESS_KEY", "local")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env_remove("AWS_PROFILE")
+                .env_remove("AWS_SESSION_TOKEN");
+        }
+        watch_cmd
             .envs(settings.function_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(out)
             .stderr(err);
@@ -371,6 +394,29 @@ fn sqs_err<E: std::error::Error + 'static, R: std::fmt::Debug>(
     e: aws_sdk_sqs::error::SdkError<E, R>,
 ) -> StackError {
     fail(aws_sdk_sqs::error::DisplayErrorContext(e))
+}
+
+/// Creates the secrets in moto's Secrets Manager (the same server as SQS).
+async fn create_secrets(endpoint: &str, secrets: &[(String, String)]) -> Result<(), StackError> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    let config = aws_sdk_secretsmanager::Config::builder()
+        .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
+        .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
+        .credentials_provider(local_credentials())
+        .endpoint_url(endpoint)
+        .build();
+    let client = aws_sdk_secretsmanager::Client::from_conf(config);
+    for (name, value) in secrets {
+        client.create_secret().name(name).secret_string(value).send().await.map_err(|e| {
+            fail(format!(
+                "creating secret {name}: {}",
+                aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 async fn create_queues(

@@ -6,6 +6,12 @@ use bytes::Bytes;
 use chat_core::Role;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -41,25 +47,43 @@ impl std::fmt::Debug for OpenAiSettings {
     }
 }
 
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// An OpenAI-compatible streaming chat provider.
 #[derive(Clone)]
 pub struct OpenAi {
-    client: reqwest::Client,
-    url: String,
+    client: HttpClient,
+    url: http::Uri,
     settings: Arc<OpenAiSettings>,
 }
 
 impl OpenAi {
-    /// A provider for `settings`; TLS is rustls over the aws-lc-rs the AWS SDK already links,
-    /// trusting the system's roots.
+    /// A provider for `settings`. HTTP/1.1 over hyper, TLS by rustls with the aws-lc-rs the AWS
+    /// SDK already links, trusting the system's root certificates.
     pub fn new(settings: OpenAiSettings) -> Result<OpenAi, String> {
-        // Already installed (by an earlier provider in this process) is fine.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
+        let url: http::Uri = url.parse().map_err(|e| format!("is not a valid URL ({e})"))?;
+        let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = match hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(provider.clone())
+        {
+            Ok(tls) => tls,
+            // Plain http (a local server) needs no roots.
+            Err(_) if url.scheme_str() == Some("http") => {
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| format!("cannot set up TLS: {e}"))?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+            }
+            Err(e) => return Err(format!("cannot load the system's root certificates: {e}")),
+        };
+        let https = tls.https_or_http().enable_http1().wrap_connector(connector);
+        let client = Client::builder(TokioExecutor::new()).build(https);
         Ok(OpenAi { client, url, settings: Arc::new(settings) })
     }
 
@@ -89,31 +113,35 @@ impl OpenAi {
     }
 
     async fn start(self, prompt: Arc<Prompt>) -> Result<TokenStream, ModelError> {
-        let mut request = self
-            .client
-            .post(&self.url)
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&self.request_body(&prompt));
+        let body = Bytes::from(self.request_body(&prompt).to_string());
+        let mut request = http::Request::post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "text/event-stream");
         if let Some(key) = &self.settings.api_key {
-            request = request.bearer_auth(key);
+            let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))
+                .map_err(|_| ModelError::fatal("the API key is not a valid header value"))?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
         }
-        let response = request.send().await.map_err(|e| transport_error(&e))?;
+        let request =
+            request.body(Full::new(body)).map_err(|e| ModelError::fatal(format!("bad request: {e}")))?;
+        let response = self.client.request(request).await.map_err(|e| transport_error(&e))?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
                 .headers()
-                .get(reqwest::header::RETRY_AFTER)
+                .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let body = read_prefix(response, 8 * 1024).await;
+            let body = read_prefix(response.into_body(), 8 * 1024).await;
             warn!(status = status.as_u16(), detail = %self.upstream_detail(&body), "the model provider refused the request");
             let mut err = status_error(status.as_u16());
             err.retry_after = retry_after;
             return Err(err);
         }
         let state = Reading {
-            body: response.bytes_stream().boxed(),
+            body: BodyDataStream::new(response.into_body()).boxed(),
             decoder: SseDecoder::default(),
             pending: VecDeque::new(),
             finished: false,
@@ -148,13 +176,9 @@ impl ModelProvider for OpenAi {
     }
 }
 
-fn transport_error(err: &reqwest::Error) -> ModelError {
-    warn!(error = %err, "cannot reach the model provider");
-    if err.is_timeout() {
-        ModelError::retryable("timed out reaching the model provider")
-    } else {
-        ModelError::retryable("could not reach the model provider")
-    }
+fn transport_error(err: &hyper_util::client::legacy::Error) -> ModelError {
+    warn!(error = ?err, "cannot reach the model provider");
+    ModelError::retryable("could not reach the model provider")
 }
 
 /// The client-facing error for an HTTP status.
@@ -172,11 +196,15 @@ fn status_error(status: u16) -> ModelError {
     }
 }
 
-async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+async fn read_prefix(mut incoming: hyper::body::Incoming, limit: usize) -> Vec<u8> {
     let mut body = Vec::new();
     while body.len() < limit {
-        match response.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+        match incoming.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    body.extend_from_slice(data);
+                }
+            }
             _ => break,
         }
     }
@@ -186,7 +214,7 @@ async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
 
 /// Reading one streamed reply.
 struct Reading {
-    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    body: BoxStream<'static, Result<Bytes, hyper::Error>>,
     decoder: SseDecoder,
     pending: VecDeque<Result<String, ModelError>>,
     /// A `finish_reason` or `[DONE]` arrived: the reply is complete.
@@ -402,7 +430,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
         })
         .unwrap();
-        assert_eq!(provider.url, "http://127.0.0.1:1/v1/chat/completions");
+        assert_eq!(provider.url.to_string(), "http://127.0.0.1:1/v1/chat/completions");
         let prompt = Prompt {
             system: Some("be brief".to_owned()),
             messages: vec![(Role::User, "hi".to_owned())],

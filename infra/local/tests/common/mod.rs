@@ -2,6 +2,7 @@
 //! loopback ports), an HTTP client, and an SSE reader.
 #![allow(dead_code)]
 
+use chat_local::fake_llm::FakeLlm;
 use chat_local::{Settings, Stack};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -43,6 +44,16 @@ pub fn test_env() -> Vec<(String, String)> {
 /// The stack for this test binary, started on first use on a runtime of its own that lives as
 /// long as the process (its children stop when the process exits).
 pub fn stack(name: &str) -> &'static StackInfo {
+    stack_with(name, Vec::new(), Vec::new())
+}
+
+/// [`stack`], with `extra` added to the functions' environment and `secrets` (name, value)
+/// created in the local Secrets Manager.
+pub fn stack_with(
+    name: &str,
+    extra: Vec<(String, String)>,
+    secrets: Vec<(String, String)>,
+) -> &'static StackInfo {
     STACK.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut settings = Settings::new(root.clone());
@@ -54,6 +65,8 @@ pub fn stack(name: &str) -> &'static StackInfo {
         settings.sweep_interval = Duration::from_millis(500);
         settings.visibility_timeout = Duration::from_secs(5);
         settings.function_env = test_env();
+        settings.function_env.extend(extra);
+        settings.secrets = secrets;
         settings.log_file = Some(root.join(format!("target/e2e-logs/{name}.log")));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -79,6 +92,25 @@ pub fn stack(name: &str) -> &'static StackInfo {
             Ok(info) => info,
             Err(e) => panic!("the local stack did not start: {e} (see target/e2e-logs/{name}.log)"),
         }
+    })
+}
+
+static FAKE_LLM: OnceLock<FakeLlm> = OnceLock::new();
+
+/// A fake model server for this test binary, on a runtime of its own that lives as long as the
+/// process; it answers with `replies` until [`FakeLlm::script`] changes them.
+pub fn fake_llm(replies: Vec<chat_local::fake_llm::Reply>) -> &'static FakeLlm {
+    FAKE_LLM.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                tx.send(FakeLlm::start(replies).await.expect("fake model server starts"))
+                    .expect("test waits");
+                std::future::pending::<()>().await;
+            });
+        });
+        rx.recv().expect("fake model server thread answers")
     })
 }
 
