@@ -148,25 +148,106 @@ fn each_policy_grants_exactly_the_actions_its_function_uses() {
             ],
         ),
     ];
+    // Granted only under a condition: (function, condition, actions).
+    let conditional: [(&str, &str, &[&str]); 2] = [
+        ("GeneratorFunction", "IsBedrock", &["bedrock:InvokeModelWithResponseStream"]),
+        ("GeneratorFunction", "HasApiKeySecret", &["secretsmanager:GetSecretValue"]),
+    ];
     let template = template();
     for (function, actions) in expected {
         let mut granted = BTreeSet::new();
         for policy in resource(&template, function)["Properties"]["Policies"].as_sequence().unwrap() {
-            for statement in policy["Statement"].as_sequence().unwrap() {
-                assert_eq!(statement["Effect"], "Allow");
-                match &statement["Action"] {
-                    Value::String(action) => granted.insert(action.clone()),
-                    list => {
-                        for action in strings(list) {
-                            assert!(!action.contains('*'), "{function}: no wildcard actions");
-                            granted.insert(action);
-                        }
-                        true
-                    }
-                };
+            match policy {
+                Value::Tagged(tagged) => {
+                    assert_eq!(tagged.tag.to_string(), "!If", "{function}: only !If wraps a policy");
+                    let branches = tagged.value.as_sequence().unwrap();
+                    let condition = branches[0].as_str().unwrap();
+                    let (_, _, actions) = conditional
+                        .iter()
+                        .find(|(f, c, _)| *f == function && *c == condition)
+                        .unwrap_or_else(|| panic!("{function}: unexpected condition {condition}"));
+                    let expected: BTreeSet<String> = actions.iter().map(|a| (*a).to_owned()).collect();
+                    assert_eq!(policy_actions(function, &branches[1]), expected, "{function} if {condition}");
+                    assert!(matches!(&branches[2], Value::Tagged(t) if t.value == "AWS::NoValue"));
+                }
+                policy => granted.extend(policy_actions(function, policy)),
             }
         }
         let expected: BTreeSet<String> = actions.iter().map(|a| (*a).to_owned()).collect();
         assert_eq!(granted, expected, "{function}");
+    }
+}
+
+fn policy_actions(function: &str, policy: &Value) -> BTreeSet<String> {
+    let mut granted = BTreeSet::new();
+    for statement in policy["Statement"].as_sequence().unwrap() {
+        assert_eq!(statement["Effect"], "Allow");
+        for action in strings(&statement["Action"]) {
+            assert!(!action.contains('*'), "{function}: no wildcard actions");
+            granted.insert(action);
+        }
+    }
+    granted
+}
+
+/// Bedrock's policy exists only when it is the provider, and the key's secret only for openai.
+#[test]
+fn model_conditions_follow_the_provider() {
+    let template = template();
+    let conditions = &template["Conditions"];
+    let text = |v: &Value| serde_norway::to_string(v).unwrap();
+    assert!(
+        text(&conditions["IsBedrock"]).contains("LlmProvider")
+            && text(&conditions["IsBedrock"]).contains("bedrock")
+    );
+    let secret = text(&conditions["HasApiKeySecret"]);
+    assert!(secret.contains("openai") && secret.contains("OpenAiApiKeySecretArn"), "{secret}");
+    let allowed = strings(&template["Parameters"]["LlmProvider"]["AllowedValues"]);
+    assert_eq!(allowed, ["demo", "openai", "bedrock"]);
+    let vars = &resource(&template, "GeneratorFunction")["Properties"]["Environment"]["Variables"];
+    assert!(vars.get("OPENAI_API_KEY").is_none(), "the key never sits in the environment");
+}
+
+/// Read by a library rather than by name in our code: `RUST_LOG` by tracing's `EnvFilter`.
+const READ_BY_LIBRARIES: [&str; 1] = ["RUST_LOG"];
+
+/// Every environment variable the template sets is one its function's code reads.
+#[test]
+fn every_environment_variable_is_read_by_its_function() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let sources = |dir: &str| -> String {
+        let mut text = String::new();
+        let mut dirs = vec![std::path::PathBuf::from(root).join(dir)];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    text.push_str(&std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+        text
+    };
+    let shared = sources("shared/chat-core/src");
+    let template = template();
+    let globals = &template["Globals"]["Function"]["Environment"]["Variables"];
+    for name in chat_local::FUNCTIONS {
+        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
+        let code = sources(&format!("functions/{name}/src")) + &shared;
+        let own = &resource(&template, &logical)["Properties"]["Environment"]["Variables"];
+        for vars in [own, globals] {
+            for var in vars.as_mapping().into_iter().flat_map(|m| m.keys()) {
+                let var = var.as_str().unwrap();
+                if READ_BY_LIBRARIES.contains(&var) {
+                    continue;
+                }
+                assert!(
+                    code.contains(&format!("\"{var}\"")),
+                    "{logical} sets {var}, which its code never reads"
+                );
+            }
+        }
     }
 }
