@@ -3,7 +3,7 @@ use lambda_http::{run_with_streaming_response, service_fn, Error, Request};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     chat_core::aws::init_tracing();
-    let relay = stream::Relay::from_env().await?;
+    let relay = chat_core::aws::started(stream::Relay::from_env().await)?;
     run_with_streaming_response(service_fn(move |request: Request| {
         let relay = relay.clone();
         async move { Ok::<_, Error>(relay.handle(request).await) }

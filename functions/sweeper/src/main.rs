@@ -3,7 +3,7 @@ use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     chat_core::aws::init_tracing();
-    let sweeper = sweeper::Sweeper::from_env().await?;
+    let sweeper = chat_core::aws::started(sweeper::Sweeper::from_env().await)?;
     let sweeper = &sweeper;
     run(service_fn(move |_: LambdaEvent<serde_json::Value>| async move { sweeper.sweep().await })).await
 }

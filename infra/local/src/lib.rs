@@ -111,7 +111,7 @@ pub struct Stack {
     dynamodb: aws_sdk_dynamodb::Client,
     sqs: aws_sdk_sqs::Client,
     shutdown: watch::Sender<bool>,
-    children: Vec<Child>,
+    children: Vec<Supervisor>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -244,14 +244,14 @@ impl Stack {
         progress("starting SQS (moto server)");
         let sqs_port = free_port(settings.sqs_port)?;
         let (out, err) = output()?;
-        children.push(
+        children.push(Supervisor(
             supervised(&root, venv_bin.join("moto_server").as_os_str())
                 .args(["-H", "127.0.0.1", "-p", &sqs_port.to_string()])
                 .stdout(out)
                 .stderr(err)
                 .spawn()
                 .map_err(|e| fail(format!("starting moto_server: {e}")))?,
-        );
+        ));
         let sqs_endpoint = format!("http://127.0.0.1:{sqs_port}");
         let http = reqwest::Client::new();
         let probe = format!("{sqs_endpoint}/moto-api/");
@@ -306,7 +306,9 @@ impl Stack {
             .envs(settings.function_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(out)
             .stderr(err);
-        children.push(watch_cmd.spawn().map_err(|e| fail(format!("starting cargo lambda watch: {e}")))?);
+        children.push(Supervisor(
+            watch_cmd.spawn().map_err(|e| fail(format!("starting cargo lambda watch: {e}")))?,
+        ));
 
         let mut stack = Stack {
             api: api.clone(),
@@ -329,7 +331,9 @@ impl Stack {
         .await?;
         progress("warming up the generator, stream and sweeper");
         for (name, event) in [("generator", json!({"Records": []})), ("sweeper", scheduled_event())] {
-            invoke(&http, &api, name, &event).await.map_err(|e| fail(format!("warming up {name}: {e}")))?;
+            invoke(&http, &api, name, &event).await.map_err(|e| {
+                fail(format!("the {name} function did not start; its log above says why (warm-up: {e})"))
+            })?;
         }
         let probe = format!("{api}/sessions/00000000-0000-4000-8000-000000000000/stream");
         wait_until("the stream function", Duration::from_secs(600), || {
@@ -369,12 +373,12 @@ impl Stack {
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         for child in &mut self.children {
-            if let Some(pid) = child.id() {
+            if let Some(pid) = child.0.id() {
                 let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
             }
         }
         for child in &mut self.children {
-            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.0.wait()).await;
         }
         for task in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -386,8 +390,20 @@ impl Stack {
 fn supervised(root: &Path, program: &std::ffi::OsStr) -> Command {
     let mut cmd = Command::new(root.join("infra/supervise.sh"));
     cmd.arg(std::process::id().to_string()).arg(program).current_dir(root).stdin(Stdio::null());
-    cmd.kill_on_drop(true);
     cmd
+}
+
+/// A running `supervise.sh`. Dropping it (say, when a later step of the start fails) asks it to
+/// stop its command with SIGTERM, which it traps; SIGKILL (tokio's `kill_on_drop`) would kill
+/// only the script and leave the command it started running.
+struct Supervisor(Child);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+    }
 }
 
 fn sqs_err<E: std::error::Error + 'static, R: std::fmt::Debug>(

@@ -18,15 +18,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if env.optional("LOG_FORMAT").is_none() {
         settings.function_env.push(("LOG_FORMAT".to_owned(), "text".to_owned()));
     }
+    // The generator reads the same variables; a mistake is reported here, before anything starts.
+    let model = match generator::config::ModelConfig::from_env(&env, false) {
+        Ok(model) => model,
+        Err(err) => {
+            eprintln!("{err}");
+            std::process::exit(2);
+        }
+    };
     let started = std::time::Instant::now();
-    let stack = Stack::start(settings, |step| eprintln!("==> {step}")).await?;
+    let stack = match Stack::start(settings, |step| eprintln!("==> {step}")).await {
+        Ok(stack) => stack,
+        Err(err) => {
+            eprintln!("==> the stack did not start: {err}");
+            std::process::exit(1);
+        }
+    };
     let api = &stack.api;
     eprintln!(
         "\n\
 ==> ready in {:.1?}\n\
     API (one origin)  {api}\n\
     DynamoDB          {}\n\
-    SQS               {}  (queue {})\n\n\
+    SQS               {}  (queue {})\n\
+    Model             {}\n\n\
 Try it:\n\
     curl -s -X POST {api}/sessions/alice/messages -H 'content-type: application/json' -d '{{\"message\": \"Hello there\"}}'\n\
     curl -N {api}/sessions/SESSION_ID/stream\n\
@@ -36,6 +51,7 @@ Ctrl-C stops everything.\n",
         stack.dynamodb_endpoint,
         stack.sqs_endpoint,
         stack.queue_url,
+        model.describe(),
     );
     tokio::signal::ctrl_c().await?;
     eprintln!("\n==> stopping");

@@ -34,3 +34,12 @@ pub fn init_tracing() {
         builder.init();
     }
 }
+
+/// A function's start-up: a configuration error is logged in words (the runtime would print only
+/// its debug form) and then returned, so the cold start fails with it.
+pub fn started<T>(result: Result<T, crate::config::ConfigError>) -> Result<T, crate::config::ConfigError> {
+    if let Err(err) = &result {
+        tracing::error!("{err}");
+    }
+    result
+}
