@@ -176,10 +176,8 @@ impl Generator {
     /// What the model is asked: the system prompt and as much recent history as the memory
     /// limits allow, ending with this turn's user message. `Err` is why the turn cannot proceed.
     async fn prompt(&self, lease: &Lease) -> Result<Result<Prompt, String>, StoreError> {
-        let messages = match self.store.get_conversation(lease.session_id).await? {
-            Some((_, messages)) => messages,
-            None => Vec::new(),
-        };
+        let messages =
+            self.store.recent_messages(lease.session_id, lease.turn, self.settings.memory.max_turns).await?;
         let system = self.settings.system_prompt.as_deref();
         let selected = match memory::select(messages, lease.turn, system, self.settings.memory, self.counter)
         {

@@ -460,6 +460,27 @@ impl Store {
         out.item().map(Message::from_item).transpose()
     }
 
+    /// The messages of the `max_turns` turns up to and including `through`'s user message, oldest
+    /// first: one strongly consistent range query, whose cost does not grow with the session.
+    pub async fn recent_messages(
+        &self,
+        session: SessionId,
+        through: Turn,
+        max_turns: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let first = u64::from(through.get()).saturating_sub(max_turns.max(1) as u64 - 1).max(1);
+        let first = Turn::new(first).unwrap_or(through);
+        let items = self
+            .query_range(
+                table::session_pk(session),
+                table::message_sk(first, Role::User),
+                table::message_sk(through, Role::User),
+                true,
+            )
+            .await?;
+        items.iter().map(Message::from_item).collect()
+    }
+
     /// Reads a session and all its messages, oldest first.
     pub async fn get_conversation(
         &self,

@@ -515,6 +515,37 @@ async fn committed_reply_equals_the_chunks_and_reads_after_a_position_return_the
 }
 
 #[tokio::test]
+async fn recent_messages_read_only_the_last_turns_up_to_the_new_message() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let mut session = None;
+    for turn in 1..=6 {
+        let ticket = committed_turn(&store, &user, session).await;
+        session = Some(ticket.session_id);
+        if turn < 6 {
+            let lease = claimed(claim(&store, ticket.session_id, ticket.turn).await);
+            let reply = format!("reply {turn}");
+            assert!(matches!(store.commit_reply(&lease, &reply, false).await.unwrap(), Outcome::Applied(_)));
+        }
+    }
+    let id = session.unwrap();
+    let turn = |n| Turn::new(n).unwrap();
+    let shape = |messages: Vec<chat_core::Message>| -> Vec<(u32, Role)> {
+        messages.iter().map(|m| (m.id.turn.get(), m.id.role)).collect()
+    };
+    let last3 = store.recent_messages(id, turn(6), 3).await.unwrap();
+    assert_eq!(
+        shape(last3),
+        [(4, Role::User), (4, Role::Assistant), (5, Role::User), (5, Role::Assistant), (6, Role::User)]
+    );
+    let all = store.recent_messages(id, turn(6), 100).await.unwrap();
+    assert_eq!(all.len(), 11);
+    let through3 = store.recent_messages(id, turn(3), 1).await.unwrap();
+    assert_eq!(shape(through3), [(3, Role::User)], "a turn's own reply is never part of its prompt");
+}
+
+#[tokio::test]
 async fn cancel_is_seen_by_the_generator_and_the_partial_reply_is_marked_stopped() {
     let db = TestDb::start().await;
     let store = db.store();
