@@ -7,7 +7,7 @@ use chat_core::queue::TurnMessage;
 use chat_core::{
     NewMessage, Outcome, Role, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId,
 };
-use chat_local::fake_llm::{self, FakeLlm};
+use chat_local::fake_llm::{self, FakeLlm, Reply};
 use futures::StreamExt;
 use generator::model::bedrock::BedrockSettings;
 use generator::model::openai::OpenAiSettings;
@@ -426,4 +426,86 @@ async fn a_message_over_the_memory_budget_ends_the_turn_with_a_clear_error_witho
     assert_eq!(stored.state, State::Error);
     assert!(stored.reason.unwrap_or_default().contains("context budget"));
     assert!(server.requests().is_empty());
+}
+
+/// A reply whose first token comes after `silence` (a model thinking), then `tokens`.
+fn slow_start(silence: Duration, tokens: &[&str]) -> Reply {
+    let Reply::Stream { content_type, mut parts } = fake_llm::openai_reply(tokens, Duration::ZERO) else {
+        unreachable!("openai_reply streams")
+    };
+    parts[0].0 = silence;
+    Reply::Stream { content_type, parts }
+}
+
+fn short_lease_harness_settings(lease: Duration) -> generator::Settings {
+    generator::Settings {
+        lease,
+        max_attempts: 3,
+        flush_interval: Duration::from_millis(20),
+        flush_max_tokens: 3,
+        faults: false,
+        system_prompt: None,
+        memory: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_silent_model_does_not_cost_the_lease() {
+    let server = FakeLlm::start(vec![slow_start(Duration::from_millis(1500), &["worth", " the", " wait"])])
+        .await
+        .unwrap();
+    let mut h = harness(openai(&server), None).await;
+    let lease = Duration::from_millis(600);
+    h.generator =
+        generator::Generator::new(h.store.clone(), openai(&server), short_lease_harness_settings(lease));
+    let store = h.store.clone();
+    let rival = tokio::spawn(async move {
+        // Well past the first lease's expiry, while the model is still silent.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let user = UserId::parse("provider-tester").unwrap();
+        let sessions = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap().sessions;
+        let session = sessions.first().expect("the turn's session").clone();
+        store.claim_generation(session.id, session.turn, "rival", Duration::from_secs(30), 3).await.unwrap()
+    });
+    let (session, turn) = h.turn(None, "think hard").await;
+    let rival = rival.await.unwrap();
+    assert!(
+        matches!(rival, chat_core::ClaimOutcome::Skipped { .. }),
+        "the heartbeat kept the lease: {rival:?}"
+    );
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::AiCommitted);
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, "worth the wait");
+}
+
+#[tokio::test]
+async fn a_cancel_lands_while_the_model_is_still_silent() {
+    let server = FakeLlm::start(vec![slow_start(Duration::from_secs(20), &["too", " late"])]).await.unwrap();
+    let mut h = harness(openai(&server), None).await;
+    h.generator = generator::Generator::new(
+        h.store.clone(),
+        openai(&server),
+        short_lease_harness_settings(Duration::from_millis(800)),
+    );
+    let store = h.store.clone();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let user = UserId::parse("provider-tester").unwrap();
+        let sessions = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap().sessions;
+        store.request_cancel(sessions[0].id, None).await.unwrap()
+    });
+    let started = std::time::Instant::now();
+    let (session, turn) = h.turn(None, "never mind").await;
+    canceller.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped without waiting for the model: {:?}",
+        started.elapsed()
+    );
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::AiCommitted);
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert!(reply.stopped);
+    assert_eq!(reply.content, "");
 }
