@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// What the server answers to one request.
@@ -74,14 +74,40 @@ impl Drop for FakeLlm {
 impl FakeLlm {
     /// Starts a server on 127.0.0.1 that answers with `replies` in order, repeating the last.
     pub async fn start(replies: Vec<Reply>) -> std::io::Result<FakeLlm> {
+        FakeLlm::serve_with(replies, None).await
+    }
+
+    /// [`FakeLlm::start`] over TLS with `tls`; the URL is `https://localhost:PORT`.
+    pub async fn start_tls(replies: Vec<Reply>, tls: tokio_rustls::TlsAcceptor) -> std::io::Result<FakeLlm> {
+        FakeLlm::serve_with(replies, Some(tls)).await
+    }
+
+    async fn serve_with(
+        replies: Vec<Reply>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<FakeLlm> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let port = listener.local_addr()?.port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let replies = Arc::new(Mutex::new(VecDeque::from(replies)));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (r, q) = (replies.clone(), requests.clone());
         let task = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
-                tokio::spawn(serve(socket, r.clone(), q.clone()));
+                let (r, q, tls) = (r.clone(), q.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(socket).await {
+                                serve(stream, r, q).await;
+                            }
+                        }
+                        None => serve(socket, r, q).await,
+                    }
+                });
             }
         });
         Ok(FakeLlm { url, replies, requests, task })
@@ -99,7 +125,7 @@ impl FakeLlm {
 }
 
 async fn serve(
-    mut socket: TcpStream,
+    mut socket: impl AsyncRead + AsyncWrite + Unpin,
     replies: Arc<Mutex<VecDeque<Reply>>>,
     requests: Arc<Mutex<Vec<Recorded>>>,
 ) {
@@ -144,7 +170,7 @@ async fn serve(
     let _ = socket.shutdown().await;
 }
 
-async fn read_request(socket: &mut TcpStream) -> Option<Recorded> {
+async fn read_request(socket: &mut (impl AsyncRead + Unpin)) -> Option<Recorded> {
     let mut data = Vec::new();
     let mut buf = [0u8; 8192];
     let head_end = loop {

@@ -192,6 +192,9 @@ impl Model {
             return Err(err);
         }
         if attempt >= self.policy.max_attempts {
+            if attempt == 1 {
+                return Err(err);
+            }
             let message = format!("{} (gave up after {attempt} attempts)", err.message);
             return Err(ModelError { message, ..err });
         }
