@@ -296,18 +296,22 @@ struct Harness {
     generator: generator::Generator,
 }
 
-async fn harness(model: Model, system_prompt: Option<&str>) -> Harness {
-    let dynamo = chat_local::LocalDynamo::start(0, "providers").await.unwrap();
-    let store = dynamo.store("providers", StoreOptions::default());
-    let settings = generator::Settings {
+/// Generator settings for these tests: small flushes, a 30 s lease, default memory.
+fn settings() -> generator::Settings {
+    generator::Settings {
         lease: Duration::from_secs(30),
         max_attempts: 3,
         flush_interval: Duration::from_millis(20),
         flush_max_tokens: 3,
         faults: false,
-        system_prompt: system_prompt.map(str::to_owned),
+        system_prompt: None,
         memory: Default::default(),
-    };
+    }
+}
+
+async fn harness(model: Model, settings: generator::Settings) -> Harness {
+    let dynamo = chat_local::LocalDynamo::start(0, "providers").await.unwrap();
+    let store = dynamo.store("providers", StoreOptions::default());
     let generator = generator::Generator::new(store.clone(), model, settings);
     Harness { _dynamo: dynamo, store, generator }
 }
@@ -353,7 +357,11 @@ impl Harness {
 async fn the_committed_reply_is_exactly_the_streamed_tokens_and_history_reaches_the_model() {
     let server =
         FakeLlm::start(vec![fake_llm::openai_reply(TRICKY, Duration::from_millis(3))]).await.unwrap();
-    let h = harness(openai(&server), Some("You are a test.")).await;
+    let h = harness(
+        openai(&server),
+        generator::Settings { system_prompt: Some("You are a test.".to_owned()), ..settings() },
+    )
+    .await;
     let (session, turn) = h.turn(None, "first question").await;
     let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
     assert_eq!(stored.state, State::AiCommitted);
@@ -381,7 +389,7 @@ async fn the_committed_reply_is_exactly_the_streamed_tokens_and_history_reaches_
 async fn a_disconnect_mid_reply_ends_the_turn_in_error_with_the_partial_reply_not_committed() {
     let server =
         FakeLlm::start(vec![fake_llm::openai_partial(&["Partial", " answer", " cut"], b"")]).await.unwrap();
-    let h = harness(openai(&server), None).await;
+    let h = harness(openai(&server), settings()).await;
     let (session, turn) = h.turn(None, "tell me").await;
     let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
     assert_eq!(stored.state, State::Error);
@@ -396,7 +404,7 @@ async fn a_disconnect_mid_reply_ends_the_turn_in_error_with_the_partial_reply_no
 async fn a_bedrock_turn_commits_its_reply() {
     let server =
         FakeLlm::start(vec![fake_llm::bedrock_stream(fake_llm::bedrock_frames(TRICKY))]).await.unwrap();
-    let h = harness(bedrock(&server).await, None).await;
+    let h = harness(bedrock(&server).await, settings()).await;
     let (session, turn) = h.turn(None, "hello bedrock").await;
     let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
     assert_eq!(stored.state, State::AiCommitted);
@@ -407,20 +415,8 @@ async fn a_bedrock_turn_commits_its_reply() {
 #[tokio::test]
 async fn a_message_over_the_memory_budget_ends_the_turn_with_a_clear_error_without_calling_the_model() {
     let server = FakeLlm::start(vec![fake_llm::openai_reply(&["never"], Duration::ZERO)]).await.unwrap();
-    let mut h = harness(openai(&server), None).await;
-    h.generator = generator::Generator::new(
-        h.store.clone(),
-        openai(&server),
-        generator::Settings {
-            lease: Duration::from_secs(30),
-            max_attempts: 3,
-            flush_interval: Duration::from_millis(20),
-            flush_max_tokens: 3,
-            faults: false,
-            system_prompt: None,
-            memory: generator::memory::MemoryLimits { max_tokens: 50, max_turns: 20 },
-        },
-    );
+    let memory = generator::memory::MemoryLimits { max_tokens: 50, max_turns: 20 };
+    let h = harness(openai(&server), generator::Settings { memory, ..settings() }).await;
     let (session, _) = h.turn(None, &"many words ".repeat(100)).await;
     let stored = h.store.get_session(session, true).await.unwrap().unwrap();
     assert_eq!(stored.state, State::Error);
@@ -437,27 +433,13 @@ fn slow_start(silence: Duration, tokens: &[&str]) -> Reply {
     Reply::Stream { content_type, parts }
 }
 
-fn short_lease_harness_settings(lease: Duration) -> generator::Settings {
-    generator::Settings {
-        lease,
-        max_attempts: 3,
-        flush_interval: Duration::from_millis(20),
-        flush_max_tokens: 3,
-        faults: false,
-        system_prompt: None,
-        memory: Default::default(),
-    }
-}
-
 #[tokio::test]
 async fn a_silent_model_does_not_cost_the_lease() {
     let server = FakeLlm::start(vec![slow_start(Duration::from_millis(1500), &["worth", " the", " wait"])])
         .await
         .unwrap();
-    let mut h = harness(openai(&server), None).await;
     let lease = Duration::from_millis(600);
-    h.generator =
-        generator::Generator::new(h.store.clone(), openai(&server), short_lease_harness_settings(lease));
+    let h = harness(openai(&server), generator::Settings { lease, ..settings() }).await;
     let store = h.store.clone();
     let rival = tokio::spawn(async move {
         // Well past the first lease's expiry, while the model is still silent.
@@ -482,12 +464,8 @@ async fn a_silent_model_does_not_cost_the_lease() {
 #[tokio::test]
 async fn a_cancel_lands_while_the_model_is_still_silent() {
     let server = FakeLlm::start(vec![slow_start(Duration::from_secs(20), &["too", " late"])]).await.unwrap();
-    let mut h = harness(openai(&server), None).await;
-    h.generator = generator::Generator::new(
-        h.store.clone(),
-        openai(&server),
-        short_lease_harness_settings(Duration::from_millis(800)),
-    );
+    let lease = Duration::from_millis(800);
+    let h = harness(openai(&server), generator::Settings { lease, ..settings() }).await;
     let store = h.store.clone();
     let canceller = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
