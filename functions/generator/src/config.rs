@@ -141,10 +141,19 @@ impl ModelConfig {
             Provider::Demo(demo) => Arc::new(demo.clone()),
             Provider::OpenAi { settings, api_key_secret } => {
                 let mut settings = settings.clone();
+                let client = aws_sdk_secretsmanager::Client::new(aws);
                 if let Some(arn) = api_key_secret {
-                    settings.api_key = Some(fetch_secret(aws, arn).await?);
+                    settings.api_key = Some(fetch_secret(&client, arn).await?);
                 }
-                Arc::new(OpenAi::new(settings).map_err(|e| invalid("OPENAI_BASE_URL", e))?)
+                let provider = OpenAi::new(settings).map_err(|e| invalid("OPENAI_BASE_URL", e))?;
+                match api_key_secret.clone() {
+                    // A rejected key is reloaded from the secret, so a rotation needs no restart.
+                    Some(arn) => Arc::new(provider.with_key_loader(Arc::new(move || {
+                        let (client, arn) = (client.clone(), arn.clone());
+                        Box::pin(async move { fetch_secret(&client, &arn).await.map_err(|e| e.to_string()) })
+                    }))),
+                    None => Arc::new(provider),
+                }
             }
             Provider::Bedrock(settings) => Arc::new(Bedrock::new(aws, settings.clone())),
         };
@@ -153,8 +162,7 @@ impl ModelConfig {
 }
 
 /// The secret's string value, trimmed.
-async fn fetch_secret(aws: &aws_config::SdkConfig, arn: &str) -> Result<String, ConfigError> {
-    let client = aws_sdk_secretsmanager::Client::new(aws);
+async fn fetch_secret(client: &aws_sdk_secretsmanager::Client, arn: &str) -> Result<String, ConfigError> {
     let output = client.get_secret_value().secret_id(arn).send().await.map_err(|e| {
         use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
         tracing::error!(code = e.code().unwrap_or(""), message = e.message().unwrap_or(""), error = %e, "cannot read the API key secret");

@@ -487,3 +487,45 @@ async fn a_cancel_lands_while_the_model_is_still_silent() {
     assert!(reply.stopped);
     assert_eq!(reply.content, "");
 }
+
+#[tokio::test]
+async fn a_rejected_key_is_reloaded_from_its_secret_and_the_request_retried() {
+    let server = FakeLlm::start(vec![
+        fake_llm::status(
+            401,
+            &[],
+            r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error"}}"#,
+        ),
+        fake_llm::openai_reply(&["rotated", " fine"], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let loads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = loads.clone();
+    let provider = OpenAi::new(OpenAiSettings {
+        base_url: format!("{}/v1", server.url),
+        api_key: Some("sk-old".to_owned()),
+        model: "m".to_owned(),
+        temperature: None,
+        max_tokens: 16,
+        connect_timeout: Duration::from_secs(2),
+    })
+    .unwrap()
+    .with_key_loader(Arc::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok("sk-new".to_owned()) })
+    }));
+    let model = Model::new(Arc::new(provider), policy());
+    let out = collect(&model, "hi").await;
+    assert_eq!(out, vec![Ok("rotated".to_owned()), Ok(" fine".to_owned())]);
+    let keys: Vec<_> =
+        server.requests().iter().map(|r| r.header("authorization").unwrap().to_owned()).collect();
+    assert_eq!(keys, ["Bearer sk-old", "Bearer sk-new"]);
+
+    // A key that is simply wrong is not reloaded again within the interval, nor retried.
+    server.script(vec![fake_llm::status(401, &[], "{}")]);
+    let out = collect(&model, "hi").await;
+    assert!(matches!(&out[..], [Err(e)] if !e.retryable && e.message.contains("HTTP 401")), "{out:?}");
+    assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(server.requests().len(), 3);
+}

@@ -49,12 +49,27 @@ impl std::fmt::Debug for OpenAiSettings {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// Loads the API key again (from its secret), for when the provider rejects the one in use:
+/// a rotated key is picked up without waiting for new instances.
+pub type KeyLoader = Arc<dyn Fn() -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
+
+/// Reloads at most this often, so a key that is simply wrong does not hammer the secret store.
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The key in use and how to reload it.
+struct ApiKey {
+    current: std::sync::RwLock<Option<String>>,
+    loader: Option<KeyLoader>,
+    last_reload: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
 /// An OpenAI-compatible streaming chat provider.
 #[derive(Clone)]
 pub struct OpenAi {
     client: HttpClient,
     url: http::Uri,
     settings: Arc<OpenAiSettings>,
+    key: Arc<ApiKey>,
 }
 
 impl OpenAi {
@@ -84,7 +99,55 @@ impl OpenAi {
         };
         let https = tls.https_or_http().enable_http1().wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new()).build(https);
-        Ok(OpenAi { client, url, settings: Arc::new(settings) })
+        let key = ApiKey {
+            current: std::sync::RwLock::new(settings.api_key.clone()),
+            loader: None,
+            last_reload: std::sync::Mutex::new(None),
+        };
+        Ok(OpenAi { client, url, settings: Arc::new(settings), key: Arc::new(key) })
+    }
+
+    /// Reloads the key with `loader` when the provider rejects it (HTTP 401 or 403).
+    pub fn with_key_loader(mut self, loader: KeyLoader) -> OpenAi {
+        let current = self.key.current.read().expect("key lock").clone();
+        self.key = Arc::new(ApiKey {
+            current: std::sync::RwLock::new(current),
+            loader: Some(loader),
+            last_reload: std::sync::Mutex::new(None),
+        });
+        self
+    }
+
+    fn current_key(&self) -> Option<String> {
+        self.key.current.read().expect("key lock").clone()
+    }
+
+    /// After a rejected key: loads it again (at most every [`KEY_RELOAD_INTERVAL`]); true when
+    /// a different key is now in use, so another attempt may succeed.
+    async fn reload_key(&self) -> bool {
+        let Some(loader) = &self.key.loader else { return false };
+        {
+            let mut last = self.key.last_reload.lock().expect("reload lock");
+            if last.is_some_and(|at| at.elapsed() < KEY_RELOAD_INTERVAL) {
+                return false;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match loader().await {
+            Ok(key) => {
+                let mut current = self.key.current.write().expect("key lock");
+                let changed = current.as_deref() != Some(key.as_str());
+                *current = Some(key);
+                if changed {
+                    info!("the API key was rejected; a new one was loaded from its secret");
+                }
+                changed
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot reload the API key");
+                false
+            }
+        }
     }
 
     /// The request body for `prompt`.
@@ -117,7 +180,7 @@ impl OpenAi {
         let mut request = http::Request::post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "text/event-stream");
-        if let Some(key) = &self.settings.api_key {
+        if let Some(key) = self.current_key() {
             let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))
                 .map_err(|_| ModelError::fatal("the API key is not a valid header value"))?;
             value.set_sensitive(true);
@@ -138,6 +201,10 @@ impl OpenAi {
             warn!(status = status.as_u16(), detail = %self.upstream_detail(&body), "the model provider refused the request");
             let mut err = status_error(status.as_u16());
             err.retry_after = retry_after;
+            if matches!(status.as_u16(), 401 | 403) && self.reload_key().await {
+                err.retryable = true; // with the new key
+                err.retry_after = Some(Duration::ZERO);
+            }
             return Err(err);
         }
         let state = Reading {
@@ -162,7 +229,7 @@ impl OpenAi {
             }
             Err(_) => String::from_utf8_lossy(body).into_owned(),
         };
-        let text = match &self.settings.api_key {
+        let text = match self.current_key() {
             Some(key) if !key.is_empty() => text.replace(key.as_str(), "[redacted]"),
             _ => text,
         };
