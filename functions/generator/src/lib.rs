@@ -30,7 +30,8 @@ pub struct Settings {
     /// Flush once this many tokens are buffered (`FLUSH_MAX_TOKENS`).
     pub flush_max_tokens: usize,
     /// Honour test directives (`DEMO_FAULTS`): `[[crash-after:N]]` aborts the process once N
-    /// tokens are stored, on a first claim only, to prove recovery from a crashed generator.
+    /// tokens are stored, on a first claim only, to prove recovery from a crashed generator;
+    /// `[[lose-delivery]]` acknowledges every delivery of the turn without claiming it.
     pub faults: bool,
     /// The system prompt (`LLM_SYSTEM_PROMPT`).
     pub system_prompt: Option<String>,
@@ -113,6 +114,10 @@ impl Generator {
         let span =
             tracing::info_span!("turn", session = %message.session_id, turn = %message.turn, lease = %owner);
         async {
+            if self.settings.faults && self.delivery_lost(&message).await? {
+                warn!("dropping the delivery on purpose ([[lose-delivery]] test directive)");
+                return Ok(());
+            }
             let claim = self
                 .store
                 .claim_generation(
@@ -134,6 +139,14 @@ impl Generator {
         }
         .instrument(span)
         .await
+    }
+
+    /// The `[[lose-delivery]]` test directive (`DEMO_FAULTS` only): the turn's message asks that
+    /// every delivery be acknowledged unclaimed, as if the queue had lost them, so the sweeper's
+    /// re-drives and its final timeout can be seen end to end.
+    async fn delivery_lost(&self, message: &TurnMessage) -> Result<bool, StoreError> {
+        let user = self.store.get_message(message.session_id, message.turn, Role::User, true).await?;
+        Ok(user.is_some_and(|m| m.content.contains("[[lose-delivery]]")))
     }
 
     async fn generate(&self, mut lease: Lease) -> Result<(), RetryLater> {

@@ -287,6 +287,43 @@ async fn a_turn_whose_model_fails_ends_in_error_and_the_stream_says_so() {
 }
 
 #[tokio::test]
+async fn a_turn_no_generator_picks_up_is_redriven_then_ends_in_timeout() {
+    // Every delivery of this turn is acknowledged unclaimed (a test directive), as if lost.
+    let user = user();
+    let id = session_id(&send_text(api(), &user, "lost [[lose-delivery]]", None).await);
+    let (_, mut reader) = SseReader::open(&format!("{}/sessions/{id}/stream?turn=1", api()), None).await;
+    // PICKUP_TIMEOUT_MS=4000 and MAX_REDRIVES=3 in the test stack: about 16 s in all.
+    let session = wait_for_state(api(), &id, Duration::from_secs(45), |s| s == "timeout").await;
+    assert!(reply_of(&session, 1).is_none());
+
+    // The open stream is told, with the reason.
+    let events = reader.rest().await;
+    let last = events.last().expect("events");
+    assert_eq!(last.event, "error", "{events:?}");
+    let data: Value = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(data["code"], "timeout");
+    assert_eq!(data["message"], "no generator picked the turn up in time");
+
+    // Exactly MAX_REDRIVES re-drives, then the timeout, in the audit trail.
+    let info = stack("e2e");
+    let store = chat_core::Store::new(
+        chat_local::dynamodb_client(&info.dynamodb_endpoint),
+        info.table.as_str(),
+        Default::default(),
+    );
+    let stored = store.get_session(chat_core::SessionId::parse(&id).unwrap(), true).await.unwrap().unwrap();
+    assert_eq!(stored.redrives, 3);
+    let transitions = store.transitions(stored.id).await.unwrap();
+    let last = transitions.last().unwrap();
+    assert_eq!((last.event.as_str(), last.to), ("pickup_expired", chat_core::State::Timeout));
+    assert_eq!(last.by, "sweeper");
+
+    // The session takes a new message.
+    assert_eq!(send_text(api(), &user, "again, normally", Some(&id)).await.status, 202);
+    assert_complete(&stream_turn(&id, 2).await, &id, 2);
+}
+
+#[tokio::test]
 async fn delete_removes_the_session() {
     let user = user();
     let id = session_id(&send_text(api(), &user, "forget me", None).await);
