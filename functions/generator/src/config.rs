@@ -89,6 +89,16 @@ impl ModelConfig {
                         model: env.required("LLM_MODEL")?,
                         temperature,
                         max_tokens,
+                        max_tokens_field: match env.optional("OPENAI_MAX_TOKENS_FIELD").as_deref() {
+                            None | Some("max_tokens") => "max_tokens",
+                            Some("max_completion_tokens") => "max_completion_tokens",
+                            Some(other) => {
+                                return Err(invalid(
+                                    "OPENAI_MAX_TOKENS_FIELD",
+                                    format!("is {other:?}; use \"max_tokens\" or \"max_completion_tokens\""),
+                                ))
+                            }
+                        },
                         connect_timeout: env.millis_or("LLM_CONNECT_TIMEOUT_MS", Duration::from_secs(10))?,
                     },
                     api_key_secret,
@@ -201,6 +211,10 @@ mod tests {
                 "OPENAI_BASE_URL",
             ),
             (&[("LLM_TEMPERATURE", "hot")], "LLM_TEMPERATURE"),
+            (
+                &[("LLM_PROVIDER", "openai"), ("LLM_MODEL", "m"), ("OPENAI_MAX_TOKENS_FIELD", "max")],
+                "OPENAI_MAX_TOKENS_FIELD",
+            ),
             (&[("LLM_TEMPERATURE", "3")], "LLM_TEMPERATURE"),
             (&[("LLM_MAX_TOKENS", "0")], "LLM_MAX_TOKENS"),
             (&[("MEMORY_MAX_TOKENS", "lots")], "MEMORY_MAX_TOKENS"),

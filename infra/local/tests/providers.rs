@@ -38,6 +38,7 @@ fn openai(server: &FakeLlm) -> Model {
         model: "fake-model".to_owned(),
         temperature: Some(0.3),
         max_tokens: 256,
+        max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
     })
     .unwrap();
@@ -197,6 +198,7 @@ async fn openai_unreachable_is_retried_then_reported() {
                 model: "m".to_owned(),
                 temperature: None,
                 max_tokens: 8,
+                max_tokens_field: "max_tokens",
                 connect_timeout: Duration::from_secs(1),
             })
             .unwrap(),
@@ -508,6 +510,7 @@ async fn a_rejected_key_is_reloaded_from_its_secret_and_the_request_retried() {
         model: "m".to_owned(),
         temperature: None,
         max_tokens: 16,
+        max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
     })
     .unwrap()

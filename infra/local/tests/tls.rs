@@ -17,6 +17,7 @@ fn openai(base_url: String) -> Model {
         model: "m".to_owned(),
         temperature: None,
         max_tokens: 16,
+        max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
     };
     let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };

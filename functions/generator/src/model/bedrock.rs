@@ -176,6 +176,15 @@ impl Reading {
                         info!(stop_reason = %reason, "the model stopped early");
                     }
                 }
+                Ok(Some(ConverseStreamOutput::Metadata(event))) => {
+                    if let Some(usage) = event.usage {
+                        info!(
+                            input_tokens = usage.input_tokens,
+                            output_tokens = usage.output_tokens,
+                            "model usage"
+                        );
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) if self.finished => return None,
                 Ok(None) => {

@@ -31,6 +31,9 @@ pub struct OpenAiSettings {
     pub temperature: Option<f32>,
     /// Longest reply, in tokens.
     pub max_tokens: u32,
+    /// The request field that carries it: `max_tokens` (most servers), or
+    /// `max_completion_tokens` (OpenAI's reasoning and newer models refuse `max_tokens`).
+    pub max_tokens_field: &'static str,
     /// Connecting (TCP and TLS) may take this long.
     pub connect_timeout: Duration,
 }
@@ -167,8 +170,8 @@ impl OpenAi {
             "model": self.settings.model,
             "messages": messages,
             "stream": true,
-            "max_tokens": self.settings.max_tokens,
         });
+        body[self.settings.max_tokens_field] = json!(self.settings.max_tokens);
         if let Some(temperature) = self.settings.temperature {
             body["temperature"] = json!(temperature);
         }
@@ -369,6 +372,13 @@ impl Reading {
             }));
             return;
         }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            info!(
+                prompt_tokens = usage["prompt_tokens"].as_u64(),
+                completion_tokens = usage["completion_tokens"].as_u64(),
+                "model usage"
+            );
+        }
         let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
             self.pending.push_back(Err(ModelError::fatal("the model provider sent a malformed chunk")));
             return;
@@ -494,6 +504,7 @@ mod tests {
             model: "m".to_owned(),
             temperature: Some(0.5),
             max_tokens: 64,
+            max_tokens_field: "max_tokens",
             connect_timeout: Duration::from_secs(1),
         })
         .unwrap();
@@ -515,6 +526,13 @@ mod tests {
         assert_eq!(body["stream"], json!(true));
         assert_eq!(body["max_tokens"], json!(64));
         assert_eq!(body["temperature"], json!(0.5));
+        let mut reasoning = provider.clone();
+        reasoning.settings = Arc::new(OpenAiSettings {
+            max_tokens_field: "max_completion_tokens",
+            ..(*provider.settings).clone()
+        });
+        let body = reasoning.request_body(&prompt);
+        assert_eq!((body.get("max_tokens"), &body["max_completion_tokens"]), (None, &json!(64)));
         assert!(!format!("{:?}", provider.settings).contains("sk-secret"));
         let detail = provider.upstream_detail(b"{\"error\":{\"message\":\"bad key sk-secret\"}}");
         assert!(detail.contains("bad key [redacted]"), "{detail}");
