@@ -532,3 +532,18 @@ async fn a_rejected_key_is_reloaded_from_its_secret_and_the_request_retried() {
     assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(server.requests().len(), 3);
 }
+
+#[tokio::test]
+async fn a_bedrock_stream_cut_mid_reply_ends_the_turn_in_error() {
+    let mut frames = fake_llm::bedrock_frames(&["Cut", " short", " here"]);
+    frames.truncate(4); // messageStart and three deltas; no messageStop
+    let server = FakeLlm::start(vec![fake_llm::bedrock_stream(frames)]).await.unwrap();
+    let h = harness(bedrock(&server).await, settings()).await;
+    let (session, turn) = h.turn(None, "go").await;
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::Error);
+    assert!(stored.reason.unwrap_or_default().contains("ended before the reply was complete"));
+    assert!(!messages.iter().any(|m| m.id.role == Role::Assistant));
+    assert_eq!(h.streamed(session, turn).await, "Cut short here");
+    assert_eq!(server.requests().len(), 1);
+}
