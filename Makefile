@@ -53,7 +53,7 @@ build: check-toolchain $(DEPLOY_VENV)/.installed ## Build arm64 release zips of 
 	  echo "the aarch64-unknown-linux-gnu standard library is missing: rustup target add aarch64-unknown-linux-gnu" >&2; exit 1; }
 	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 \
 	  $(DEPLOY_VENV)/bin/cargo-lambda lambda build --release --arm64 --output-format zip $(addprefix --bin ,$(FUNCTIONS))
-	@for f in $(FUNCTIONS); do ls -l target/lambda/$$f/bootstrap.zip | awk -v f=$$f '{printf "  %-10s zip %6.1f MB\n", f, $$5/1048576}'; done
+	@python3 -c 'import os, sys, zipfile; [print(f"  {f:<10} binary {zipfile.ZipFile(z).infolist()[0].file_size / 2**20:5.1f} MiB   zip {os.path.getsize(z) / 2**20:5.1f} MiB") for f in sys.argv[1:] for z in [f"target/lambda/{f}/bootstrap.zip"]]' $(FUNCTIONS)
 
 deploy: $(DEPLOY_VENV)/.installed ## sam build + sam deploy (guided the first time) to your AWS account
 	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 $(DEPLOY_VENV)/bin/sam build
