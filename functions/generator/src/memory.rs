@@ -39,7 +39,7 @@ impl TokenCounter {
 
     /// Tokens in `text`.
     pub fn count(&self, text: &str) -> usize {
-        self.bpe.encode_ordinary(text).len()
+        self.bpe.count_ordinary(text)
     }
 
     /// Tokens a message costs in a prompt.

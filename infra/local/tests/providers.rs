@@ -292,6 +292,9 @@ async fn bedrock_cut_streams_and_garbage_frames_are_errors_not_panics() {
 
 // The whole generator: turns through DynamoDB (embedded), replies from the fake servers.
 
+/// The user every harness turn is sent as.
+const TESTER: &str = "provider-tester";
+
 struct Harness {
     _dynamo: chat_local::LocalDynamo,
     store: Store,
@@ -321,7 +324,7 @@ async fn harness(model: Model, settings: generator::Settings) -> Harness {
 impl Harness {
     /// Sends `text` (continuing `session` if given) and runs the generator on it.
     async fn turn(&self, session: Option<SessionId>, text: &str) -> (SessionId, Turn) {
-        let user = UserId::parse("provider-tester").unwrap();
+        let user = UserId::parse(TESTER).unwrap();
         let sent = self
             .store
             .send_message(NewMessage {
@@ -426,6 +429,14 @@ async fn a_message_over_the_memory_budget_ends_the_turn_with_a_clear_error_witho
     assert!(server.requests().is_empty());
 }
 
+/// The session of the one turn a harness is running (its emulator holds no other).
+async fn only_session(store: &Store) -> chat_core::Session {
+    let user = UserId::parse(TESTER).unwrap();
+    let sessions = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap().sessions;
+    let [session] = &sessions[..] else { panic!("expected one session, got {}", sessions.len()) };
+    session.clone()
+}
+
 /// A reply whose first token comes after `silence` (a model thinking), then `tokens`.
 fn slow_start(silence: Duration, tokens: &[&str]) -> Reply {
     let Reply::Stream { content_type, mut parts } = fake_llm::openai_reply(tokens, Duration::ZERO) else {
@@ -446,9 +457,7 @@ async fn a_silent_model_does_not_cost_the_lease() {
     let rival = tokio::spawn(async move {
         // Well past the first lease's expiry, while the model is still silent.
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let user = UserId::parse("provider-tester").unwrap();
-        let sessions = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap().sessions;
-        let session = sessions.first().expect("the turn's session").clone();
+        let session = only_session(&store).await;
         store.claim_generation(session.id, session.turn, "rival", Duration::from_secs(30), 3).await.unwrap()
     });
     let (session, turn) = h.turn(None, "think hard").await;
@@ -471,9 +480,7 @@ async fn a_cancel_lands_while_the_model_is_still_silent() {
     let store = h.store.clone();
     let canceller = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let user = UserId::parse("provider-tester").unwrap();
-        let sessions = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap().sessions;
-        store.request_cancel(sessions[0].id, None).await.unwrap()
+        store.request_cancel(only_session(&store).await.id, None).await.unwrap()
     });
     let started = std::time::Instant::now();
     let (session, turn) = h.turn(None, "never mind").await;
