@@ -240,7 +240,9 @@ impl Generator {
             match next {
                 Some(Ok(token)) => {
                     writer.push(token);
-                    if writer.buffer.len() >= self.settings.flush_max_tokens {
+                    // The first token goes out at once: time to first token is what users feel;
+                    // later tokens are batched by time and size.
+                    if writer.buffer.len() >= self.settings.flush_max_tokens || writer.is_first_chunk() {
                         checked = Instant::now();
                         if let Some(ending) = self.flush(lease, writer).await? {
                             return Ok(ending);
@@ -292,6 +294,8 @@ struct ChunkWriter {
     /// When the oldest buffered token arrived.
     oldest: Option<Instant>,
     next_seq: u32,
+    /// The chunk this attempt started at.
+    first_seq: u32,
     next_index: u64,
     /// Everything written so far: the reply if it ends now.
     text: String,
@@ -303,6 +307,7 @@ impl ChunkWriter {
             buffer: Vec::new(),
             oldest: None,
             next_seq: lease.next_seq,
+            first_seq: lease.next_seq,
             next_index: lease.resumed_tokens.len() as u64,
             text: lease.resumed_tokens.concat(),
         }
@@ -314,6 +319,11 @@ impl ChunkWriter {
         }
         self.oldest.get_or_insert_with(Instant::now);
         self.buffer.push(token);
+    }
+
+    /// Whether nothing has been written yet in this attempt.
+    fn is_first_chunk(&self) -> bool {
+        self.next_seq == self.first_seq
     }
 
     fn written(&mut self) {

@@ -29,6 +29,11 @@ pub type SseBody = StreamBody<BoxStream<'static, Result<http_body::Frame<Bytes>,
 /// turn has ended: ending detection may lag by this much, reads per client drop accordingly.
 const SESSION_CHECK_EVERY: Duration = Duration::from_millis(250);
 
+/// A relay waiting for its turn to be picked up keeps polling fast this long before it backs
+/// off: pickup usually takes a fraction of a second, and a slow poll then would delay the first
+/// token by up to a whole slow interval.
+const FAST_WHILE_WAITING: Duration = Duration::from_secs(3);
+
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -248,7 +253,7 @@ impl Relay {
                 }
                 last_sent = Instant::now();
             }
-            interval = if generating || progressed {
+            interval = if generating || progressed || started.elapsed() < FAST_WHILE_WAITING {
                 settings.poll_fast
             } else {
                 (interval * 2).min(settings.poll_slow)
@@ -278,11 +283,8 @@ impl Relay {
         let events = match reply {
             Some(reply) => vec![
                 sse::event("message_end", None, &json!({"turn": turn, "stopped": reply.stopped}).to_string()),
-                sse::event(
-                    "commit_done",
-                    None,
-                    &json!({"session_id": position.session, "turn": turn}).to_string(),
-                ),
+                // The bare session id, as seed-compatible clients expect; the turn is in the ids.
+                sse::event("commit_done", None, &position.session.to_string()),
             ],
             None => {
                 let (code, state) = match (session.turn == turn, session.state) {
