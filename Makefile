@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools functions dev test lint fmt check-toolchain bench-turn bench-prompt validate build deploy
+.PHONY: help tools functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load validate build deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ deploy: $(DEPLOY_VENV)/.installed ## sam build + sam deploy (guided the first ti
 
 bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
 	$(CARGO) run --locked -q -p chat-local --bin bench-turn
+
+bench-load: tools functions ## Many conversations at once through the local stack: errors, turns/s, TTFT, laws checked
+	$(CARGO) run --locked -q -p chat-local --bin bench-load
 
 bench-prompt: check-toolchain ## Tokenizer load and prompt-building time for histories of several sizes
 	$(CARGO) run --locked -q -p chat-local --bin bench-prompt

@@ -1,13 +1,19 @@
 use aws_lambda_events::event::sqs::SqsEvent;
-use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use lambda_runtime::{run_concurrent, service_fn, Error, LambdaEvent};
+use std::sync::Arc;
+
+fn main() -> Result<(), Error> {
+    chat_core::aws::apply_local_concurrency();
+    serve()
+}
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn serve() -> Result<(), Error> {
     chat_core::aws::init_tracing();
-    let generator = chat_core::aws::started(generator::Generator::from_env().await)?;
-    let generator = &generator;
-    run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<_, Error>(generator.handle(event.payload).await)
+    let generator = Arc::new(chat_core::aws::started(generator::Generator::from_env().await)?);
+    run_concurrent(service_fn(move |event: LambdaEvent<SqsEvent>| {
+        let generator = generator.clone();
+        async move { Ok::<_, Error>(generator.handle(event.payload).await) }
     }))
     .await
 }

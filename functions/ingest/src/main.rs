@@ -1,9 +1,18 @@
-use lambda_http::{run, service_fn, Error, Request};
+use lambda_http::{run_concurrent, service_fn, Error, Request};
+use std::sync::Arc;
+
+fn main() -> Result<(), Error> {
+    chat_core::aws::apply_local_concurrency();
+    serve()
+}
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn serve() -> Result<(), Error> {
     chat_core::aws::init_tracing();
-    let app = chat_core::aws::started(ingest::App::from_env().await)?;
-    let app = &app;
-    run(service_fn(move |request: Request| async move { Ok::<_, Error>(app.handle(request).await) })).await
+    let app = Arc::new(chat_core::aws::started(ingest::App::from_env().await)?);
+    run_concurrent(service_fn(move |request: Request| {
+        let app = app.clone();
+        async move { Ok::<_, Error>(app.handle(request).await) }
+    }))
+    .await
 }

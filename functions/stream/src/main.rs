@@ -1,10 +1,15 @@
-use lambda_http::{run_with_streaming_response, service_fn, Error, Request};
+use lambda_http::{run_with_streaming_response_concurrent, service_fn, Error, Request};
+
+fn main() -> Result<(), Error> {
+    chat_core::aws::apply_local_concurrency();
+    serve()
+}
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn serve() -> Result<(), Error> {
     chat_core::aws::init_tracing();
     let relay = chat_core::aws::started(stream::Relay::from_env().await)?;
-    run_with_streaming_response(service_fn(move |request: Request| {
+    run_with_streaming_response_concurrent(service_fn(move |request: Request| {
         let relay = relay.clone();
         async move { Ok::<_, Error>(relay.handle(request).await) }
     }))

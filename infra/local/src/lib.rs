@@ -2,7 +2,10 @@
 //!
 //! - DynamoDB: dynoxide, embedded in this process;
 //! - SQS: a moto server (from the project's pinned Python tools);
-//! - the functions: `cargo lambda watch`, which serves the one-origin API and the Lambda invoke API;
+//! - the functions: `cargo lambda watch`, which serves the functions' URLs and the Lambda invoke
+//!   API on an internal port;
+//! - the one-origin API in front of it ([`gateway`]): Lambda's concurrency limit as admission
+//!   control, which also keeps `cargo lambda watch` from wedging under a crowd;
 //! - what `cargo lambda watch` does not provide: the SQS event source mapping (long poll, batch,
 //!   invoke the generator, delete what succeeded, leave failures to the visibility timeout, DLQ
 //!   by redrive) and the sweeper's schedule.
@@ -22,6 +25,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 pub mod fake_llm;
+pub mod gateway;
+pub mod sse;
 
 /// The functions the stack runs, in build order.
 pub const FUNCTIONS: [&str; 4] = ["ingest", "generator", "stream", "sweeper"];
@@ -43,6 +48,14 @@ pub struct Settings {
     pub queue: String,
     /// Function instances `cargo lambda watch` may run at once, per function.
     pub concurrency: usize,
+    /// Invocations one instance of ingest, stream or the generator serves at once
+    /// (`run_concurrent`); the gateway and the event source let no more than
+    /// `concurrency × invocations_per_instance` invocations of a function reach the watcher.
+    pub invocations_per_instance: usize,
+    /// Requests that may wait for a function's slot at the gateway; more get 429 at once.
+    pub max_waiting: usize,
+    /// Longest wait for a slot at the gateway before 429.
+    pub max_wait: Duration,
     /// How often the sweeper runs.
     pub sweep_interval: Duration,
     /// SQS visibility timeout: how long a failed or crashed delivery waits before redelivery.
@@ -57,7 +70,15 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
 }
 
+/// `cargo lambda watch` 1.9.2 wedges once more than 100 invocations wait for one function.
+const WATCH_QUEUE_LIMIT: usize = 100;
+
 impl Settings {
+    /// Invocations of one function the stack lets reach `cargo lambda watch` at once.
+    pub fn slots(&self) -> usize {
+        self.concurrency * self.invocations_per_instance
+    }
+
     /// Defaults for `make dev`, rooted at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Settings {
         Settings {
@@ -67,7 +88,10 @@ impl Settings {
             sqs_port: 9324,
             table: "chat".to_owned(),
             queue: "chat-turns".to_owned(),
-            concurrency: 8,
+            concurrency: 4,
+            invocations_per_instance: 16,
+            max_waiting: 1000,
+            max_wait: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(5),
             visibility_timeout: Duration::from_secs(60),
             max_receive_count: 5,
@@ -98,6 +122,10 @@ fn fail(what: impl std::fmt::Display) -> StackError {
 pub struct Stack {
     /// Base URL of the one-origin API, e.g. `http://127.0.0.1:9000`.
     pub api: String,
+    /// `cargo lambda watch` itself (function URLs and the Lambda invoke API), behind the gateway.
+    pub functions: String,
+    /// What the gateway has forwarded and shed.
+    pub gateway: Arc<gateway::Counters>,
     /// DynamoDB endpoint.
     pub dynamodb_endpoint: String,
     /// SQS endpoint.
@@ -206,6 +234,16 @@ impl Stack {
     pub async fn start(settings: Settings, progress: impl Fn(&str)) -> Result<Stack, StackError> {
         let root =
             settings.root.canonicalize().map_err(|e| fail(format!("{}: {e}", settings.root.display())))?;
+        if settings.concurrency == 0 || settings.invocations_per_instance == 0 {
+            return Err(fail("LAMBDA_CONCURRENCY and LOCAL_INVOCATIONS_PER_INSTANCE must be at least 1"));
+        }
+        if settings.slots() >= WATCH_QUEUE_LIMIT {
+            return Err(fail(format!(
+                "LAMBDA_CONCURRENCY × LOCAL_INVOCATIONS_PER_INSTANCE is {}; keep it under {WATCH_QUEUE_LIMIT}, \
+                 the most invocations cargo lambda watch can queue for a function without wedging",
+                settings.slots()
+            )));
+        }
         let venv_bin = root.join(".tools/venv/bin");
         if !venv_bin.join("moto_server").exists() || !venv_bin.join("cargo-lambda").exists() {
             return Err(fail("the local tools are missing: run `make tools` first"));
@@ -265,13 +303,23 @@ impl Stack {
         create_secrets(&sqs_endpoint, &settings.secrets).await?;
 
         progress("starting the functions (cargo lambda watch; the first start builds them)");
-        let api_port = free_port(settings.api_port)?;
-        let api = format!("http://127.0.0.1:{api_port}");
+        // The API port is bound now, so a busy port fails the start before anything is built.
+        let api_listener =
+            tokio::net::TcpListener::bind(("127.0.0.1", settings.api_port)).await.map_err(|e| {
+                fail(format!("port {} on 127.0.0.1 is not free ({e}); set API_PORT", settings.api_port))
+            })?;
+        let api = format!("http://{}", api_listener.local_addr().map_err(fail)?);
+        let functions_port = free_port(0)?;
+        let functions = format!("http://127.0.0.1:{functions_port}");
         let (out, err) = output()?;
         let mut watch_cmd = supervised(&root, venv_bin.join("cargo-lambda").as_os_str());
         watch_cmd
-            .args(["lambda", "watch", "-A", "127.0.0.1", "-P", &api_port.to_string()])
+            .args(["lambda", "watch", "-A", "127.0.0.1", "-P", &functions_port.to_string()])
             .args(["--concurrency", &settings.concurrency.to_string()])
+            .env(
+                chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
+                settings.invocations_per_instance.to_string(),
+            )
             .env("PATH", format!("{}:{}", venv_bin.display(), std::env::var("PATH").unwrap_or_default()))
             .env("TABLE_NAME", &settings.table)
             .env("QUEUE_URL", &queue_url)
@@ -310,8 +358,19 @@ impl Stack {
             watch_cmd.spawn().map_err(|e| fail(format!("starting cargo lambda watch: {e}")))?,
         ));
 
+        let limits = gateway::Limits {
+            concurrency: settings.slots(),
+            max_waiting: settings.max_waiting,
+            max_wait: settings.max_wait,
+        };
+        let (front, gateway_task) =
+            gateway::start(api_listener, functions.clone(), limits, shutdown.subscribe()).map_err(fail)?;
+        tasks.push(gateway_task);
+
         let mut stack = Stack {
             api: api.clone(),
+            functions: functions.clone(),
+            gateway: front.counters,
             dynamodb_endpoint,
             sqs_endpoint,
             queue_url,
@@ -331,7 +390,7 @@ impl Stack {
         .await?;
         progress("warming up the generator, stream and sweeper");
         for (name, event) in [("generator", json!({"Records": []})), ("sweeper", scheduled_event())] {
-            invoke(&http, &api, name, &event).await.map_err(|e| {
+            invoke(&http, &functions, name, &event).await.map_err(|e| {
                 fail(format!("the {name} function did not start; its log above says why (warm-up: {e})"))
             })?;
         }
@@ -342,17 +401,19 @@ impl Stack {
         })
         .await?;
 
+        // The event source and the schedule invoke the functions directly; each keeps its own
+        // bound on invocations in flight (at most `concurrency` batches, one sweep).
         stack.tasks.push(tokio::spawn(event_source_mapping(
             stack.sqs.clone(),
             http.clone(),
-            api.clone(),
+            functions.clone(),
             stack.queue_url.clone(),
-            settings.concurrency,
+            settings.slots(),
             stack.shutdown.subscribe(),
         )));
         stack.tasks.push(tokio::spawn(schedule(
             http,
-            api,
+            functions,
             settings.sweep_interval,
             stack.shutdown.subscribe(),
         )));

@@ -13,6 +13,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     settings.dynamodb_port = env.parse_or("DYNAMODB_PORT", settings.dynamodb_port)?;
     settings.sqs_port = env.parse_or("SQS_PORT", settings.sqs_port)?;
     settings.concurrency = env.parse_or("LAMBDA_CONCURRENCY", settings.concurrency)?;
+    settings.invocations_per_instance =
+        env.parse_or(chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE, settings.invocations_per_instance)?;
+    settings.max_waiting = env.parse_or("GATEWAY_MAX_WAITING", settings.max_waiting)?;
+    settings.max_wait = env.millis_or("GATEWAY_MAX_WAIT_MS", settings.max_wait)?;
     settings.sweep_interval = env.millis_or("SWEEP_INTERVAL_MS", settings.sweep_interval)?;
     settings.visibility_timeout = env.millis_or("VISIBILITY_TIMEOUT_MS", settings.visibility_timeout)?;
     if env.optional("LOG_FORMAT").is_none() {
@@ -26,6 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
+    let concurrency = settings.slots();
     let started = std::time::Instant::now();
     let stack = match Stack::start(settings, |step| eprintln!("==> {step}")).await {
         Ok(stack) => stack,
@@ -38,7 +43,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!(
         "\n\
 ==> ready in {:.1?}\n\
-    API (one origin)  {api}\n\
+    API (one origin)  {api}  (at most {} invocations per function at once; 429 past that)\n\
+    Functions         {}  (cargo lambda watch, behind the API)\n\
     DynamoDB          {}\n\
     SQS               {}  (queue {})\n\
     Model             {}\n\n\
@@ -48,6 +54,8 @@ Try it:\n\
     curl -s {api}/sessions/SESSION_ID\n\n\
 Ctrl-C stops everything.\n",
         started.elapsed(),
+        concurrency,
+        stack.functions,
         stack.dynamodb_endpoint,
         stack.sqs_endpoint,
         stack.queue_url,

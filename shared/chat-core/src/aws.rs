@@ -43,3 +43,25 @@ pub fn started<T>(result: Result<T, crate::config::ConfigError>) -> Result<T, cr
     }
     result
 }
+
+/// The environment variable that sets how many invocations one local instance serves at once.
+pub const LOCAL_INVOCATIONS_PER_INSTANCE: &str = "LOCAL_INVOCATIONS_PER_INSTANCE";
+
+/// Local stack only: `cargo lambda watch` starts every instance with
+/// `AWS_LAMBDA_MAX_CONCURRENCY=1`, so each would serve one invocation at a time and a crowd would
+/// need a process (and a `cargo run`) per conversation. With `LOCAL_INVOCATIONS_PER_INSTANCE` set
+/// and the runtime API on loopback, this sets `AWS_LAMBDA_MAX_CONCURRENCY` to it, and
+/// `run_concurrent` serves that many invocations at once, as on Lambda Managed Instances. On
+/// Lambda (runtime API not on loopback) it does nothing.
+///
+/// Call it first thing in `main`, before any thread exists: it changes the process environment.
+pub fn apply_local_concurrency() {
+    let Ok(wanted) = std::env::var(LOCAL_INVOCATIONS_PER_INSTANCE) else { return };
+    let local = std::env::var("AWS_LAMBDA_RUNTIME_API").is_ok_and(|api| {
+        let host = api.strip_prefix("http://").unwrap_or(&api);
+        host.starts_with("127.") || host.starts_with("localhost:") || host.starts_with("[::1]:")
+    });
+    if local && wanted.parse::<u32>().is_ok_and(|n| n >= 1) {
+        std::env::set_var("AWS_LAMBDA_MAX_CONCURRENCY", wanted);
+    }
+}

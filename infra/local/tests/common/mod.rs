@@ -54,6 +54,16 @@ pub fn stack_with(
     extra: Vec<(String, String)>,
     secrets: Vec<(String, String)>,
 ) -> &'static StackInfo {
+    stack_configured(name, extra, secrets, |_| {})
+}
+
+/// [`stack_with`], with the stack's settings adjusted by `configure` before it starts.
+pub fn stack_configured(
+    name: &str,
+    extra: Vec<(String, String)>,
+    secrets: Vec<(String, String)>,
+    configure: impl FnOnce(&mut Settings),
+) -> &'static StackInfo {
     STACK.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut settings = Settings::new(root.clone());
@@ -61,13 +71,15 @@ pub fn stack_with(
         settings.dynamodb_port = 0;
         settings.sqs_port = 0;
         settings.table = format!("chat-e2e-{}", std::process::id());
-        settings.concurrency = 8;
+        settings.concurrency = 2;
+        settings.invocations_per_instance = 16;
         settings.sweep_interval = Duration::from_millis(500);
         settings.visibility_timeout = Duration::from_secs(5);
         settings.function_env = test_env();
         settings.function_env.extend(extra);
         settings.secrets = secrets;
         settings.log_file = Some(root.join(format!("target/e2e-logs/{name}.log")));
+        configure(&mut settings);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().expect("runtime");

@@ -1,0 +1,250 @@
+//! The local front door: the one-origin API on `http://127.0.0.1:9000`, in front of
+//! `cargo lambda watch`, with Lambda's concurrency limit as admission control.
+//!
+//! Why it exists: `cargo lambda watch` 1.9.2 queues each function's pending invocations in a
+//! 100-slot channel and pushes into it while holding the lock every instance needs to take its
+//! next invocation. Once more than 100 invocations wait for one function (200 chat clients
+//! posting at once do it), the push blocks with the lock held, no instance can take work again,
+//! and the whole server, `/health` included, hangs until it is restarted.
+//!
+//! So no more invocations reach it than its instances can take at once: each function has
+//! `concurrency` slots; a request waits for one (at most `max_wait`, behind at most `max_waiting` others) and is
+//! otherwise shed at once with 429, a JSON error and `Retry-After`, as a throttled Function URL
+//! answers on AWS. A slot is held until the function's response starts: a buffered answer is
+//! then complete, and a streaming one no longer occupies the instance.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use futures::StreamExt;
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// Largest request body forwarded; Lambda's own limit for a buffered invocation is 6 MB.
+const MAX_REQUEST_BYTES: usize = 6 * 1024 * 1024;
+
+/// Admission settings for every function behind the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Invocations of one function running at once: what the instances `cargo lambda watch` may
+    /// start can serve together.
+    pub concurrency: usize,
+    /// Requests that may wait for a slot, per function; more are shed at once.
+    pub max_waiting: usize,
+    /// Longest wait for a slot before the request is shed.
+    pub max_wait: Duration,
+}
+
+/// What the gateway has done, for benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests forwarded to a function.
+    pub forwarded: AtomicU64,
+    /// Requests shed with 429.
+    pub shed: AtomicU64,
+}
+
+/// One function's slots.
+struct Lane {
+    name: &'static str,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
+
+struct Gateway {
+    upstream: String,
+    http: reqwest::Client,
+    limits: Limits,
+    ingest: Lane,
+    stream: Lane,
+    counters: Arc<Counters>,
+}
+
+/// A running gateway; it stops when `shutdown` turns true.
+pub struct Running {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// What it has forwarded and shed.
+    pub counters: Arc<Counters>,
+}
+
+/// Serves the one-origin API on `listener`, forwarding to `upstream` (`cargo lambda watch`).
+pub fn start(
+    listener: tokio::net::TcpListener,
+    upstream: String,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(Running, tokio::task::JoinHandle<()>)> {
+    let url = format!("http://{}", listener.local_addr()?);
+    let lane = |name| Lane { name, slots: Arc::new(Semaphore::new(limits.concurrency)), waiting: 0.into() };
+    let counters = Arc::new(Counters::default());
+    let gateway = Arc::new(Gateway {
+        upstream,
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("a plain HTTP client builds"),
+        limits,
+        ingest: lane("ingest"),
+        stream: lane("stream"),
+        counters: counters.clone(),
+    });
+    let app = axum::Router::new().fallback(forward).with_state(gateway);
+    let task = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+            tracing::error!(error = %e, "the local gateway stopped");
+        }
+    });
+    Ok((Running { url, counters }, task))
+}
+
+/// Which function serves a path, as `[workspace.metadata.lambda.watch.router]` routes it.
+pub fn function_for(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segments.as_slice() {
+        ["sessions", _, "stream"] => "stream",
+        _ => "ingest",
+    }
+}
+
+async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let lane = match function_for(request.uri().path()) {
+        "stream" => &gateway.stream,
+        _ => &gateway.ingest,
+    };
+    let Some(slot) = admit(lane, &gateway.limits).await else {
+        gateway.counters.shed.fetch_add(1, Ordering::Relaxed);
+        return shed(lane, &gateway.limits);
+    };
+    gateway.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+    match relay(&gateway, request, slot).await {
+        Ok(response) => response,
+        Err(response) => response,
+    }
+}
+
+/// Waits for a slot in `lane`, within the limits; `None` means shed.
+async fn admit(lane: &Lane, limits: &Limits) -> Option<OwnedSemaphorePermit> {
+    if let Ok(slot) = lane.slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    if lane.waiting.fetch_add(1, Ordering::AcqRel) >= limits.max_waiting {
+        lane.waiting.fetch_sub(1, Ordering::AcqRel);
+        return None;
+    }
+    let slot = tokio::time::timeout(limits.max_wait, lane.slots.clone().acquire_owned()).await;
+    lane.waiting.fetch_sub(1, Ordering::AcqRel);
+    slot.ok().map(|s| s.expect("the semaphore is never closed"))
+}
+
+fn shed(lane: &Lane, limits: &Limits) -> Response {
+    let body = json!({"error": {
+        "code": "too_many_requests",
+        "message": format!(
+            "the {} function is at capacity ({} running, {} waiting); retry after 1 s",
+            lane.name, limits.concurrency, lane.waiting.load(Ordering::Relaxed)
+        ),
+    }});
+    error_response(StatusCode::TOO_MANY_REQUESTS, body, Some("1"))
+}
+
+fn error_response(
+    status: StatusCode,
+    body: serde_json::Value,
+    retry_after: Option<&'static str>,
+) -> Response {
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("a static response is valid");
+    if let Some(seconds) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+    }
+    response
+}
+
+/// Forwards the request and relays the answer; the slot is released once the answer starts.
+async fn relay(
+    gateway: &Gateway,
+    request: Request,
+    slot: OwnedSemaphorePermit,
+) -> Result<Response, Response> {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.map_err(|_| {
+        let body = json!({"error": {"code": "body_too_large", "message": "the body is over 6 MB"}});
+        error_response(StatusCode::PAYLOAD_TOO_LARGE, body, None)
+    })?;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let upstream = gateway
+        .http
+        .request(parts.method, format!("{}{path}", gateway.upstream))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    drop(slot);
+    let upstream = upstream.map_err(|e| {
+        tracing::warn!(error = %e, "the local Lambda emulator did not answer");
+        let body = json!({"error": {
+            "code": "function_unavailable",
+            "message": "the function did not answer (see the cargo lambda watch log); try again",
+        }});
+        error_response(StatusCode::BAD_GATEWAY, body, None)
+    })?;
+    let mut response = Response::builder().status(upstream.status());
+    if let Some(headers) = response.headers_mut() {
+        headers.extend(upstream.headers().iter().map(|(k, v)| (k.clone(), v.clone())));
+        strip_hop_by_hop(headers);
+    }
+    let body = Body::from_stream(upstream.bytes_stream().map(|chunk| chunk.map_err(std::io::Error::other)));
+    Ok(response.body(body).expect("upstream parts are valid"))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::CONTENT_LENGTH, header::HOST] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_route_like_the_watch_router() {
+        assert_eq!(function_for("/sessions/abc/stream"), "stream");
+        assert_eq!(function_for("/sessions/abc/stream/"), "stream");
+        assert_eq!(function_for("/sessions/abc"), "ingest");
+        assert_eq!(function_for("/sessions/alice/messages"), "ingest");
+        assert_eq!(function_for("/health"), "ingest");
+        assert_eq!(function_for("/"), "ingest");
+    }
+
+    #[tokio::test]
+    async fn a_full_lane_sheds_waiters_past_its_queue_and_after_its_wait() {
+        let limits = Limits { concurrency: 1, max_waiting: 1, max_wait: Duration::from_millis(50) };
+        let lane = Lane { name: "ingest", slots: Arc::new(Semaphore::new(1)), waiting: 0.into() };
+        let held = admit(&lane, &limits).await.expect("a free slot is taken at once");
+        let (waiter, over) = tokio::join!(admit(&lane, &limits), async {
+            tokio::task::yield_now().await;
+            admit(&lane, &limits).await
+        });
+        assert!(over.is_none(), "a second waiter is over max_waiting");
+        assert!(waiter.is_none(), "the first waiter gives up after max_wait");
+        assert_eq!(lane.waiting.load(Ordering::Relaxed), 0);
+        drop(held);
+        assert!(admit(&lane, &limits).await.is_some(), "a released slot is taken again");
+    }
+}
