@@ -19,6 +19,10 @@ pub fn json(status: StatusCode, body: Value) -> Response<Body> {
 pub enum ApiError {
     /// 400: the request is malformed; `message` says what to fix.
     BadRequest { code: &'static str, message: String },
+    /// 401: no valid token; `message` says what to send.
+    Unauthorized { code: &'static str, message: String },
+    /// 403: the path names another user than the caller.
+    Forbidden { message: String },
     /// 404: no such session or route.
     NotFound { code: &'static str, message: String },
     /// 405: the path exists with other methods.
@@ -46,6 +50,11 @@ impl ApiError {
         ApiError::MethodNotAllowed { allow }
     }
 
+    /// The path names a user the caller may not act as.
+    pub fn forbidden(user: &chat_core::UserId) -> ApiError {
+        ApiError::Forbidden { message: format!("you are not signed in as {user:?}; use your own user id") }
+    }
+
     pub fn session_not_found() -> ApiError {
         ApiError::NotFound { code: "session_not_found", message: "no such session for this user".to_owned() }
     }
@@ -60,6 +69,15 @@ impl ApiError {
         let (status, code, message, extra) = match self {
             ApiError::BadRequest { code, message } => (StatusCode::BAD_REQUEST, code, message, None),
             ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, code, message, None),
+            ApiError::Unauthorized { code, message } => {
+                let body = json!({"error": {"code": code, "message": message}});
+                let mut response = json(StatusCode::UNAUTHORIZED, body);
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                return response;
+            }
+            ApiError::Forbidden { message } => (StatusCode::FORBIDDEN, "forbidden", message, None),
             ApiError::MethodNotAllowed { allow } => {
                 let mut response = json(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -167,5 +185,19 @@ impl SendBody {
             user_id: optional_string("user_id")?.map(str::to_owned),
             client_message_id,
         })
+    }
+}
+
+impl From<chat_auth::AuthError> for ApiError {
+    fn from(err: chat_auth::AuthError) -> ApiError {
+        use chat_auth::AuthError;
+        match err {
+            AuthError::Missing | AuthError::Invalid(_) => {
+                let (_, code) = err.status_and_code();
+                ApiError::Unauthorized { code, message: err.to_string() }
+            }
+            AuthError::BadUserHeader(_) => ApiError::bad_request("invalid_user_id", err.to_string()),
+            AuthError::KeysUnavailable => ApiError::unavailable("auth_unavailable", err.to_string()),
+        }
     }
 }

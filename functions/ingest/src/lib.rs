@@ -7,6 +7,7 @@ mod api;
 pub use api::ApiError;
 
 use api::{json, parse_session};
+use chat_auth::{AuthConfig, Authenticator, Caller};
 use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::{Queue, TurnMessage};
 use chat_core::time::rfc3339_ms;
@@ -25,6 +26,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// The ingest function's dependencies, built once per cold start.
 pub struct App {
     store: Store,
+    auth: Authenticator,
     queue: Queue,
     /// Base of the `stream_url` in answers (`STREAM_URL_BASE`); a relative URL when unset.
     stream_url_base: String,
@@ -37,10 +39,11 @@ impl App {
         let common = CommonConfig::from_env(&env)?;
         let queue_url = env.required("QUEUE_URL")?;
         let stream_url_base = env.optional("STREAM_URL_BASE").unwrap_or_default();
+        let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
         let aws = chat_core::aws::load_config().await;
         let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
         let queue = Queue::new(chat_core::aws::sqs(&aws), queue_url);
-        Ok(App { store, queue, stream_url_base: stream_url_base.trim_end_matches('/').to_owned() })
+        Ok(App { store, auth, queue, stream_url_base: stream_url_base.trim_end_matches('/').to_owned() })
     }
 
     /// Serves one request; every outcome, errors included, is a JSON response.
@@ -71,23 +74,29 @@ impl App {
         let path = request.uri().path().trim_end_matches('/').to_owned();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let method = request.method().clone();
+        if segments.as_slice() == ["health"] {
+            return match method {
+                Method::GET => Ok(json(StatusCode::OK, json!({"status": "ok"}))),
+                _ => Err(ApiError::method_not_allowed("GET")),
+            };
+        }
+        let caller = self.auth.caller(request.headers(), None).await?;
+        let caller = &caller;
         match (segments.as_slice(), &method) {
-            (["health"], &Method::GET) => Ok(json(StatusCode::OK, json!({"status": "ok"}))),
-            (["health"], _) => Err(ApiError::method_not_allowed("GET")),
             (["sessions", user, "messages"], &Method::POST) => {
-                self.post_message(request, user, request_id).await
+                self.post_message(request, user, caller, request_id).await
             }
             (["sessions", _, "messages"], _) => Err(ApiError::method_not_allowed("POST")),
             (["sessions", "user", user], &Method::GET) | (["users", user, "sessions"], &Method::GET) => {
-                self.list_sessions(request, user).await
+                self.list_sessions(request, user, caller).await
             }
             (["sessions", "user", _], _) | (["users", _, "sessions"], _) => {
                 Err(ApiError::method_not_allowed("GET"))
             }
-            (["sessions", id, "cancel"], &Method::POST) => self.cancel(id).await,
+            (["sessions", id, "cancel"], &Method::POST) => self.cancel(id, caller).await,
             (["sessions", _, "cancel"], _) => Err(ApiError::method_not_allowed("POST")),
-            (["sessions", id], &Method::GET) => self.get_session(id).await,
-            (["sessions", id], &Method::DELETE) => self.delete_session(id).await,
+            (["sessions", id], &Method::GET) => self.get_session(id, caller).await,
+            (["sessions", id], &Method::DELETE) => self.delete_session(id, caller).await,
             (["sessions", _], _) => Err(ApiError::method_not_allowed("GET, DELETE")),
             _ => Err(ApiError::NotFound {
                 code: "route_not_found",
@@ -100,10 +109,14 @@ impl App {
         &self,
         request: &Request,
         user: &str,
+        caller: &Caller,
         request_id: &str,
     ) -> Result<Response<Body>, ApiError> {
         let user =
             UserId::parse(user).map_err(|e| ApiError::bad_request("invalid_user_id", e.to_string()))?;
+        if !caller.may_act_as(&user) {
+            return Err(ApiError::forbidden(&user));
+        }
         let body = api::SendBody::parse(request.body())?;
         if let Some(body_user) = &body.user_id {
             if body_user != user.as_str() {
@@ -133,7 +146,7 @@ impl App {
             }
             SendOutcome::Duplicate { session_id, turn } => {
                 let key = body.client_message_id.as_ref().expect("a duplicate has a key");
-                self.repeat(session_id, turn, request_id, (&user, key)).await
+                self.repeat(session_id, turn, &body, request_id, (&user, key)).await
             }
             SendOutcome::InFlight { state, turn } => Err(ApiError::TurnInFlight { state, turn }),
             SendOutcome::NotFound => Err(ApiError::session_not_found()),
@@ -212,11 +225,13 @@ impl App {
     }
 
     /// A repeated idempotency key: the original answer. If the original request died between
-    /// claiming the turn and queueing it, this one finishes the job.
+    /// claiming the turn and queueing it, this one finishes the job. The same key with another
+    /// message or session is a client bug, refused rather than answered with the original.
     async fn repeat(
         &self,
         id: SessionId,
         turn: chat_core::Turn,
+        body: &api::SendBody,
         request_id: &str,
         key: (&UserId, &ClientMessageId),
     ) -> Result<Response<Body>, ApiError> {
@@ -227,12 +242,23 @@ impl App {
             .await
             .map_err(unavailable)?
             .ok_or_else(ApiError::session_not_found)?;
+        let original = self.store.get_message(id, turn, Role::User, true).await.map_err(unavailable)?;
+        let same_message = original.as_ref().is_none_or(|m| m.content == body.message);
+        if !same_message || body.session_id.is_some_and(|asked| asked != id) {
+            return Err(ApiError::Conflict {
+                code: "idempotency_key_mismatch",
+                message: format!(
+                    "client_message_id {:?} was used for another message or session; use a new key for a new message",
+                    key.1.as_str()
+                ),
+                state: session.state,
+            });
+        }
         if session.turn == turn && session.state == State::UserWriting {
             let ticket = TurnTicket { session_id: id, turn, version: session.version };
             self.commit_and_enqueue(&ticket, request_id, Some(key)).await?;
         }
-        let message = self.store.get_message(id, turn, Role::User, true).await.map_err(unavailable)?;
-        Ok(self.accepted(id, turn, message.as_ref().map_or("", |m| m.content.as_str())))
+        Ok(self.accepted(id, turn, original.as_ref().map_or("", |m| m.content.as_str())))
     }
 
     fn accepted(&self, id: SessionId, turn: chat_core::Turn, message: &str) -> Response<Body> {
@@ -248,13 +274,14 @@ impl App {
         )
     }
 
-    async fn get_session(&self, id: &str) -> Result<Response<Body>, ApiError> {
+    async fn get_session(&self, id: &str, caller: &Caller) -> Result<Response<Body>, ApiError> {
         let id = parse_session(id)?;
         let (session, messages) = self
             .store
             .get_conversation(id)
             .await
             .map_err(|e| ApiError::store_unavailable(&e))?
+            .filter(|(session, _)| caller.owns(&session.user_id))
             .ok_or_else(ApiError::session_not_found)?;
         let messages: Vec<Value> = messages
             .iter()
@@ -276,9 +303,17 @@ impl App {
         Ok(json(StatusCode::OK, json!({ "session": body })))
     }
 
-    async fn list_sessions(&self, request: &Request, user: &str) -> Result<Response<Body>, ApiError> {
+    async fn list_sessions(
+        &self,
+        request: &Request,
+        user: &str,
+        caller: &Caller,
+    ) -> Result<Response<Body>, ApiError> {
         let user =
             UserId::parse(user).map_err(|e| ApiError::bad_request("invalid_user_id", e.to_string()))?;
+        if !caller.may_act_as(&user) {
+            return Err(ApiError::forbidden(&user));
+        }
         let query = request.query_string_parameters_ref();
         let limit = match query.and_then(|q| q.first("limit")) {
             None => 20,
@@ -305,9 +340,14 @@ impl App {
         Ok(json(StatusCode::OK, json!({ "sessions": sessions, "next_cursor": page.next_cursor })))
     }
 
-    async fn cancel(&self, id: &str) -> Result<Response<Body>, ApiError> {
+    async fn cancel(&self, id: &str, caller: &Caller) -> Result<Response<Body>, ApiError> {
         let id = parse_session(id)?;
-        match self.store.request_cancel(id, None).await.map_err(|e| ApiError::store_unavailable(&e))? {
+        match self
+            .store
+            .request_cancel(id, caller.scope())
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?
+        {
             CancelOutcome::Requested { turn, state } => Ok(json(
                 StatusCode::ACCEPTED,
                 json!({"session_id": id, "turn": turn, "state": state, "status": "cancel_requested"}),
@@ -321,9 +361,14 @@ impl App {
         }
     }
 
-    async fn delete_session(&self, id: &str) -> Result<Response<Body>, ApiError> {
+    async fn delete_session(&self, id: &str, caller: &Caller) -> Result<Response<Body>, ApiError> {
         let id = parse_session(id)?;
-        match self.store.delete_session(id).await.map_err(|e| ApiError::store_unavailable(&e))? {
+        match self
+            .store
+            .delete_session(id, caller.scope())
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?
+        {
             DeleteOutcome::Deleted { items } => {
                 Ok(json(StatusCode::OK, json!({"session_id": id, "deleted": true, "items": items})))
             }

@@ -8,6 +8,7 @@
 pub mod sse;
 
 use bytes::Bytes;
+use chat_auth::{AuthConfig, AuthError, Authenticator};
 use chat_core::config::{ConfigError, Env};
 use chat_core::{Chunk, Role, Session, SessionId, State, Store, StoreError, Turn};
 use futures::stream::{self, BoxStream, StreamExt};
@@ -53,6 +54,7 @@ pub struct Settings {
 #[derive(Clone)]
 pub struct Relay {
     store: Store,
+    auth: Authenticator,
     settings: Arc<Settings>,
 }
 
@@ -76,14 +78,15 @@ impl Relay {
             max_duration: env.millis_or("STREAM_MAX_DURATION_MS", Duration::from_secs(600))?,
             retry: env.millis_or("STREAM_RETRY_MS", Duration::from_secs(1))?,
         };
+        let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
         let aws = chat_core::aws::load_config().await;
         let store = Store::new(chat_core::aws::dynamodb(&aws), table, Default::default());
-        Ok(Relay::new(store, settings))
+        Ok(Relay::new(store, settings, auth))
     }
 
     /// A relay over explicit parts.
-    pub fn new(store: Store, settings: Settings) -> Relay {
-        Relay { store, settings: Arc::new(settings) }
+    pub fn new(store: Store, settings: Settings, auth: Authenticator) -> Relay {
+        Relay { store, auth, settings: Arc::new(settings) }
     }
 
     /// Answers `GET /sessions/{id}/stream`: an SSE stream, or a JSON error.
@@ -108,11 +111,17 @@ impl Relay {
             Err((status, code, message)) => {
                 let body = json!({"error": {"code": code, "message": message}}).to_string();
                 let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
-                Response::builder()
+                let mut response = Response::builder()
                     .status(status)
                     .header(header::CONTENT_TYPE, "application/json")
                     .body(StreamBody::new(frames.boxed()))
-                    .expect("valid response")
+                    .expect("valid response");
+                if status == StatusCode::UNAUTHORIZED {
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                }
+                response
             }
         }
     }
@@ -130,9 +139,15 @@ impl Relay {
         if request.method() != lambda_http::http::Method::GET {
             return Err((StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET".to_owned()));
         }
+        let query = request.query_string_parameters_ref();
+        // EventSource cannot set headers: the token may come as `?access_token=`.
+        let caller = self
+            .auth
+            .caller(request.headers(), query.and_then(|q| q.first("access_token")))
+            .await
+            .map_err(auth_failed)?;
         let not_found = || (StatusCode::NOT_FOUND, "session_not_found", format!("no session {raw_id:?}"));
         let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
-        let query = request.query_string_parameters_ref();
         let last_event_id = request
             .headers()
             .get("last-event-id")
@@ -156,7 +171,13 @@ impl Relay {
                 Some(Turn::parse(raw).map_err(|e| (StatusCode::BAD_REQUEST, "invalid_turn", e.to_string()))?)
             }
         };
-        let session = self.store.get_session(id, true).await.map_err(unavailable)?.ok_or_else(not_found)?;
+        let session = self
+            .store
+            .get_session(id, true)
+            .await
+            .map_err(unavailable)?
+            .filter(|s| caller.owns(&s.user_id))
+            .ok_or_else(not_found)?;
         let turn =
             requested_turn.or_else(|| resume.and_then(|(t, _)| Turn::new(t).ok())).unwrap_or(session.turn);
         if turn > session.turn {
@@ -331,6 +352,11 @@ async fn send_tokens(
         sent += 1;
     }
     Some(sent)
+}
+
+fn auth_failed(err: AuthError) -> (StatusCode, &'static str, String) {
+    let (status, code) = err.status_and_code();
+    (StatusCode::from_u16(status).expect("a valid status"), code, err.to_string())
 }
 
 fn unavailable(err: StoreError) -> (StatusCode, &'static str, String) {

@@ -12,17 +12,24 @@
 //! otherwise shed at once with 429, a JSON error and `Retry-After`, as a throttled Function URL
 //! answers on AWS. A slot is held until the function's response starts: a buffered answer is
 //! then complete, and a streaming one no longer occupies the instance.
+//!
+//! With a local token issuer it also stands in for the identity provider: it publishes the
+//! issuer's keys (`/.well-known/jwks.json`) and mints tokens (`POST /dev/token {"sub": "alice"}`).
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use chat_auth::dev_issuer::DevIssuer;
 use futures::StreamExt;
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// How long a token from `POST /dev/token` is valid.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 
 /// Largest request body forwarded; Lambda's own limit for a buffered invocation is 6 MB.
 const MAX_REQUEST_BYTES: usize = 6 * 1024 * 1024;
@@ -57,6 +64,7 @@ struct Lane {
 
 struct Gateway {
     upstream: String,
+    issuer: Option<Arc<DevIssuer>>,
     http: reqwest::Client,
     limits: Limits,
     ingest: Lane,
@@ -77,6 +85,7 @@ pub fn start(
     listener: tokio::net::TcpListener,
     upstream: String,
     limits: Limits,
+    issuer: Option<Arc<DevIssuer>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(Running, tokio::task::JoinHandle<()>)> {
     let url = format!("http://{}", listener.local_addr()?);
@@ -84,6 +93,7 @@ pub fn start(
     let counters = Arc::new(Counters::default());
     let gateway = Arc::new(Gateway {
         upstream,
+        issuer,
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(256)
@@ -116,6 +126,14 @@ pub fn function_for(path: &str) -> &'static str {
 }
 
 async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    if let Some(issuer) = &gateway.issuer {
+        if let Some(response) = identity_provider(issuer, request.uri().path(), request.method()) {
+            return match response {
+                IdpRoute::Token => mint(issuer, request).await,
+                IdpRoute::Ready(response) => response,
+            };
+        }
+    }
     let lane = match function_for(request.uri().path()) {
         "stream" => &gateway.stream,
         _ => &gateway.ingest,
@@ -209,6 +227,47 @@ async fn relay(
     }
     let body = Body::from_stream(upstream.bytes_stream().map(|chunk| chunk.map_err(std::io::Error::other)));
     Ok(response.body(body).expect("upstream parts are valid"))
+}
+
+enum IdpRoute {
+    Ready(Response),
+    Token,
+}
+
+/// The local identity provider's routes, if `path` is one.
+fn identity_provider(issuer: &DevIssuer, path: &str, method: &axum::http::Method) -> Option<IdpRoute> {
+    let ok = |body: serde_json::Value| {
+        let mut response = error_response(StatusCode::OK, body, None);
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=60"));
+        IdpRoute::Ready(response)
+    };
+    match (path, method.as_str()) {
+        ("/.well-known/jwks.json", "GET") => Some(ok(issuer.jwks())),
+        ("/.well-known/openid-configuration", "GET") => Some(ok(json!({
+            "issuer": issuer.issuer,
+            "jwks_uri": format!("{}/.well-known/jwks.json", issuer.issuer),
+            "id_token_signing_alg_values_supported": ["ES256"],
+        }))),
+        ("/dev/token", "POST") => Some(IdpRoute::Token),
+        _ => None,
+    }
+}
+
+/// `POST /dev/token {"sub": "alice"}`: a token for that user, signed by the local issuer.
+async fn mint(issuer: &DevIssuer, request: Request) -> Response {
+    let body = axum::body::to_bytes(request.into_body(), 64 * 1024).await.unwrap_or_default();
+    let sub = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["sub"].as_str().map(str::to_owned))
+        .filter(|sub| chat_core::UserId::parse(sub).is_ok());
+    let Some(sub) = sub else {
+        let body = json!({"error": {"code": "invalid_sub", "message": r#"send {"sub": "a user id"}"#}});
+        return error_response(StatusCode::BAD_REQUEST, body, None);
+    };
+    let token = issuer.token(&sub, DEV_TOKEN_TTL);
+    let body =
+        json!({"token": token, "token_type": "Bearer", "expires_in": DEV_TOKEN_TTL.as_secs(), "sub": sub});
+    error_response(StatusCode::OK, body, None)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -56,6 +56,8 @@ pub struct Settings {
     pub max_waiting: usize,
     /// Longest wait for a slot at the gateway before 429.
     pub max_wait: Duration,
+    /// How callers are identified.
+    pub auth: LocalAuth,
     /// How often the sweeper runs.
     pub sweep_interval: Duration,
     /// SQS visibility timeout: how long a failed or crashed delivery waits before redelivery.
@@ -69,6 +71,19 @@ pub struct Settings {
     /// Where the emulators' and functions' output goes; `None` passes it through.
     pub log_file: Option<PathBuf>,
 }
+
+/// How the local functions identify callers (`AUTH_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalAuth {
+    /// Trusted callers on loopback; the path names the user (seed-compatible).
+    None,
+    /// Bearer tokens from the stack's own issuer: `POST /dev/token {"sub": "alice"}` mints one,
+    /// and its keys are published at `/.well-known/jwks.json`.
+    Jwt,
+}
+
+/// The audience of the local issuer's tokens.
+pub const LOCAL_AUDIENCE: &str = "chat-local";
 
 /// `cargo lambda watch` 1.9.2 wedges once more than 100 invocations wait for one function.
 const WATCH_QUEUE_LIMIT: usize = 100;
@@ -92,6 +107,7 @@ impl Settings {
             invocations_per_instance: 16,
             max_waiting: 1000,
             max_wait: Duration::from_secs(10),
+            auth: LocalAuth::None,
             sweep_interval: Duration::from_secs(5),
             visibility_timeout: Duration::from_secs(60),
             max_receive_count: 5,
@@ -126,6 +142,8 @@ pub struct Stack {
     pub functions: String,
     /// What the gateway has forwarded and shed.
     pub gateway: Arc<gateway::Counters>,
+    /// The local token issuer, with `LocalAuth::Jwt`.
+    pub issuer: Option<Arc<chat_auth::dev_issuer::DevIssuer>>,
     /// DynamoDB endpoint.
     pub dynamodb_endpoint: String,
     /// SQS endpoint.
@@ -309,6 +327,12 @@ impl Stack {
                 fail(format!("port {} on 127.0.0.1 is not free ({e}); set API_PORT", settings.api_port))
             })?;
         let api = format!("http://{}", api_listener.local_addr().map_err(fail)?);
+        let issuer = match settings.auth {
+            LocalAuth::Jwt => {
+                Some(Arc::new(chat_auth::dev_issuer::DevIssuer::new(api.clone(), LOCAL_AUDIENCE)))
+            }
+            LocalAuth::None => None,
+        };
         let functions_port = free_port(0)?;
         let functions = format!("http://127.0.0.1:{functions_port}");
         let (out, err) = output()?;
@@ -328,6 +352,14 @@ impl Stack {
             .env("AWS_ENDPOINT_URL_SQS", &sqs_endpoint)
             // moto serves Secrets Manager too: a local API key secret works like the deployed one.
             .env("AWS_ENDPOINT_URL_SECRETS_MANAGER", &sqs_endpoint);
+        match &issuer {
+            Some(issuer) => watch_cmd
+                .env("AUTH_MODE", "jwt")
+                .env("JWT_ISSUER", &issuer.issuer)
+                .env("JWT_AUDIENCE", &issuer.audience)
+                .env("JWT_JWKS_URL", format!("{api}/.well-known/jwks.json")),
+            None => watch_cmd.env("AUTH_MODE", "none"),
+        };
         let provider = settings
             .function_env
             .iter()
@@ -364,13 +396,15 @@ impl Stack {
             max_wait: settings.max_wait,
         };
         let (front, gateway_task) =
-            gateway::start(api_listener, functions.clone(), limits, shutdown.subscribe()).map_err(fail)?;
+            gateway::start(api_listener, functions.clone(), limits, issuer.clone(), shutdown.subscribe())
+                .map_err(fail)?;
         tasks.push(gateway_task);
 
         let mut stack = Stack {
             api: api.clone(),
             functions: functions.clone(),
             gateway: front.counters,
+            issuer,
             dynamodb_endpoint,
             sqs_endpoint,
             queue_url,
@@ -397,7 +431,8 @@ impl Stack {
         let probe = format!("{api}/sessions/00000000-0000-4000-8000-000000000000/stream");
         wait_until("the stream function", Duration::from_secs(600), || {
             let (http, probe) = (http.clone(), probe.clone());
-            async move { http.get(&probe).send().await.is_ok_and(|r| r.status().as_u16() == 404) }
+            // 404 for the unknown session, or 401 when it asks for a token: either way it answered.
+            async move { http.get(&probe).send().await.is_ok_and(|r| matches!(r.status().as_u16(), 401 | 404)) }
         })
         .await?;
 

@@ -17,6 +17,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         env.parse_or(chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE, settings.invocations_per_instance)?;
     settings.max_waiting = env.parse_or("GATEWAY_MAX_WAITING", settings.max_waiting)?;
     settings.max_wait = env.millis_or("GATEWAY_MAX_WAIT_MS", settings.max_wait)?;
+    settings.auth = match env.optional("AUTH_MODE").as_deref() {
+        None | Some("none") => chat_local::LocalAuth::None,
+        Some("jwt") => chat_local::LocalAuth::Jwt,
+        Some(other) => {
+            eprintln!("AUTH_MODE is {other:?}; the local stack runs with none (the default) or jwt");
+            std::process::exit(2);
+        }
+    };
     settings.sweep_interval = env.millis_or("SWEEP_INTERVAL_MS", settings.sweep_interval)?;
     settings.visibility_timeout = env.millis_or("VISIBILITY_TIMEOUT_MS", settings.visibility_timeout)?;
     if env.optional("LOG_FORMAT").is_none() {
@@ -40,6 +48,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let api = &stack.api;
+    // With the local issuer: ready tokens, and the flags that send one.
+    let (sign_in, token_line, bearer, query_token) = match &stack.issuer {
+        None => ("none (AUTH_MODE=none: the path names the user)".to_owned(), String::new(), "", ""),
+        Some(issuer) => {
+            let ttl = Duration::from_secs(12 * 3600);
+            let (alice, bob) = (issuer.token("alice", ttl), issuer.token("bob", ttl));
+            (
+                format!(
+                    "AUTH_MODE=jwt, issuer {api} (keys at /.well-known/jwks.json; POST /dev/token {{\"sub\": \"NAME\"}} mints more)\n\
+    Token for alice   {alice}\n\
+    Token for bob     {bob}"
+                ),
+                format!("TOKEN={alice}\n    "),
+                " -H \"authorization: Bearer $TOKEN\"",
+                "?access_token=$TOKEN",
+            )
+        }
+    };
     eprintln!(
         "\n\
 ==> ready in {:.1?}\n\
@@ -47,11 +73,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Functions         {}  (cargo lambda watch, behind the API)\n\
     DynamoDB          {}\n\
     SQS               {}  (queue {})\n\
-    Model             {}\n\n\
+    Model             {}\n\
+    Sign-in           {}\n\n\
 Try it:\n\
-    curl -s -X POST {api}/sessions/alice/messages -H 'content-type: application/json' -d '{{\"message\": \"Hello there\"}}'\n\
-    curl -N {api}/sessions/SESSION_ID/stream\n\
-    curl -s {api}/sessions/SESSION_ID\n\n\
+    {}curl -s -X POST {api}/sessions/alice/messages -H 'content-type: application/json'{} -d '{{\"message\": \"Hello there\"}}'\n\
+    curl -N {api}/sessions/SESSION_ID/stream{}\n\
+    curl -s {api}/sessions/SESSION_ID{}\n\n\
 Ctrl-C stops everything.\n",
         started.elapsed(),
         concurrency,
@@ -60,6 +87,11 @@ Ctrl-C stops everything.\n",
         stack.sqs_endpoint,
         stack.queue_url,
         model.describe(),
+        sign_in,
+        token_line,
+        bearer,
+        query_token,
+        bearer,
     );
     tokio::signal::ctrl_c().await?;
     eprintln!("\n==> stopping");

@@ -263,6 +263,19 @@ async fn repeating_a_first_message_with_its_client_message_id_returns_the_origin
     stream_turn(&id, 1).await;
     let later = send(api(), &user, body).await;
     assert_eq!(later.body, first.body);
+    // The same key for another message, or another session, is refused, not answered.
+    for reused in [
+        json!({"message": "something else", "client_message_id": "retry-1"}),
+        json!({"message": "exactly once", "client_message_id": "retry-1", "session_id": uuid::Uuid::new_v4().to_string()}),
+    ] {
+        let answer = send(api(), &user, reused).await;
+        assert_eq!(
+            (answer.status, answer.body["error"]["code"].as_str()),
+            (409, Some("idempotency_key_mismatch")),
+            "{}",
+            answer.body
+        );
+    }
     let session = wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
     assert_eq!(session["messages"].as_array().unwrap().len(), 2);
     let list = request(reqwest::Method::GET, format!("{}/users/{user}/sessions", api()), None).await;

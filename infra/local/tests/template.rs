@@ -230,7 +230,7 @@ fn every_environment_variable_is_read_by_its_function() {
         }
         text
     };
-    let shared = sources("shared/chat-core/src");
+    let shared = sources("shared/chat-core/src") + &sources("shared/chat-auth/src");
     let template = template();
     let globals = &template["Globals"]["Function"]["Environment"]["Variables"];
     for name in chat_local::FUNCTIONS {
@@ -250,4 +250,30 @@ fn every_environment_variable_is_read_by_its_function() {
             }
         }
     }
+}
+
+/// Identity is one choice: `AuthMode` sets both Function URLs' auth (public with token checks in
+/// the code for jwt, AWS_IAM for iam) and the functions' `AUTH_MODE`, never one without the other.
+#[test]
+fn auth_mode_sets_the_function_urls_and_the_functions_together() {
+    let template = template();
+    let allowed = strings(&template["Parameters"]["AuthMode"]["AllowedValues"]);
+    assert_eq!(allowed, ["jwt", "iam"], "none is for the local stack only");
+    for logical in ["IngestFunction", "StreamFunction"] {
+        let properties = &resource(&template, logical)["Properties"];
+        let url_auth = format!("{:?}", properties["FunctionUrlConfig"]["AuthType"]);
+        assert!(
+            url_auth.contains("IsJwt") && url_auth.contains("NONE") && url_auth.contains("AWS_IAM"),
+            "{logical}: {url_auth}"
+        );
+        let variables = &properties["Environment"]["Variables"];
+        assert_eq!(format!("{:?}", variables["AUTH_MODE"]), format!("{:?}", resource_ref("AuthMode")));
+        for var in ["JWT_ISSUER", "JWT_AUDIENCE"] {
+            assert!(format!("{:?}", variables[var]).contains("IsJwt"), "{logical} sets {var} only for jwt");
+        }
+    }
+}
+
+fn resource_ref(name: &str) -> Value {
+    serde_norway::from_str(&format!("!Ref {name}")).unwrap()
 }

@@ -1512,9 +1512,19 @@ impl Store {
 
     /// Removes the session and everything under it, and its user's idempotency records that
     /// point at it. The session item goes first, so a failure part-way leaves no visible
-    /// half-session; a retry sweeps whatever is left.
-    pub async fn delete_session(&self, id: SessionId) -> Result<DeleteOutcome, StoreError> {
+    /// half-session; a retry sweeps whatever is left. With `owner`, a session of another user
+    /// (or none at all) is `NotFound` and nothing is touched.
+    pub async fn delete_session(
+        &self,
+        id: SessionId,
+        owner: Option<&UserId>,
+    ) -> Result<DeleteOutcome, StoreError> {
         let session = self.get_session(id, true).await?;
+        if let Some(owner) = owner {
+            if session.as_ref().is_none_or(|s| &s.user_id != owner) {
+                return Ok(DeleteOutcome::NotFound);
+            }
+        }
         let mut keys = self.partition_keys(table::session_pk(id)).await?;
         if let Some(session) = &session {
             let user_pk = table::user_pk(&session.user_id);

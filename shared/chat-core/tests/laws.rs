@@ -731,7 +731,7 @@ async fn deleting_a_session_removes_everything_under_it() {
     let keep = accepted(send(&store, &user, None, "other").await).session_id;
 
     assert!(
-        matches!(store.delete_session(ticket.session_id).await.unwrap(), DeleteOutcome::Deleted { items } if items >= 6)
+        matches!(store.delete_session(ticket.session_id, None).await.unwrap(), DeleteOutcome::Deleted { items } if items >= 6)
     );
     assert!(store.get_session(ticket.session_id, true).await.unwrap().is_none());
     assert!(store.transitions(ticket.session_id).await.unwrap().is_empty());
@@ -750,7 +750,7 @@ async fn deleting_a_session_removes_everything_under_it() {
         .await
         .unwrap();
     assert!(matches!(again, SendOutcome::Accepted(t) if t.session_id != ticket.session_id));
-    assert_eq!(store.delete_session(ticket.session_id).await.unwrap(), DeleteOutcome::NotFound);
+    assert_eq!(store.delete_session(ticket.session_id, None).await.unwrap(), DeleteOutcome::NotFound);
 }
 
 #[tokio::test]

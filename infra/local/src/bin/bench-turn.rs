@@ -147,6 +147,7 @@ async fn run(
             max_duration: Duration::from_secs(600),
             retry: Duration::from_secs(1),
         },
+        chat_auth::Authenticator::trusted(),
     );
     let mut totals = Totals::default();
     for turn in 0..turns {
