@@ -33,6 +33,8 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String, state: State },
     /// 413: the body is over the limit.
     TooLarge,
+    /// 415: the body is declared as something other than JSON.
+    UnsupportedMediaType { found: String },
     /// 503: a dependency failed; nothing was half-written.
     Unavailable { code: &'static str, message: String },
 }
@@ -99,6 +101,12 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("the body is over {} bytes", crate::MAX_BODY_BYTES),
+                None,
+            ),
+            ApiError::UnsupportedMediaType { found } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("the body is declared as {found:?}; send JSON with content-type: application/json"),
                 None,
             ),
             ApiError::Unavailable { code, message } => (StatusCode::SERVICE_UNAVAILABLE, code, message, None),
@@ -199,5 +207,19 @@ impl From<chat_auth::AuthError> for ApiError {
             AuthError::BadUserHeader(_) => ApiError::bad_request("invalid_user_id", err.to_string()),
             AuthError::KeysUnavailable => ApiError::unavailable("auth_unavailable", err.to_string()),
         }
+    }
+}
+
+/// A body must be declared as JSON when its type is declared at all: a `text/plain` or form POST
+/// is what another web page can send without a CORS preflight.
+pub fn require_json(headers: &lambda_http::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let declared = value.to_str().unwrap_or("").to_ascii_lowercase();
+    let media = declared.split(';').next().unwrap_or("").trim();
+    let json = media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType { found: media.to_owned() })
     }
 }

@@ -72,7 +72,18 @@ impl App {
 
     async fn route(&self, request: &Request, request_id: &str) -> Result<Response<Body>, ApiError> {
         let path = request.uri().path().trim_end_matches('/').to_owned();
-        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        // Segments arrive percent-encoded (`alice%40example.com`); ids are matched decoded.
+        let decoded = path
+            .split('/')
+            .skip(1)
+            .map(|segment| {
+                percent_encoding::percent_decode_str(segment).decode_utf8().map(|s| s.into_owned())
+            })
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|_| {
+                ApiError::bad_request("invalid_path", "the path is not UTF-8 once percent-decoded")
+            })?;
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         let method = request.method().clone();
         if segments.as_slice() == ["health"] {
             return match method {
@@ -117,6 +128,7 @@ impl App {
         if !caller.may_act_as(&user) {
             return Err(ApiError::forbidden(&user));
         }
+        api::require_json(request.headers())?;
         let body = api::SendBody::parse(request.body())?;
         if let Some(body_user) = &body.user_id {
             if body_user != user.as_str() {

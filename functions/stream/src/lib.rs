@@ -161,7 +161,10 @@ impl Relay {
                 (
                     StatusCode::BAD_REQUEST,
                     "invalid_last_event_id",
-                    format!("{raw:?} is not an event id of the form turn:index"),
+                    format!(
+                        "{raw:?} is not an event id of the form turn:index (turn from 1, index at most {})",
+                        sse::MAX_EVENT_INDEX
+                    ),
                 )
             })?),
         };

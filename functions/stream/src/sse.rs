@@ -31,10 +31,16 @@ pub fn retry(millis: u64) -> String {
     format!("retry: {millis}\n\n")
 }
 
-/// Parses an event id `{turn}:{index}`.
+/// The largest token index an event id may name: far past any reply (a reply is one item of at
+/// most 400 KB), so a larger one is a client's mistake, not a place to resume from.
+pub const MAX_EVENT_INDEX: u64 = 10_000_000;
+
+/// Parses an event id `{turn}:{index}`; turns count from 1, and the index is at most
+/// [`MAX_EVENT_INDEX`].
 pub fn parse_id(raw: &str) -> Option<(u64, u64)> {
     let (turn, index) = raw.trim().split_once(':')?;
-    Some((turn.parse().ok()?, index.parse().ok()?))
+    let (turn, index): (u64, u64) = (turn.parse().ok()?, index.parse().ok()?);
+    (turn >= 1 && index <= MAX_EVENT_INDEX).then_some((turn, index))
 }
 
 #[cfg(test)]
@@ -53,5 +59,8 @@ mod tests {
         assert_eq!(parse_id("3:17"), Some((3, 17)));
         assert_eq!(parse_id("3"), None);
         assert_eq!(parse_id("a:1"), None);
+        assert_eq!(parse_id("0:1"), None, "turns count from 1");
+        assert_eq!(parse_id("1:18446744073709551615"), None, "an index past any reply");
+        assert_eq!(parse_id(&format!("2:{MAX_EVENT_INDEX}")), Some((2, MAX_EVENT_INDEX)));
     }
 }

@@ -428,3 +428,59 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let after = get_session(api(), &id).await.body["session"].clone();
     assert_eq!(after, settled);
 }
+
+#[tokio::test]
+async fn a_percent_encoded_user_in_the_path_is_decoded() {
+    let user = format!("{}@example.com", user());
+    let encoded = user.replace('@', "%40");
+    let answer = send(api(), &encoded, json!({"message": "hello"})).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let id = session_id(&answer);
+    let session = get_session(api(), &id).await;
+    assert_eq!(session.body["session"]["user_id"], json!(user));
+    let listed = request(reqwest::Method::GET, format!("{}/users/{encoded}/sessions", api()), None).await;
+    assert_eq!(listed.body["sessions"][0]["id"], json!(id), "{}", listed.body);
+    let slash = send(api(), "a%2Fb", json!({"message": "hello"})).await;
+    assert_eq!((slash.status, slash.body["error"]["code"].as_str()), (400, Some("invalid_user_id")));
+}
+
+#[tokio::test]
+async fn a_last_event_id_of_turn_zero_or_past_any_reply_is_a_400_not_a_replay() {
+    let id = session_id(&send_text(api(), &user(), "resume me", None).await);
+    for bad in ["0:3", "1:18446744073709551615", "1:99999999999"] {
+        let (status, _) = SseReader::open(&format!("{}/sessions/{id}/stream", api()), Some(bad)).await;
+        assert_eq!(status, 400, "Last-Event-ID {bad}");
+        let query = format!("{}/sessions/{id}/stream?last_event_id={bad}", api());
+        let answer = request(reqwest::Method::GET, query, None).await;
+        assert_eq!(
+            (answer.status, answer.body["error"]["code"].as_str()),
+            (400, Some("invalid_last_event_id"))
+        );
+    }
+    stream_turn(&id, 1).await;
+}
+
+#[tokio::test]
+async fn a_body_declared_as_anything_but_json_is_a_415() {
+    let url = format!("{}/sessions/{}/messages", api(), user());
+    for declared in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+        let response = http()
+            .post(&url)
+            .header("content-type", declared)
+            .body(r#"{"message": "hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 415, "{declared}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unsupported_media_type");
+    }
+    let response = http()
+        .post(&url)
+        .header("content-type", "application/json; charset=utf-8")
+        .body(r#"{"message": "hi"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+}
