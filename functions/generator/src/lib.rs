@@ -60,12 +60,28 @@ enum Ending {
     LeaseLost,
 }
 
+/// Whether this build carries the test directives (`DEMO_FAULTS`): debug builds, which the local
+/// stack and the tests run, do; release builds, which are deployed, do not. Every directive
+/// check is `FAULTS_BUILT && …`, so a release build compiles them away.
+pub const FAULTS_BUILT: bool = cfg!(debug_assertions);
+
+/// `DEMO_FAULTS` as asked, refused in a build without the directives rather than ignored.
+pub fn faults_setting(requested: bool, built: bool) -> Result<bool, ConfigError> {
+    if requested && !built {
+        return Err(ConfigError {
+            variable: "DEMO_FAULTS".to_owned(),
+            problem: "is for test builds only: this release binary carries no test directives".to_owned(),
+        });
+    }
+    Ok(requested && built)
+}
+
 impl Generator {
     /// Reads the configuration and builds the clients.
     pub async fn from_env() -> Result<Generator, ConfigError> {
         let env = Env::process();
         let common = CommonConfig::from_env(&env)?;
-        let faults = env.parse_or("DEMO_FAULTS", false)?;
+        let faults = faults_setting(env.parse_or("DEMO_FAULTS", false)?, FAULTS_BUILT)?;
         let model_config = config::ModelConfig::from_env(&env, faults)?;
         let settings = Settings {
             lease: common.lease,
@@ -114,7 +130,7 @@ impl Generator {
         let span =
             tracing::info_span!("turn", session = %message.session_id, turn = %message.turn, lease = %owner);
         async {
-            if self.settings.faults && self.delivery_lost(&message).await? {
+            if FAULTS_BUILT && self.settings.faults && self.delivery_lost(&message).await? {
                 warn!("dropping the delivery on purpose ([[lose-delivery]] test directive)");
                 return Ok(());
             }
@@ -213,8 +229,8 @@ impl Generator {
         writer: &mut ChunkWriter,
         prompt: Prompt,
     ) -> Result<Ending, RetryLater> {
-        let crash_after =
-            model::directive(&prompt, "crash-after").filter(|_| self.settings.faults && lease.next_seq == 0);
+        let crash_after = model::directive(&prompt, "crash-after")
+            .filter(|_| FAULTS_BUILT && self.settings.faults && lease.next_seq == 0);
         let mut tokens = self.model.stream(prompt);
         // While the model is silent (thinking, or retrying), the lease is still checked and
         // extended, and a cancel still lands.
@@ -333,5 +349,18 @@ impl ChunkWriter {
             self.text.push_str(&token);
         }
         self.oldest = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_directives_are_refused_by_a_build_without_them_and_off_unless_asked() {
+        assert!(faults_setting(true, false).unwrap_err().problem.contains("test builds only"));
+        assert_eq!(faults_setting(false, false), Ok(false));
+        assert_eq!(faults_setting(false, true), Ok(false));
+        assert_eq!(faults_setting(true, true), Ok(true));
     }
 }

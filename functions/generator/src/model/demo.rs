@@ -56,7 +56,8 @@ impl DemoModel {
         let mut tokens = vec!["You ".to_owned(), "said: ".to_owned(), "\"".to_owned()];
         tokens.extend(split_tokens(last));
         tokens.push("\". ".to_owned());
-        let length = if self.faults { directive(prompt, "reply-tokens") } else { None };
+        let length =
+            if crate::FAULTS_BUILT && self.faults { directive(prompt, "reply-tokens") } else { None };
         let mut filler = FILLER.iter().cycle();
         while tokens.len() < length.unwrap_or(self.reply_tokens) {
             tokens.push(format!("{} ", filler.next().expect("cycle never ends")));
@@ -68,7 +69,7 @@ impl DemoModel {
     }
 
     fn fail_after(&self, prompt: &Prompt) -> Option<usize> {
-        if !self.faults {
+        if !(crate::FAULTS_BUILT && self.faults) {
             return None;
         }
         directive(prompt, "fail-after")
