@@ -54,7 +54,9 @@ impl ApiError {
 
     /// The path names a user the caller may not act as.
     pub fn forbidden(user: &chat_core::UserId) -> ApiError {
-        ApiError::Forbidden { message: format!("you are not signed in as {user:?}; use your own user id") }
+        ApiError::Forbidden {
+            message: format!("you are not signed in as {:?}; use your own user id", user.as_str()),
+        }
     }
 
     pub fn session_not_found() -> ApiError {

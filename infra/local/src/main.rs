@@ -60,7 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Token for alice   {alice}\n\
     Token for bob     {bob}"
                 ),
-                format!("TOKEN={alice}\n    "),
+                format!("TOKEN={alice}\n"),
                 " -H \"authorization: Bearer $TOKEN\"",
                 "?access_token=$TOKEN",
             )
