@@ -870,6 +870,22 @@ impl Store {
         TransactWriteItem::builder().put(put).build()
     }
 
+    /// Like [`Store::put_new`], but an item whose TTL has passed (not yet removed by DynamoDB)
+    /// counts as absent and is replaced.
+    fn put_new_or_expired(&self, item: Item, now_ms: u64) -> TransactWriteItem {
+        let put = Put::builder()
+            .table_name(&*self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk) OR #ttl <= :now")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+            .expression_attribute_values(":now", n(now_ms / 1000))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .expect("put fields are set");
+        TransactWriteItem::builder().put(put).build()
+    }
+
     fn message_item(&self, session: SessionId, turn: Turn, role: Role, content: &str, stopped: bool) -> Item {
         let mut item = key(table::session_pk(session), table::message_sk(turn, role));
         item.extend([
@@ -904,7 +920,17 @@ impl Store {
             .await
             .map_err(|e| StoreError::dynamo("GetItem", e))?;
         self.capacity.add(false, out.consumed_capacity());
-        out.item().map(idempotent_answer).transpose()
+        // DynamoDB removes expired items only eventually (within days): an expired key is absent.
+        let live = out.item().filter(|item| !self.expired(item));
+        live.map(idempotent_answer).transpose()
+    }
+
+    /// Whether an item's TTL has passed (on this store's clock).
+    fn expired(&self, item: &Item) -> bool {
+        item.get(TTL_ATTRIBUTE)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|expires_s| expires_s * 1000 <= self.now_ms())
     }
 
     /// Claims a new turn (creating the session if asked) and stores the user message with it:
@@ -973,7 +999,7 @@ impl Store {
                 (attr::CREATED_AT.to_owned(), n(now)),
                 (TTL_ATTRIBUTE.to_owned(), n((now + ms(self.options.idempotency_retention)) / 1000)),
             ]);
-            extra_items.push(self.put_new(record));
+            extra_items.push(self.put_new_or_expired(record, now));
         }
         let write = TransitionWrite {
             session: session_id,

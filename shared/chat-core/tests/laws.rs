@@ -788,3 +788,41 @@ async fn a_turn_ended_for_a_failed_enqueue_releases_its_idempotency_key() {
         SendOutcome::Duplicate { session_id: retry.session_id, turn: retry.turn }
     );
 }
+
+#[tokio::test]
+async fn an_expired_idempotency_key_is_absent_even_before_dynamodb_removes_it() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let key = ClientMessageId::parse("expiring").unwrap();
+    let send = |content: &'static str| {
+        let (store, user, key) = (store.clone(), user.clone(), key.clone());
+        async move {
+            store
+                .send_message(NewMessage {
+                    user: &user,
+                    session: None,
+                    content,
+                    client_message_id: Some(&key),
+                    by: "r",
+                })
+                .await
+                .expect("send")
+        }
+    };
+    let SendOutcome::Accepted(first) = send("first").await else { panic!("the first send is accepted") };
+    assert!(
+        matches!(send("first").await, SendOutcome::Duplicate { session_id, .. } if session_id == first.session_id)
+    );
+    // Past the retention the record still exists (the emulator, like DynamoDB, has not swept it),
+    // but it no longer answers: the same key starts a new session.
+    db.advance_ms(StoreOptions::default().idempotency_retention.as_millis() as u64 + 1000);
+    match send("again, a day later").await {
+        SendOutcome::Accepted(second) => assert_ne!(second.session_id, first.session_id),
+        other => panic!("an expired key must be absent, got {other:?}"),
+    }
+    assert!(
+        matches!(send("again, a day later").await, SendOutcome::Duplicate { .. }),
+        "the renewed key is live"
+    );
+}
