@@ -13,7 +13,7 @@ use chat_core::queue::{Queue, TurnMessage};
 use chat_core::time::rfc3339_ms;
 use chat_core::{
     CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome, Session,
-    SessionId, State, Store, StoreError, TurnTicket, UserId,
+    SessionId, State, Store, StoreError, Turn, TurnTicket, UserId,
 };
 use lambda_http::http::{Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
@@ -22,6 +22,35 @@ use tracing::{error, info, warn, Instrument};
 
 /// Request bodies larger than this get 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A page of history carries whole turns up to about this much text (at least one turn), well
+/// under Lambda's 6 MB response limit.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
+/// The newest whole turns of `messages` (oldest first) whose text fits in `max_bytes` (always at
+/// least the newest turn), and the oldest turn kept.
+fn newest_turns_within(
+    messages: Vec<chat_core::Message>,
+    max_bytes: usize,
+) -> (Vec<chat_core::Message>, Option<Turn>) {
+    let mut kept_from = messages.len();
+    let mut bytes = 0;
+    let mut oldest = None;
+    let mut i = messages.len();
+    while i > 0 {
+        let turn = messages[i - 1].id.turn;
+        let start = messages[..i].iter().rposition(|m| m.id.turn != turn).map_or(0, |p| p + 1);
+        let size: usize = messages[start..i].iter().map(|m| m.content.len()).sum();
+        if oldest.is_some() && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        kept_from = start;
+        oldest = Some(turn);
+        i = start;
+    }
+    (messages.into_iter().skip(kept_from).collect(), oldest)
+}
 
 /// The ingest function's dependencies, built once per cold start.
 pub struct App {
@@ -106,7 +135,7 @@ impl App {
             }
             (["sessions", id, "cancel"], &Method::POST) => self.cancel(id, caller).await,
             (["sessions", _, "cancel"], _) => Err(ApiError::method_not_allowed("POST")),
-            (["sessions", id], &Method::GET) => self.get_session(id, caller).await,
+            (["sessions", id], &Method::GET) => self.get_session(request, id, caller).await,
             (["sessions", id], &Method::DELETE) => self.delete_session(id, caller).await,
             (["sessions", _], _) => Err(ApiError::method_not_allowed("GET, DELETE")),
             _ => Err(ApiError::NotFound {
@@ -286,15 +315,57 @@ impl App {
         )
     }
 
-    async fn get_session(&self, id: &str, caller: &Caller) -> Result<Response<Body>, ApiError> {
+    /// A session and a page of its history: the newest `limit` turns (20 by default, at most
+    /// 100) before `cursor`, oldest first, cut to whole turns within [`MAX_PAGE_BYTES`], with the
+    /// cursor of the next (older) page.
+    async fn get_session(
+        &self,
+        request: &Request,
+        id: &str,
+        caller: &Caller,
+    ) -> Result<Response<Body>, ApiError> {
         let id = parse_session(id)?;
-        let (session, messages) = self
+        let query = request.query_string_parameters_ref();
+        let limit = match query.and_then(|q| q.first("limit")) {
+            None => 20,
+            Some(raw) => raw.parse::<u32>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!("limit {raw:?} must be a whole number of turns from 1 to 100"),
+                )
+            })?,
+        };
+        let cursor = match query.and_then(|q| q.first("cursor")) {
+            None => None,
+            Some(raw) => Some(Turn::parse(raw).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    "cursor is not one this API returned; start without it",
+                )
+            })?),
+        };
+        let unavailable = |e: StoreError| ApiError::store_unavailable(&e);
+        let session = self
             .store
-            .get_conversation(id)
+            .get_session(id, true)
             .await
-            .map_err(|e| ApiError::store_unavailable(&e))?
-            .filter(|(session, _)| caller.owns(&session.user_id))
+            .map_err(unavailable)?
+            .filter(|session| caller.owns(&session.user_id))
             .ok_or_else(ApiError::session_not_found)?;
+        let through = match cursor {
+            None => Some(session.turn),
+            Some(before) => Turn::new(u64::from(before.get()).saturating_sub(1)).ok(),
+        };
+        let messages = match through {
+            None => Vec::new(),
+            Some(through) => {
+                let first = Turn::new(u64::from(through.get()).saturating_sub(u64::from(limit) - 1).max(1))
+                    .expect("at least 1");
+                self.store.messages_between(id, first, through).await.map_err(unavailable)?
+            }
+        };
+        let (messages, oldest) = newest_turns_within(messages, MAX_PAGE_BYTES);
+        let next_cursor = oldest.filter(|t| t.get() > 1).map(|t| t.to_string());
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -312,7 +383,7 @@ impl App {
             .collect();
         let mut body = session_summary(&session);
         body["messages"] = Value::Array(messages);
-        Ok(json(StatusCode::OK, json!({ "session": body })))
+        Ok(json(StatusCode::OK, json!({ "session": body, "next_cursor": next_cursor })))
     }
 
     async fn list_sessions(
@@ -402,4 +473,40 @@ fn session_summary(session: &Session) -> Value {
         value["error"] = Value::String(reason.clone());
     }
     value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::{Message, MessageId};
+
+    fn turn_messages(session: SessionId, turn: u64, sizes: (usize, usize)) -> Vec<Message> {
+        let turn = Turn::new(turn).unwrap();
+        [(Role::User, sizes.0), (Role::Assistant, sizes.1)]
+            .into_iter()
+            .map(|(role, size)| Message {
+                id: MessageId { session, turn, role },
+                content: "x".repeat(size),
+                timestamp: 0,
+                stopped: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_page_keeps_the_newest_whole_turns_that_fit_and_at_least_one() {
+        let session = SessionId::new();
+        let messages: Vec<Message> = (1..=4).flat_map(|t| turn_messages(session, t, (10, 40))).collect();
+        let (page, oldest) = newest_turns_within(messages.clone(), 100);
+        assert_eq!(oldest, Turn::new(3).ok(), "turns 4 and 3 (100 bytes) fit, turn 2 would not");
+        assert_eq!(page.len(), 4);
+        assert!(page.iter().all(|m| m.id.turn.get() >= 3));
+        assert_eq!(page[0].id.turn.get(), 3, "oldest first");
+        let (page, oldest) = newest_turns_within(messages.clone(), 10);
+        assert_eq!((page.len(), oldest), (2, Turn::new(4).ok()), "one turn even over the limit");
+        let (page, oldest) = newest_turns_within(Vec::new(), 10);
+        assert_eq!((page.len(), oldest), (0, None));
+        let (page, _) = newest_turns_within(messages, usize::MAX);
+        assert_eq!(page.len(), 8);
+    }
 }

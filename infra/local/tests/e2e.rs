@@ -484,3 +484,45 @@ async fn a_body_declared_as_anything_but_json_is_a_415() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 202);
 }
+
+#[tokio::test]
+async fn a_long_history_is_read_a_page_of_turns_at_a_time_newest_first() {
+    let user = user();
+    let id = session_id(&send_text(api(), &user, "one [[reply-tokens:6]]", None).await);
+    stream_turn(&id, 1).await;
+    for (turn, text) in [(2, "two [[reply-tokens:6]]"), (3, "three [[reply-tokens:6]]")] {
+        assert_eq!(send_text(api(), &user, text, Some(&id)).await.status, 202);
+        stream_turn(&id, turn).await;
+    }
+    wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
+    let page = |query: String| request(reqwest::Method::GET, format!("{}/sessions/{id}{query}", api()), None);
+    let whole = page(String::new()).await;
+    assert_eq!(whole.body["session"]["messages"].as_array().unwrap().len(), 6);
+    assert_eq!(whole.body["next_cursor"], Value::Null);
+    let mut cursor: Option<String> = None;
+    let mut seen = Vec::new();
+    loop {
+        let query = match &cursor {
+            None => "?limit=1".to_owned(),
+            Some(c) => format!("?limit=1&cursor={c}"),
+        };
+        let answer = page(query).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let messages = answer.body["session"]["messages"].as_array().unwrap().clone();
+        assert_eq!(messages.len(), 2, "one whole turn per page: {}", answer.body);
+        seen.extend(messages.iter().map(|m| m["content"].as_str().unwrap().to_owned()));
+        match answer.body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6, "three pages, newest first");
+    assert!(
+        seen[0].starts_with("three") && seen[2].starts_with("two") && seen[4].starts_with("one"),
+        "{seen:?}"
+    );
+    for bad in ["?limit=0", "?limit=101", "?limit=x", "?cursor=0", "?cursor=abc"] {
+        let answer = page(bad.to_owned()).await;
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
+    }
+}

@@ -481,6 +481,27 @@ impl Store {
         items.iter().map(Message::from_item).collect()
     }
 
+    /// The messages of turns `first..=through`, oldest first: one range query.
+    pub async fn messages_between(
+        &self,
+        session: SessionId,
+        first: Turn,
+        through: Turn,
+    ) -> Result<Vec<Message>, StoreError> {
+        if first > through {
+            return Ok(Vec::new());
+        }
+        let items = self
+            .query_range(
+                table::session_pk(session),
+                table::message_sk(first, Role::User),
+                table::message_sk(through, Role::Assistant),
+                true,
+            )
+            .await?;
+        items.iter().map(Message::from_item).collect()
+    }
+
     /// Reads a session and all its messages, oldest first.
     pub async fn get_conversation(
         &self,
