@@ -143,10 +143,7 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         return shed(lane, &gateway.limits);
     };
     gateway.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-    match relay(&gateway, request, slot).await {
-        Ok(response) => response,
-        Err(response) => response,
-    }
+    relay(&gateway, request, slot).await.unwrap_or_else(|failed| failed)
 }
 
 /// Waits for a slot in `lane`, within the limits; `None` means shed.
@@ -171,14 +168,11 @@ fn shed(lane: &Lane, limits: &Limits) -> Response {
             lane.name, limits.concurrency, lane.waiting.load(Ordering::Relaxed)
         ),
     }});
-    error_response(StatusCode::TOO_MANY_REQUESTS, body, Some("1"))
+    json_response(StatusCode::TOO_MANY_REQUESTS, body, Some("1"))
 }
 
-fn error_response(
-    status: StatusCode,
-    body: serde_json::Value,
-    retry_after: Option<&'static str>,
-) -> Response {
+/// A JSON response, with `Retry-After` when given.
+fn json_response(status: StatusCode, body: serde_json::Value, retry_after: Option<&'static str>) -> Response {
     let mut response = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -191,6 +185,7 @@ fn error_response(
 }
 
 /// Forwards the request and relays the answer; the slot is released once the answer starts.
+/// `Err` is the gateway's own answer when the request cannot be forwarded.
 async fn relay(
     gateway: &Gateway,
     request: Request,
@@ -199,7 +194,7 @@ async fn relay(
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.map_err(|_| {
         let body = json!({"error": {"code": "body_too_large", "message": "the body is over 6 MB"}});
-        error_response(StatusCode::PAYLOAD_TOO_LARGE, body, None)
+        json_response(StatusCode::PAYLOAD_TOO_LARGE, body, None)
     })?;
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut headers = parts.headers;
@@ -218,7 +213,7 @@ async fn relay(
             "code": "function_unavailable",
             "message": "the function did not answer (see the cargo lambda watch log); try again",
         }});
-        error_response(StatusCode::BAD_GATEWAY, body, None)
+        json_response(StatusCode::BAD_GATEWAY, body, None)
     })?;
     let mut response = Response::builder().status(upstream.status());
     if let Some(headers) = response.headers_mut() {
@@ -237,7 +232,7 @@ enum IdpRoute {
 /// The local identity provider's routes, if `path` is one.
 fn identity_provider(issuer: &DevIssuer, path: &str, method: &axum::http::Method) -> Option<IdpRoute> {
     let ok = |body: serde_json::Value| {
-        let mut response = error_response(StatusCode::OK, body, None);
+        let mut response = json_response(StatusCode::OK, body, None);
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=60"));
         IdpRoute::Ready(response)
     };
@@ -262,12 +257,12 @@ async fn mint(issuer: &DevIssuer, request: Request) -> Response {
         .filter(|sub| chat_core::UserId::parse(sub).is_ok());
     let Some(sub) = sub else {
         let body = json!({"error": {"code": "invalid_sub", "message": r#"send {"sub": "a user id"}"#}});
-        return error_response(StatusCode::BAD_REQUEST, body, None);
+        return json_response(StatusCode::BAD_REQUEST, body, None);
     };
     let token = issuer.token(&sub, DEV_TOKEN_TTL);
     let body =
         json!({"token": token, "token_type": "Bearer", "expires_in": DEV_TOKEN_TTL.as_secs(), "sub": sub});
-    error_response(StatusCode::OK, body, None)
+    json_response(StatusCode::OK, body, None)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
