@@ -225,3 +225,14 @@ pub fn require_json(headers: &lambda_http::http::HeaderMap) -> Result<(), ApiErr
         Err(ApiError::UnsupportedMediaType { found: media.to_owned() })
     }
 }
+
+/// A page's `limit` query parameter: 20 when absent, else a whole number of `what` from 1 to 100.
+pub fn page_limit(raw: Option<&str>, what: &str) -> Result<u32, ApiError> {
+    let Some(raw) = raw else { return Ok(20) };
+    raw.parse::<u32>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_limit",
+            format!("limit {raw:?} must be a whole number of {what} from 1 to 100"),
+        )
+    })
+}

@@ -326,15 +326,7 @@ impl App {
     ) -> Result<Response<Body>, ApiError> {
         let id = parse_session(id)?;
         let query = request.query_string_parameters_ref();
-        let limit = match query.and_then(|q| q.first("limit")) {
-            None => 20,
-            Some(raw) => raw.parse::<u32>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_limit",
-                    format!("limit {raw:?} must be a whole number of turns from 1 to 100"),
-                )
-            })?,
-        };
+        let limit = api::page_limit(query.and_then(|q| q.first("limit")), "turns")?;
         let cursor = match query.and_then(|q| q.first("cursor")) {
             None => None,
             Some(raw) => Some(Turn::parse(raw).map_err(|_| {
@@ -398,15 +390,7 @@ impl App {
             return Err(ApiError::forbidden(&user));
         }
         let query = request.query_string_parameters_ref();
-        let limit = match query.and_then(|q| q.first("limit")) {
-            None => 20,
-            Some(raw) => raw.parse::<u32>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_limit",
-                    format!("limit {raw:?} must be a whole number from 1 to 100"),
-                )
-            })?,
-        };
+        let limit = api::page_limit(query.and_then(|q| q.first("limit")), "sessions")?;
         let cursor = query.and_then(|q| q.first("cursor"));
         let page = self
             .store
