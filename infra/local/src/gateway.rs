@@ -64,6 +64,8 @@ struct Lane {
 
 struct Gateway {
     upstream: String,
+    /// Origins whose pages may call the API.
+    origins: Vec<String>,
     issuer: Option<Arc<DevIssuer>>,
     http: reqwest::Client,
     limits: Limits,
@@ -86,6 +88,7 @@ pub fn start(
     upstream: String,
     limits: Limits,
     issuer: Option<Arc<DevIssuer>>,
+    origins: Vec<String>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(Running, tokio::task::JoinHandle<()>)> {
     let url = format!("http://{}", listener.local_addr()?);
@@ -93,6 +96,7 @@ pub fn start(
     let counters = Arc::new(Counters::default());
     let gateway = Arc::new(Gateway {
         upstream,
+        origins,
         issuer,
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -125,7 +129,46 @@ pub fn function_for(path: &str) -> &'static str {
     }
 }
 
+/// CORS for the one origin: a browser page may call the API only from an allowed origin. A
+/// request from any other origin is refused before it reaches a function (a form or `text/plain`
+/// POST needs no preflight, so leaving it to the browser would let it through); clients that
+/// are not browsers send no `Origin` and are not affected.
 async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let Some(origin) = origin else { return serve(&gateway, request).await };
+    if !gateway.origins.iter().any(|allowed| *allowed == origin) {
+        let body = json!({"error": {
+            "code": "origin_not_allowed",
+            "message": format!("pages from {origin} may not call this API; add it to CORS_ALLOWED_ORIGINS"),
+        }});
+        return json_response(StatusCode::FORBIDDEN, body, None);
+    }
+    let preflight = request.method() == axum::http::Method::OPTIONS
+        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        let mut response =
+            Response::builder().status(StatusCode::NO_CONTENT).body(Body::empty()).expect("valid");
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE"));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, last-event-id"),
+        );
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("3600"));
+        response
+    } else {
+        serve(&gateway, request).await
+    };
+    let headers = response.headers_mut();
+    if let Ok(origin) = HeaderValue::from_str(&origin) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
+    response
+}
+
+async fn serve(gateway: &Gateway, request: Request) -> Response {
     if let Some(issuer) = &gateway.issuer {
         if let Some(response) = identity_provider(issuer, request.uri().path(), request.method()) {
             return match response {
@@ -143,7 +186,7 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         return shed(lane, &gateway.limits);
     };
     gateway.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-    relay(&gateway, request, slot).await.unwrap_or_else(|failed| failed)
+    relay(gateway, request, slot).await.unwrap_or_else(|failed| failed)
 }
 
 /// Waits for a slot in `lane`, within the limits; `None` means shed.

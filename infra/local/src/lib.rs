@@ -58,6 +58,8 @@ pub struct Settings {
     pub max_wait: Duration,
     /// How callers are identified.
     pub auth: LocalAuth,
+    /// Origins whose web pages may call the API, besides the API's own.
+    pub cors_origins: Vec<String>,
     /// How often the sweeper runs.
     pub sweep_interval: Duration,
     /// SQS visibility timeout: how long a failed or crashed delivery waits before redelivery.
@@ -108,6 +110,7 @@ impl Settings {
             max_waiting: 1000,
             max_wait: Duration::from_secs(10),
             auth: LocalAuth::None,
+            cors_origins: Vec::new(),
             sweep_interval: Duration::from_secs(5),
             visibility_timeout: Duration::from_secs(60),
             max_receive_count: 5,
@@ -340,6 +343,8 @@ impl Stack {
         watch_cmd
             .args(["lambda", "watch", "-A", "127.0.0.1", "-P", &functions_port.to_string()])
             .args(["--concurrency", &settings.concurrency.to_string()])
+            // CORS is the gateway's, from an origin list; the watcher's own allows any origin.
+            .arg("--disable-cors")
             .env(
                 chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
                 settings.invocations_per_instance.to_string(),
@@ -395,9 +400,18 @@ impl Stack {
             max_waiting: settings.max_waiting,
             max_wait: settings.max_wait,
         };
-        let (front, gateway_task) =
-            gateway::start(api_listener, functions.clone(), limits, issuer.clone(), shutdown.subscribe())
-                .map_err(fail)?;
+        let port = api_listener.local_addr().map_err(fail)?.port();
+        let mut origins = vec![format!("http://127.0.0.1:{port}"), format!("http://localhost:{port}")];
+        origins.extend(settings.cors_origins.iter().map(|o| o.trim_end_matches('/').to_owned()));
+        let (front, gateway_task) = gateway::start(
+            api_listener,
+            functions.clone(),
+            limits,
+            issuer.clone(),
+            origins,
+            shutdown.subscribe(),
+        )
+        .map_err(fail)?;
         tasks.push(gateway_task);
 
         let mut stack = Stack {

@@ -17,6 +17,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         env.parse_or(chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE, settings.invocations_per_instance)?;
     settings.max_waiting = env.parse_or("GATEWAY_MAX_WAITING", settings.max_waiting)?;
     settings.max_wait = env.millis_or("GATEWAY_MAX_WAIT_MS", settings.max_wait)?;
+    settings.cors_origins = env
+        .optional("CORS_ALLOWED_ORIGINS")
+        .map(|list| list.split(',').map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect())
+        .unwrap_or_default();
     settings.auth = match env.optional("AUTH_MODE").as_deref() {
         None | Some("none") => chat_local::LocalAuth::None,
         Some("jwt") => chat_local::LocalAuth::Jwt,

@@ -526,3 +526,46 @@ async fn a_long_history_is_read_a_page_of_turns_at_a_time_newest_first() {
         assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
     }
 }
+
+#[tokio::test]
+async fn only_pages_from_allowed_origins_may_call_the_api() {
+    let own = api().to_owned();
+    let url = format!("{own}/sessions/{}/messages", user());
+    let preflight = |origin: &str| {
+        http()
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type, authorization")
+            .send()
+    };
+    let allowed = preflight(&own).await.unwrap();
+    assert_eq!(allowed.status().as_u16(), 204);
+    assert_eq!(allowed.headers()["access-control-allow-origin"], own.as_str(), "the origin, never *");
+    assert!(allowed.headers()["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
+    let refused = preflight("https://evil.example").await.unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    assert!(refused.headers().get("access-control-allow-origin").is_none());
+    // Without a preflight (a form post) the request is refused before any function runs.
+    let form = http()
+        .post(&url)
+        .header("origin", "https://evil.example")
+        .header("content-type", "text/plain")
+        .body(r#"{"message": "csrf"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status().as_u16(), 403);
+    let body: Value = form.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "origin_not_allowed");
+    let ok = http()
+        .post(&url)
+        .header("origin", &own)
+        .header("content-type", "application/json")
+        .body(r#"{"message": "from the page"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 202);
+    assert_eq!(ok.headers()["access-control-allow-origin"], own.as_str());
+}
