@@ -136,7 +136,7 @@ pub fn function_for(path: &str) -> &'static str {
 async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
     let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let Some(origin) = origin else { return serve(&gateway, request).await };
-    if !gateway.origins.iter().any(|allowed| *allowed == origin) {
+    if !gateway.origins.contains(&origin) {
         let body = json!({"error": {
             "code": "origin_not_allowed",
             "message": format!("pages from {origin} may not call this API; add it to CORS_ALLOWED_ORIGINS"),
