@@ -181,12 +181,18 @@ async fn serve(gateway: &Gateway, request: Request) -> Response {
         "stream" => &gateway.stream,
         _ => &gateway.ingest,
     };
+    // The body is read before a slot is taken, so a slow upload holds no function's slot.
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await else {
+        let body = json!({"error": {"code": "body_too_large", "message": "the body is over 6 MB"}});
+        return json_response(StatusCode::PAYLOAD_TOO_LARGE, body, None);
+    };
     let Some(slot) = admit(lane, &gateway.limits).await else {
         gateway.counters.shed.fetch_add(1, Ordering::Relaxed);
         return shed(lane, &gateway.limits);
     };
     gateway.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-    relay(gateway, request, slot).await.unwrap_or_else(|failed| failed)
+    relay(gateway, parts, body, slot).await
 }
 
 /// Waits for a slot in `lane`, within the limits; `None` means shed.
@@ -228,17 +234,12 @@ fn json_response(status: StatusCode, body: serde_json::Value, retry_after: Optio
 }
 
 /// Forwards the request and relays the answer; the slot is released once the answer starts.
-/// `Err` is the gateway's own answer when the request cannot be forwarded.
 async fn relay(
     gateway: &Gateway,
-    request: Request,
+    parts: axum::http::request::Parts,
+    body: bytes::Bytes,
     slot: OwnedSemaphorePermit,
-) -> Result<Response, Response> {
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await.map_err(|_| {
-        let body = json!({"error": {"code": "body_too_large", "message": "the body is over 6 MB"}});
-        json_response(StatusCode::PAYLOAD_TOO_LARGE, body, None)
-    })?;
+) -> Response {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
@@ -250,21 +251,24 @@ async fn relay(
         .send()
         .await;
     drop(slot);
-    let upstream = upstream.map_err(|e| {
-        tracing::warn!(error = %e, "the local Lambda emulator did not answer");
-        let body = json!({"error": {
-            "code": "function_unavailable",
-            "message": "the function did not answer (see the cargo lambda watch log); try again",
-        }});
-        json_response(StatusCode::BAD_GATEWAY, body, None)
-    })?;
+    let upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::warn!(error = %e, "the local Lambda emulator did not answer");
+            let body = json!({"error": {
+                "code": "function_unavailable",
+                "message": "the function did not answer (see the cargo lambda watch log); try again",
+            }});
+            return json_response(StatusCode::BAD_GATEWAY, body, None);
+        }
+    };
     let mut response = Response::builder().status(upstream.status());
     if let Some(headers) = response.headers_mut() {
         headers.extend(upstream.headers().iter().map(|(k, v)| (k.clone(), v.clone())));
         strip_hop_by_hop(headers);
     }
     let body = Body::from_stream(upstream.bytes_stream().map(|chunk| chunk.map_err(std::io::Error::other)));
-    Ok(response.body(body).expect("upstream parts are valid"))
+    response.body(body).expect("upstream parts are valid")
 }
 
 enum IdpRoute {

@@ -400,8 +400,7 @@ impl Stack {
             max_waiting: settings.max_waiting,
             max_wait: settings.max_wait,
         };
-        let port = api_listener.local_addr().map_err(fail)?.port();
-        let mut origins = vec![format!("http://127.0.0.1:{port}"), format!("http://localhost:{port}")];
+        let mut origins = vec![api.clone(), api.replace("127.0.0.1", "localhost")];
         origins.extend(settings.cors_origins.iter().map(|o| o.trim_end_matches('/').to_owned()));
         let (front, gateway_task) = gateway::start(
             api_listener,
@@ -451,7 +450,7 @@ impl Stack {
         .await?;
 
         // The event source and the schedule invoke the functions directly; each keeps its own
-        // bound on invocations in flight (at most `concurrency` batches, one sweep).
+        // bound on invocations in flight (at most `slots()` batches, one sweep).
         stack.tasks.push(tokio::spawn(event_source_mapping(
             stack.sqs.clone(),
             http.clone(),

@@ -6,14 +6,11 @@
 use crate::{AuthError, JwtSettings};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, RwLock};
 use tokio::time::Instant;
@@ -38,7 +35,7 @@ struct Cached {
 /// The issuer's keys, cached.
 pub struct KeySource {
     url: http::Uri,
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: Client<chat_core::https::Connector, Empty<Bytes>>,
     cached: RwLock<Cached>,
     /// One fetch at a time.
     fetching: Mutex<()>,
@@ -52,26 +49,7 @@ impl KeySource {
     pub fn new(settings: &JwtSettings) -> Result<KeySource, String> {
         let url: http::Uri =
             settings.jwks_url.parse().map_err(|e| format!("{:?} is not a URL ({e})", settings.jwks_url))?;
-        let mut connector = HttpConnector::new();
-        connector.enforce_http(false);
-        connector.set_connect_timeout(Some(FETCH_TIMEOUT));
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = match hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider.clone())
-        {
-            Ok(tls) => tls,
-            // A local issuer over plain http needs no roots.
-            Err(_) if url.scheme_str() == Some("http") => {
-                let config = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| format!("cannot set up TLS: {e}"))?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth();
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-            }
-            Err(e) => return Err(format!("cannot load the system's root certificates: {e}")),
-        };
-        let https = tls.https_or_http().enable_http1().wrap_connector(connector);
+        let https = chat_core::https::connector(FETCH_TIMEOUT, url.scheme_str() == Some("http"))?;
         Ok(KeySource {
             url,
             client: Client::builder(TokioExecutor::new()).build(https),

@@ -73,7 +73,9 @@ impl AuthConfig {
             "none" => Mode::None,
             other => return Err(invalid("AUTH_MODE", format!("is {other:?}; use jwt, iam or none"))),
         };
-        if mode == Mode::None && !runtime_api_on_loopback(env.optional("AWS_LAMBDA_RUNTIME_API").as_deref()) {
+        let on_loopback =
+            chat_core::aws::runtime_api_on_loopback(env.optional("AWS_LAMBDA_RUNTIME_API").as_deref());
+        if mode == Mode::None && !on_loopback {
             return Err(invalid(
                 "AUTH_MODE",
                 "is none, which is for the local stack only (the Lambda runtime API is not on loopback); use jwt or iam"
@@ -107,13 +109,6 @@ impl AuthConfig {
         };
         Ok(AuthConfig { mode, jwt })
     }
-}
-
-fn runtime_api_on_loopback(api: Option<&str>) -> bool {
-    api.is_some_and(|api| {
-        let host = api.strip_prefix("http://").unwrap_or(api);
-        host.starts_with("127.") || host.starts_with("localhost:") || host.starts_with("[::1]:")
-    })
 }
 
 /// Who a request comes from.

@@ -57,11 +57,17 @@ pub const LOCAL_INVOCATIONS_PER_INSTANCE: &str = "LOCAL_INVOCATIONS_PER_INSTANCE
 /// Call it first thing in `main`, before any thread exists: it changes the process environment.
 pub fn apply_local_concurrency() {
     let Ok(wanted) = std::env::var(LOCAL_INVOCATIONS_PER_INSTANCE) else { return };
-    let local = std::env::var("AWS_LAMBDA_RUNTIME_API").is_ok_and(|api| {
-        let host = api.strip_prefix("http://").unwrap_or(&api);
-        host.starts_with("127.") || host.starts_with("localhost:") || host.starts_with("[::1]:")
-    });
+    let local = runtime_api_on_loopback(std::env::var("AWS_LAMBDA_RUNTIME_API").ok().as_deref());
     if local && wanted.parse::<u32>().is_ok_and(|n| n >= 1) {
         std::env::set_var("AWS_LAMBDA_MAX_CONCURRENCY", wanted);
     }
+}
+
+/// Whether a Lambda runtime API address (`AWS_LAMBDA_RUNTIME_API`) is on loopback: the local
+/// stack's emulator, never Lambda itself.
+pub fn runtime_api_on_loopback(api: Option<&str>) -> bool {
+    api.is_some_and(|api| {
+        let host = api.strip_prefix("http://").unwrap_or(api);
+        host.starts_with("127.") || host.starts_with("localhost:") || host.starts_with("[::1]:")
+    })
 }

@@ -6,6 +6,7 @@ pub mod aws;
 pub mod config;
 pub mod error;
 pub mod fsm;
+pub mod https;
 pub mod ids;
 pub mod model;
 pub mod queue;

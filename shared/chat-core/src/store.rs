@@ -880,31 +880,25 @@ impl Store {
 
     /// Builds a conditional `Put` of a new item.
     fn put_new(&self, item: Item) -> TransactWriteItem {
-        let put = Put::builder()
+        self.put_absent(item, None)
+    }
+
+    /// A conditional `Put` of a new item; with `now_ms`, an item whose TTL has passed by then
+    /// (DynamoDB removes expired items only eventually) counts as absent and is replaced.
+    fn put_absent(&self, item: Item, now_ms: Option<u64>) -> TransactWriteItem {
+        let mut put = Put::builder()
             .table_name(&*self.table)
             .set_item(Some(item))
             .condition_expression("attribute_not_exists(#pk)")
             .expression_attribute_names("#pk", PK)
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .expect("put fields are set");
-        TransactWriteItem::builder().put(put).build()
-    }
-
-    /// Like [`Store::put_new`], but an item whose TTL has passed (not yet removed by DynamoDB)
-    /// counts as absent and is replaced.
-    fn put_new_or_expired(&self, item: Item, now_ms: u64) -> TransactWriteItem {
-        let put = Put::builder()
-            .table_name(&*self.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(#pk) OR #ttl <= :now")
-            .expression_attribute_names("#pk", PK)
-            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-            .expression_attribute_values(":now", n(now_ms / 1000))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .expect("put fields are set");
-        TransactWriteItem::builder().put(put).build()
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if let Some(now_ms) = now_ms {
+            put = put
+                .condition_expression("attribute_not_exists(#pk) OR #ttl <= :now")
+                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                .expression_attribute_values(":now", n(now_ms / 1000));
+        }
+        TransactWriteItem::builder().put(put.build().expect("put fields are set")).build()
     }
 
     fn message_item(&self, session: SessionId, turn: Turn, role: Role, content: &str, stopped: bool) -> Item {
@@ -1020,7 +1014,7 @@ impl Store {
                 (attr::CREATED_AT.to_owned(), n(now)),
                 (TTL_ATTRIBUTE.to_owned(), n((now + ms(self.options.idempotency_retention)) / 1000)),
             ]);
-            extra_items.push(self.put_new_or_expired(record, now));
+            extra_items.push(self.put_absent(record, Some(now)));
         }
         let write = TransitionWrite {
             session: session_id,

@@ -8,8 +8,6 @@ use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http_body_util::{BodyDataStream, BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
@@ -50,7 +48,7 @@ impl std::fmt::Debug for OpenAiSettings {
     }
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpClient = Client<chat_core::https::Connector, Full<Bytes>>;
 
 /// Loads the API key again (from its secret), for when the provider rejects the one in use:
 /// a rotated key is picked up without waiting for new instances.
@@ -81,26 +79,7 @@ impl OpenAi {
     pub fn new(settings: OpenAiSettings) -> Result<OpenAi, String> {
         let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
         let url: http::Uri = url.parse().map_err(|e| format!("is not a valid URL ({e})"))?;
-        let mut connector = HttpConnector::new();
-        connector.enforce_http(false);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = match hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider.clone())
-        {
-            Ok(tls) => tls,
-            // Plain http (a local server) needs no roots.
-            Err(_) if url.scheme_str() == Some("http") => {
-                let config = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| format!("cannot set up TLS: {e}"))?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth();
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-            }
-            Err(e) => return Err(format!("cannot load the system's root certificates: {e}")),
-        };
-        let https = tls.https_or_http().enable_http1().wrap_connector(connector);
+        let https = chat_core::https::connector(settings.connect_timeout, url.scheme_str() == Some("http"))?;
         let client = Client::builder(TokioExecutor::new()).build(https);
         let key = ApiKey {
             current: std::sync::RwLock::new(settings.api_key.clone()),

@@ -1,0 +1,34 @@
+//! The connector for the project's own outbound HTTP calls (a model provider, a token issuer's
+//! keys): rustls over the aws-lc-rs the AWS SDK already links, trusting the system's roots. The
+//! SDK links these crates too, so this adds nothing to a binary.
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// HTTPS, or plain HTTP, over one connector.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// A connector with `connect_timeout`. A machine without root certificates can still reach a
+/// plain `http` URL (a local server) when `plain_http` says that is what it is for.
+pub fn connector(connect_timeout: Duration, plain_http: bool) -> Result<Connector, String> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls =
+        match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+            Ok(tls) => tls,
+            Err(_) if plain_http => {
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| format!("cannot set up TLS: {e}"))?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+            }
+            Err(e) => return Err(format!("cannot load the system's root certificates: {e}")),
+        };
+    Ok(tls.https_or_http().enable_http1().wrap_connector(http))
+}
