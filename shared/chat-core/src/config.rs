@@ -71,15 +71,19 @@ pub struct CommonConfig {
     pub lease: Duration,
     /// Generation attempts per turn before it ends in timeout (`MAX_ATTEMPTS`, default 3).
     pub max_attempts: u32,
+    /// Per-user limits (`TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_SESSIONS_PER_USER`).
+    pub limits: crate::UserLimits,
 }
 
 impl CommonConfig {
     /// Reads the shared settings.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let defaults = crate::StoreOptions::default();
+        let limits = crate::UserLimits::from_env(env)?;
         let store = crate::StoreOptions {
             writing_timeout: env.millis_or("WRITING_TIMEOUT_MS", defaults.writing_timeout)?,
             pickup_timeout: env.millis_or("PICKUP_TIMEOUT_MS", defaults.pickup_timeout)?,
+            max_sessions_per_user: limits.sessions,
             ..defaults
         };
         Ok(CommonConfig {
@@ -87,6 +91,7 @@ impl CommonConfig {
             store,
             lease: env.millis_or("LEASE_MS", Duration::from_secs(30))?,
             max_attempts: env.parse_or("MAX_ATTEMPTS", 3)?,
+            limits,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod fsm;
 pub mod https;
 pub mod ids;
+pub mod limits;
 pub mod model;
 pub mod queue;
 pub mod store;
@@ -17,6 +18,7 @@ pub mod time;
 pub use error::StoreError;
 pub use fsm::{Event, State};
 pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
+pub use limits::{Admission, UserLimits};
 pub use model::{Chunk, LeaseInfo, Message, Session, TransitionRecord};
 pub use store::{
     AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,

@@ -42,6 +42,8 @@ pub struct StoreOptions {
     pub idempotency_retention: Duration,
     /// Attempts when concurrent transactions collide or a state read goes stale.
     pub max_attempts: u32,
+    /// Sessions a user may have (0: no limit); counted whether or not it is enforced.
+    pub max_sessions_per_user: u32,
 }
 
 impl Default for StoreOptions {
@@ -52,6 +54,7 @@ impl Default for StoreOptions {
             chunk_retention: Duration::from_secs(7 * 24 * 3600),
             idempotency_retention: Duration::from_secs(24 * 3600),
             max_attempts: 8,
+            max_sessions_per_user: 0,
         }
     }
 }
@@ -161,6 +164,11 @@ pub enum SendOutcome {
     },
     /// No such session for this user.
     NotFound,
+    /// A new session was asked for, but the user has `limit` sessions already.
+    SessionLimit {
+        /// The limit.
+        limit: u32,
+    },
 }
 
 /// A generator's claim on a turn: the fencing version and what was already streamed.
@@ -316,7 +324,7 @@ fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn n(v: impl ToString) -> AttributeValue {
+pub(crate) fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
@@ -324,7 +332,7 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-fn key(pk: String, sk: impl Into<String>) -> Item {
+pub(crate) fn key(pk: String, sk: impl Into<String>) -> Item {
     HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), s(sk))])
 }
 
@@ -372,6 +380,30 @@ impl Store {
             read_units: self.capacity.read_milli.load(Ordering::Relaxed) as f64 / 1000.0,
             write_units: self.capacity.write_milli.load(Ordering::Relaxed) as f64 / 1000.0,
         }
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn meter(&self, write: bool, consumed: Option<&ConsumedCapacity>) {
+        self.capacity.add(write, consumed);
+    }
+
+    /// One item by key, read consistently.
+    pub(crate) async fn get_item(&self, key: Item) -> Result<Option<Item>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(key))
+            .consistent_read(true)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| StoreError::dynamo("GetItem", e))?;
+        self.capacity.add(false, out.consumed_capacity());
+        Ok(out.item)
     }
 
     // ----- reads -------------------------------------------------------------------------
@@ -901,6 +933,23 @@ impl Store {
         TransactWriteItem::builder().put(put.build().expect("put fields are set")).build()
     }
 
+    /// Moves the user's session count by `delta`; an increase is conditioned on the limit.
+    fn count_sessions(&self, user: &UserId, delta: i64) -> TransactWriteItem {
+        let mut update = Update::builder()
+            .table_name(&*self.table)
+            .set_key(Some(key(table::user_pk(user), crate::limits::SESSION_COUNT_SK)))
+            .update_expression("ADD #count :delta")
+            .expression_attribute_names("#count", crate::limits::SESSION_COUNT)
+            .expression_attribute_values(":delta", n(delta));
+        let limit = self.options.max_sessions_per_user;
+        if delta > 0 && limit > 0 {
+            update = update
+                .condition_expression("attribute_not_exists(#count) OR #count <= :most")
+                .expression_attribute_values(":most", n(i64::from(limit) - delta));
+        }
+        TransactWriteItem::builder().update(update.build().expect("update fields are set")).build()
+    }
+
     fn message_item(&self, session: SessionId, turn: Turn, role: Role, content: &str, stopped: bool) -> Item {
         let mut item = key(table::session_pk(session), table::message_sk(turn, role));
         item.extend([
@@ -924,19 +973,9 @@ impl Store {
         user: &UserId,
         key_: &ClientMessageId,
     ) -> Result<Option<(SessionId, Turn)>, StoreError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&*self.table)
-            .set_key(Some(key(table::user_pk(user), table::idempotency_sk(key_))))
-            .consistent_read(true)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| StoreError::dynamo("GetItem", e))?;
-        self.capacity.add(false, out.consumed_capacity());
+        let item = self.get_item(key(table::user_pk(user), table::idempotency_sk(key_))).await?;
         // DynamoDB removes expired items only eventually (within days): an expired key is absent.
-        let live = out.item().filter(|item| !self.expired(item));
+        let live = item.as_ref().filter(|item| !self.expired(item));
         live.map(idempotent_answer).transpose()
     }
 
@@ -1016,6 +1055,11 @@ impl Store {
             ]);
             extra_items.push(self.put_absent(record, Some(now)));
         }
+        // A new session moves the user's session count in the same transaction, up to the limit.
+        let count_index = current.is_none().then(|| {
+            extra_items.push(self.count_sessions(msg.user, 1));
+            extra_items.len() - 1
+        });
         let write = TransitionWrite {
             session: session_id,
             expected: current.map(|c| (c.state, c.version)),
@@ -1042,6 +1086,9 @@ impl Store {
                 })?,
             };
             return Ok(SendOutcome::Duplicate { session_id, turn });
+        }
+        if count_index.is_some_and(|i| rejection.extra(i).is_some()) && !rejection.session_failed {
+            return Ok(SendOutcome::SessionLimit { limit: self.options.max_sessions_per_user });
         }
         Ok(match rejection {
             Rejection { session_failed: true, current: Some(c), .. } if &c.user_id == msg.user => {
@@ -1578,16 +1625,33 @@ impl Store {
                     keys.push(key(fields.s(PK)?.to_owned(), fields.s(SK)?));
                 }
             }
-            let out = self
-                .client
-                .delete_item()
+            // The count moves with the session item, exactly once: a retry finds the item gone.
+            let delete = Delete::builder()
                 .table_name(&*self.table)
                 .set_key(Some(session_key(id)))
+                .condition_expression("attribute_exists(#pk)")
+                .expression_attribute_names("#pk", PK)
+                .build()
+                .expect("delete fields are set");
+            let result = self
+                .client
+                .transact_write_items()
+                .transact_items(TransactWriteItem::builder().delete(delete).build())
+                .transact_items(self.count_sessions(&session.user_id, -1))
+                .client_request_token(Uuid::new_v4().to_string())
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
-                .await
-                .map_err(|e| StoreError::dynamo("DeleteItem", e))?;
-            self.capacity.add(true, out.consumed_capacity());
+                .await;
+            match result {
+                Ok(out) => {
+                    for consumed in out.consumed_capacity() {
+                        self.capacity.add(true, Some(consumed));
+                    }
+                }
+                // A concurrent delete took the session item (and moved the count) first.
+                Err(err) if cancelled_by_condition(&err) => {}
+                Err(err) => return Err(StoreError::dynamo("TransactWriteItems", err)),
+            }
         }
         keys.retain(|k| k.get(SK).and_then(|v| v.as_s().ok()).map(String::as_str) != Some(table::SESSION_SK));
         let removed = keys.len();
@@ -1658,6 +1722,15 @@ fn lease_status_of(lease: &Lease, current: Option<&Session>) -> LeaseStatus {
             LeaseStatus::Held { cancel_requested: c.cancel_requested }
         }
         _ => LeaseStatus::Lost,
+    }
+}
+
+fn cancelled_by_condition<R>(err: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, R>) -> bool {
+    match err.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(cancel)) => {
+            cancel.cancellation_reasons().iter().any(|r| r.code() == Some("ConditionalCheckFailed"))
+        }
+        _ => false,
     }
 }
 

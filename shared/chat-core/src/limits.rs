@@ -1,0 +1,336 @@
+//! Per-user limits, kept in the table so every instance of every function sees the same count:
+//! a turn rate (a token bucket), open streams (leased slots) and, in the store's send path,
+//! sessions per user (a counter moved in the same transactions that create and delete sessions).
+//!
+//! Each check is a conditional write, so two instances racing for the last unit cannot both win.
+
+use crate::config::{ConfigError, Env};
+use crate::error::StoreError;
+use crate::ids::UserId;
+use crate::model::Item;
+use crate::store::{key, n, Store};
+use crate::table::{self, TTL_ATTRIBUTE};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity, ReturnValuesOnConditionCheckFailure};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The per-user limits; 0 turns a limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserLimits {
+    /// Turns a user may start per minute, in bursts of up to this many (`TURNS_PER_MINUTE`).
+    pub turns_per_minute: u32,
+    /// Streams a user may hold open at once (`MAX_OPEN_STREAMS`).
+    pub open_streams: u32,
+    /// Sessions a user may have (`MAX_SESSIONS_PER_USER`); deleting one frees its place.
+    pub sessions: u32,
+}
+
+impl Default for UserLimits {
+    fn default() -> Self {
+        UserLimits { turns_per_minute: 30, open_streams: 10, sessions: 1000 }
+    }
+}
+
+impl UserLimits {
+    /// No limits at all.
+    pub const OFF: UserLimits = UserLimits { turns_per_minute: 0, open_streams: 0, sessions: 0 };
+
+    /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS` and `MAX_SESSIONS_PER_USER`.
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let defaults = UserLimits::default();
+        Ok(UserLimits {
+            turns_per_minute: env.parse_or("TURNS_PER_MINUTE", defaults.turns_per_minute)?,
+            open_streams: env.parse_or("MAX_OPEN_STREAMS", defaults.open_streams)?,
+            sessions: env.parse_or("MAX_SESSIONS_PER_USER", defaults.sessions)?,
+        })
+    }
+}
+
+/// The answer of a limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Within the limit; the unit is taken.
+    Admitted,
+    /// Over the limit; nothing was taken. Try again after `retry_after`.
+    Limited {
+        /// When a unit is expected to be free (at least 1 s).
+        retry_after: Duration,
+    },
+}
+
+/// Sort key of a user's turn-rate bucket (partition `U#{user}`).
+pub const TURN_RATE_SK: &str = "LIMIT#turns";
+/// Sort key of a user's open-stream slots.
+pub const STREAM_SLOTS_SK: &str = "LIMIT#streams";
+/// Sort key of a user's session counter.
+pub const SESSION_COUNT_SK: &str = "LIMIT#sessions";
+
+/// The theoretical arrival time of the bucket (epoch ms): it is full when this is in the past.
+const TAT: &str = "tat";
+/// Open streams: stream id → when its slot lapses (epoch ms), should its holder die silently.
+const HOLDERS: &str = "holders";
+/// Version of the slots item, for compare-and-set.
+const SLOTS_VERSION: &str = "v";
+/// Sessions the user has.
+pub(crate) const SESSION_COUNT: &str = "sessions";
+
+/// How long a client over the stream limit is asked to wait: a slot frees when one of the
+/// user's streams ends, which is not known in advance.
+const STREAM_RETRY: Duration = Duration::from_secs(5);
+
+/// The bucket's arithmetic (GCRA, in ms): a bucket of `burst` turns that refills one turn every
+/// `interval`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    interval: u64,
+    /// How far the arrival time may run ahead of now: `(burst - 1) × interval`.
+    tolerance: u64,
+}
+
+impl Bucket {
+    fn per_minute(turns: u32) -> Bucket {
+        let interval = 60_000u64.div_ceil(u64::from(turns.max(1)));
+        Bucket { interval, tolerance: interval * u64::from(turns.max(1) - 1) }
+    }
+
+    /// The new arrival time if a turn starting `now` fits, else how long until it would.
+    fn take(&self, tat: Option<u64>, now: u64) -> Result<u64, u64> {
+        let tat = tat.unwrap_or(now).max(now);
+        if tat - now > self.tolerance {
+            Err(tat - now - self.tolerance)
+        } else {
+            Ok(tat + self.interval)
+        }
+    }
+}
+
+fn retry_after(ms: u64) -> Duration {
+    // Whole seconds for the header, rounded up so the retry lands after the refill.
+    Duration::from_secs(ms.div_ceil(1000).max(1))
+}
+
+impl Store {
+    /// Takes one turn from the user's bucket of `per_minute` turns (0: no limit).
+    pub async fn take_turn(&self, user: &UserId, per_minute: u32) -> Result<Admission, StoreError> {
+        if per_minute == 0 {
+            return Ok(Admission::Admitted);
+        }
+        let bucket = Bucket::per_minute(per_minute);
+        // What the bucket held at the last look; unknown at first, then from each failed write.
+        let mut seen: Option<Option<u64>> = None;
+        for _ in 0..self.options().max_attempts {
+            let now = self.now_ms();
+            let current = seen.flatten();
+            let new_tat = match bucket.take(current, now) {
+                Ok(new_tat) => new_tat,
+                Err(wait) => return Ok(Admission::Limited { retry_after: retry_after(wait) }),
+            };
+            // Whatever the bucket held before, the write only lands if it still holds it.
+            let (condition, values) = match current {
+                Some(old) if old > now => ("#tat = :old", vec![(":old", n(old))]),
+                _ => ("attribute_not_exists(#tat) OR #tat <= :now", vec![(":now", n(now))]),
+            };
+            let mut request = self
+                .client()
+                .update_item()
+                .table_name(self.table())
+                .set_key(Some(key(table::user_pk(user), TURN_RATE_SK)))
+                .update_expression("SET #tat = :tat, #ttl = :ttl")
+                .condition_expression(condition)
+                .expression_attribute_names("#tat", TAT)
+                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                .expression_attribute_values(":tat", n(new_tat))
+                // A bucket idle for an hour is full again; DynamoDB may then drop it.
+                .expression_attribute_values(":ttl", n(new_tat / 1000 + 3600))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            for (placeholder, value) in values {
+                request = request.expression_attribute_values(placeholder, value);
+            }
+            match request.send().await {
+                Ok(out) => {
+                    self.meter(true, out.consumed_capacity());
+                    return Ok(Admission::Admitted);
+                }
+                Err(err) => match err.as_service_error() {
+                    Some(UpdateItemError::ConditionalCheckFailedException(e)) => {
+                        seen = Some(e.item().and_then(|item| number(item, TAT)));
+                    }
+                    _ => return Err(StoreError::dynamo("UpdateItem", err)),
+                },
+            }
+        }
+        Err(StoreError::Contention { attempts: self.options().max_attempts })
+    }
+
+    /// Gives back a turn taken by [`Store::take_turn`] that did not start one (the send was a
+    /// repeat, or refused). Best effort: a lost refund only delays the user's next turn.
+    pub async fn return_turn(&self, user: &UserId, per_minute: u32) -> Result<(), StoreError> {
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let bucket = Bucket::per_minute(per_minute);
+        let now = self.now_ms();
+        let result = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(table::user_pk(user), TURN_RATE_SK)))
+            .update_expression("SET #tat = #tat - :interval")
+            // Only while the refund still matters: never rewind the bucket past full.
+            .condition_expression("#tat >= :floor")
+            .expression_attribute_names("#tat", TAT)
+            .expression_attribute_values(":interval", n(bucket.interval))
+            .expression_attribute_values(":floor", n(now + bucket.interval))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                self.meter(true, out.consumed_capacity());
+                Ok(())
+            }
+            Err(err) => match err.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(_)) => Ok(()),
+                _ => Err(StoreError::dynamo("UpdateItem", err)),
+            },
+        }
+    }
+
+    /// Takes one of the user's `max` stream slots (0: no limit) for the stream `stream_id`, held
+    /// for at most `hold` in case the stream dies without [`Store::close_stream`].
+    pub async fn open_stream(
+        &self,
+        user: &UserId,
+        stream_id: &str,
+        max: u32,
+        hold: Duration,
+    ) -> Result<Admission, StoreError> {
+        if max == 0 {
+            return Ok(Admission::Admitted);
+        }
+        for _ in 0..self.options().max_attempts {
+            let now = self.now_ms();
+            let item = self.get_item(key(table::user_pk(user), STREAM_SLOTS_SK)).await?;
+            let version = item.as_ref().and_then(|i| number(i, SLOTS_VERSION));
+            let mut holders: HashMap<String, AttributeValue> = item
+                .as_ref()
+                .and_then(|i| i.get(HOLDERS))
+                .and_then(|v| v.as_m().ok())
+                .cloned()
+                .unwrap_or_default();
+            // Slots whose holder died without giving them back have lapsed.
+            holders.retain(|_, expires| expires.as_n().ok().and_then(|e| e.parse::<u64>().ok()) > Some(now));
+            if holders.len() >= max as usize {
+                return Ok(Admission::Limited { retry_after: STREAM_RETRY });
+            }
+            let expires = now + hold.as_millis() as u64;
+            holders.insert(stream_id.to_owned(), n(expires));
+            let latest = holders.values().filter_map(|e| e.as_n().ok()?.parse::<u64>().ok()).max();
+            let mut request = self
+                .client()
+                .update_item()
+                .table_name(self.table())
+                .set_key(Some(key(table::user_pk(user), STREAM_SLOTS_SK)))
+                .update_expression("SET #holders = :holders, #v = :nv, #ttl = :ttl")
+                .expression_attribute_names("#holders", HOLDERS)
+                .expression_attribute_names("#v", SLOTS_VERSION)
+                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                .expression_attribute_values(":holders", AttributeValue::M(holders))
+                .expression_attribute_values(":nv", n(version.unwrap_or(0) + 1))
+                .expression_attribute_values(":ttl", n(latest.unwrap_or(expires) / 1000 + 3600))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            // Compare-and-set on the version read.
+            request = match version {
+                Some(v) => request.condition_expression("#v = :v").expression_attribute_values(":v", n(v)),
+                None => request.condition_expression("attribute_not_exists(#v)"),
+            };
+            match request.send().await {
+                Ok(out) => {
+                    self.meter(true, out.consumed_capacity());
+                    return Ok(Admission::Admitted);
+                }
+                // Another stream of this user opened or closed in between: look again.
+                Err(err) => match err.as_service_error() {
+                    Some(UpdateItemError::ConditionalCheckFailedException(_)) => continue,
+                    _ => return Err(StoreError::dynamo("UpdateItem", err)),
+                },
+            }
+        }
+        Err(StoreError::Contention { attempts: self.options().max_attempts })
+    }
+
+    /// Gives back the slot of `stream_id`; a slot already gone (lapsed, or limits off) is fine.
+    pub async fn close_stream(&self, user: &UserId, stream_id: &str) -> Result<(), StoreError> {
+        let result = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(table::user_pk(user), STREAM_SLOTS_SK)))
+            // The version moves too, so an opener that read the slot still taken retries.
+            .update_expression("REMOVE #holders.#id ADD #v :one")
+            .condition_expression("attribute_exists(#holders.#id)")
+            .expression_attribute_names("#holders", HOLDERS)
+            .expression_attribute_names("#id", stream_id)
+            .expression_attribute_names("#v", SLOTS_VERSION)
+            .expression_attribute_values(":one", n(1))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                self.meter(true, out.consumed_capacity());
+                Ok(())
+            }
+            Err(err) => match err.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(_)) => Ok(()),
+                _ => Err(StoreError::dynamo("UpdateItem", err)),
+            },
+        }
+    }
+
+    /// How many sessions the user has, as counted by the send and delete transactions.
+    pub async fn session_count(&self, user: &UserId) -> Result<u64, StoreError> {
+        let item = self.get_item(key(table::user_pk(user), SESSION_COUNT_SK)).await?;
+        Ok(item.as_ref().and_then(|i| number(i, SESSION_COUNT)).unwrap_or(0))
+    }
+}
+
+fn number(item: &Item, name: &str) -> Option<u64> {
+    item.get(name)?.as_n().ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_one_turn_per_interval() {
+        let bucket = Bucket::per_minute(6); // one turn every 10 s, 6 at once
+        let mut tat = None;
+        for _ in 0..6 {
+            tat = Some(bucket.take(tat, 0).expect("within the burst"));
+        }
+        assert_eq!(bucket.take(tat, 0), Err(10_000), "the 7th waits for one refill");
+        assert_eq!(bucket.take(tat, 9_999), Err(1));
+        assert!(bucket.take(tat, 10_000).is_ok());
+        // An idle bucket is full again, never fuller.
+        assert_eq!(bucket.take(tat, 1_000_000), Ok(1_010_000));
+        assert_eq!(retry_after(1), Duration::from_secs(1));
+        assert_eq!(retry_after(10_001), Duration::from_secs(11));
+    }
+
+    #[test]
+    fn limits_read_from_the_environment() {
+        let env = Env::from_fn(|name| match name {
+            "TURNS_PER_MINUTE" => Some("5".to_owned()),
+            "MAX_OPEN_STREAMS" => Some("0".to_owned()),
+            _ => None,
+        });
+        let limits = UserLimits::from_env(&env).unwrap();
+        assert_eq!(limits, UserLimits { turns_per_minute: 5, open_streams: 0, sessions: 1000 });
+        let bad = Env::from_fn(|name| (name == "MAX_SESSIONS_PER_USER").then(|| "many".to_owned()));
+        assert_eq!(UserLimits::from_env(&bad).unwrap_err().variable, "MAX_SESSIONS_PER_USER");
+    }
+}

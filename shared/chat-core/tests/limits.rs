@@ -1,0 +1,197 @@
+//! Per-user limits against a real DynamoDB emulator, with racing callers: the conditional
+//! writes, not process memory, decide who gets the last unit.
+
+mod common;
+
+use chat_core::*;
+use common::TestDb;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn new_user() -> UserId {
+    UserId::parse(&format!("user-{}", uuid::Uuid::new_v4().simple())).unwrap()
+}
+
+/// Runs `n` copies of `f` at once (released together by a barrier) and collects their answers.
+async fn race<T, F, Fut>(n: usize, f: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let work = f(i);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                work.await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    answers
+}
+
+fn admitted(answers: &[Admission]) -> usize {
+    answers.iter().filter(|a| **a == Admission::Admitted).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_turns_take_exactly_the_bucket_then_wait_for_the_refill() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    for round in 0..5 {
+        let user = new_user();
+        // 4 per minute: a burst of 4, then one turn every 15 s.
+        let answers = race(10, |_| {
+            let (store, user) = (store.clone(), user.clone());
+            async move { store.take_turn(&user, 4).await.expect("take") }
+        })
+        .await;
+        assert_eq!(admitted(&answers), 4, "round {round}: {answers:?}");
+        for answer in &answers {
+            if let Admission::Limited { retry_after } = answer {
+                assert_eq!(*retry_after, Duration::from_secs(15), "round {round}");
+            }
+        }
+    }
+    let user = new_user();
+    for _ in 0..4 {
+        assert_eq!(store.take_turn(&user, 4).await.unwrap(), Admission::Admitted);
+    }
+    db.advance_ms(14_000);
+    assert_eq!(
+        store.take_turn(&user, 4).await.unwrap(),
+        Admission::Limited { retry_after: Duration::from_secs(1) }
+    );
+    db.advance_ms(1_000);
+    assert_eq!(store.take_turn(&user, 4).await.unwrap(), Admission::Admitted);
+    assert!(matches!(store.take_turn(&user, 4).await.unwrap(), Admission::Limited { .. }));
+    // A refund (the send turned out to be a repeat) gives the turn back; a second refund of a
+    // full bucket does not make it fuller.
+    store.return_turn(&user, 4).await.unwrap();
+    assert_eq!(store.take_turn(&user, 4).await.unwrap(), Admission::Admitted);
+    // Other users are untouched, and 0 is no limit.
+    assert_eq!(store.take_turn(&new_user(), 4).await.unwrap(), Admission::Admitted);
+    for _ in 0..50 {
+        assert_eq!(store.take_turn(&user, 0).await.unwrap(), Admission::Admitted);
+    }
+    db.advance_ms(3_600_000);
+    let idle = new_user();
+    store.return_turn(&idle, 4).await.unwrap();
+    let answers = race(8, |_| {
+        let (store, idle) = (store.clone(), idle.clone());
+        async move { store.take_turn(&idle, 4).await.expect("take") }
+    })
+    .await;
+    assert_eq!(admitted(&answers), 4, "a refund on an empty record must not add room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_streams_get_exactly_the_slots_and_a_dead_streams_slot_lapses() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let hold = Duration::from_secs(660);
+    for round in 0..5 {
+        let user = new_user();
+        let answers = race(8, |i| {
+            let (store, user) = (store.clone(), user.clone());
+            async move { (i, store.open_stream(&user, &format!("s{i}"), 3, hold).await.expect("open")) }
+        })
+        .await;
+        let winners: Vec<usize> =
+            answers.iter().filter(|(_, a)| *a == Admission::Admitted).map(|(i, _)| *i).collect();
+        assert_eq!(winners.len(), 3, "round {round}: {answers:?}");
+        assert!(answers.iter().all(|(_, a)| matches!(a, Admission::Admitted | Admission::Limited { .. })));
+        // Closing one frees exactly one slot; closing it again (or an unknown id) changes nothing.
+        store.close_stream(&user, &format!("s{}", winners[0])).await.unwrap();
+        store.close_stream(&user, &format!("s{}", winners[0])).await.unwrap();
+        store.close_stream(&user, "never-opened").await.unwrap();
+        let answers = race(4, |i| {
+            let (store, user) = (store.clone(), user.clone());
+            async move { store.open_stream(&user, &format!("again{i}"), 3, hold).await.expect("open") }
+        })
+        .await;
+        assert_eq!(admitted(&answers), 1, "round {round}: {answers:?}");
+    }
+    // A stream that died without closing holds its slot only until `hold` passes.
+    let user = new_user();
+    assert_eq!(store.open_stream(&user, "dead", 1, hold).await.unwrap(), Admission::Admitted);
+    assert!(matches!(store.open_stream(&user, "next", 1, hold).await.unwrap(), Admission::Limited { .. }));
+    db.advance_ms(hold.as_millis() as u64 + 1);
+    assert_eq!(store.open_stream(&user, "next", 1, hold).await.unwrap(), Admission::Admitted);
+    // Closing a user's stream that was never limited (limits off) is harmless.
+    store.close_stream(&new_user(), "x").await.unwrap();
+    assert_eq!(store.open_stream(&user, "free", 0, hold).await.unwrap(), Admission::Admitted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_new_sessions_stop_at_the_cap_and_a_delete_frees_a_place() {
+    let db = TestDb::start().await;
+    let options = StoreOptions { max_sessions_per_user: 3, ..StoreOptions::default() };
+    let store = Store::new(db.client(), common::TABLE, options).with_clock(Clock::Manual(db.clock.clone()));
+    let user = new_user();
+    let answers = race(10, |i| {
+        let (store, user) = (store.clone(), user.clone());
+        async move {
+            let text = format!("hello {i}");
+            let msg =
+                NewMessage { user: &user, session: None, content: &text, client_message_id: None, by: "t" };
+            store.send_message(msg).await.expect("send")
+        }
+    })
+    .await;
+    let mut sessions = Vec::new();
+    for answer in answers {
+        match answer {
+            SendOutcome::Accepted(ticket) => sessions.push(ticket),
+            SendOutcome::SessionLimit { limit } => assert_eq!(limit, 3),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(sessions.len(), 3);
+    assert_eq!(store.session_count(&user).await.unwrap(), 3);
+    let page = store.list_user_sessions(&user, 100, None).await.unwrap().unwrap();
+    assert_eq!(page.sessions.len(), 3, "refused sends leave no session behind");
+
+    // A new turn in an existing session is not a new session: the cap does not apply.
+    let first = &sessions[0];
+    let Outcome::Applied(t) = store.commit_user_message(first, "t").await.unwrap() else { panic!() };
+    let current = store.get_session(t.session_id, true).await.unwrap().unwrap();
+    store.end_turn(&current, Event::ProcessingFailed, "test", "t").await.unwrap();
+    let current = store.get_session(t.session_id, true).await.unwrap().unwrap();
+    assert!(!current.state.turn_in_flight());
+    let msg = NewMessage {
+        user: &user,
+        session: Some(t.session_id),
+        content: "more",
+        client_message_id: None,
+        by: "t",
+    };
+    assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::Accepted(_)));
+
+    // Two racing deletes of one session move the count once.
+    let gone = sessions[1].session_id;
+    let deletes = race(2, |_| {
+        let (store, user) = (store.clone(), user.clone());
+        async move { store.delete_session(gone, Some(&user)).await.expect("delete") }
+    })
+    .await;
+    assert!(deletes.iter().all(|d| matches!(d, DeleteOutcome::Deleted { .. } | DeleteOutcome::NotFound)));
+    assert!(store.get_session(gone, true).await.unwrap().is_none());
+    assert_eq!(store.session_count(&user).await.unwrap(), 2);
+    let msg = NewMessage { user: &user, session: None, content: "again", client_message_id: None, by: "t" };
+    assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::Accepted(_)));
+    let msg = NewMessage { user: &user, session: None, content: "over", client_message_id: None, by: "t" };
+    assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::SessionLimit { limit: 3 }));
+    // Another user has a place of their own.
+    let other = new_user();
+    let msg = NewMessage { user: &other, session: None, content: "hi", client_message_id: None, by: "t" };
+    assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::Accepted(_)));
+}
