@@ -10,7 +10,9 @@ pub mod model;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::TurnMessage;
-use chat_core::{AppendOutcome, ClaimOutcome, Event, Lease, LeaseStatus, Outcome, Role, Store, StoreError};
+use chat_core::{
+    AppendOutcome, ClaimOutcome, Event, Lease, LeaseStatus, Outcome, Role, StopReason, Store, StoreError,
+};
 use futures::StreamExt;
 use memory::{MemoryLimits, TokenCounter};
 use model::{Model, Prompt};
@@ -37,7 +39,14 @@ pub struct Settings {
     pub system_prompt: Option<String>,
     /// How much history the model sees (`MEMORY_MAX_TOKENS`, `MEMORY_MAX_TURNS`).
     pub memory: MemoryLimits,
+    /// A reply stops at this many bytes, whole tokens only, marked `reply_limit`
+    /// (`REPLY_MAX_BYTES`): a stored message must fit DynamoDB's 400 KB item limit.
+    pub reply_max_bytes: usize,
 }
+
+/// The largest `REPLY_MAX_BYTES`: a message item also carries its keys and attributes, and must
+/// stay under DynamoDB's 400 KB.
+pub const REPLY_MAX_BYTES_CEILING: usize = 380_000;
 
 /// The generator function's dependencies, built once per cold start.
 pub struct Generator {
@@ -56,6 +65,8 @@ struct RetryLater(#[from] StoreError);
 enum Ending {
     Complete,
     Stopped,
+    /// The reply reached `reply_max_bytes`.
+    Capped,
     Failed(String),
     LeaseLost,
 }
@@ -88,6 +99,17 @@ impl Generator {
             max_attempts: common.max_attempts,
             flush_interval: env.millis_or("FLUSH_INTERVAL_MS", Duration::from_millis(100))?,
             flush_max_tokens: env.parse_or("FLUSH_MAX_TOKENS", 32)?,
+            reply_max_bytes: match env.parse_or("REPLY_MAX_BYTES", 300_000)? {
+                n if n == 0 || n > REPLY_MAX_BYTES_CEILING => {
+                    return Err(ConfigError {
+                        variable: "REPLY_MAX_BYTES".to_owned(),
+                        problem: format!(
+                            "is {n}; use 1 to {REPLY_MAX_BYTES_CEILING} (DynamoDB's item limit)"
+                        ),
+                    })
+                }
+                n => n,
+            },
             faults,
             system_prompt: model_config.system_prompt.clone(),
             memory: model_config.memory,
@@ -180,8 +202,13 @@ impl Generator {
                 info!("lease taken over; leaving the turn to its new holder");
                 return Ok(());
             }
-            Ending::Complete | Ending::Stopped => {
-                self.store.commit_reply(&lease, &writer.text, matches!(ending, Ending::Stopped)).await?
+            Ending::Complete | Ending::Stopped | Ending::Capped => {
+                let stopped = match ending {
+                    Ending::Stopped => Some(StopReason::Cancelled),
+                    Ending::Capped => Some(StopReason::ReplyLimit),
+                    _ => None,
+                };
+                self.store.commit_reply(&lease, &writer.text, stopped).await?
             }
             Ending::Failed(reason) => {
                 let Some(current) = self.store.get_session(lease.session_id, true).await? else {
@@ -255,6 +282,10 @@ impl Generator {
             };
             match next {
                 Some(Ok(token)) => {
+                    if writer.bytes() + token.len() > self.settings.reply_max_bytes {
+                        warn!(bytes = writer.bytes(), "the reply reached REPLY_MAX_BYTES; stopping it there");
+                        return Ok(self.flush(lease, writer).await?.unwrap_or(Ending::Capped));
+                    }
                     writer.push(token);
                     // The first token goes out at once: time to first token is what users feel;
                     // later tokens are batched by time and size.
@@ -335,6 +366,11 @@ impl ChunkWriter {
         }
         self.oldest.get_or_insert_with(Instant::now);
         self.buffer.push(token);
+    }
+
+    /// Bytes of the reply so far, buffered tokens included.
+    fn bytes(&self) -> usize {
+        self.text.len() + self.buffer.iter().map(String::len).sum::<usize>()
     }
 
     /// Whether nothing has been written yet in this attempt.

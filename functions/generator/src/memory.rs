@@ -2,7 +2,7 @@
 //! until the token budget or the turn limit is reached; never part of a message.
 
 use chat_core::{Message, Role, Turn};
-use tiktoken_rs::CoreBPE;
+pub use chat_tokens::TokenCounter;
 
 /// How much history a prompt may carry.
 #[derive(Debug, Clone, Copy)]
@@ -15,36 +15,7 @@ pub struct MemoryLimits {
 
 impl Default for MemoryLimits {
     fn default() -> Self {
-        MemoryLimits { max_tokens: 8192, max_turns: 20 }
-    }
-}
-
-/// Framing a chat API adds around each message (role and separators), as OpenAI counts it.
-const PER_MESSAGE: usize = 4;
-/// Framing around the whole prompt (the reply's priming).
-const PER_PROMPT: usize = 3;
-
-/// Counts tokens with `o200k_base` (GPT-4o's encoding, bundled, works offline). For other model
-/// families it is an estimate; leave headroom in the budget.
-#[derive(Clone, Copy)]
-pub struct TokenCounter {
-    bpe: &'static CoreBPE,
-}
-
-impl TokenCounter {
-    /// The counter; the first call loads the encoding (once per process).
-    pub fn load() -> TokenCounter {
-        TokenCounter { bpe: tiktoken_rs::o200k_base_singleton() }
-    }
-
-    /// Tokens in `text`.
-    pub fn count(&self, text: &str) -> usize {
-        self.bpe.count_ordinary(text)
-    }
-
-    /// Tokens a message costs in a prompt.
-    pub fn message(&self, text: &str) -> usize {
-        self.count(text) + PER_MESSAGE
+        MemoryLimits { max_tokens: chat_tokens::DEFAULT_BUDGET, max_turns: 20 }
     }
 }
 
@@ -70,7 +41,7 @@ pub fn select(
     limits: MemoryLimits,
     counter: TokenCounter,
 ) -> Result<Vec<(Role, String)>, OverBudget> {
-    let mut used = PER_PROMPT + system.map_or(0, |s| counter.message(s));
+    let mut used = counter.base(system);
     let mut turns: Vec<Vec<Message>> = Vec::new();
     for message in messages {
         if message.id.turn > turn || (message.id.turn == turn && message.id.role != Role::User) {
@@ -113,7 +84,7 @@ mod tests {
                     id: MessageId { session, turn: Turn::new(turn).unwrap(), role },
                     content: format!("turn {turn} {role:?}: {}", "word ".repeat(words)),
                     timestamp: 0,
-                    stopped: false,
+                    stopped: None,
                 });
             }
         }
@@ -121,9 +92,7 @@ mod tests {
     }
 
     fn cost(counter: TokenCounter, system: Option<&str>, kept: &[(Role, String)]) -> usize {
-        PER_PROMPT
-            + system.map_or(0, |s| counter.message(s))
-            + kept.iter().map(|(_, t)| counter.message(t)).sum::<usize>()
+        counter.base(system) + kept.iter().map(|(_, t)| counter.message(t)).sum::<usize>()
     }
 
     #[test]
@@ -174,12 +143,5 @@ mod tests {
         let err = select(conversation(2, 100), Turn::new(2).unwrap(), None, limits, counter).unwrap_err();
         assert!(err.needed > 50);
         assert_eq!(err.budget, 50);
-    }
-
-    #[test]
-    fn the_tokenizer_is_real() {
-        let counter = TokenCounter::load();
-        assert_eq!(counter.count("hello world"), 2);
-        assert!(counter.count("ünïcode 🦀 text\nwith lines") > 4);
     }
 }

@@ -33,6 +33,10 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String, state: State },
     /// 413: the body is over the limit.
     TooLarge,
+    /// 413: the message has more tokens than the model's prompt budget leaves for it.
+    MessageTooLong { tokens: usize, limit: usize },
+    /// 429: a per-user limit; `Retry-After` says when to try again.
+    TooManyRequests { code: &'static str, message: String, retry_after: std::time::Duration },
     /// 415: the body is declared as something other than JSON.
     UnsupportedMediaType { found: String },
     /// 503: a dependency failed; nothing was half-written.
@@ -111,6 +115,21 @@ impl ApiError {
                 format!("the body is declared as {found:?}; send JSON with content-type: application/json"),
                 None,
             ),
+            ApiError::MessageTooLong { tokens, limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_long",
+                format!(
+                    "the message is {tokens} tokens; the model's budget leaves room for {limit}: shorten it"
+                ),
+                Some(json!({"tokens": tokens, "limit": limit})),
+            ),
+            ApiError::TooManyRequests { code, message, retry_after } => {
+                let seconds = retry_after.as_secs().max(1);
+                let body = json!({"error": {"code": code, "message": message, "retry_after": seconds}});
+                let mut response = json(StatusCode::TOO_MANY_REQUESTS, body);
+                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+                return response;
+            }
             ApiError::Unavailable { code, message } => (StatusCode::SERVICE_UNAVAILABLE, code, message, None),
         };
         let mut error = Map::new();

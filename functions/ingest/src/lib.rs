@@ -12,9 +12,10 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::{Queue, TurnMessage};
 use chat_core::time::rfc3339_ms;
 use chat_core::{
-    CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome, Session,
-    SessionId, State, Store, StoreError, Turn, TurnTicket, UserId,
+    Admission, CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome,
+    Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId, UserLimits,
 };
+use chat_tokens::TokenCounter;
 use lambda_http::http::{Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Value};
@@ -59,6 +60,11 @@ pub struct App {
     queue: Queue,
     /// Base of the `stream_url` in answers (`STREAM_URL_BASE`); a relative URL when unset.
     stream_url_base: String,
+    limits: UserLimits,
+    counter: TokenCounter,
+    /// The most tokens a message may have and still fit the generator's prompt budget
+    /// (`MEMORY_MAX_TOKENS` less the system prompt `LLM_SYSTEM_PROMPT` and framing).
+    message_tokens: usize,
 }
 
 impl App {
@@ -72,7 +78,24 @@ impl App {
         let aws = chat_core::aws::load_config().await;
         let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
         let queue = Queue::new(chat_core::aws::sqs(&aws), queue_url);
-        Ok(App { store, auth, queue, stream_url_base: stream_url_base.trim_end_matches('/').to_owned() })
+        let counter = TokenCounter::load();
+        let budget = env.parse_or("MEMORY_MAX_TOKENS", chat_tokens::DEFAULT_BUDGET)?;
+        let message_tokens = counter.message_limit(budget, env.optional("LLM_SYSTEM_PROMPT").as_deref());
+        if message_tokens == 0 {
+            return Err(ConfigError {
+                variable: "MEMORY_MAX_TOKENS".to_owned(),
+                problem: format!("is {budget}: the system prompt alone does not fit it"),
+            });
+        }
+        Ok(App {
+            store,
+            auth,
+            queue,
+            stream_url_base: stream_url_base.trim_end_matches('/').to_owned(),
+            limits: common.limits,
+            counter,
+            message_tokens,
+        })
     }
 
     /// Serves one request; every outcome, errors included, is a JSON response.
@@ -167,6 +190,19 @@ impl App {
                 ));
             }
         }
+        if let Some(tokens) = self.counter.over(&body.message, self.message_tokens) {
+            return Err(ApiError::MessageTooLong { tokens, limit: self.message_tokens });
+        }
+        let per_minute = self.limits.turns_per_minute;
+        let admission =
+            self.store.take_turn(&user, per_minute).await.map_err(|e| ApiError::store_unavailable(&e))?;
+        if let Admission::Limited { retry_after } = admission {
+            return Err(ApiError::TooManyRequests {
+                code: "turn_rate_limited",
+                message: format!("you may start {per_minute} turns a minute; wait and send again"),
+                retry_after,
+            });
+        }
         let outcome = self
             .store
             .send_message(NewMessage {
@@ -178,6 +214,12 @@ impl App {
             })
             .await
             .map_err(|e| ApiError::store_unavailable(&e))?;
+        if !matches!(outcome, SendOutcome::Accepted(_)) {
+            // No turn started: the send does not count against the rate.
+            if let Err(err) = self.store.return_turn(&user, per_minute).await {
+                warn!(error = %err, "could not give back an unused turn");
+            }
+        }
         match outcome {
             SendOutcome::Accepted(ticket) => {
                 tracing::Span::current().record("session", ticket.session_id.to_string());
@@ -191,6 +233,11 @@ impl App {
             }
             SendOutcome::InFlight { state, turn } => Err(ApiError::TurnInFlight { state, turn }),
             SendOutcome::NotFound => Err(ApiError::session_not_found()),
+            SendOutcome::SessionLimit { limit } => Err(ApiError::TooManyRequests {
+                code: "session_limit",
+                message: format!("you have {limit} sessions, the most allowed; delete one to start another"),
+                retry_after: std::time::Duration::from_secs(60),
+            }),
         }
     }
 
@@ -367,8 +414,9 @@ impl App {
                     "content": m.content,
                     "timestamp": rfc3339_ms(m.timestamp),
                 });
-                if m.stopped {
+                if let Some(reason) = m.stopped {
                     value["stopped"] = Value::Bool(true);
+                    value["stop_reason"] = json!(reason);
                 }
                 value
             })
@@ -472,7 +520,7 @@ mod tests {
                 id: MessageId { session, turn, role },
                 content: "x".repeat(size),
                 timestamp: 0,
-                stopped: false,
+                stopped: None,
             })
             .collect()
     }

@@ -10,7 +10,7 @@ pub mod sse;
 use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
 use chat_core::config::{ConfigError, Env};
-use chat_core::{Chunk, Role, Session, SessionId, State, Store, StoreError, Turn};
+use chat_core::{Admission, Chunk, Role, Session, SessionId, State, Store, StoreError, Turn, UserId};
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::StreamBody;
 use lambda_http::http::{header, StatusCode};
@@ -48,6 +48,24 @@ pub struct Settings {
     pub max_duration: Duration,
     /// Reconnect delay suggested to clients (`STREAM_RETRY_MS`).
     pub retry: Duration,
+    /// Streams one user may hold open at once (`MAX_OPEN_STREAMS`; 0: no limit).
+    pub max_open_streams: u32,
+}
+
+/// A stream that could not start: the status and JSON error the client gets.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// Seconds for `Retry-After` (429).
+    retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal { status, code, message: message.into(), retry_after: None }
+    }
 }
 
 /// The stream function's dependencies, built once per cold start.
@@ -61,6 +79,10 @@ pub struct Relay {
 /// Where a relay starts.
 struct Position {
     session: SessionId,
+    /// The session's owner, whose stream slot this relay holds.
+    owner: UserId,
+    /// This stream's id in the owner's slots.
+    stream_id: String,
     turn: Turn,
     /// Index of the last token the client has; tokens after it are sent.
     after_index: Option<u64>,
@@ -77,6 +99,7 @@ impl Relay {
             keepalive: env.millis_or("STREAM_KEEPALIVE_MS", Duration::from_secs(15))?,
             max_duration: env.millis_or("STREAM_MAX_DURATION_MS", Duration::from_secs(600))?,
             retry: env.millis_or("STREAM_RETRY_MS", Duration::from_secs(1))?,
+            max_open_streams: chat_core::UserLimits::from_env(&env)?.open_streams,
         };
         let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
         let aws = chat_core::aws::load_config().await;
@@ -108,8 +131,12 @@ impl Relay {
                     .body(StreamBody::new(frames.boxed()))
                     .expect("valid response")
             }
-            Err((status, code, message)) => {
-                let body = json!({"error": {"code": code, "message": message}}).to_string();
+            Err(Refusal { status, code, message, retry_after }) => {
+                let mut error = json!({"code": code, "message": message});
+                if let Some(seconds) = retry_after {
+                    error["retry_after"] = json!(seconds);
+                }
+                let body = json!({ "error": error }).to_string();
                 let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
                 let mut response = Response::builder()
                     .status(status)
@@ -121,23 +148,29 @@ impl Relay {
                         .headers_mut()
                         .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
                 }
+                if let Some(seconds) = retry_after {
+                    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+                }
                 response
             }
         }
     }
 
-    async fn start(
-        &self,
-        request: &Request,
-    ) -> Result<(Position, Session), (StatusCode, &'static str, String)> {
+    async fn start(&self, request: &Request) -> Result<(Position, Session), Refusal> {
         let path = request.uri().path().trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let raw_id = match segments.as_slice() {
             ["sessions", id, "stream"] => *id,
-            _ => return Err((StatusCode::NOT_FOUND, "route_not_found", format!("no stream at {path}"))),
+            _ => {
+                return Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "route_not_found",
+                    format!("no stream at {path}"),
+                ))
+            }
         };
         if request.method() != lambda_http::http::Method::GET {
-            return Err((StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET".to_owned()));
+            return Err(Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"));
         }
         let query = request.query_string_parameters_ref();
         // EventSource cannot set headers: the token may come as `?access_token=`.
@@ -146,7 +179,8 @@ impl Relay {
             .caller(request.headers(), query.and_then(|q| q.first("access_token")))
             .await
             .map_err(auth_failed)?;
-        let not_found = || (StatusCode::NOT_FOUND, "session_not_found", format!("no session {raw_id:?}"));
+        let not_found =
+            || Refusal::new(StatusCode::NOT_FOUND, "session_not_found", format!("no session {raw_id:?}"));
         let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
         let last_event_id = request
             .headers()
@@ -158,7 +192,7 @@ impl Relay {
         let resume = match &last_event_id {
             None => None,
             Some(raw) => Some(sse::parse_id(raw).ok_or_else(|| {
-                (
+                Refusal::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_last_event_id",
                     format!(
@@ -170,9 +204,10 @@ impl Relay {
         };
         let requested_turn = match query.and_then(|q| q.first("turn")) {
             None => None,
-            Some(raw) => {
-                Some(Turn::parse(raw).map_err(|e| (StatusCode::BAD_REQUEST, "invalid_turn", e.to_string()))?)
-            }
+            Some(raw) => Some(
+                Turn::parse(raw)
+                    .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "invalid_turn", e.to_string()))?,
+            ),
         };
         let session = self
             .store
@@ -184,18 +219,42 @@ impl Relay {
         let turn =
             requested_turn.or_else(|| resume.and_then(|(t, _)| Turn::new(t).ok())).unwrap_or(session.turn);
         if turn > session.turn {
-            return Err((
+            return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "turn_not_found",
                 format!("the session has no turn {turn} yet"),
             ));
         }
         let after_index = resume.filter(|(t, _)| *t == u64::from(turn.get())).map(|(_, i)| i);
-        Ok((Position { session: id, turn, after_index }, session))
+        // The slot outlives the longest stream, in case this one dies without giving it back.
+        let stream_id = uuid::Uuid::new_v4().simple().to_string();
+        let max = self.settings.max_open_streams;
+        let hold = self.settings.max_duration + Duration::from_secs(60);
+        match self.store.open_stream(&session.user_id, &stream_id, max, hold).await.map_err(unavailable)? {
+            Admission::Admitted => {}
+            Admission::Limited { retry_after } => {
+                return Err(Refusal {
+                    retry_after: Some(retry_after.as_secs().max(1)),
+                    ..Refusal::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_streams",
+                        format!("you have {max} streams open, the most allowed; close one and reconnect"),
+                    )
+                });
+            }
+        }
+        let owner = session.user_id.clone();
+        Ok((Position { session: id, owner, stream_id, turn, after_index }, session))
     }
 
     async fn relay(&self, position: Position, first_read: Session, tx: mpsc::Sender<String>) {
-        match self.follow(&position, first_read, &tx).await {
+        let followed = self.follow(&position, first_read, &tx).await;
+        // Give the slot back before the last frames go out, so a client that reconnects at once
+        // finds it free.
+        if let Err(err) = self.store.close_stream(&position.owner, &position.stream_id).await {
+            warn!(error = %err, "could not give back the stream slot; it lapses on its own");
+        }
+        match followed {
             Ok(()) => {}
             Err(err) => {
                 warn!(error = %err, "stream ended by a DynamoDB fault");
@@ -306,7 +365,12 @@ impl Relay {
         let turn = position.turn;
         let events = match reply {
             Some(reply) => vec![
-                sse::event("message_end", None, &json!({"turn": turn, "stopped": reply.stopped}).to_string()),
+                sse::event(
+                    "message_end",
+                    None,
+                    &json!({"turn": turn, "stopped": reply.stopped.is_some(), "reason": reply.stopped})
+                        .to_string(),
+                ),
                 // The bare session id, as seed-compatible clients expect; the turn is in the ids.
                 sse::event("commit_done", None, &position.session.to_string()),
             ],
@@ -357,16 +421,16 @@ async fn send_tokens(
     Some(sent)
 }
 
-fn auth_failed(err: AuthError) -> (StatusCode, &'static str, String) {
+fn auth_failed(err: AuthError) -> Refusal {
     let (status, code) = err.status_and_code();
-    (StatusCode::from_u16(status).expect("a valid status"), code, err.to_string())
+    Refusal::new(StatusCode::from_u16(status).expect("a valid status"), code, err.to_string())
 }
 
-fn unavailable(err: StoreError) -> (StatusCode, &'static str, String) {
+fn unavailable(err: StoreError) -> Refusal {
     tracing::error!(error = %err, "DynamoDB request failed");
-    (
+    Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
-        "the session store is unavailable; try again".to_owned(),
+        "the session store is unavailable; try again",
     )
 }

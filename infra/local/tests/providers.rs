@@ -5,7 +5,7 @@
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::queue::TurnMessage;
 use chat_core::{
-    NewMessage, Outcome, Role, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId,
+    NewMessage, Outcome, Role, SendOutcome, SessionId, State, StopReason, Store, StoreOptions, Turn, UserId,
 };
 use chat_local::fake_llm::{self, FakeLlm, Reply};
 use futures::StreamExt;
@@ -311,6 +311,7 @@ fn settings() -> generator::Settings {
         faults: false,
         system_prompt: None,
         memory: Default::default(),
+        reply_max_bytes: 300_000,
     }
 }
 
@@ -388,6 +389,26 @@ async fn the_committed_reply_is_exactly_the_streamed_tokens_and_history_reaches_
             {"role": "user", "content": "second question"},
         ])
     );
+}
+
+#[tokio::test]
+async fn a_reply_over_the_size_limit_is_committed_up_to_it_and_marked_reply_limit() {
+    // 40 tokens of 10 bytes against a 95-byte limit: 9 whole tokens fit.
+    let tokens: Vec<String> = (0..40).map(|i| format!("token-{i:03} ")).collect();
+    let words: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let server = FakeLlm::start(vec![fake_llm::openai_reply(&words, Duration::ZERO)]).await.unwrap();
+    let h = harness(openai(&server), generator::Settings { reply_max_bytes: 95, ..settings() }).await;
+    let started = std::time::Instant::now();
+    let (session, turn) = h.turn(None, "a very long answer, please").await;
+    assert!(started.elapsed() < Duration::from_secs(10), "capped, not retried to a timeout");
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::AiCommitted);
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, words[..9].concat());
+    assert_eq!(reply.stopped, Some(StopReason::ReplyLimit));
+    // What was streamed is what was saved, cap included.
+    assert_eq!(h.streamed(session, turn).await, reply.content);
+    assert_eq!(server.requests().len(), 1, "one model call; the cap is not an error to retry");
 }
 
 #[tokio::test]
@@ -493,7 +514,7 @@ async fn a_cancel_lands_while_the_model_is_still_silent() {
     let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
     assert_eq!(stored.state, State::AiCommitted);
     let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
-    assert!(reply.stopped);
+    assert_eq!(reply.stopped, Some(StopReason::Cancelled));
     assert_eq!(reply.content, "");
 }
 

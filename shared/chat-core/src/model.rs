@@ -61,8 +61,28 @@ pub struct Message {
     pub content: String,
     /// When it was committed, epoch ms.
     pub timestamp: u64,
-    /// An assistant reply cut short by cancellation.
-    pub stopped: bool,
+    /// Why an assistant reply was cut short, if it was.
+    pub stopped: Option<StopReason>,
+}
+
+/// Why a reply ended before the model finished it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The user cancelled the turn.
+    Cancelled,
+    /// The reply reached the size a stored message may have (`REPLY_MAX_BYTES`).
+    ReplyLimit,
+}
+
+impl StopReason {
+    /// The stored and wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::ReplyLimit => "reply_limit",
+        }
+    }
 }
 
 /// A batch of tokens of one turn, written by the lease holder in sequence.
@@ -220,7 +240,12 @@ impl Message {
             },
             content: f.s(attr::CONTENT)?.to_owned(),
             timestamp: f.n(attr::TIMESTAMP)?,
-            stopped: f.flag(attr::STOPPED)?,
+            // Replies stopped before reasons were recorded were cancelled.
+            stopped: match (f.flag(attr::STOPPED)?, f.opt_s(attr::STOP_REASON)?) {
+                (false, _) => None,
+                (true, Some("reply_limit")) => Some(StopReason::ReplyLimit),
+                (true, _) => Some(StopReason::Cancelled),
+            },
         })
     }
 }
@@ -282,6 +307,7 @@ pub(crate) mod attr {
     pub const CONTENT: &str = "content";
     pub const TIMESTAMP: &str = "timestamp";
     pub const STOPPED: &str = "stopped";
+    pub const STOP_REASON: &str = "stop_reason";
     pub const SEQ: &str = "seq";
     pub const START: &str = "start";
     pub const TOKENS: &str = "tokens";

@@ -9,7 +9,7 @@
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
-use crate::model::{attr, Chunk, Fields, Item, Message, Session, TransitionRecord};
+use crate::model::{attr, Chunk, Fields, Item, Message, Session, StopReason, TransitionRecord};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
@@ -950,7 +950,14 @@ impl Store {
         TransactWriteItem::builder().update(update.build().expect("update fields are set")).build()
     }
 
-    fn message_item(&self, session: SessionId, turn: Turn, role: Role, content: &str, stopped: bool) -> Item {
+    fn message_item(
+        &self,
+        session: SessionId,
+        turn: Turn,
+        role: Role,
+        content: &str,
+        stopped: Option<StopReason>,
+    ) -> Item {
         let mut item = key(table::session_pk(session), table::message_sk(turn, role));
         item.extend([
             (attr::KIND.to_owned(), s("message")),
@@ -960,8 +967,9 @@ impl Store {
             (attr::CONTENT.to_owned(), s(content)),
             (attr::TIMESTAMP.to_owned(), n(self.now_ms())),
         ]);
-        if stopped {
+        if let Some(reason) = stopped {
             item.insert(attr::STOPPED.to_owned(), AttributeValue::Bool(true));
+            item.insert(attr::STOP_REASON.to_owned(), s(reason.as_str()));
         }
         item
     }
@@ -1043,7 +1051,7 @@ impl Store {
             ]);
         }
         let mut extra_items =
-            vec![self.put_new(self.message_item(session_id, turn, Role::User, msg.content, false))];
+            vec![self.put_new(self.message_item(session_id, turn, Role::User, msg.content, None))];
         if let Some(idem) = msg.client_message_id {
             let mut record = key(table::user_pk(msg.user), table::idempotency_sk(idem));
             record.extend([
@@ -1455,7 +1463,7 @@ impl Store {
         &self,
         lease: &Lease,
         content: &str,
-        stopped: bool,
+        stopped: Option<StopReason>,
     ) -> Result<Outcome<u64>, StoreError> {
         let message = self.message_item(lease.session_id, lease.turn, Role::Assistant, content, stopped);
         let write = TransitionWrite {

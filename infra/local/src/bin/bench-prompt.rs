@@ -21,7 +21,7 @@ fn history(turns: u32, words: usize) -> Vec<Message> {
             id: MessageId { session, turn, role },
             content: text.clone(),
             timestamp: 0,
-            stopped: false,
+            stopped: None,
         })
         .collect()
 }

@@ -136,6 +136,7 @@ async fn run(
             faults: false,
             system_prompt: None,
             memory: Default::default(),
+            reply_max_bytes: 300_000,
         },
     );
     let relay = stream::Relay::new(
@@ -146,6 +147,7 @@ async fn run(
             keepalive: Duration::from_secs(15),
             max_duration: Duration::from_secs(600),
             retry: Duration::from_secs(1),
+            max_open_streams: 0,
         },
         chat_auth::Authenticator::trusted(),
     );

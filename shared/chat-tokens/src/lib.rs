@@ -1,0 +1,87 @@
+//! Token counting for the prompt budget. Ingest and the generator count with the same encoding
+//! and the same framing, so a message ingest accepts is one the generator can fit.
+
+use tiktoken_rs::CoreBPE;
+
+/// The default prompt budget in tokens (`MEMORY_MAX_TOKENS`).
+pub const DEFAULT_BUDGET: usize = 8192;
+
+/// Framing a chat API adds around each message (role and separators), as OpenAI counts it.
+pub const PER_MESSAGE: usize = 4;
+/// Framing around the whole prompt (the reply's priming).
+pub const PER_PROMPT: usize = 3;
+
+/// Counts tokens with `o200k_base` (GPT-4o's encoding, bundled, works offline). For other model
+/// families it is an estimate; leave headroom in the budget.
+#[derive(Clone, Copy)]
+pub struct TokenCounter {
+    bpe: &'static CoreBPE,
+}
+
+impl TokenCounter {
+    /// The counter; the first call loads the encoding (once per process).
+    pub fn load() -> TokenCounter {
+        TokenCounter { bpe: tiktoken_rs::o200k_base_singleton() }
+    }
+
+    /// Tokens in `text`.
+    pub fn count(&self, text: &str) -> usize {
+        self.bpe.count_ordinary(text)
+    }
+
+    /// Tokens a message costs in a prompt.
+    pub fn message(&self, text: &str) -> usize {
+        self.count(text) + PER_MESSAGE
+    }
+
+    /// Tokens the prompt costs before any history: the framing and the system prompt.
+    pub fn base(&self, system: Option<&str>) -> usize {
+        PER_PROMPT + system.map_or(0, |s| self.message(s))
+    }
+
+    /// The most tokens a user message may have and still fit a `budget`-token prompt alone
+    /// with `system`; 0 when even the system prompt does not fit.
+    pub fn message_limit(&self, budget: usize, system: Option<&str>) -> usize {
+        budget.saturating_sub(self.base(system) + PER_MESSAGE)
+    }
+
+    /// The tokens in `text` when they are more than `limit`. Every token of this encoding is at
+    /// least one byte, so text of at most `limit` bytes is not even counted.
+    pub fn over(&self, text: &str, limit: usize) -> Option<usize> {
+        if text.len() <= limit {
+            return None;
+        }
+        Some(self.count(text)).filter(|&tokens| tokens > limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tokenizer_is_real() {
+        let counter = TokenCounter::load();
+        assert_eq!(counter.count("hello world"), 2);
+        assert!(counter.count("ünïcode 🦀 text\nwith lines") > 4);
+    }
+
+    #[test]
+    fn a_message_at_the_limit_fits_exactly() {
+        let counter = TokenCounter::load();
+        let system = Some("You are terse.");
+        let limit = counter.message_limit(100, system);
+        // The longest run of words that is within the limit fits the budget exactly…
+        let mut fitting = String::from("word");
+        while counter.count(&format!("{fitting} word")) <= limit {
+            fitting.push_str(" word");
+        }
+        assert!(counter.base(system) + counter.message(&fitting) <= 100);
+        assert_eq!(counter.over(&fitting, limit), None);
+        // …and one word more is over it.
+        let longer = format!("{fitting} word");
+        assert_eq!(counter.over(&longer, limit), Some(limit + 1));
+        assert!(counter.base(system) + counter.message(&longer) > 100);
+        assert_eq!(counter.message_limit(5, system), 0);
+    }
+}
