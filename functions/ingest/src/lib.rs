@@ -53,6 +53,15 @@ fn newest_turns_within(
     (messages.into_iter().skip(kept_from).collect(), oldest)
 }
 
+/// The generator's prompt budget, which a message must fit alone.
+#[derive(Debug, Clone, Default)]
+pub struct Budget {
+    /// `MEMORY_MAX_TOKENS`.
+    pub tokens: usize,
+    /// `LLM_SYSTEM_PROMPT`.
+    pub system_prompt: Option<String>,
+}
+
 /// The ingest function's dependencies, built once per cold start.
 pub struct App {
     store: Store,
@@ -75,27 +84,35 @@ impl App {
         let queue_url = env.required("QUEUE_URL")?;
         let stream_url_base = env.optional("STREAM_URL_BASE").unwrap_or_default();
         let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
+        let budget = Budget {
+            tokens: env.parse_or("MEMORY_MAX_TOKENS", chat_tokens::DEFAULT_BUDGET)?,
+            system_prompt: env.optional("LLM_SYSTEM_PROMPT"),
+        };
         let aws = chat_core::aws::load_config().await;
         let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
         let queue = Queue::new(chat_core::aws::sqs(&aws), queue_url);
+        let mut app = App::new(store, auth, queue, common.limits, budget)?;
+        app.stream_url_base = stream_url_base.trim_end_matches('/').to_owned();
+        Ok(app)
+    }
+
+    /// An app over explicit parts; `stream_url` answers are relative.
+    pub fn new(
+        store: Store,
+        auth: Authenticator,
+        queue: Queue,
+        limits: UserLimits,
+        budget: Budget,
+    ) -> Result<App, ConfigError> {
         let counter = TokenCounter::load();
-        let budget = env.parse_or("MEMORY_MAX_TOKENS", chat_tokens::DEFAULT_BUDGET)?;
-        let message_tokens = counter.message_limit(budget, env.optional("LLM_SYSTEM_PROMPT").as_deref());
+        let message_tokens = counter.message_limit(budget.tokens, budget.system_prompt.as_deref());
         if message_tokens == 0 {
             return Err(ConfigError {
                 variable: "MEMORY_MAX_TOKENS".to_owned(),
-                problem: format!("is {budget}: the system prompt alone does not fit it"),
+                problem: format!("is {}: the system prompt alone does not fit it", budget.tokens),
             });
         }
-        Ok(App {
-            store,
-            auth,
-            queue,
-            stream_url_base: stream_url_base.trim_end_matches('/').to_owned(),
-            limits: common.limits,
-            counter,
-            message_tokens,
-        })
+        Ok(App { store, auth, queue, stream_url_base: String::new(), limits, counter, message_tokens })
     }
 
     /// Serves one request; every outcome, errors included, is a JSON response.
