@@ -136,7 +136,7 @@ fn each_policy_grants_exactly_the_actions_its_function_uses() {
             "GeneratorFunction",
             &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"],
         ),
-        ("StreamFunction", &["dynamodb:GetItem", "dynamodb:Query"]),
+        ("StreamFunction", &["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem"]),
         (
             "SweeperFunction",
             &[
@@ -276,4 +276,37 @@ fn auth_mode_sets_the_function_urls_and_the_functions_together() {
 
 fn resource_ref(name: &str) -> Value {
     serde_norway::from_str(&format!("!Ref {name}")).unwrap()
+}
+
+/// Every function has its own reserved concurrency (a parameter; 0 leaves it unreserved), so
+/// open streams cannot take the concurrency ingest and the generator need; the generator's
+/// queue never polls beyond its reservation.
+#[test]
+fn each_function_reserves_its_own_concurrency_and_the_queue_stays_within_the_generators() {
+    let template = template();
+    for name in chat_local::FUNCTIONS {
+        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
+        let parameter = format!("{}{}ReservedConcurrency", name[..1].to_uppercase(), &name[1..]);
+        let reserved =
+            format!("{:?}", resource(&template, &logical)["Properties"]["ReservedConcurrentExecutions"]);
+        assert!(reserved.contains(&parameter) && reserved.contains("NoValue"), "{logical}: {reserved}");
+        let default = template["Parameters"][parameter.as_str()]["Default"].as_u64();
+        assert!(default.is_some_and(|d| d >= 1), "{parameter} is on by default");
+    }
+    let turns = &resource(&template, "GeneratorFunction")["Properties"]["Events"]["Turns"]["Properties"];
+    let scaling = format!("{:?}", turns["ScalingConfig"]);
+    assert!(scaling.contains("GeneratorReservedConcurrency"), "{scaling}");
+}
+
+/// CORS comes from a configured origin list, empty by default, and is never `*`.
+#[test]
+fn cors_allows_only_configured_origins() {
+    let template = template();
+    let origins = &template["Parameters"]["AllowedOrigins"];
+    assert_eq!(origins["Default"].as_str(), Some(""));
+    for logical in ["IngestFunction", "StreamFunction"] {
+        let cors = format!("{:?}", resource(&template, logical)["Properties"]["FunctionUrlConfig"]["Cors"]);
+        assert!(cors.contains("HasOrigins") && cors.contains("AllowedOrigins"), "{logical}: {cors}");
+        assert!(!cors.contains("\"*\""), "{logical}: {cors}");
+    }
 }
