@@ -112,42 +112,50 @@ fn retry_after(ms: u64) -> Duration {
 
 impl Store {
     /// Takes one turn from the user's bucket of `per_minute` turns (0: no limit).
+    ///
+    /// Neither write needs the exact value it read, so racing callers do not make each other
+    /// retry: a bucket with room moves by `+ interval` under a condition DynamoDB checks against
+    /// the value at write time, and a full (refilled) bucket restarts from now.
     pub async fn take_turn(&self, user: &UserId, per_minute: u32) -> Result<Admission, StoreError> {
         if per_minute == 0 {
             return Ok(Admission::Admitted);
         }
         let bucket = Bucket::per_minute(per_minute);
-        // What the bucket held at the last look; unknown at first, then from each failed write.
-        let mut seen: Option<Option<u64>> = None;
+        // The arrival time at the last look; unknown at first, then from each failed write.
+        let mut seen: Option<u64> = None;
         for _ in 0..self.options().max_attempts {
             let now = self.now_ms();
-            let current = seen.flatten();
-            let new_tat = match bucket.take(current, now) {
-                Ok(new_tat) => new_tat,
-                Err(wait) => return Ok(Admission::Limited { retry_after: retry_after(wait) }),
-            };
-            // Whatever the bucket held before, the write only lands if it still holds it.
-            let (condition, values) = match current {
-                Some(old) if old > now => ("#tat = :old", vec![(":old", n(old))]),
-                _ => ("attribute_not_exists(#tat) OR #tat <= :now", vec![(":now", n(now))]),
-            };
-            let mut request = self
+            let request = self
                 .client()
                 .update_item()
                 .table_name(self.table())
                 .set_key(Some(key(table::user_pk(user), TURN_RATE_SK)))
-                .update_expression("SET #tat = :tat, #ttl = :ttl")
-                .condition_expression(condition)
                 .expression_attribute_names("#tat", TAT)
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-                .expression_attribute_values(":tat", n(new_tat))
-                // A bucket idle for an hour is full again; DynamoDB may then drop it.
-                .expression_attribute_values(":ttl", n(new_tat / 1000 + 3600))
+                .expression_attribute_values(":now", n(now))
+                // A bucket idle for an hour is full again; DynamoDB may then drop its item.
+                .expression_attribute_values(
+                    ":ttl",
+                    n((now + bucket.tolerance + bucket.interval) / 1000 + 3600),
+                )
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .return_consumed_capacity(ReturnConsumedCapacity::Total);
-            for (placeholder, value) in values {
-                request = request.expression_attribute_values(placeholder, value);
-            }
+            let request = match seen {
+                Some(tat) if tat > now => {
+                    if let Err(wait) = bucket.take(Some(tat), now) {
+                        return Ok(Admission::Limited { retry_after: retry_after(wait) });
+                    }
+                    request
+                        .update_expression("SET #tat = #tat + :interval, #ttl = :ttl")
+                        .condition_expression("#tat > :now AND #tat <= :latest")
+                        .expression_attribute_values(":interval", n(bucket.interval))
+                        .expression_attribute_values(":latest", n(now + bucket.tolerance))
+                }
+                _ => request
+                    .update_expression("SET #tat = :next, #ttl = :ttl")
+                    .condition_expression("attribute_not_exists(#tat) OR #tat <= :now")
+                    .expression_attribute_values(":next", n(now + bucket.interval)),
+            };
             match request.send().await {
                 Ok(out) => {
                     self.meter(true, out.consumed_capacity());
@@ -155,7 +163,7 @@ impl Store {
                 }
                 Err(err) => match err.as_service_error() {
                     Some(UpdateItemError::ConditionalCheckFailedException(e)) => {
-                        seen = Some(e.item().and_then(|item| number(item, TAT)));
+                        seen = e.item().and_then(|item| number(item, TAT));
                     }
                     _ => return Err(StoreError::dynamo("UpdateItem", err)),
                 },
@@ -200,6 +208,10 @@ impl Store {
 
     /// Takes one of the user's `max` stream slots (0: no limit) for the stream `stream_id`, held
     /// for at most `hold` in case the stream dies without [`Store::close_stream`].
+    ///
+    /// Usually one write, conditioned on the count of slots: no read, and racing openers do not
+    /// make each other retry. Only when the slots look full are lapsed ones pruned, by
+    /// compare-and-set on the item's version.
     pub async fn open_stream(
         &self,
         user: &UserId,
@@ -210,9 +222,41 @@ impl Store {
         if max == 0 {
             return Ok(Admission::Admitted);
         }
+        let slots_key = || key(table::user_pk(user), STREAM_SLOTS_SK);
         for _ in 0..self.options().max_attempts {
             let now = self.now_ms();
-            let item = self.get_item(key(table::user_pk(user), STREAM_SLOTS_SK)).await?;
+            let expires = now + hold.as_millis() as u64;
+            let result = self
+                .client()
+                .update_item()
+                .table_name(self.table())
+                .set_key(Some(slots_key()))
+                .update_expression("SET #holders.#id = :expires, #ttl = :ttl ADD #v :one")
+                .condition_expression("attribute_exists(#holders) AND size(#holders) < :max")
+                .expression_attribute_names("#holders", HOLDERS)
+                .expression_attribute_names("#id", stream_id)
+                .expression_attribute_names("#v", SLOTS_VERSION)
+                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                .expression_attribute_values(":expires", n(expires))
+                // Every hold is as long, so the newest outlives the others.
+                .expression_attribute_values(":ttl", n(expires / 1000 + 3600))
+                .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":max", n(max))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await;
+            let item = match result {
+                Ok(out) => {
+                    self.meter(true, out.consumed_capacity());
+                    return Ok(Admission::Admitted);
+                }
+                Err(err) => match err.as_service_error() {
+                    Some(UpdateItemError::ConditionalCheckFailedException(e)) => e.item().cloned(),
+                    _ => return Err(StoreError::dynamo("UpdateItem", err)),
+                },
+            };
+            // No slots item yet, or every slot taken: look at who holds them.
             let version = item.as_ref().and_then(|i| number(i, SLOTS_VERSION));
             let mut holders: HashMap<String, AttributeValue> = item
                 .as_ref()
@@ -221,27 +265,24 @@ impl Store {
                 .cloned()
                 .unwrap_or_default();
             // Slots whose holder died without giving them back have lapsed.
-            holders.retain(|_, expires| expires.as_n().ok().and_then(|e| e.parse::<u64>().ok()) > Some(now));
+            holders.retain(|_, lapses| lapses.as_n().ok().and_then(|e| e.parse::<u64>().ok()) > Some(now));
             if holders.len() >= max as usize {
                 return Ok(Admission::Limited { retry_after: STREAM_RETRY });
             }
-            let expires = now + hold.as_millis() as u64;
             holders.insert(stream_id.to_owned(), n(expires));
-            let latest = holders.values().filter_map(|e| e.as_n().ok()?.parse::<u64>().ok()).max();
             let mut request = self
                 .client()
                 .update_item()
                 .table_name(self.table())
-                .set_key(Some(key(table::user_pk(user), STREAM_SLOTS_SK)))
+                .set_key(Some(slots_key()))
                 .update_expression("SET #holders = :holders, #v = :nv, #ttl = :ttl")
                 .expression_attribute_names("#holders", HOLDERS)
                 .expression_attribute_names("#v", SLOTS_VERSION)
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
                 .expression_attribute_values(":holders", AttributeValue::M(holders))
                 .expression_attribute_values(":nv", n(version.unwrap_or(0) + 1))
-                .expression_attribute_values(":ttl", n(latest.unwrap_or(expires) / 1000 + 3600))
+                .expression_attribute_values(":ttl", n(expires / 1000 + 3600))
                 .return_consumed_capacity(ReturnConsumedCapacity::Total);
-            // Compare-and-set on the version read.
             request = match version {
                 Some(v) => request.condition_expression("#v = :v").expression_attribute_values(":v", n(v)),
                 None => request.condition_expression("attribute_not_exists(#v)"),

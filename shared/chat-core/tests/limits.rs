@@ -195,3 +195,26 @@ async fn racing_new_sessions_stop_at_the_cap_and_a_delete_frees_a_place() {
     let msg = NewMessage { user: &other, session: None, content: "hi", client_message_id: None, by: "t" };
     assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::Accepted(_)));
 }
+
+/// One user's burst (a page opening several chats, a script) must not turn into errors: racing
+/// takes with room for all are all admitted, without running out of retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_within_the_limits_is_all_admitted() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    for round in 0..3 {
+        let user = new_user();
+        let turns = race(24, |_| {
+            let (store, user) = (store.clone(), user.clone());
+            async move { store.take_turn(&user, 30).await }
+        })
+        .await;
+        assert!(turns.iter().all(|t| matches!(t, Ok(Admission::Admitted))), "round {round}: {turns:?}");
+        let streams = race(16, |i| {
+            let (store, user) = (store.clone(), user.clone());
+            async move { store.open_stream(&user, &format!("s{i}"), 16, Duration::from_secs(60)).await }
+        })
+        .await;
+        assert!(streams.iter().all(|s| matches!(s, Ok(Admission::Admitted))), "round {round}: {streams:?}");
+    }
+}
