@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load validate build deploy
+.PHONY: help tools browser functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load validate build deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,18 @@ $(VENV)/.installed: infra/requirements.txt
 
 tools: check-toolchain $(VENV)/.installed ## Install the pinned local tools (cargo-lambda, moto)
 
+# Headless Chromium and its WebDriver from Debian's packages, for the chat page's browser tests;
+# installed once (apt-get, as root or through sudo), then found at these paths.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## Install Debian's chromium and chromium-driver (the browser tests drive them)
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then :; else \
+	  echo "==> installing chromium and chromium-driver from Debian's packages"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; fi
+	@$(CHROMIUM) --version && $(CHROMEDRIVER) --version
+
 # `cargo lambda watch` builds each function lazily (`cargo run --manifest-path Cargo.toml --bin F`,
 # features unified across the workspace); building each one exactly that way
 # here, one at a time, means the first request does not wait for a compile.
@@ -35,7 +47,7 @@ dev: tools functions ## Run the whole stack locally at http://127.0.0.1:9000 (Ct
 validate: tools ## Lint template.yaml with cfn-lint (part of make test)
 	$(VENV)/bin/cfn-lint template.yaml
 
-test: tools functions validate ## Run every test: unit, store laws, template drift, end to end through cargo lambda watch
+test: tools browser functions validate ## Run every test: unit, store laws, template drift, end to end through cargo lambda watch, the page in Chromium
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
 	@infra/test-summary.sh target/test-output.log

@@ -124,7 +124,7 @@ pub fn start(
 pub fn function_for(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match segments.as_slice() {
-        ["sessions", _, "stream"] => "stream",
+        ["sessions", _, "stream"] | [] | ["index.html" | "app.js" | "app.css"] => "stream",
         _ => "ingest",
     }
 }

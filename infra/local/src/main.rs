@@ -73,6 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!(
         "\n\
 ==> ready in {:.1?}\n\
+    Chat page         {api}/  (open it in a browser)\n\
     API (one origin)  {api}  (at most {} invocations per function at once; 429 past that)\n\
     Functions         {}  (cargo lambda watch, behind the API)\n\
     DynamoDB          {}\n\

@@ -309,4 +309,13 @@ fn cors_allows_only_configured_origins() {
         assert!(cors.contains("HasOrigins") && cors.contains("AllowedOrigins"), "{logical}: {cors}");
         assert!(!cors.contains("\"*\""), "{logical}: {cors}");
     }
+    // The chat page is served by the stream URL: ingest always allows that origin.
+    let ingest =
+        format!("{:?}", resource(&template, "IngestFunction")["Properties"]["FunctionUrlConfig"]["Cors"]);
+    assert!(ingest.contains("StreamFunctionUrl.FunctionUrl"), "{ingest}");
+    let page = format!("{:?}", template["Outputs"]["ChatPageUrl"]["Value"]);
+    assert!(
+        page.contains("StreamFunctionUrl") && page.contains("?api=") && page.contains("IngestFunctionUrl"),
+        "{page}"
+    );
 }

@@ -1,0 +1,400 @@
+//! The chat page in a real headless Chromium (Debian's `chromium` and `chromium-driver`, installed
+//! by `make browser`), driven over WebDriver (fantoccini) against the local stack with sign-in
+//! (`AUTH_MODE=jwt`, its own issuer). Each scenario saves a screenshot under `target/browser/`.
+
+mod common;
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn api() -> &'static str {
+    // Two turns a minute per user: each scenario's user sends at most that, but the one that
+    // shows a 429.
+    let env = vec![("TURNS_PER_MINUTE".to_owned(), "2".to_owned())];
+    &stack_configured("browser", env, Vec::new(), |settings| {
+        settings.auth = chat_local::LocalAuth::Jwt;
+    })
+    .api
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// One browser at a time: two cores cannot run several Chromiums and the stack well.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A ChromeDriver process and the browser session it runs; both end when this is dropped.
+struct Browser {
+    client: Client,
+    driver: Child,
+    _profile: TempDir,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn tool(variable: &str, default: &str) -> String {
+    let path = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: `make browser` installs Debian's chromium and chromium-driver (or set {variable})"
+    );
+    path
+}
+
+async fn browser() -> Browser {
+    let turn = ONE_BROWSER.lock().await;
+    let chromium = tool("CHROMIUM", "/usr/bin/chromium");
+    let chromedriver = tool("CHROMEDRIVER", "/usr/bin/chromedriver");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let driver = Command::new(chromedriver)
+        .arg(format!("--port={port}"))
+        .arg("--allowed-ips=127.0.0.1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let profile =
+        TempDir(std::env::temp_dir().join(format!("chat-browser-{}", uuid::Uuid::new_v4().simple())));
+    let capabilities = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": chromium,
+            // Headless on loopback only: no sandbox as root, and none of Chromium's calls home,
+            // which this machine's closed network refuses.
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1200,860",
+                format!("--user-data-dir={}", profile.0.display()),
+            ],
+        },
+    });
+    let capabilities = match capabilities {
+        Value::Object(map) => map,
+        _ => unreachable!(),
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(connector).capabilities(capabilities.clone()).connect(&url).await {
+            Ok(client) => break client,
+            Err(err) if Instant::now() < deadline => {
+                let _ = err;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("no WebDriver session from chromedriver: {err}"),
+        }
+    };
+    Browser { client, driver, _profile: profile, _turn: turn }
+}
+
+impl Browser {
+    async fn js(&self, script: &str) -> Value {
+        self.client.execute(script, vec![]).await.unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Waits until `script` returns something truthy; returns it.
+    async fn until(&self, what: &str, script: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.js(script).await;
+            if !matches!(value, Value::Null | Value::Bool(false)) {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                self.screenshot(&format!("timeout-{}", what.replace(' ', "-"))).await;
+                panic!("timed out waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.expect("screenshot");
+        let dir = root().join("target/browser");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let field = self.client.find(Locator::Css(css)).await.expect(css);
+        field.clear().await.unwrap();
+        field.send_keys(text).await.unwrap();
+    }
+
+    async fn click(&self, css: &str) {
+        self.client.find(Locator::Css(css)).await.expect(css).click().await.unwrap();
+    }
+
+    async fn open_page(&self) {
+        self.client.goto(&format!("{}/", api())).await.unwrap();
+    }
+
+    /// Signs in through the page's name form (the local issuer mints the token).
+    async fn sign_in(&self, user: &str) {
+        self.open_page().await;
+        self.until(
+            "the sign-in form",
+            "return !document.getElementById('sign-in').hidden",
+            Duration::from_secs(10),
+        )
+        .await;
+        self.type_into("#name", user).await;
+        self.click("#name-submit").await;
+        let check = format!("return document.getElementById('whoami').textContent.includes({})", json!(user));
+        self.until("signed in", &check, Duration::from_secs(10)).await;
+    }
+
+    async fn send(&self, text: &str) {
+        self.type_into("#input", text).await;
+        self.click("#send").await;
+    }
+
+    /// The newest assistant bubble: its turn, state and raw text.
+    async fn reply(&self) -> Value {
+        self.js("const all = document.querySelectorAll('#messages li.assistant');
+             const b = all[all.length - 1];
+             return b ? {turn: Number(b.dataset.turn), state: b.dataset.state, raw: b.dataset.raw,
+                         count: all.length, text: b.textContent} : null;")
+            .await
+    }
+
+    async fn until_reply(&self, state: &str) -> Value {
+        let script = format!(
+            "const all = document.querySelectorAll('#messages li.assistant');
+             const b = all[all.length - 1];
+             return b && b.dataset.state === {} ? true : null;",
+            json!(state)
+        );
+        self.until(&format!("a {state} reply"), &script, Duration::from_secs(30)).await;
+        self.reply().await
+    }
+
+    async fn session_id(&self) -> String {
+        self.js("return location.hash.slice(1)").await.as_str().unwrap().to_owned()
+    }
+
+    async fn close(self) {
+        let client = self.client.clone();
+        client.close().await.expect("browser session closes");
+        drop(self);
+    }
+}
+
+async fn token(user: &str) -> String {
+    let answer = request(
+        reqwest::Method::POST,
+        format!("{}/dev/token", api()),
+        Some(json!({"sub": user}).to_string()),
+    )
+    .await;
+    answer.body["token"].as_str().unwrap().to_owned()
+}
+
+/// The session as the API has it, read with `user`'s token.
+async fn stored(user: &str, id: &str) -> Value {
+    let response =
+        http().get(format!("{}/sessions/{id}", api())).bearer_auth(token(user).await).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json::<Value>().await.unwrap()["session"].clone()
+}
+
+#[tokio::test]
+async fn send_and_see_the_reply_rendered() {
+    let browser = browser().await;
+    let user = format!("alice-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    browser.send("Hello **world**, with `code` in it").await;
+    let reply = browser.until_reply("done").await;
+    let id = browser.session_id().await;
+    let session = stored(&user, &id).await;
+    assert_eq!(reply["raw"], reply_of(&session, 1).unwrap()["content"], "the page shows the committed reply");
+    assert!(reply["raw"].as_str().unwrap().contains("Hello **world**"));
+    let rendered = browser
+        .js("const b = document.querySelector('#messages li.assistant');
+             return {strong: b.querySelector('strong')?.textContent, code: b.querySelector('code')?.textContent}")
+        .await;
+    assert_eq!(rendered, json!({"strong": "world", "code": "code"}), "markdown is rendered");
+    let listed =
+        browser.js("return [...document.querySelectorAll('#sessions a')].map(a => a.dataset.session)").await;
+    assert_eq!(listed, json!([id]), "the new chat is listed");
+    browser.screenshot("send-and-reply").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_reload_mid_reply_continues_it_without_a_gap_or_a_duplicate() {
+    let browser = browser().await;
+    let user = format!("reload-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    // 200 tokens, 20 ms apart: four seconds of streaming.
+    browser.send("[[reply-tokens:200]] tell me a long story").await;
+    browser
+        .until(
+            "the reply under way",
+            "const b = document.querySelector('#messages li.assistant');
+             return b && b.dataset.state === 'streaming' && b.dataset.raw.split(' ').length > 30",
+            Duration::from_secs(30),
+        )
+        .await;
+    let before = browser.reply().await;
+    browser.client.refresh().await.unwrap();
+    let after = browser.until_reply("done").await;
+    let id = browser.session_id().await;
+    let committed = reply_of(&stored(&user, &id).await, 1).unwrap()["content"].as_str().unwrap().to_owned();
+    assert_eq!(
+        after["raw"].as_str().unwrap(),
+        committed,
+        "exactly the committed reply: no gap, no duplicate"
+    );
+    assert!(
+        committed.starts_with(before["raw"].as_str().unwrap()),
+        "what was shown before the reload is its start"
+    );
+    assert!(committed.len() > before["raw"].as_str().unwrap().len(), "the reload happened mid-reply");
+    assert_eq!(after["count"], 1, "one reply bubble");
+    browser.screenshot("reload-mid-reply").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn stop_ends_the_reply_and_keeps_what_was_written() {
+    let browser = browser().await;
+    let user = format!("stop-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    browser.send("[[reply-tokens:2000]] never stop talking").await;
+    browser
+        .until(
+            "the Stop button while generating",
+            "const b = document.querySelector('#messages li.assistant');
+             return !document.getElementById('stop').hidden && b && b.dataset.raw.length > 40",
+            Duration::from_secs(30),
+        )
+        .await;
+    browser.click("#stop").await;
+    let reply = browser.until_reply("stopped").await;
+    let id = browser.session_id().await;
+    let committed = reply_of(&stored(&user, &id).await, 1).unwrap();
+    assert_eq!(committed["stop_reason"], "cancelled");
+    assert_eq!(reply["raw"], committed["content"]);
+    assert!(reply["text"].as_str().unwrap().contains("Stopped."), "{reply}");
+    assert_eq!(browser.js("return document.getElementById('stop').hidden").await, json!(true));
+    browser.screenshot("stop").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn two_users_do_not_see_each_others_sessions() {
+    let browser = browser().await;
+    let alice = format!("alice-{}", uuid::Uuid::new_v4().simple());
+    let bob = format!("bob-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&alice).await;
+    browser.send("a secret for alice only").await;
+    browser.until_reply("done").await;
+    let alices = browser.session_id().await;
+    browser.click("#sign-out").await;
+    browser.sign_in(&bob).await;
+    let listed = browser.js("return document.querySelectorAll('#sessions a').length").await;
+    assert_eq!(listed, 0, "bob's list is empty");
+    // Bob opens alice's chat by its address.
+    browser.client.goto(&format!("{}/#{alices}", api())).await.unwrap();
+    browser.client.refresh().await.unwrap();
+    let notice = browser
+        .until(
+            "the not-found notice",
+            "const n = document.getElementById('notice'); return !n.hidden && n.textContent",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(notice.as_str().unwrap().contains("not yours"), "{notice}");
+    let page = browser.js("return document.body.innerText").await;
+    assert!(!page.as_str().unwrap().contains("secret for alice"), "nothing of alice's is shown");
+    browser.screenshot("two-users").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_reply_containing_markup_runs_no_script() {
+    let browser = browser().await;
+    let user = format!("xss-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    // The demo model repeats the message, so the reply carries this markup.
+    let attack = r#"<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> [x](javascript:window.__pwned=3) **still bold**"#;
+    browser.send(attack).await;
+    let reply = browser.until_reply("done").await;
+    assert!(reply["raw"].as_str().unwrap().contains(attack));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let probe = browser
+        .js("const m = document.getElementById('messages');
+             return {pwned: window.__pwned ?? null,
+                     elements: m.querySelectorAll('script, img, iframe, [onerror]').length,
+                     links: [...m.querySelectorAll('a')].map(a => a.href),
+                     bold: m.querySelector('li.assistant strong')?.textContent,
+                     shown: m.querySelector('li.assistant').textContent.includes('<script>window.__pwned = 1</script>')}")
+        .await;
+    assert_eq!(
+        probe,
+        json!({"pwned": null, "elements": 0, "links": [], "bold": "still bold", "shown": true}),
+        "the markup is shown as text and nothing runs"
+    );
+    browser.screenshot("markup-is-text").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_failed_reply_and_a_rate_limit_are_told_in_words_with_retry() {
+    let browser = browser().await;
+    let user = format!("errors-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    // The demo model fails after 3 tokens on every attempt.
+    browser.send("[[fail-after:3]] this will break").await;
+    let failed = browser.until_reply("failed").await;
+    assert!(failed["text"].as_str().unwrap().contains("the model failed"), "{failed}");
+    let notice = browser.js("return document.getElementById('notice-text').textContent").await;
+    assert!(notice.as_str().unwrap().starts_with("The assistant could not answer"), "{notice}");
+    // Retry sends the message again, as a new turn: the second and last turn of this minute.
+    browser.click("#notice-retry").await;
+    browser
+        .until(
+            "the retried turn",
+            "return document.querySelectorAll('#messages li.assistant').length === 2 &&
+                    document.querySelectorAll('#messages li.assistant')[1].dataset.state === 'failed'",
+            Duration::from_secs(30),
+        )
+        .await;
+    browser.click("#notice-retry").await;
+    let limited = browser
+        .until(
+            "the rate-limit notice",
+            "const t = document.getElementById('notice-text').textContent;
+             return t.startsWith('Slow down') && t",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(limited.as_str().unwrap().contains("try again in"), "{limited}");
+    let retry_enabled = browser.js("return !document.getElementById('notice-retry').disabled").await;
+    assert_eq!(retry_enabled, json!(false), "Retry waits for Retry-After");
+    assert_eq!(browser.js("return document.querySelectorAll('#messages li.user').length").await, 2);
+    browser.screenshot("errors-in-words").await;
+    browser.close().await;
+}

@@ -1,0 +1,597 @@
+// The chat page: plain JavaScript, no build step. It talks to the HTTP contract in README.md:
+// ingest for sessions and sends, the stream (EventSource) for tokens. Model output is rendered by
+// building DOM nodes with textContent, never by parsing it as HTML, so a reply cannot inject
+// markup or script.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, cls) => {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  return node;
+};
+
+// The API's base URL: this page's own origin, or `?api=` (the ingest Function URL when the page
+// is served by the stream function), remembered for later visits.
+const params = new URLSearchParams(location.search);
+if (params.get("api")) localStorage.setItem("chat.api", params.get("api").replace(/\/+$/, ""));
+const API = localStorage.getItem("chat.api") || "";
+const IN_FLIGHT = new Set(["user_writing", "user_committed", "ai_generating"]);
+
+const state = {
+  user: localStorage.getItem("chat.user"),
+  token: localStorage.getItem("chat.token"),
+  session: null, // the open session's id
+  sessionsCursor: null,
+  olderCursor: null,
+  stream: null, // { source, bubble, session, turn, lastId }
+  retry: null, // what the notice's Retry button does
+};
+
+class ApiError extends Error {
+  constructor(status, code, message, retryAfter) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (state.token) headers.authorization = "Bearer " + state.token;
+  if (body !== undefined) headers["content-type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(API + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch {
+    throw new ApiError(0, "network", "The server cannot be reached. Check your connection and try again.");
+  }
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const error = (data && data.error) || {};
+    const retryAfter = Number(response.headers.get("retry-after")) || error.retry_after || null;
+    throw new ApiError(response.status, error.code || "http_" + response.status, error.message || response.statusText, retryAfter);
+  }
+  return data;
+}
+
+/// An error in words a person can act on.
+function describe(err) {
+  switch (err.status) {
+    case 0:
+      return err.message;
+    case 401:
+      return "Your sign-in is missing or has expired. Sign in again.";
+    case 403:
+      return "You are signed in as " + state.user + "; that belongs to someone else.";
+    case 404:
+      return "This chat does not exist, or it is not yours.";
+    case 409:
+      if (err.code === "turn_in_flight") return "The assistant is still answering in this chat. Wait for it, or press Stop.";
+      return err.message;
+    case 413:
+      return "Your message is too long. " + err.message;
+    case 429:
+      return "Slow down: " + err.message.replace(/[.\s]*$/, ".") + (err.retryAfter ? " You can try again in " + err.retryAfter + " s." : "");
+    default:
+      if (err.status >= 500) return "The service is having trouble (" + err.code + "). Try again in a moment.";
+      return err.message;
+  }
+}
+
+function notice(text, retry) {
+  state.retry = retry || null;
+  $("notice-text").textContent = text;
+  $("notice-retry").hidden = !retry;
+  $("notice").hidden = false;
+}
+
+function clearNotice() {
+  state.retry = null;
+  $("notice").hidden = true;
+}
+
+/// Shows an error; 401 sends the user back to sign-in; 429 offers Retry once Retry-After passes.
+function fail(err, retry) {
+  if (err.status === 401) return signOut(describe(err));
+  // Only what may work a second time gets a Retry button.
+  if (!(err.status === 0 || err.status === 429 || err.status >= 500)) retry = null;
+  notice(describe(err), retry);
+  if (err.status === 429 && err.retryAfter && retry) {
+    const button = $("notice-retry");
+    button.disabled = true;
+    setTimeout(() => (button.disabled = false), err.retryAfter * 1000);
+  }
+}
+
+function connection(text) {
+  $("connection").textContent = text || "";
+  $("connection").hidden = !text;
+}
+
+// ----- markdown, as DOM nodes ------------------------------------------------------------
+
+function renderMarkdown(text, into) {
+  into.replaceChildren();
+  const lines = text.split("\n");
+  let paragraph = [];
+  const flush = () => {
+    if (paragraph.length) {
+      const p = el("p");
+      inline(paragraph.join("\n"), p);
+      into.append(p);
+      paragraph = [];
+    }
+  };
+  for (let i = 0; i < lines.length; ) {
+    const line = lines[i];
+    const fence = line.match(/^\s*```\s*([\w+.-]*)\s*$/);
+    if (fence) {
+      flush();
+      const code = [];
+      for (i++; i < lines.length && !/^\s*```\s*$/.test(lines[i]); i++) code.push(lines[i]);
+      i++;
+      const pre = el("pre");
+      const c = el("code");
+      if (fence[1]) c.dataset.lang = fence[1];
+      c.textContent = code.join("\n");
+      pre.append(c);
+      into.append(pre);
+      continue;
+    }
+    const heading = line.match(/^(#{1,6})\s+(.*)$/);
+    if (heading) {
+      flush();
+      const h = el("h" + Math.min(6, heading[1].length + 2));
+      inline(heading[2], h);
+      into.append(h);
+      i++;
+      continue;
+    }
+    const listItem = /^\s*([-*+]|\d+[.)])\s+/;
+    if (listItem.test(line)) {
+      flush();
+      const list = el(/^\s*\d/.test(line) ? "ol" : "ul");
+      for (; i < lines.length && listItem.test(lines[i]); i++) {
+        const li = el("li");
+        inline(lines[i].replace(listItem, ""), li);
+        list.append(li);
+      }
+      into.append(list);
+      continue;
+    }
+    if (line.trim() === "") flush();
+    else paragraph.push(line);
+    i++;
+  }
+  flush();
+}
+
+function inline(text, into) {
+  const pattern = /(`+)([\s\S]*?)\1|\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g;
+  let last = 0;
+  for (let m; (m = pattern.exec(text)); ) {
+    if (m.index > last) plain(text.slice(last, m.index), into);
+    let node;
+    if (m[1]) {
+      node = el("code");
+      node.textContent = m[2];
+    } else if (m[3]) {
+      node = el("strong");
+      node.textContent = m[3];
+    } else if (m[4]) {
+      node = el("em");
+      node.textContent = m[4];
+    } else {
+      node = el("a");
+      node.textContent = m[5];
+      node.href = m[6]; // http(s) only, by the pattern
+      node.rel = "noopener noreferrer nofollow";
+      node.target = "_blank";
+    }
+    into.append(node);
+    last = pattern.lastIndex;
+  }
+  if (last < text.length) plain(text.slice(last), into);
+}
+
+function plain(text, into) {
+  text.split("\n").forEach((part, i) => {
+    if (i) into.append(el("br"));
+    into.append(document.createTextNode(part));
+  });
+}
+
+// ----- messages ----------------------------------------------------------------------------
+
+function userBubble(text, turn) {
+  const li = el("li", "user");
+  li.dataset.turn = turn;
+  li.textContent = text;
+  $("messages").append(li);
+  return li;
+}
+
+function assistantBubble(turn) {
+  const li = el("li", "assistant");
+  li.dataset.turn = turn;
+  li.dataset.raw = "";
+  li.append(el("div", "body"));
+  $("messages").append(li);
+  return li;
+}
+
+function setReply(bubble, text, status, detail) {
+  bubble.dataset.raw = text;
+  bubble.dataset.state = status;
+  renderMarkdown(text, bubble.querySelector(".body"));
+  bubble.querySelector(".meta")?.remove();
+  bubble.classList.toggle("failed", status === "failed");
+  if (detail) {
+    const meta = el("span", "meta");
+    meta.textContent = detail;
+    bubble.append(meta);
+  }
+}
+
+function stopDetail(reason) {
+  if (reason === "reply_limit") return "Stopped: the reply reached its size limit.";
+  if (reason) return "Stopped.";
+  return "";
+}
+
+function scrollDown() {
+  const list = $("messages");
+  list.scrollTop = list.scrollHeight;
+}
+
+function generating(on) {
+  $("stop").hidden = !on;
+  $("send").disabled = on;
+}
+
+// ----- the stream --------------------------------------------------------------------------
+
+function closeStream() {
+  if (state.stream) state.stream.source.close();
+  state.stream = null;
+  connection("");
+  generating(false);
+}
+
+/// Follows `turn` of `session` into `bubble` from the start (or after `lastId`): the stream replays
+/// what was written, then relays live, so a reload shows the whole reply, once.
+function follow(session, turn, streamUrl, bubble, lastId) {
+  closeStream();
+  const url = new URL(streamUrl || API + "/sessions/" + encodeURIComponent(session) + "/stream?turn=" + turn, location.href);
+  if (state.token) url.searchParams.set("access_token", state.token);
+  if (lastId) url.searchParams.set("last_event_id", lastId);
+  const source = new EventSource(url);
+  const stream = { source, bubble, session, turn, lastId, text: bubble.dataset.raw || "", stopped: null };
+  state.stream = stream;
+  generating(true);
+  bubble.dataset.state = "streaming";
+  let frame = 0;
+  const paint = () => {
+    frame = 0;
+    setReply(bubble, stream.text, "streaming");
+    scrollDown();
+  };
+  source.onopen = () => connection("");
+  source.addEventListener("token", (e) => {
+    stream.text += e.data;
+    stream.lastId = e.lastEventId;
+    if (!frame) frame = requestAnimationFrame(paint);
+  });
+  source.addEventListener("message_end", (e) => {
+    const end = JSON.parse(e.data);
+    stream.stopped = end.stopped ? end.reason || "cancelled" : null;
+  });
+  source.addEventListener("commit_done", () => {
+    if (frame) cancelAnimationFrame(frame);
+    setReply(bubble, stream.text, stream.stopped ? "stopped" : "done", stopDetail(stream.stopped));
+    closeStream();
+    loadSessions();
+  });
+  source.addEventListener("error", (e) => {
+    if (e.data) {
+      // The turn ended without a reply: the server says why.
+      const error = JSON.parse(e.data);
+      setReply(bubble, stream.text, "failed", error.message || "The reply failed.");
+      closeStream();
+      notice("The assistant could not answer: " + (error.message || error.code), () => retryLast());
+      loadSessions();
+      return;
+    }
+    if (source.readyState === EventSource.CONNECTING) {
+      // The browser reconnects by itself, sending Last-Event-ID: the stream resumes after it.
+      connection("Reconnecting…");
+    } else if (state.stream === stream) {
+      connection("Disconnected");
+      notice("The connection to the reply was lost.", () => follow(session, turn, null, bubble, stream.lastId));
+      generating(false);
+    }
+  });
+}
+
+// ----- sessions ----------------------------------------------------------------------------
+
+async function loadSessions(more) {
+  try {
+    let path = "/users/" + encodeURIComponent(state.user) + "/sessions?limit=20";
+    if (more && state.sessionsCursor) path += "&cursor=" + encodeURIComponent(state.sessionsCursor);
+    const page = await api("GET", path);
+    const list = $("sessions");
+    if (!more) list.replaceChildren();
+    for (const session of page.sessions) {
+      const li = el("li");
+      const a = el("a");
+      a.href = "#" + session.id;
+      a.dataset.session = session.id;
+      a.textContent = "Chat of " + new Date(session.created_at).toLocaleString();
+      const small = el("small");
+      small.textContent = session.turn + (session.turn === 1 ? " turn" : " turns") + " · " + session.state.replace("_", " ");
+      a.append(small);
+      if (session.id === state.session) a.setAttribute("aria-current", "true");
+      li.append(a);
+      list.append(li);
+    }
+    state.sessionsCursor = page.next_cursor;
+    $("more-sessions").hidden = !page.next_cursor;
+    return true;
+  } catch (err) {
+    fail(err, () => loadSessions(more));
+    return false;
+  }
+}
+
+async function openSession(id, older) {
+  clearNotice();
+  if (!older) closeStream();
+  let page;
+  try {
+    let path = "/sessions/" + encodeURIComponent(id) + "?limit=20";
+    if (older && state.olderCursor) path += "&cursor=" + encodeURIComponent(state.olderCursor);
+    page = await api("GET", path);
+  } catch (err) {
+    if (!older) {
+      state.session = null;
+      $("messages").replaceChildren();
+      if (err.status === 404) history.replaceState(null, "", location.pathname + location.search);
+    }
+    return fail(err, () => openSession(id, older));
+  }
+  const session = page.session;
+  state.session = session.id;
+  state.olderCursor = page.next_cursor;
+  $("older").hidden = !page.next_cursor;
+  for (const a of document.querySelectorAll("#sessions a")) {
+    a.toggleAttribute("aria-current", a.dataset.session === session.id);
+  }
+  const list = $("messages");
+  const firstBefore = older ? list.firstChild : null;
+  if (!older) list.replaceChildren();
+  const nodes = [];
+  let pending = null;
+  for (const message of session.messages) {
+    const turn = Number(message.id.split(":")[1]);
+    if (message.role === "user") {
+      const li = el("li", "user");
+      li.dataset.turn = turn;
+      li.textContent = message.content;
+      nodes.push(li);
+    } else {
+      const li = el("li", "assistant");
+      li.dataset.turn = turn;
+      li.append(el("div", "body"));
+      nodes.push(li);
+      setReply(li, message.content, message.stopped ? "stopped" : "done", stopDetail(message.stop_reason || (message.stopped ? "cancelled" : null)));
+    }
+  }
+  for (const node of nodes) list.insertBefore(node, firstBefore);
+  if (older) return;
+  const latest = session.turn;
+  const answered = session.messages.some((m) => m.role === "assistant" && m.id.endsWith(":" + latest + ":assistant"));
+  if (IN_FLIGHT.has(session.state) && !answered) {
+    // A reply is on its way (or this page was reloaded mid-reply): follow it from the start.
+    pending = assistantBubble(latest);
+    follow(session.id, latest, null, pending);
+  } else if (!answered && (session.state === "error" || session.state === "timeout") && latest > 0) {
+    const li = assistantBubble(latest);
+    setReply(li, "", "failed", session.error || "The assistant could not answer this message.");
+  }
+  scrollDown();
+}
+
+// ----- sending -----------------------------------------------------------------------------
+
+let lastSend = null;
+
+async function send(text, key) {
+  clearNotice();
+  const body = { message: text, client_message_id: key };
+  if (state.session) body.session_id = state.session;
+  lastSend = { text, key, session: state.session };
+  $("send").disabled = true;
+  let accepted;
+  try {
+    accepted = await api("POST", "/sessions/" + encodeURIComponent(state.user) + "/messages", body);
+  } catch (err) {
+    $("send").disabled = false;
+    return fail(err, () => send(text, key));
+  }
+  $("input").value = "";
+  if (accepted.session_id !== state.session) {
+    state.session = accepted.session_id;
+    history.replaceState(null, "", "#" + accepted.session_id);
+    $("messages").replaceChildren();
+    loadSessions();
+  }
+  userBubble(text, accepted.turn);
+  const bubble = assistantBubble(accepted.turn);
+  scrollDown();
+  follow(accepted.session_id, accepted.turn, accepted.stream_url, bubble);
+}
+
+/// Sends the last message again as a new turn (after the assistant failed to answer it).
+function retryLast() {
+  if (lastSend) send(lastSend.text, crypto.randomUUID());
+}
+
+async function stop() {
+  if (!state.stream) return;
+  $("stop").disabled = true;
+  try {
+    await api("POST", "/sessions/" + encodeURIComponent(state.stream.session) + "/cancel");
+  } catch (err) {
+    if (err.code !== "no_turn_in_flight") fail(err, stop);
+  } finally {
+    $("stop").disabled = false;
+  }
+}
+
+// ----- signing in --------------------------------------------------------------------------
+
+function subjectOf(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(payload)).sub || null;
+  } catch {
+    return null;
+  }
+}
+
+function signOut(why) {
+  closeStream();
+  localStorage.removeItem("chat.user");
+  localStorage.removeItem("chat.token");
+  state.user = state.token = state.session = null;
+  history.replaceState(null, "", location.pathname + location.search);
+  $("messages").replaceChildren();
+  $("sessions").replaceChildren();
+  clearNotice();
+  $("sign-in-error").textContent = why || "";
+  showSignIn();
+}
+
+function showSignIn() {
+  $("app").hidden = true;
+  $("sign-out").hidden = true;
+  $("whoami").textContent = "";
+  $("sign-in").hidden = false;
+}
+
+async function signIn(user, token) {
+  state.user = user;
+  state.token = token;
+  // Proves the sign-in works before the page commits to it.
+  try {
+    await api("GET", "/users/" + encodeURIComponent(user) + "/sessions?limit=1");
+  } catch (err) {
+    state.user = state.token = null;
+    throw err;
+  }
+  localStorage.setItem("chat.user", user);
+  if (token) localStorage.setItem("chat.token", token);
+  else localStorage.removeItem("chat.token");
+  enter();
+}
+
+async function enter() {
+  $("sign-in").hidden = true;
+  $("app").hidden = false;
+  $("sign-out").hidden = false;
+  $("whoami").textContent = "Signed in as " + state.user;
+  const listed = await loadSessions();
+  const id = location.hash.slice(1);
+  if (listed && id) await openSession(id);
+  $("input").focus();
+}
+
+$("token-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const token = $("token").value.trim();
+  const sub = subjectOf(token);
+  if (!sub) {
+    $("sign-in-error").textContent = "That is not a token with a subject (sub). Paste the whole ID or access token.";
+    return;
+  }
+  try {
+    await signIn(sub, token);
+  } catch (err) {
+    $("sign-in-error").textContent = err.status === 401 ? "The server did not accept that token: " + err.message : describe(err);
+  }
+});
+
+$("name-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const name = $("name").value.trim();
+  if (!name) return;
+  try {
+    await signIn(name, null);
+    return;
+  } catch (err) {
+    if (err.status !== 401) {
+      $("sign-in-error").textContent = describe(err);
+      return;
+    }
+  }
+  // The server wants a token: a local stack's own issuer gives development tokens.
+  try {
+    const minted = await api("POST", "/dev/token", { sub: name });
+    await signIn(name, minted.token);
+  } catch {
+    $("sign-in-error").textContent = "This server needs a token from your identity provider: paste it above.";
+  }
+});
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("input").value;
+  if (!text.trim() || state.stream) return;
+  send(text, crypto.randomUUID());
+});
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", stop);
+$("new-chat").addEventListener("click", () => {
+  closeStream();
+  clearNotice();
+  state.session = null;
+  history.replaceState(null, "", location.pathname + location.search);
+  $("messages").replaceChildren();
+  $("older").hidden = true;
+  for (const a of document.querySelectorAll("#sessions a")) a.removeAttribute("aria-current");
+  $("input").focus();
+});
+$("sessions").addEventListener("click", (e) => {
+  const a = e.target.closest("a[data-session]");
+  if (!a) return;
+  e.preventDefault();
+  history.replaceState(null, "", "#" + a.dataset.session);
+  openSession(a.dataset.session);
+});
+$("more-sessions").addEventListener("click", () => loadSessions(true));
+$("older").addEventListener("click", () => state.session && openSession(state.session, true));
+$("notice-retry").addEventListener("click", () => {
+  const retry = state.retry;
+  clearNotice();
+  if (retry) retry();
+});
+$("sign-out").addEventListener("click", () => signOut());
+window.addEventListener("offline", () => connection("Offline"));
+window.addEventListener("online", () => connection(state.stream ? "Reconnecting…" : ""));
+
+if (state.user) enter();
+else showSignIn();
