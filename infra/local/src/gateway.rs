@@ -330,7 +330,11 @@ mod tests {
         assert_eq!(function_for("/sessions/abc"), "ingest");
         assert_eq!(function_for("/sessions/alice/messages"), "ingest");
         assert_eq!(function_for("/health"), "ingest");
-        assert_eq!(function_for("/"), "ingest");
+        // The chat page's files.
+        for page in ["/", "/index.html", "/app.js", "/app.css"] {
+            assert_eq!(function_for(page), "stream", "{page}");
+        }
+        assert_eq!(function_for("/other.js"), "ingest");
     }
 
     #[tokio::test]
