@@ -98,7 +98,12 @@ Ctrl-C stops everything.\n",
         query_token,
         bearer,
     );
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C, or a TERM from a supervisor (`timeout`, systemd, a CI runner): both stop everything.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
     eprintln!("\n==> stopping");
     tokio::time::timeout(Duration::from_secs(15), stack.stop()).await.ok();
     Ok(())
