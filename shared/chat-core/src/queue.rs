@@ -19,6 +19,9 @@ pub struct TurnMessage {
 pub struct QueueError {
     /// The error with its source chain, safe to log.
     pub detail: String,
+    /// The SDK error itself.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// Sends generation requests to one queue.
@@ -44,6 +47,6 @@ impl Queue {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| QueueError { detail: DisplayErrorContext(&e).to_string() })
+            .map_err(|e| QueueError { detail: DisplayErrorContext(&e).to_string(), source: Box::new(e) })
     }
 }
