@@ -15,7 +15,7 @@ use chat_core::{
     Admission, CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome,
     Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId, UserLimits,
 };
-use chat_tokens::TokenCounter;
+use chat_tokens::MessageBudget;
 use lambda_http::http::{Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Value};
@@ -70,10 +70,9 @@ pub struct App {
     /// Base of the `stream_url` in answers (`STREAM_URL_BASE`); a relative URL when unset.
     stream_url_base: String,
     limits: UserLimits,
-    counter: TokenCounter,
-    /// The most tokens a message may have and still fit the generator's prompt budget
-    /// (`MEMORY_MAX_TOKENS` less the system prompt `LLM_SYSTEM_PROMPT` and framing).
-    message_tokens: usize,
+    /// A message must fit the generator's prompt budget alone (`MEMORY_MAX_TOKENS` less the
+    /// system prompt `LLM_SYSTEM_PROMPT` and framing).
+    budget: MessageBudget,
 }
 
 impl App {
@@ -104,15 +103,12 @@ impl App {
         limits: UserLimits,
         budget: Budget,
     ) -> Result<App, ConfigError> {
-        let counter = TokenCounter::load();
-        let message_tokens = counter.message_limit(budget.tokens, budget.system_prompt.as_deref());
-        if message_tokens == 0 {
-            return Err(ConfigError {
-                variable: "MEMORY_MAX_TOKENS".to_owned(),
-                problem: format!("is {}: the system prompt alone does not fit it", budget.tokens),
-            });
-        }
-        Ok(App { store, auth, queue, stream_url_base: String::new(), limits, counter, message_tokens })
+        let tokens = budget.tokens;
+        let budget = MessageBudget::new(tokens, budget.system_prompt).ok_or_else(|| ConfigError {
+            variable: "MEMORY_MAX_TOKENS".to_owned(),
+            problem: format!("is {tokens}: the system prompt alone does not fit it"),
+        })?;
+        Ok(App { store, auth, queue, stream_url_base: String::new(), limits, budget })
     }
 
     /// Serves one request; every outcome, errors included, is a JSON response.
@@ -207,8 +203,8 @@ impl App {
                 ));
             }
         }
-        if let Some(tokens) = self.counter.over(&body.message, self.message_tokens) {
-            return Err(ApiError::MessageTooLong { tokens, limit: self.message_tokens });
+        if let Some((tokens, limit)) = self.budget.over(&body.message) {
+            return Err(ApiError::MessageTooLong { tokens, limit });
         }
         let per_minute = self.limits.turns_per_minute;
         let admission =

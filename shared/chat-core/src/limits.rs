@@ -10,6 +10,7 @@ use crate::ids::UserId;
 use crate::model::Item;
 use crate::store::{key, n, Store};
 use crate::table::{self, TTL_ATTRIBUTE};
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity, ReturnValuesOnConditionCheckFailure};
 use std::collections::HashMap;
@@ -138,8 +139,7 @@ impl Store {
                     ":ttl",
                     n((now + bucket.tolerance + bucket.interval) / 1000 + 3600),
                 )
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total);
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
             let request = match seen {
                 Some(tat) if tat > now => {
                     if let Err(wait) = bucket.take(Some(tat), now) {
@@ -156,17 +156,9 @@ impl Store {
                     .condition_expression("attribute_not_exists(#tat) OR #tat <= :now")
                     .expression_attribute_values(":next", n(now + bucket.interval)),
             };
-            match request.send().await {
-                Ok(out) => {
-                    self.meter(true, out.consumed_capacity());
-                    return Ok(Admission::Admitted);
-                }
-                Err(err) => match err.as_service_error() {
-                    Some(UpdateItemError::ConditionalCheckFailedException(e)) => {
-                        seen = e.item().and_then(|item| number(item, TAT));
-                    }
-                    _ => return Err(StoreError::dynamo("UpdateItem", err)),
-                },
+            match self.conditional(request).await? {
+                Written::Applied => return Ok(Admission::Admitted),
+                Written::Refused(item) => seen = item.and_then(|item| number(&item, TAT)),
             }
         }
         Err(StoreError::Contention { attempts: self.options().max_attempts })
@@ -180,7 +172,7 @@ impl Store {
         }
         let bucket = Bucket::per_minute(per_minute);
         let now = self.now_ms();
-        let result = self
+        let request = self
             .client()
             .update_item()
             .table_name(self.table())
@@ -190,20 +182,8 @@ impl Store {
             .condition_expression("#tat >= :floor")
             .expression_attribute_names("#tat", TAT)
             .expression_attribute_values(":interval", n(bucket.interval))
-            .expression_attribute_values(":floor", n(now + bucket.interval))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match result {
-            Ok(out) => {
-                self.meter(true, out.consumed_capacity());
-                Ok(())
-            }
-            Err(err) => match err.as_service_error() {
-                Some(UpdateItemError::ConditionalCheckFailedException(_)) => Ok(()),
-                _ => Err(StoreError::dynamo("UpdateItem", err)),
-            },
-        }
+            .expression_attribute_values(":floor", n(now + bucket.interval));
+        self.conditional(request).await.map(|_| ())
     }
 
     /// Takes one of the user's `max` stream slots (0: no limit) for the stream `stream_id`, held
@@ -226,7 +206,7 @@ impl Store {
         for _ in 0..self.options().max_attempts {
             let now = self.now_ms();
             let expires = now + hold.as_millis() as u64;
-            let result = self
+            let fast = self
                 .client()
                 .update_item()
                 .table_name(self.table())
@@ -242,19 +222,10 @@ impl Store {
                 .expression_attribute_values(":ttl", n(expires / 1000 + 3600))
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":max", n(max))
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await;
-            let item = match result {
-                Ok(out) => {
-                    self.meter(true, out.consumed_capacity());
-                    return Ok(Admission::Admitted);
-                }
-                Err(err) => match err.as_service_error() {
-                    Some(UpdateItemError::ConditionalCheckFailedException(e)) => e.item().cloned(),
-                    _ => return Err(StoreError::dynamo("UpdateItem", err)),
-                },
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+            let item = match self.conditional(fast).await? {
+                Written::Applied => return Ok(Admission::Admitted),
+                Written::Refused(item) => item,
             };
             // No slots item yet, or every slot taken: look at who holds them.
             let version = item.as_ref().and_then(|i| number(i, SLOTS_VERSION));
@@ -281,22 +252,14 @@ impl Store {
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
                 .expression_attribute_values(":holders", AttributeValue::M(holders))
                 .expression_attribute_values(":nv", n(version.unwrap_or(0) + 1))
-                .expression_attribute_values(":ttl", n(expires / 1000 + 3600))
-                .return_consumed_capacity(ReturnConsumedCapacity::Total);
+                .expression_attribute_values(":ttl", n(expires / 1000 + 3600));
             request = match version {
                 Some(v) => request.condition_expression("#v = :v").expression_attribute_values(":v", n(v)),
                 None => request.condition_expression("attribute_not_exists(#v)"),
             };
-            match request.send().await {
-                Ok(out) => {
-                    self.meter(true, out.consumed_capacity());
-                    return Ok(Admission::Admitted);
-                }
-                // Another stream of this user opened or closed in between: look again.
-                Err(err) => match err.as_service_error() {
-                    Some(UpdateItemError::ConditionalCheckFailedException(_)) => continue,
-                    _ => return Err(StoreError::dynamo("UpdateItem", err)),
-                },
+            // Refused: another stream of this user opened or closed in between; look again.
+            if let Written::Applied = self.conditional(request).await? {
+                return Ok(Admission::Admitted);
             }
         }
         Err(StoreError::Contention { attempts: self.options().max_attempts })
@@ -304,7 +267,7 @@ impl Store {
 
     /// Gives back the slot of `stream_id`; a slot already gone (lapsed, or limits off) is fine.
     pub async fn close_stream(&self, user: &UserId, stream_id: &str) -> Result<(), StoreError> {
-        let result = self
+        let request = self
             .client()
             .update_item()
             .table_name(self.table())
@@ -315,26 +278,39 @@ impl Store {
             .expression_attribute_names("#holders", HOLDERS)
             .expression_attribute_names("#id", stream_id)
             .expression_attribute_names("#v", SLOTS_VERSION)
-            .expression_attribute_values(":one", n(1))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match result {
-            Ok(out) => {
-                self.meter(true, out.consumed_capacity());
-                Ok(())
-            }
-            Err(err) => match err.as_service_error() {
-                Some(UpdateItemError::ConditionalCheckFailedException(_)) => Ok(()),
-                _ => Err(StoreError::dynamo("UpdateItem", err)),
-            },
-        }
+            .expression_attribute_values(":one", n(1));
+        self.conditional(request).await.map(|_| ())
     }
 
     /// How many sessions the user has, as counted by the send and delete transactions.
     pub async fn session_count(&self, user: &UserId) -> Result<u64, StoreError> {
         let item = self.get_item(key(table::user_pk(user), SESSION_COUNT_SK)).await?;
         Ok(item.as_ref().and_then(|i| number(i, SESSION_COUNT)).unwrap_or(0))
+    }
+}
+
+/// How a conditional update ended.
+enum Written {
+    Applied,
+    /// The condition failed: nothing was written. The item as it was, when the request asked.
+    Refused(Option<Item>),
+}
+
+impl Store {
+    /// Sends a conditional update and meters it; a failed condition is an outcome, not an error.
+    async fn conditional(&self, request: UpdateItemFluentBuilder) -> Result<Written, StoreError> {
+        match request.return_consumed_capacity(ReturnConsumedCapacity::Total).send().await {
+            Ok(out) => {
+                self.meter(true, out.consumed_capacity());
+                Ok(Written::Applied)
+            }
+            Err(err) => match err.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(e)) => {
+                    Ok(Written::Refused(e.item().cloned()))
+                }
+                _ => Err(StoreError::dynamo("UpdateItem", err)),
+            },
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Token counting for the prompt budget. Ingest and the generator count with the same encoding
 //! and the same framing, so a message ingest accepts is one the generator can fit.
 
+use std::sync::OnceLock;
 use tiktoken_rs::CoreBPE;
 
 /// The default prompt budget in tokens (`MEMORY_MAX_TOKENS`).
@@ -55,6 +56,52 @@ impl TokenCounter {
     }
 }
 
+/// Whether a user message fits a `budget`-token prompt alone with the system prompt. The
+/// encoding (about 300 ms to load) is loaded only when byte lengths cannot tell, so a cold start
+/// that sees only ordinary messages never pays for it.
+pub struct MessageBudget {
+    budget: usize,
+    system: Option<String>,
+    /// The counter and the exact limit, once needed.
+    exact: OnceLock<(TokenCounter, usize)>,
+}
+
+impl MessageBudget {
+    /// The budget, or `None` when even the system prompt leaves no room for a message.
+    pub fn new(budget: usize, system: Option<String>) -> Option<MessageBudget> {
+        let checked = MessageBudget { budget, system, exact: OnceLock::new() };
+        (checked.surely_fitting_bytes() > 0 || checked.limit() > 0).then_some(checked)
+    }
+
+    /// The most tokens a message may have.
+    pub fn limit(&self) -> usize {
+        self.exact().1
+    }
+
+    /// `(tokens, limit)` when `text` does not fit.
+    pub fn over(&self, text: &str) -> Option<(usize, usize)> {
+        if text.len() <= self.surely_fitting_bytes() {
+            return None;
+        }
+        let (counter, limit) = self.exact();
+        counter.over(text, *limit).map(|tokens| (tokens, *limit))
+    }
+
+    /// Message bytes that fit whatever their tokens: a token is at least a byte, so neither the
+    /// message nor the system prompt has more tokens than bytes.
+    fn surely_fitting_bytes(&self) -> usize {
+        let system = self.system.as_ref().map_or(0, |s| s.len() + PER_MESSAGE);
+        self.budget.saturating_sub(PER_PROMPT + system + PER_MESSAGE)
+    }
+
+    fn exact(&self) -> &(TokenCounter, usize) {
+        self.exact.get_or_init(|| {
+            let counter = TokenCounter::load();
+            (counter, counter.message_limit(self.budget, self.system.as_deref()))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +130,26 @@ mod tests {
         assert_eq!(counter.over(&longer, limit), Some(limit + 1));
         assert!(counter.base(system) + counter.message(&longer) > 100);
         assert_eq!(counter.message_limit(5, system), 0);
+    }
+
+    #[test]
+    fn a_budget_counts_only_what_bytes_cannot_decide() {
+        let budget = MessageBudget::new(100, Some("You are terse.".to_owned())).unwrap();
+        assert_eq!(budget.over("a short message"), None);
+        assert!(budget.exact.get().is_none(), "no encoding loaded for a message that surely fits");
+        let limit = budget.limit();
+        assert_eq!(limit, TokenCounter::load().message_limit(100, Some("You are terse.")));
+        assert!(budget.surely_fitting_bytes() <= limit);
+        // Many bytes, few tokens: counted, and it fits.
+        let dense = "aaaa".repeat(40);
+        assert!(dense.len() > limit && TokenCounter::load().count(&dense) <= limit);
+        assert_eq!(budget.over(&dense), None);
+        let long = "word ".repeat(200);
+        assert_eq!(budget.over(&long), Some((TokenCounter::load().count(&long), limit)));
+        assert!(MessageBudget::new(5, Some("You are terse.".to_owned())).is_none());
+        assert!(
+            MessageBudget::new(20, Some("x".repeat(30))).is_some(),
+            "bytes overstate the prompt's tokens"
+        );
     }
 }
