@@ -1,0 +1,1 @@
+//! Features only: see this crate's `Cargo.toml` for why it exists.
