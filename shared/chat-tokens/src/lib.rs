@@ -1,8 +1,10 @@
 //! Token counting for the prompt budget. Ingest and the generator count with the same encoding
 //! and the same framing, so a message ingest accepts is one the generator can fit.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use tiktoken_rs::CoreBPE;
+
+mod ranks;
 
 /// The default prompt budget in tokens (`MEMORY_MAX_TOKENS`).
 pub const DEFAULT_BUDGET: usize = 8192;
@@ -14,6 +16,9 @@ pub const PER_PROMPT: usize = 3;
 
 /// Counts tokens with `o200k_base` (GPT-4o's encoding, bundled, works offline). For other model
 /// families it is an estimate; leave headroom in the budget.
+///
+/// The encoding is built from this crate's compact copy of the ranks (`ranks.rs`), not from the
+/// base64 text tiktoken-rs bundles, which is never linked: a megabyte less in every zip.
 #[derive(Clone, Copy)]
 pub struct TokenCounter {
     bpe: &'static CoreBPE,
@@ -22,7 +27,8 @@ pub struct TokenCounter {
 impl TokenCounter {
     /// The counter; the first call loads the encoding (once per process).
     pub fn load() -> TokenCounter {
-        TokenCounter { bpe: tiktoken_rs::o200k_base_singleton() }
+        static O200K_BASE: LazyLock<CoreBPE> = LazyLock::new(ranks::o200k_base);
+        TokenCounter { bpe: &O200K_BASE }
     }
 
     /// Tokens in `text`.
