@@ -22,11 +22,11 @@ use tracing::{info, warn, Instrument};
 
 /// Generation settings.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct GenerationSettings {
     /// Lease length; it is extended when half has passed.
     pub lease: Duration,
     /// Claims per turn before a stalled turn ends in timeout.
-    pub max_attempts: u32,
+    pub max_generation_attempts: u32,
     /// Flush buffered tokens once the oldest has waited this long (`FLUSH_INTERVAL_MS`).
     pub flush_interval: Duration,
     /// Flush once this many tokens are buffered (`FLUSH_MAX_TOKENS`).
@@ -52,7 +52,7 @@ pub const REPLY_MAX_BYTES_CEILING: usize = 380_000;
 pub struct Generator {
     store: Store,
     model: Model,
-    settings: Settings,
+    settings: GenerationSettings,
     counter: TokenCounter,
 }
 
@@ -94,9 +94,9 @@ impl Generator {
         let common = CommonConfig::from_env(&env)?;
         let faults = faults_setting(env.parse_or("DEMO_FAULTS", false)?, FAULTS_BUILT)?;
         let model_config = config::ModelConfig::from_env(&env, faults)?;
-        let settings = Settings {
+        let settings = GenerationSettings {
             lease: common.lease,
-            max_attempts: common.max_attempts,
+            max_generation_attempts: common.max_generation_attempts,
             flush_interval: env.millis_or("FLUSH_INTERVAL_MS", Duration::from_millis(100))?,
             flush_max_tokens: env.parse_or("FLUSH_MAX_TOKENS", 32)?,
             reply_max_bytes: match env.parse_or("REPLY_MAX_BYTES", 300_000)? {
@@ -122,7 +122,7 @@ impl Generator {
     }
 
     /// A generator over explicit parts. Loads the tokenizer (once per process).
-    pub fn new(store: Store, model: Model, settings: Settings) -> Generator {
+    pub fn new(store: Store, model: Model, settings: GenerationSettings) -> Generator {
         Generator { store, model, settings, counter: TokenCounter::load() }
     }
 
@@ -163,7 +163,7 @@ impl Generator {
                     message.turn,
                     &owner,
                     self.settings.lease,
-                    self.settings.max_attempts,
+                    self.settings.max_generation_attempts,
                 )
                 .await?;
             match claim {

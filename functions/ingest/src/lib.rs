@@ -10,6 +10,7 @@ use api::{json, parse_session};
 use chat_auth::{AuthConfig, Authenticator, Caller};
 use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::{Queue, TurnMessage};
+use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
 use chat_core::{
     Admission, CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome,
@@ -452,18 +453,21 @@ impl App {
         }
         let query = request.query_string_parameters_ref();
         let limit = api::page_limit(query.and_then(|q| q.first("limit")), "sessions")?;
-        let cursor = query.and_then(|q| q.first("cursor"));
-        let page = self
-            .store
-            .list_user_sessions(&user, limit, cursor)
-            .await
-            .map_err(|e| ApiError::store_unavailable(&e))?
+        let start = query
+            .and_then(|q| q.first("cursor"))
+            .map(|cursor| SessionCursor::decode(&user, cursor))
+            .transpose()
             .map_err(|_| {
                 ApiError::bad_request(
                     "invalid_cursor",
                     "cursor is not one this API returned; start without it",
                 )
             })?;
+        let page = self
+            .store
+            .list_user_sessions(&user, limit, start)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?;
         let sessions: Vec<Value> = page.sessions.iter().map(session_summary).collect();
         Ok(json(StatusCode::OK, json!({ "sessions": sessions, "next_cursor": page.next_cursor })))
     }

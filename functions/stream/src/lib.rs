@@ -38,7 +38,7 @@ const FAST_WHILE_WAITING: Duration = Duration::from_secs(3);
 
 /// Relay settings.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct RelaySettings {
     /// Poll interval while the turn is generating (`STREAM_POLL_FAST_MS`).
     pub poll_fast: Duration,
     /// Poll interval while the turn waits for a generator (`STREAM_POLL_SLOW_MS`).
@@ -74,7 +74,7 @@ impl Refusal {
 pub struct Relay {
     store: Store,
     auth: Authenticator,
-    settings: Arc<Settings>,
+    settings: Arc<RelaySettings>,
 }
 
 /// Where a relay starts.
@@ -94,7 +94,7 @@ impl Relay {
     pub async fn from_env() -> Result<Relay, ConfigError> {
         let env = Env::process();
         let table = env.required("TABLE_NAME")?;
-        let settings = Settings {
+        let settings = RelaySettings {
             poll_fast: env.millis_or("STREAM_POLL_FAST_MS", Duration::from_millis(50))?,
             poll_slow: env.millis_or("STREAM_POLL_SLOW_MS", Duration::from_millis(500))?,
             keepalive: env.millis_or("STREAM_KEEPALIVE_MS", Duration::from_secs(15))?,
@@ -109,7 +109,7 @@ impl Relay {
     }
 
     /// A relay over explicit parts.
-    pub fn new(store: Store, settings: Settings, auth: Authenticator) -> Relay {
+    pub fn new(store: Store, settings: RelaySettings, auth: Authenticator) -> Relay {
         Relay { store, auth, settings: Arc::new(settings) }
     }
 

@@ -1,3 +1,7 @@
+// The relay's request future nests deeply (streaming body, store calls, conditional writes);
+// computing its layout needs more than the default query depth.
+#![recursion_limit = "256"]
+
 use lambda_http::{run_with_streaming_response_concurrent, service_fn, Error, Request};
 
 fn main() -> Result<(), Error> {

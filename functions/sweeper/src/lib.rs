@@ -4,7 +4,7 @@
 
 use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::{Queue, QueueError, TurnMessage};
-use chat_core::{Event, Outcome, Session, State, Store, StoreError};
+use chat_core::{fsm, Outcome, Session, Store, StoreError};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -35,7 +35,7 @@ pub struct Sweeper {
     store: Store,
     queue: Queue,
     max_redrives: u32,
-    max_attempts: u32,
+    max_generation_attempts: u32,
 }
 
 impl Sweeper {
@@ -51,7 +51,7 @@ impl Sweeper {
             store,
             queue: Queue::new(chat_core::aws::sqs(&aws), queue_url),
             max_redrives,
-            max_attempts: common.max_attempts,
+            max_generation_attempts: common.max_generation_attempts,
         })
     }
 
@@ -81,17 +81,11 @@ impl Sweeper {
     }
 
     async fn settle(&self, session: &Session, now: u64) -> Result<Action, SweepError> {
-        let lease_expired = session.lease.as_ref().is_none_or(|l| l.expires_at <= now);
-        let (can_redrive, event, reason) = match session.state {
-            State::UserWriting => (false, Event::StoreFailed, "the message was not stored in time"),
-            State::UserCommitted => (true, Event::PickupExpired, "no generator picked the turn up in time"),
-            State::AiGenerating if lease_expired => (
-                session.attempts < self.max_attempts,
-                Event::LeaseExpired,
-                "generation stalled and its retries are spent",
-            ),
-            _ => return Ok(Action::None),
+        let lease_live = session.lease.as_ref().is_some_and(|l| l.expires_at > now);
+        let Some((event, reason)) = fsm::expiry(session.state).filter(|_| !lease_live) else {
+            return Ok(Action::None);
         };
+        let can_redrive = fsm::retryable(session.state, session.attempts, self.max_generation_attempts);
         if can_redrive && session.redrives < self.max_redrives {
             if let Outcome::Applied(n) =
                 self.store.record_redrive(session).await.map_err(SweepError::Store)?

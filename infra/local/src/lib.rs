@@ -33,7 +33,7 @@ pub const FUNCTIONS: [&str; 4] = ["ingest", "generator", "stream", "sweeper"];
 
 /// How the stack is laid out.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct StackSettings {
     /// The workspace root (where `Cargo.toml` and `.tools/` are).
     pub root: PathBuf,
     /// Port of the one-origin API (`cargo lambda watch`); 0 picks a free one.
@@ -90,15 +90,15 @@ pub const LOCAL_AUDIENCE: &str = "chat-local";
 /// `cargo lambda watch` 1.9.2 wedges once more than 100 invocations wait for one function.
 const WATCH_QUEUE_LIMIT: usize = 100;
 
-impl Settings {
+impl StackSettings {
     /// Invocations of one function the stack lets reach `cargo lambda watch` at once.
     pub fn slots(&self) -> usize {
         self.concurrency * self.invocations_per_instance
     }
 
     /// Defaults for `make dev`, rooted at `root`.
-    pub fn new(root: impl Into<PathBuf>) -> Settings {
-        Settings {
+    pub fn new(root: impl Into<PathBuf>) -> StackSettings {
+        StackSettings {
             root: root.into(),
             api_port: 9000,
             dynamodb_port: 8000,
@@ -252,7 +252,7 @@ impl LocalDynamo {
 
 impl Stack {
     /// Starts everything and returns once the API answers; `progress` hears each step.
-    pub async fn start(settings: Settings, progress: impl Fn(&str)) -> Result<Stack, StackError> {
+    pub async fn start(settings: StackSettings, progress: impl Fn(&str)) -> Result<Stack, StackError> {
         let root =
             settings.root.canonicalize().map_err(|e| fail(format!("{}: {e}", settings.root.display())))?;
         if settings.concurrency == 0 || settings.invocations_per_instance == 0 {
@@ -546,7 +546,7 @@ async fn create_secrets(endpoint: &str, secrets: &[(String, String)]) -> Result<
 
 async fn create_queues(
     sqs: &aws_sdk_sqs::Client,
-    settings: &Settings,
+    settings: &StackSettings,
 ) -> Result<(String, String), StackError> {
     let dlq_url = sqs
         .create_queue()

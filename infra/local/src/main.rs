@@ -1,14 +1,14 @@
 //! `make dev`: the whole stack in the foreground until Ctrl-C.
 
 use chat_core::config::Env;
-use chat_local::{Settings, Stack};
+use chat_local::{Stack, StackSettings};
 use std::time::Duration;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let env = Env::process();
     let root = std::env::current_dir()?;
-    let mut settings = Settings::new(root);
+    let mut settings = StackSettings::new(root);
     settings.api_port = env.parse_or("API_PORT", settings.api_port)?;
     settings.dynamodb_port = env.parse_or("DYNAMODB_PORT", settings.dynamodb_port)?;
     settings.sqs_port = env.parse_or("SQS_PORT", settings.sqs_port)?;

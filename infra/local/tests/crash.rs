@@ -29,10 +29,10 @@ async fn a_generator_killed_mid_turn_is_recovered_and_never_leaves_the_turn_stuc
             let transitions = chat_local::dynamodb_client(&info.dynamodb_endpoint);
             let store = chat_core::Store::new(transitions, info.table.as_str(), Default::default());
             let id = chat_core::SessionId::parse(&id).unwrap();
-            let events_seen: Vec<String> =
+            let events_seen: Vec<chat_core::Event> =
                 store.transitions(id).await.unwrap().into_iter().map(|t| t.event).collect();
             assert!(
-                events_seen.contains(&"lease_takeover".to_owned()),
+                events_seen.contains(&chat_core::Event::LeaseTakeover),
                 "recovered by a takeover: {events_seen:?}"
             );
             let indexes = indexes_of(&events);

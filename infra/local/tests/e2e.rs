@@ -327,7 +327,7 @@ async fn a_turn_no_generator_picks_up_is_redriven_then_ends_in_timeout() {
     assert_eq!(stored.redrives, 3);
     let transitions = store.transitions(stored.id).await.unwrap();
     let last = transitions.last().unwrap();
-    assert_eq!((last.event.as_str(), last.to), ("pickup_expired", chat_core::State::Timeout));
+    assert_eq!((last.event, last.to), (chat_core::Event::PickupExpired, chat_core::State::Timeout));
     assert_eq!(last.by, "sweeper");
 
     // The session takes a new message.

@@ -92,7 +92,7 @@ fn ingest_app() -> &'static ingest::App {
 fn relay() -> &'static stream::Relay {
     static RELAY: OnceLock<stream::Relay> = OnceLock::new();
     RELAY.get_or_init(|| {
-        let settings = stream::Settings {
+        let settings = stream::RelaySettings {
             poll_fast: Duration::from_millis(10),
             poll_slow: Duration::from_millis(50),
             keepalive: Duration::from_secs(1),

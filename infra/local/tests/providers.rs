@@ -302,10 +302,10 @@ struct Harness {
 }
 
 /// Generator settings for these tests: small flushes, a 30 s lease, default memory.
-fn settings() -> generator::Settings {
-    generator::Settings {
+fn settings() -> generator::GenerationSettings {
+    generator::GenerationSettings {
         lease: Duration::from_secs(30),
-        max_attempts: 3,
+        max_generation_attempts: 3,
         flush_interval: Duration::from_millis(20),
         flush_max_tokens: 3,
         faults: false,
@@ -315,7 +315,7 @@ fn settings() -> generator::Settings {
     }
 }
 
-async fn harness(model: Model, settings: generator::Settings) -> Harness {
+async fn harness(model: Model, settings: generator::GenerationSettings) -> Harness {
     let dynamo = chat_local::LocalDynamo::start(0, "providers").await.unwrap();
     let store = dynamo.store("providers", StoreOptions::default());
     let generator = generator::Generator::new(store.clone(), model, settings);
@@ -365,7 +365,7 @@ async fn the_committed_reply_is_exactly_the_streamed_tokens_and_history_reaches_
         FakeLlm::start(vec![fake_llm::openai_reply(TRICKY, Duration::from_millis(3))]).await.unwrap();
     let h = harness(
         openai(&server),
-        generator::Settings { system_prompt: Some("You are a test.".to_owned()), ..settings() },
+        generator::GenerationSettings { system_prompt: Some("You are a test.".to_owned()), ..settings() },
     )
     .await;
     let (session, turn) = h.turn(None, "first question").await;
@@ -397,7 +397,8 @@ async fn a_reply_over_the_size_limit_is_committed_up_to_it_and_marked_reply_limi
     let tokens: Vec<String> = (0..40).map(|i| format!("token-{i:03} ")).collect();
     let words: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let server = FakeLlm::start(vec![fake_llm::openai_reply(&words, Duration::ZERO)]).await.unwrap();
-    let h = harness(openai(&server), generator::Settings { reply_max_bytes: 95, ..settings() }).await;
+    let h =
+        harness(openai(&server), generator::GenerationSettings { reply_max_bytes: 95, ..settings() }).await;
     let started = std::time::Instant::now();
     let (session, turn) = h.turn(None, "a very long answer, please").await;
     assert!(started.elapsed() < Duration::from_secs(10), "capped, not retried to a timeout");
@@ -442,7 +443,7 @@ async fn a_bedrock_turn_commits_its_reply() {
 async fn a_message_over_the_memory_budget_ends_the_turn_with_a_clear_error_without_calling_the_model() {
     let server = FakeLlm::start(vec![fake_llm::openai_reply(&["never"], Duration::ZERO)]).await.unwrap();
     let memory = generator::memory::MemoryLimits { max_tokens: 50, max_turns: 20 };
-    let h = harness(openai(&server), generator::Settings { memory, ..settings() }).await;
+    let h = harness(openai(&server), generator::GenerationSettings { memory, ..settings() }).await;
     let (session, _) = h.turn(None, &"many words ".repeat(100)).await;
     let stored = h.store.get_session(session, true).await.unwrap().unwrap();
     assert_eq!(stored.state, State::Error);
@@ -453,7 +454,7 @@ async fn a_message_over_the_memory_budget_ends_the_turn_with_a_clear_error_witho
 /// The session of the one turn a harness is running (its emulator holds no other).
 async fn only_session(store: &Store) -> chat_core::Session {
     let user = UserId::parse(TESTER).unwrap();
-    let sessions = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap().sessions;
+    let sessions = store.list_user_sessions(&user, 10, None).await.unwrap().sessions;
     let [session] = &sessions[..] else { panic!("expected one session, got {}", sessions.len()) };
     session.clone()
 }
@@ -473,7 +474,7 @@ async fn a_silent_model_does_not_cost_the_lease() {
         .await
         .unwrap();
     let lease = Duration::from_millis(600);
-    let h = harness(openai(&server), generator::Settings { lease, ..settings() }).await;
+    let h = harness(openai(&server), generator::GenerationSettings { lease, ..settings() }).await;
     let store = h.store.clone();
     let rival = tokio::spawn(async move {
         // Well past the first lease's expiry, while the model is still silent.
@@ -497,7 +498,7 @@ async fn a_silent_model_does_not_cost_the_lease() {
 async fn a_cancel_lands_while_the_model_is_still_silent() {
     let server = FakeLlm::start(vec![slow_start(Duration::from_secs(20), &["too", " late"])]).await.unwrap();
     let lease = Duration::from_millis(800);
-    let h = harness(openai(&server), generator::Settings { lease, ..settings() }).await;
+    let h = harness(openai(&server), generator::GenerationSettings { lease, ..settings() }).await;
     let store = h.store.clone();
     let canceller = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;

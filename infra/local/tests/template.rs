@@ -75,7 +75,7 @@ fn the_table_is_the_one_table_rs_defines() {
 #[test]
 fn the_queue_matches_the_local_stack_and_outlasts_the_generator() {
     let template = template();
-    let local = chat_local::Settings::new(".");
+    let local = chat_local::StackSettings::new(".");
     let queue = &resource(&template, "TurnsQueue")["Properties"];
     assert_eq!(queue["RedrivePolicy"]["maxReceiveCount"].as_u64(), Some(u64::from(local.max_receive_count)));
     assert!(local.max_receive_count >= 5);

@@ -70,7 +70,7 @@ pub struct CommonConfig {
     /// Lease a generator holds on a turn (`LEASE_MS`, default 30 s).
     pub lease: Duration,
     /// Generation attempts per turn before it ends in timeout (`MAX_ATTEMPTS`, default 3).
-    pub max_attempts: u32,
+    pub max_generation_attempts: u32,
     /// Per-user limits (`TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_SESSIONS_PER_USER`).
     pub limits: crate::UserLimits,
 }
@@ -90,7 +90,7 @@ impl CommonConfig {
             table_name: env.required("TABLE_NAME")?,
             store,
             lease: env.millis_or("LEASE_MS", Duration::from_secs(30))?,
-            max_attempts: env.parse_or("MAX_ATTEMPTS", 3)?,
+            max_generation_attempts: env.parse_or("MAX_ATTEMPTS", 3)?,
             limits,
         })
     }
@@ -114,6 +114,6 @@ mod tests {
         let err = CommonConfig::from_env(&env(&[("TABLE_NAME", "t"), ("LEASE_MS", "soon")])).unwrap_err();
         assert_eq!(err.variable, "LEASE_MS");
         let ok = CommonConfig::from_env(&env(&[("TABLE_NAME", "t"), ("MAX_ATTEMPTS", " 5 ")])).unwrap();
-        assert_eq!(ok.max_attempts, 5);
+        assert_eq!(ok.max_generation_attempts, 5);
     }
 }

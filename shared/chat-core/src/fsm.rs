@@ -114,7 +114,30 @@ impl State {
 
     /// The turn has ended; a stream following it can close.
     pub fn turn_ended(self) -> bool {
-        matches!(self, State::Idle | State::AiCommitted | State::Error | State::Timeout)
+        !self.turn_in_flight()
+    }
+}
+
+/// The event that ends a turn whose deadline (or generation lease) passed in `state`, and the
+/// reason recorded; `None` for a state without a deadline. The sweeper and a generator finding an
+/// expired lease both decide by this and [`retryable`].
+pub fn expiry(state: State) -> Option<(Event, &'static str)> {
+    match state {
+        State::UserWriting => Some((Event::StoreFailed, "the message was not stored in time")),
+        State::UserCommitted => Some((Event::PickupExpired, "no generator picked the turn up in time")),
+        State::AiGenerating => Some((Event::LeaseExpired, "generation stalled and its retries are spent")),
+        _ => None,
+    }
+}
+
+/// Whether a turn overdue in `state` may be tried again rather than ended: a queued turn can be
+/// delivered again, and a stalled generation taken over while it has attempts left; a message
+/// that never finished storing cannot.
+pub fn retryable(state: State, attempts: u32, max_attempts: u32) -> bool {
+    match state {
+        State::UserCommitted => true,
+        State::AiGenerating => attempts < max_attempts,
+        _ => false,
     }
 }
 
@@ -240,6 +263,24 @@ mod tests {
     fn in_flight_states_are_exactly_user_writing_through_ai_generating() {
         let in_flight: Vec<State> = State::ALL.into_iter().filter(|s| s.turn_in_flight()).collect();
         assert_eq!(in_flight, vec![State::UserWriting, State::UserCommitted, State::AiGenerating]);
+    }
+
+    #[test]
+    fn an_overdue_turn_ends_by_an_edge_of_the_table() {
+        for state in State::ALL {
+            match expiry(state) {
+                Some((event, _)) => {
+                    assert!(state.turn_in_flight(), "{state} has a deadline");
+                    let to = transition(Some(state), event).expect("an edge of the table");
+                    assert!(to.turn_ended(), "{state} --{event}--> {to} ends the turn");
+                }
+                None => assert!(!state.turn_in_flight(), "{state} is in flight but has no deadline"),
+            }
+        }
+        // A stalled generation is taken over (an edge back into ai_generating) while attempts last.
+        assert!(retryable(State::AiGenerating, 1, 2) && !retryable(State::AiGenerating, 2, 2));
+        assert_eq!(transition(Some(State::AiGenerating), Event::LeaseTakeover), Some(State::AiGenerating));
+        assert!(!retryable(State::UserWriting, 0, 9));
     }
 
     #[test]

@@ -8,11 +8,9 @@ use crate::config::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::ids::UserId;
 use crate::model::Item;
-use crate::store::{key, n, Store};
+use crate::store::{key, number, Store, Written};
 use crate::table::{self, TTL_ATTRIBUTE};
-use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
-use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -124,7 +122,7 @@ impl Store {
         let bucket = Bucket::per_minute(per_minute);
         // The arrival time at the last look; unknown at first, then from each failed write.
         let mut seen: Option<u64> = None;
-        for _ in 0..self.options().max_attempts {
+        for _ in 0..self.options().max_write_attempts {
             let now = self.now_ms();
             let request = self
                 .client()
@@ -133,11 +131,11 @@ impl Store {
                 .set_key(Some(key(table::user_pk(user), TURN_RATE_SK)))
                 .expression_attribute_names("#tat", TAT)
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-                .expression_attribute_values(":now", n(now))
+                .expression_attribute_values(":now", number(now))
                 // A bucket idle for an hour is full again; DynamoDB may then drop its item.
                 .expression_attribute_values(
                     ":ttl",
-                    n((now + bucket.tolerance + bucket.interval) / 1000 + 3600),
+                    number((now + bucket.tolerance + bucket.interval) / 1000 + 3600),
                 )
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
             let request = match seen {
@@ -148,20 +146,20 @@ impl Store {
                     request
                         .update_expression("SET #tat = #tat + :interval, #ttl = :ttl")
                         .condition_expression("#tat > :now AND #tat <= :latest")
-                        .expression_attribute_values(":interval", n(bucket.interval))
-                        .expression_attribute_values(":latest", n(now + bucket.tolerance))
+                        .expression_attribute_values(":interval", number(bucket.interval))
+                        .expression_attribute_values(":latest", number(now + bucket.tolerance))
                 }
                 _ => request
                     .update_expression("SET #tat = :next, #ttl = :ttl")
                     .condition_expression("attribute_not_exists(#tat) OR #tat <= :now")
-                    .expression_attribute_values(":next", n(now + bucket.interval)),
+                    .expression_attribute_values(":next", number(now + bucket.interval)),
             };
-            match self.conditional(request).await? {
-                Written::Applied => return Ok(Admission::Admitted),
-                Written::Refused(item) => seen = item.and_then(|item| number(&item, TAT)),
+            match self.send_conditional(request).await? {
+                Written::Applied(_) => return Ok(Admission::Admitted),
+                Written::Refused(item) => seen = item.and_then(|item| number_field(&item, TAT)),
             }
         }
-        Err(StoreError::Contention { attempts: self.options().max_attempts })
+        Err(StoreError::Contention { attempts: self.options().max_write_attempts })
     }
 
     /// Gives back a turn taken by [`Store::take_turn`] that did not start one (the send was a
@@ -181,9 +179,9 @@ impl Store {
             // Only while the refund still matters: never rewind the bucket past full.
             .condition_expression("#tat >= :floor")
             .expression_attribute_names("#tat", TAT)
-            .expression_attribute_values(":interval", n(bucket.interval))
-            .expression_attribute_values(":floor", n(now + bucket.interval));
-        self.conditional(request).await.map(|_| ())
+            .expression_attribute_values(":interval", number(bucket.interval))
+            .expression_attribute_values(":floor", number(now + bucket.interval));
+        self.send_conditional(request).await.map(|_| ())
     }
 
     /// Takes one of the user's `max` stream slots (0: no limit) for the stream `stream_id`, held
@@ -203,7 +201,7 @@ impl Store {
             return Ok(Admission::Admitted);
         }
         let slots_key = || key(table::user_pk(user), STREAM_SLOTS_SK);
-        for _ in 0..self.options().max_attempts {
+        for _ in 0..self.options().max_write_attempts {
             let now = self.now_ms();
             let expires = now + hold.as_millis() as u64;
             let fast = self
@@ -217,18 +215,18 @@ impl Store {
                 .expression_attribute_names("#id", stream_id)
                 .expression_attribute_names("#v", SLOTS_VERSION)
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-                .expression_attribute_values(":expires", n(expires))
+                .expression_attribute_values(":expires", number(expires))
                 // Every hold is as long, so the newest outlives the others.
-                .expression_attribute_values(":ttl", n(expires / 1000 + 3600))
-                .expression_attribute_values(":one", n(1))
-                .expression_attribute_values(":max", n(max))
+                .expression_attribute_values(":ttl", number(expires / 1000 + 3600))
+                .expression_attribute_values(":one", number(1))
+                .expression_attribute_values(":max", number(max))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-            let item = match self.conditional(fast).await? {
-                Written::Applied => return Ok(Admission::Admitted),
+            let item = match self.send_conditional(fast).await? {
+                Written::Applied(_) => return Ok(Admission::Admitted),
                 Written::Refused(item) => item,
             };
             // No slots item yet, or every slot taken: look at who holds them.
-            let version = item.as_ref().and_then(|i| number(i, SLOTS_VERSION));
+            let version = item.as_ref().and_then(|i| number_field(i, SLOTS_VERSION));
             let mut holders: HashMap<String, AttributeValue> = item
                 .as_ref()
                 .and_then(|i| i.get(HOLDERS))
@@ -240,7 +238,7 @@ impl Store {
             if holders.len() >= max as usize {
                 return Ok(Admission::Limited { retry_after: STREAM_RETRY });
             }
-            holders.insert(stream_id.to_owned(), n(expires));
+            holders.insert(stream_id.to_owned(), number(expires));
             let mut request = self
                 .client()
                 .update_item()
@@ -251,18 +249,20 @@ impl Store {
                 .expression_attribute_names("#v", SLOTS_VERSION)
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
                 .expression_attribute_values(":holders", AttributeValue::M(holders))
-                .expression_attribute_values(":nv", n(version.unwrap_or(0) + 1))
-                .expression_attribute_values(":ttl", n(expires / 1000 + 3600));
+                .expression_attribute_values(":nv", number(version.unwrap_or(0) + 1))
+                .expression_attribute_values(":ttl", number(expires / 1000 + 3600));
             request = match version {
-                Some(v) => request.condition_expression("#v = :v").expression_attribute_values(":v", n(v)),
+                Some(v) => {
+                    request.condition_expression("#v = :v").expression_attribute_values(":v", number(v))
+                }
                 None => request.condition_expression("attribute_not_exists(#v)"),
             };
             // Refused: another stream of this user opened or closed in between; look again.
-            if let Written::Applied = self.conditional(request).await? {
+            if let Written::Applied(_) = self.send_conditional(request).await? {
                 return Ok(Admission::Admitted);
             }
         }
-        Err(StoreError::Contention { attempts: self.options().max_attempts })
+        Err(StoreError::Contention { attempts: self.options().max_write_attempts })
     }
 
     /// Gives back the slot of `stream_id`; a slot already gone (lapsed, or limits off) is fine.
@@ -278,43 +278,19 @@ impl Store {
             .expression_attribute_names("#holders", HOLDERS)
             .expression_attribute_names("#id", stream_id)
             .expression_attribute_names("#v", SLOTS_VERSION)
-            .expression_attribute_values(":one", n(1));
-        self.conditional(request).await.map(|_| ())
+            .expression_attribute_values(":one", number(1));
+        self.send_conditional(request).await.map(|_| ())
     }
 
     /// How many sessions the user has, as counted by the send and delete transactions.
     pub async fn session_count(&self, user: &UserId) -> Result<u64, StoreError> {
         let item = self.get_item(key(table::user_pk(user), SESSION_COUNT_SK)).await?;
-        Ok(item.as_ref().and_then(|i| number(i, SESSION_COUNT)).unwrap_or(0))
+        Ok(item.as_ref().and_then(|i| number_field(i, SESSION_COUNT)).unwrap_or(0))
     }
 }
 
-/// How a conditional update ended.
-enum Written {
-    Applied,
-    /// The condition failed: nothing was written. The item as it was, when the request asked.
-    Refused(Option<Item>),
-}
-
-impl Store {
-    /// Sends a conditional update and meters it; a failed condition is an outcome, not an error.
-    async fn conditional(&self, request: UpdateItemFluentBuilder) -> Result<Written, StoreError> {
-        match request.return_consumed_capacity(ReturnConsumedCapacity::Total).send().await {
-            Ok(out) => {
-                self.meter(true, out.consumed_capacity());
-                Ok(Written::Applied)
-            }
-            Err(err) => match err.as_service_error() {
-                Some(UpdateItemError::ConditionalCheckFailedException(e)) => {
-                    Ok(Written::Refused(e.item().cloned()))
-                }
-                _ => Err(StoreError::dynamo("UpdateItem", err)),
-            },
-        }
-    }
-}
-
-fn number(item: &Item, name: &str) -> Option<u64> {
+/// A number attribute of an item.
+fn number_field(item: &Item, name: &str) -> Option<u64> {
     item.get(name)?.as_n().ok()?.parse().ok()
 }
 

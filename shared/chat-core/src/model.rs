@@ -1,7 +1,7 @@
 //! What the store reads and returns, and how items map onto these types.
 
 use crate::error::StoreError;
-use crate::fsm::State;
+use crate::fsm::{Event, State};
 use crate::ids::{MessageId, Role, SessionId, Turn, UserId};
 use aws_sdk_dynamodb::types::AttributeValue;
 use std::collections::HashMap;
@@ -109,8 +109,8 @@ pub struct TransitionRecord {
     pub from: Option<State>,
     /// The state it entered.
     pub to: State,
-    /// The event name.
-    pub event: String,
+    /// The event that caused it.
+    pub event: Event,
     /// The turn after the transition.
     pub turn: Turn,
     /// When, epoch ms.
@@ -138,7 +138,7 @@ impl<'a> Fields<'a> {
         StoreError::corrupt(self.key(), format!("{name} {why}"))
     }
 
-    pub(crate) fn opt_s(&self, name: &str) -> Result<Option<&'a str>, StoreError> {
+    pub(crate) fn opt_string(&self, name: &str) -> Result<Option<&'a str>, StoreError> {
         match self.item.get(name) {
             None | Some(AttributeValue::Null(_)) => Ok(None),
             Some(AttributeValue::S(s)) => Ok(Some(s)),
@@ -146,11 +146,11 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub(crate) fn s(&self, name: &str) -> Result<&'a str, StoreError> {
-        self.opt_s(name)?.ok_or_else(|| self.bad(name, "is missing"))
+    pub(crate) fn string(&self, name: &str) -> Result<&'a str, StoreError> {
+        self.opt_string(name)?.ok_or_else(|| self.bad(name, "is missing"))
     }
 
-    pub(crate) fn opt_n<T: FromStr>(&self, name: &str) -> Result<Option<T>, StoreError> {
+    pub(crate) fn opt_number<T: FromStr>(&self, name: &str) -> Result<Option<T>, StoreError> {
         match self.item.get(name) {
             None | Some(AttributeValue::Null(_)) => Ok(None),
             Some(AttributeValue::N(n)) => n.parse().map(Some).map_err(|_| self.bad(name, "is out of range")),
@@ -158,8 +158,8 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub(crate) fn n<T: FromStr>(&self, name: &str) -> Result<T, StoreError> {
-        self.opt_n(name)?.ok_or_else(|| self.bad(name, "is missing"))
+    pub(crate) fn number<T: FromStr>(&self, name: &str) -> Result<T, StoreError> {
+        self.opt_number(name)?.ok_or_else(|| self.bad(name, "is missing"))
     }
 
     pub(crate) fn flag(&self, name: &str) -> Result<bool, StoreError> {
@@ -175,7 +175,7 @@ impl<'a> Fields<'a> {
         name: &str,
         parse: impl Fn(&str) -> Result<T, E>,
     ) -> Result<T, StoreError> {
-        parse(self.s(name)?).map_err(|_| self.bad(name, "does not parse"))
+        parse(self.string(name)?).map_err(|_| self.bad(name, "does not parse"))
     }
 
     pub(crate) fn strings(&self, name: &str) -> Result<Vec<String>, StoreError> {
@@ -190,7 +190,7 @@ impl<'a> Fields<'a> {
     }
 
     pub(crate) fn turn(&self, name: &str) -> Result<Turn, StoreError> {
-        Turn::new(self.n(name)?).map_err(|_| self.bad(name, "is not a turn number"))
+        Turn::new(self.number(name)?).map_err(|_| self.bad(name, "is not a turn number"))
     }
 
     pub(crate) fn state(&self, name: &str) -> Result<State, StoreError> {
@@ -200,48 +200,49 @@ impl<'a> Fields<'a> {
 
 impl Session {
     pub(crate) fn from_item(item: &Item) -> Result<Session, StoreError> {
-        let f = Fields::new(item);
-        let lease = match (f.opt_s(attr::LEASE_OWNER)?, f.opt_n(attr::LEASE_EXPIRES_AT)?) {
+        let fields = Fields::new(item);
+        let lease = match (fields.opt_string(attr::LEASE_OWNER)?, fields.opt_number(attr::LEASE_EXPIRES_AT)?)
+        {
             (Some(owner), Some(expires_at)) => Some(LeaseInfo { owner: owner.to_owned(), expires_at }),
             _ => None,
         };
         Ok(Session {
-            id: f.parsed(attr::SESSION_ID, SessionId::parse)?,
-            user_id: f.parsed(attr::USER_ID, UserId::parse)?,
-            state: f.state(attr::STATE)?,
-            version: f.n(attr::VERSION)?,
-            turn: f.turn(attr::TURN)?,
-            created_at: f.n(attr::CREATED_AT)?,
-            updated_at: f.n(attr::UPDATED_AT)?,
+            id: fields.parsed(attr::SESSION_ID, SessionId::parse)?,
+            user_id: fields.parsed(attr::USER_ID, UserId::parse)?,
+            state: fields.state(attr::STATE)?,
+            version: fields.number(attr::VERSION)?,
+            turn: fields.turn(attr::TURN)?,
+            created_at: fields.number(attr::CREATED_AT)?,
+            updated_at: fields.number(attr::UPDATED_AT)?,
             lease,
-            due_at: f.opt_n(crate::table::DUE_AT)?,
-            attempts: f.opt_n(attr::ATTEMPTS)?.unwrap_or(0),
-            redrives: f.opt_n(attr::REDRIVES)?.unwrap_or(0),
-            cancel_requested: f.flag(attr::CANCEL_REQUESTED)?,
-            reason: f.opt_s(attr::REASON)?.map(str::to_owned),
-            last_op: f.opt_s(attr::LAST_OP)?.map(str::to_owned),
+            due_at: fields.opt_number(crate::table::DUE_AT)?,
+            attempts: fields.opt_number(attr::ATTEMPTS)?.unwrap_or(0),
+            redrives: fields.opt_number(attr::REDRIVES)?.unwrap_or(0),
+            cancel_requested: fields.flag(attr::CANCEL_REQUESTED)?,
+            reason: fields.opt_string(attr::REASON)?.map(str::to_owned),
+            last_op: fields.opt_string(attr::LAST_OP)?.map(str::to_owned),
         })
     }
 }
 
 impl Message {
     pub(crate) fn from_item(item: &Item) -> Result<Message, StoreError> {
-        let f = Fields::new(item);
-        let role = match f.s(attr::ROLE)? {
+        let fields = Fields::new(item);
+        let role = match fields.string(attr::ROLE)? {
             "user" => Role::User,
             "assistant" => Role::Assistant,
-            _ => return Err(StoreError::corrupt(f.key(), "role is neither user nor assistant")),
+            _ => return Err(StoreError::corrupt(fields.key(), "role is neither user nor assistant")),
         };
         Ok(Message {
             id: MessageId {
-                session: f.parsed(attr::SESSION_ID, SessionId::parse)?,
-                turn: f.turn(attr::TURN)?,
+                session: fields.parsed(attr::SESSION_ID, SessionId::parse)?,
+                turn: fields.turn(attr::TURN)?,
                 role,
             },
-            content: f.s(attr::CONTENT)?.to_owned(),
-            timestamp: f.n(attr::TIMESTAMP)?,
+            content: fields.string(attr::CONTENT)?.to_owned(),
+            timestamp: fields.number(attr::TIMESTAMP)?,
             // Replies stopped before reasons were recorded were cancelled.
-            stopped: match (f.flag(attr::STOPPED)?, f.opt_s(attr::STOP_REASON)?) {
+            stopped: match (fields.flag(attr::STOPPED)?, fields.opt_string(attr::STOP_REASON)?) {
                 (false, _) => None,
                 (true, Some("reply_limit")) => Some(StopReason::ReplyLimit),
                 (true, _) => Some(StopReason::Cancelled),
@@ -252,13 +253,13 @@ impl Message {
 
 impl Chunk {
     pub(crate) fn from_item(item: &Item) -> Result<Chunk, StoreError> {
-        let f = Fields::new(item);
+        let fields = Fields::new(item);
         Ok(Chunk {
-            turn: f.turn(attr::TURN)?,
-            seq: f.n(attr::SEQ)?,
-            start: f.n(attr::START)?,
-            tokens: f.strings(attr::TOKENS)?,
-            owner: f.s(attr::OWNER)?.to_owned(),
+            turn: fields.turn(attr::TURN)?,
+            seq: fields.number(attr::SEQ)?,
+            start: fields.number(attr::START)?,
+            tokens: fields.strings(attr::TOKENS)?,
+            owner: fields.string(attr::OWNER)?.to_owned(),
         })
     }
 
@@ -270,18 +271,18 @@ impl Chunk {
 
 impl TransitionRecord {
     pub(crate) fn from_item(item: &Item) -> Result<TransitionRecord, StoreError> {
-        let f = Fields::new(item);
+        let fields = Fields::new(item);
         Ok(TransitionRecord {
-            version: f.n(attr::VERSION)?,
-            from: match f.opt_s(attr::FROM)? {
-                Some(_) => Some(f.state(attr::FROM)?),
+            version: fields.number(attr::VERSION)?,
+            from: match fields.opt_string(attr::FROM)? {
+                Some(_) => Some(fields.state(attr::FROM)?),
                 None => None,
             },
-            to: f.state(attr::TO)?,
-            event: f.s(attr::EVENT)?.to_owned(),
-            turn: f.turn(attr::TURN)?,
-            at: f.n(attr::AT)?,
-            by: f.s(attr::BY)?.to_owned(),
+            to: fields.state(attr::TO)?,
+            event: fields.parsed(attr::EVENT, Event::from_str)?,
+            turn: fields.turn(attr::TURN)?,
+            at: fields.number(attr::AT)?,
+            by: fields.string(attr::BY)?.to_owned(),
         })
     }
 }

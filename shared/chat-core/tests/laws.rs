@@ -4,6 +4,7 @@ mod common;
 
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use chat_core::fsm::transition;
+use chat_core::store::SessionCursor;
 use chat_core::*;
 use common::{client_for, store_on, LossyProxy, TestDb};
 use std::collections::HashSet;
@@ -100,7 +101,7 @@ async fn session_in(store: &Store, user: &UserId, state: State) -> Session {
     }
     assert_eq!(state, State::Idle);
     let s = session(store, id).await;
-    assert!(matches!(store.end_turn(&s, Event::Settle, "", "t").await.unwrap(), Outcome::Applied(_)));
+    assert!(matches!(store.return_to_idle(&s, Event::Settle, "t").await.unwrap(), Outcome::Applied(_)));
     session(store, id).await
 }
 
@@ -132,12 +133,18 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
             db.advance_ms(LEASE.as_millis() as u64 + 1);
             let claimed = matches!(claim(store, current.id, current.turn).await, ClaimOutcome::Claimed(_));
             let last = store.transitions(current.id).await.unwrap().pop().unwrap();
-            claimed && last.event == "lease_takeover" && last.version == current.version + 1
+            claimed && last.event == Event::LeaseTakeover && last.version == current.version + 1
         }
         Event::ReplyCommitted => {
             let owner = current.lease.as_ref().map_or("nobody".to_owned(), |l| l.owner.clone());
             matches!(store.commit_reply(&stale_lease(&owner), "r", None).await.unwrap(), Outcome::Applied(_))
         }
+        Event::Settle | Event::Recover => match store.return_to_idle(current, event, "t").await {
+            Ok(Outcome::Applied(_)) => true,
+            Ok(Outcome::Conflict(c)) => panic!("{event} from {}: unexpected conflict {c:?}", current.state),
+            Err(StoreError::IllegalTransition { .. }) => false,
+            Err(e) => panic!("{e}"),
+        },
         _ => match store.end_turn(current, event, "test", "t").await {
             Ok(Outcome::Applied(_)) => true,
             Ok(Outcome::Conflict(c)) => panic!("{event} from {}: unexpected conflict {c:?}", current.state),
@@ -167,14 +174,14 @@ async fn store_accepts_every_table_edge_and_refuses_every_other_pair() {
             match expected {
                 Some(to) if event == Event::LeaseTakeover => {
                     assert_eq!(after.state, to);
-                    assert_eq!(records.last().unwrap().event, "lease_takeover");
+                    assert_eq!(records.last().unwrap().event, Event::LeaseTakeover);
                 }
                 Some(to) => {
                     assert_eq!(after.state, to, "{event} from {from}");
                     assert_eq!(after.version, current.version + 1);
                     assert_eq!(records.len(), before + 1);
                     let last = records.last().unwrap();
-                    assert_eq!((last.from, last.to, last.event.as_str()), (Some(from), to, event.as_str()));
+                    assert_eq!((last.from, last.to, last.event), (Some(from), to, event));
                 }
                 None => {
                     // A refused edge changes nothing: same state, same version, no record.
@@ -248,7 +255,7 @@ async fn concurrent_sends_to_an_idle_session_accept_exactly_one() {
         let lease = claimed(claim(&store, id, t.turn).await);
         assert!(matches!(store.commit_reply(&lease, "ok", None).await.unwrap(), Outcome::Applied(_)));
         let s = session(&store, id).await;
-        assert!(matches!(store.end_turn(&s, Event::Settle, "", "t").await.unwrap(), Outcome::Applied(_)));
+        assert!(matches!(store.return_to_idle(&s, Event::Settle, "t").await.unwrap(), Outcome::Applied(_)));
     }
     // The audit trail is gap-free: one record per version, each leaving the state the previous entered.
     let records = store.transitions(id).await.unwrap();
@@ -301,7 +308,7 @@ async fn concurrent_first_messages_with_one_idempotency_key_create_one_session()
         }
         assert_eq!(accepted_count, 1, "round {round}");
         assert_eq!(sessions.len(), 1, "every retry answers with the original session and turn");
-        let page = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap();
+        let page = store.list_user_sessions(&user, 10, None).await.unwrap();
         assert_eq!(page.sessions.len(), 1, "one session created");
     }
 }
@@ -697,7 +704,8 @@ async fn a_users_sessions_list_newest_first_across_pages() {
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let page = store.list_user_sessions(&user, 2, cursor.as_deref()).await.unwrap().unwrap();
+        let start = cursor.as_deref().map(|c| SessionCursor::decode(&user, c).unwrap());
+        let page = store.list_user_sessions(&user, 2, start).await.unwrap();
         assert!(page.sessions.len() <= 2);
         seen.extend(page.sessions.iter().map(|s| s.id));
         match page.next_cursor {
@@ -707,7 +715,7 @@ async fn a_users_sessions_list_newest_first_across_pages() {
     }
     created.reverse();
     assert_eq!(seen, created);
-    assert_eq!(store.list_user_sessions(&user, 2, Some("garbage!")).await.unwrap(), Err(InvalidCursor));
+    assert_eq!(SessionCursor::decode(&user, "garbage!"), Err(InvalidCursor));
 }
 
 #[tokio::test]
@@ -739,7 +747,7 @@ async fn deleting_a_session_removes_everything_under_it() {
     assert!(store.get_session(ticket.session_id, true).await.unwrap().is_none());
     assert!(store.transitions(ticket.session_id).await.unwrap().is_empty());
     assert!(store.read_chunks(ticket.session_id, ticket.turn, None, true).await.unwrap().is_empty());
-    let page = store.list_user_sessions(&user, 10, None).await.unwrap().unwrap();
+    let page = store.list_user_sessions(&user, 10, None).await.unwrap();
     assert_eq!(page.sessions.iter().map(|s| s.id).collect::<Vec<_>>(), vec![keep]);
     // The idempotency key went with it: reusing it starts a new session.
     let again = store

@@ -157,7 +157,7 @@ async fn racing_new_sessions_stop_at_the_cap_and_a_delete_frees_a_place() {
     }
     assert_eq!(sessions.len(), 3);
     assert_eq!(store.session_count(&user).await.unwrap(), 3);
-    let page = store.list_user_sessions(&user, 100, None).await.unwrap().unwrap();
+    let page = store.list_user_sessions(&user, 100, None).await.unwrap();
     assert_eq!(page.sessions.len(), 3, "refused sends leave no session behind");
 
     // A new turn in an existing session is not a new session: the cap does not apply.

@@ -23,7 +23,7 @@
 
 use chat_core::config::Env;
 use chat_local::sse::SseStream;
-use chat_local::{Settings, Stack};
+use chat_local::{Stack, StackSettings};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -75,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(api) => api.trim_end_matches('/').to_owned(),
         None => {
             let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let mut settings = Settings::new(root.clone());
+            let mut settings = StackSettings::new(root.clone());
             settings.api_port = 0;
             settings.dynamodb_port = 0;
             settings.sqs_port = 0;

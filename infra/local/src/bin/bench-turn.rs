@@ -128,9 +128,9 @@ async fn run(
     let generator = generator::Generator::new(
         generator_store.clone(),
         Model::new(Arc::new(model), RetryPolicy::default()),
-        generator::Settings {
+        generator::GenerationSettings {
             lease: Duration::from_secs(30),
-            max_attempts: 3,
+            max_generation_attempts: 3,
             flush_interval: setting.flush_interval,
             flush_max_tokens: setting.flush_max_tokens,
             faults: false,
@@ -141,7 +141,7 @@ async fn run(
     );
     let relay = stream::Relay::new(
         stream_store.clone(),
-        stream::Settings {
+        stream::RelaySettings {
             poll_fast,
             poll_slow: Duration::from_millis(500),
             keepalive: Duration::from_secs(15),

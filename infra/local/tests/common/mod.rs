@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use chat_local::fake_llm::FakeLlm;
-use chat_local::{Settings, Stack};
+use chat_local::{Stack, StackSettings};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -62,11 +62,11 @@ pub fn stack_configured(
     name: &str,
     extra: Vec<(String, String)>,
     secrets: Vec<(String, String)>,
-    configure: impl FnOnce(&mut Settings),
+    configure: impl FnOnce(&mut StackSettings),
 ) -> &'static StackInfo {
     STACK.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let mut settings = Settings::new(root.clone());
+        let mut settings = StackSettings::new(root.clone());
         settings.api_port = 0;
         settings.dynamodb_port = 0;
         settings.sqs_port = 0;

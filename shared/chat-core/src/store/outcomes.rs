@@ -1,0 +1,175 @@
+//! What the store's operations answer. A failed write condition is one of these outcomes, never
+//! an error.
+
+use crate::fsm::State;
+use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
+use crate::model::Session;
+
+/// The result of a conditional write: it happened, or the session was not as expected.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<T> {
+    /// The write was applied.
+    Applied(T),
+    /// The condition failed; nothing was written.
+    Conflict(Conflict),
+}
+
+/// What the session looked like when a conditional write lost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// The session as it is now (`None`: it does not exist).
+    pub current: Option<Session>,
+}
+
+/// Proof that a turn was claimed, carried to the step that commits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnTicket {
+    /// The session.
+    pub session_id: SessionId,
+    /// The claimed turn.
+    pub turn: Turn,
+    /// The session version after the claim.
+    pub version: u64,
+}
+
+/// A user's request to start a turn.
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    /// Who sends it.
+    pub user: &'a UserId,
+    /// The session to continue; `None` creates one.
+    pub session: Option<SessionId>,
+    /// The message text.
+    pub content: &'a str,
+    /// The client's idempotency key, if it sent one.
+    pub client_message_id: Option<&'a ClientMessageId>,
+    /// Who is writing (the request id), recorded with the transition.
+    pub by: &'a str,
+}
+
+/// What became of a send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendOutcome {
+    /// The turn is claimed (`user_writing`) and the user message stored with it.
+    Accepted(TurnTicket),
+    /// This idempotency key was used before: the original turn, nothing changed.
+    Duplicate {
+        /// The original session.
+        session_id: SessionId,
+        /// The original turn.
+        turn: Turn,
+    },
+    /// A turn is in flight; the send was refused.
+    InFlight {
+        /// The state of the session.
+        state: State,
+        /// The turn in flight.
+        turn: Turn,
+    },
+    /// No such session for this user.
+    NotFound,
+    /// A new session was asked for, but the user has `limit` sessions already.
+    SessionLimit {
+        /// The limit.
+        limit: u32,
+    },
+}
+
+/// A generator's claim on a turn: the fencing version and what was already streamed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The session.
+    pub session_id: SessionId,
+    /// The turn being generated.
+    pub turn: Turn,
+    /// This generator's lease id.
+    pub owner: String,
+    /// The session version the lease was taken at; any other transition invalidates it.
+    pub version: u64,
+    /// When it lapses unless extended, epoch ms.
+    pub expires_at: u64,
+    /// The client asked to stop before the claim.
+    pub cancel_requested: bool,
+    /// The next chunk sequence number to write.
+    pub next_seq: u32,
+    /// Tokens a previous holder already wrote for this turn (empty on a first claim).
+    pub resumed_tokens: Vec<String>,
+}
+
+/// What became of a generation claim.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// This generator now holds the turn.
+    Claimed(Lease),
+    /// Nothing to do: the turn is generating under a live lease, finished, superseded or gone.
+    Skipped {
+        /// The session as found (`None`: it does not exist).
+        current: Option<Session>,
+    },
+}
+
+/// What became of a chunk write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Stored.
+    Appended,
+    /// Another writer holds that position: this lease was taken over.
+    Fenced,
+}
+
+/// Whether a lease still holds, and whether the client asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Still ours.
+    Held {
+        /// Stop at the next chunk boundary and commit what there is.
+        cancel_requested: bool,
+    },
+    /// Taken over, ended or deleted: stop writing.
+    Lost,
+}
+
+/// What became of a cancel request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The flag is set; the generator will stop at its next chunk.
+    Requested {
+        /// The turn being cancelled.
+        turn: Turn,
+        /// Its state.
+        state: State,
+    },
+    /// No turn is in flight.
+    NotInFlight {
+        /// The session's state.
+        state: State,
+    },
+    /// No such session (for this user).
+    NotFound,
+}
+
+/// One page of a user's sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionPage {
+    /// Newest first.
+    pub sessions: Vec<Session>,
+    /// Pass back to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A pagination cursor that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cursor is not one this service issued")]
+pub struct InvalidCursor;
+
+/// What a delete removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The session and `items` items under it are gone.
+    Deleted {
+        /// Items removed, the session item included.
+        items: usize,
+    },
+    /// There was no such session.
+    NotFound,
+}
