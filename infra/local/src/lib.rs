@@ -12,21 +12,27 @@
 //!
 //! Every child runs under `infra/supervise.sh`, which stops it when this process exits.
 
-use aws_sdk_sqs::types::QueueAttributeName;
 use chat_core::{Store, StoreOptions};
-use serde_json::{json, Value};
-use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
+use serde_json::json;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
-use tokio::sync::{watch, Semaphore};
+use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod emulators;
 pub mod fake_llm;
 pub mod gateway;
+mod processes;
+mod shim;
 pub mod sse;
+
+use emulators::{create_queues, create_secrets};
+pub use emulators::{dynamodb_client, sqs_client, LocalDynamo};
+use processes::{free_port, supervised, wait_until, Supervisor};
+use shim::{event_source_mapping, schedule, scheduled_event};
+pub use shim::{invoke, InvokeError};
 
 /// The functions the stack runs, in build order.
 pub const FUNCTIONS: [&str; 4] = ["ingest", "generator", "stream", "sweeper"];
@@ -162,92 +168,6 @@ pub struct Stack {
     shutdown: watch::Sender<bool>,
     children: Vec<Supervisor>,
     tasks: Vec<JoinHandle<()>>,
-}
-
-fn free_port(preferred: u16) -> Result<u16, StackError> {
-    let listener = StdListener::bind(("127.0.0.1", preferred))
-        .map_err(|e| fail(format!("port {preferred} on 127.0.0.1 is not free ({e}); set another port")))?;
-    Ok(listener.local_addr().map_err(fail)?.port())
-}
-
-fn local_credentials() -> aws_sdk_dynamodb::config::Credentials {
-    aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "local-stack")
-}
-
-/// A DynamoDB client for the local emulator.
-pub fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .credentials_provider(local_credentials())
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(config)
-}
-
-/// An SQS client for the local emulator.
-pub fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
-        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
-        .credentials_provider(local_credentials())
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_sqs::Client::from_conf(config)
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut ready: F) -> Result<(), StackError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if ready().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(fail(format!("{what} did not become ready within {timeout:?}")))
-}
-
-/// A DynamoDB emulator (dynoxide) in this process on 127.0.0.1 with the table created. Dropping
-/// it stops the server.
-pub struct LocalDynamo {
-    /// `http://127.0.0.1:PORT`.
-    pub endpoint: String,
-    task: JoinHandle<()>,
-}
-
-impl Drop for LocalDynamo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl LocalDynamo {
-    /// Starts the emulator on `port` (0 picks a free one) and creates `table`.
-    pub async fn start(port: u16, table: &str) -> Result<LocalDynamo, StackError> {
-        let port = free_port(port)?;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.map_err(fail)?;
-        let db = dynoxide::Database::memory().map_err(|e| fail(format!("dynoxide: {e}")))?;
-        let task = tokio::spawn(async move {
-            if let Err(e) = dynoxide::server::serve_with_shutdown(listener, db, std::future::pending()).await
-            {
-                tracing::error!(error = %e, "DynamoDB emulator stopped");
-            }
-        });
-        let dynamo = LocalDynamo { endpoint: format!("http://127.0.0.1:{port}"), task };
-        chat_core::table::create_table(&dynamodb_client(&dynamo.endpoint), table).await.map_err(|e| {
-            fail(format!("creating the table: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))
-        })?;
-        Ok(dynamo)
-    }
-
-    /// A store on `table` through this emulator.
-    pub fn store(&self, table: &str, options: StoreOptions) -> Store {
-        Store::new(dynamodb_client(&self.endpoint), table, options)
-    }
 }
 
 impl Stack {
@@ -483,7 +403,7 @@ impl Stack {
         let _ = self.shutdown.send(true);
         for child in &mut self.children {
             if let Some(pid) = child.0.id() {
-                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+                let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
             }
         }
         for child in &mut self.children {
@@ -491,228 +411,6 @@ impl Stack {
         }
         for task in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
-    }
-}
-
-/// A command run under `infra/supervise.sh`, so it dies with this process.
-fn supervised(root: &Path, program: &std::ffi::OsStr) -> Command {
-    let mut cmd = Command::new(root.join("infra/supervise.sh"));
-    cmd.arg(std::process::id().to_string()).arg(program).current_dir(root).stdin(Stdio::null());
-    cmd
-}
-
-/// A running `supervise.sh`. Dropping it (say, when a later step of the start fails) asks it to
-/// stop its command with SIGTERM, which it traps; SIGKILL (tokio's `kill_on_drop`) would kill
-/// only the script and leave the command it started running.
-struct Supervisor(Child);
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        }
-    }
-}
-
-fn sqs_err<E: std::error::Error + 'static, R: std::fmt::Debug>(
-    e: aws_sdk_sqs::error::SdkError<E, R>,
-) -> StackError {
-    fail(aws_sdk_sqs::error::DisplayErrorContext(e))
-}
-
-/// Creates the secrets in moto's Secrets Manager (the same server as SQS).
-async fn create_secrets(endpoint: &str, secrets: &[(String, String)]) -> Result<(), StackError> {
-    if secrets.is_empty() {
-        return Ok(());
-    }
-    let config = aws_sdk_secretsmanager::Config::builder()
-        .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
-        .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
-        .credentials_provider(local_credentials())
-        .endpoint_url(endpoint)
-        .build();
-    let client = aws_sdk_secretsmanager::Client::from_conf(config);
-    for (name, value) in secrets {
-        client.create_secret().name(name).secret_string(value).send().await.map_err(|e| {
-            fail(format!(
-                "creating secret {name}: {}",
-                aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
-            ))
-        })?;
-    }
-    Ok(())
-}
-
-async fn create_queues(
-    sqs: &aws_sdk_sqs::Client,
-    settings: &StackSettings,
-) -> Result<(String, String), StackError> {
-    let dlq_url = sqs
-        .create_queue()
-        .queue_name(format!("{}-dlq", settings.queue))
-        .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
-        .send()
-        .await
-        .map_err(sqs_err)?
-        .queue_url
-        .unwrap_or_default();
-    let attributes = sqs
-        .get_queue_attributes()
-        .queue_url(&dlq_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .map_err(sqs_err)?;
-    let dlq_arn = attributes
-        .attributes()
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn))
-        .cloned()
-        .ok_or_else(|| fail("the dead-letter queue has no ARN"))?;
-    let redrive = json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": settings.max_receive_count});
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(&settings.queue)
-        .attributes(QueueAttributeName::VisibilityTimeout, settings.visibility_timeout.as_secs().to_string())
-        .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
-        .send()
-        .await
-        .map_err(sqs_err)?
-        .queue_url
-        .unwrap_or_default();
-    Ok((queue_url, dlq_url))
-}
-
-/// Invokes a function through `cargo lambda watch`'s Lambda invoke API.
-pub async fn invoke(
-    http: &reqwest::Client,
-    api: &str,
-    function: &str,
-    event: &Value,
-) -> Result<Value, String> {
-    let url = format!("{api}/2015-03-31/functions/{function}/invocations");
-    // Like Lambda's own timeout: an instance that died mid-invocation never answers.
-    let response = http
-        .post(&url)
-        .json(event)
-        .timeout(Duration::from_secs(120))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let function_error = response.headers().contains_key("x-amz-function-error");
-    let body = response.text().await.map_err(|e| e.to_string())?;
-    if !status.is_success() || function_error {
-        return Err(format!("{function} answered {status}: {body}"));
-    }
-    serde_json::from_str(&body).or(Ok(Value::Null))
-}
-
-fn scheduled_event() -> Value {
-    json!({"version": "0", "source": "aws.events", "detail-type": "Scheduled Event", "detail": {}})
-}
-
-/// Stand-in for the SQS event source mapping: long-polls the queue, invokes the generator with
-/// each batch, deletes the records it did not report as failed, and leaves failures to the
-/// visibility timeout (and, past `maxReceiveCount`, the dead-letter queue).
-async fn event_source_mapping(
-    sqs: aws_sdk_sqs::Client,
-    http: reqwest::Client,
-    api: String,
-    queue_url: String,
-    concurrency: usize,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(Semaphore::new(concurrency));
-    loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("semaphore stays open"),
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        let received = tokio::select! {
-            r = sqs.receive_message().queue_url(&queue_url).max_number_of_messages(10).wait_time_seconds(1)
-                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All).send() => r,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        let messages = match received {
-            Ok(out) => out.messages.unwrap_or_default(),
-            Err(e) => {
-                tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "receiving from SQS failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if messages.is_empty() {
-            continue;
-        }
-        let (sqs, http, api, queue_url) = (sqs.clone(), http.clone(), api.clone(), queue_url.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let records: Vec<Value> = messages
-                .iter()
-                .map(|m| {
-                    let attributes: serde_json::Map<String, Value> = m
-                        .attributes()
-                        .map(|a| {
-                            a.iter().map(|(k, v)| (k.as_str().to_owned(), Value::String(v.clone()))).collect()
-                        })
-                        .unwrap_or_default();
-                    json!({
-                        "messageId": m.message_id(),
-                        "receiptHandle": m.receipt_handle(),
-                        "body": m.body(),
-                        "md5OfBody": m.md5_of_body(),
-                        "attributes": attributes,
-                        "messageAttributes": {},
-                        "eventSource": "aws:sqs",
-                        "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:local",
-                        "awsRegion": "us-east-1",
-                    })
-                })
-                .collect();
-            let failed: Vec<String> = match invoke(&http, &api, "generator", &json!({ "Records": records }))
-                .await
-            {
-                Ok(response) => response["batchItemFailures"]
-                    .as_array()
-                    .map(|f| {
-                        f.iter().filter_map(|i| i["itemIdentifier"].as_str().map(str::to_owned)).collect()
-                    })
-                    .unwrap_or_default(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the generator invocation failed; the batch will be redelivered");
-                    return;
-                }
-            };
-            for message in &messages {
-                if failed.iter().any(|f| Some(f.as_str()) == message.message_id()) {
-                    continue;
-                }
-                let deleted = sqs
-                    .delete_message()
-                    .queue_url(&queue_url)
-                    .set_receipt_handle(message.receipt_handle.clone())
-                    .send()
-                    .await;
-                if let Err(e) = deleted {
-                    tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "deleting a message failed");
-                }
-            }
-        });
-    }
-}
-
-/// Stand-in for the sweeper's EventBridge schedule.
-async fn schedule(http: reqwest::Client, api: String, every: Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        if let Err(e) = invoke(&http, &api, "sweeper", &scheduled_event()).await {
-            tracing::warn!(error = %e, "the sweeper failed");
         }
     }
 }

@@ -88,9 +88,9 @@ impl SseParser {
     }
 }
 
-/// Events read from an HTTP response body as they arrive.
-pub struct SseStream {
-    body: BoxStream<'static, reqwest::Result<Bytes>>,
+/// Events read from a body as its bytes arrive: an HTTP response, or a handler's streaming body.
+pub struct SseStream<E = reqwest::Error> {
+    body: BoxStream<'static, Result<Bytes, E>>,
     /// The parser, for its `retry` hint and comment count.
     pub parser: SseParser,
 }
@@ -98,11 +98,18 @@ pub struct SseStream {
 impl SseStream {
     /// Reads the events of `response`.
     pub fn new(response: reqwest::Response) -> SseStream {
-        SseStream { body: response.bytes_stream().boxed(), parser: SseParser::default() }
+        SseStream::from_bytes(response.bytes_stream().boxed())
+    }
+}
+
+impl<E> SseStream<E> {
+    /// Reads the events of a stream of body bytes.
+    pub fn from_bytes(body: BoxStream<'static, Result<Bytes, E>>) -> SseStream<E> {
+        SseStream { body, parser: SseParser::default() }
     }
 
     /// The next event; `Ok(None)` when the server closed the stream.
-    pub async fn next(&mut self) -> reqwest::Result<Option<SseEvent>> {
+    pub async fn next(&mut self) -> Result<Option<SseEvent>, E> {
         loop {
             if let Some(event) = self.parser.next_event() {
                 return Ok(Some(event));

@@ -153,7 +153,7 @@ async fn a_client_that_drops_after_three_tokens_resumes_with_no_gap_and_no_dupli
             before.push(event);
         }
     }
-    assert_eq!(first.retry_hint, Some(1000), "the stream tells clients how soon to reconnect");
+    assert_eq!(first.retry_hint(), Some(1000), "the stream tells clients how soon to reconnect");
     drop(first);
     let last_id = before.last().unwrap().id.clone().unwrap();
     assert_eq!(last_id, "1:2");

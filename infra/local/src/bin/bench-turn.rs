@@ -14,7 +14,6 @@ use chat_core::{NewMessage, Outcome, Role, SendOutcome, StoreOptions, UserId};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
 use generator::model::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
-use http_body_util::BodyExt;
 use lambda_http::RequestExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -178,22 +177,15 @@ async fn run(
             .with_query_string_parameters(HashMap::from([("turn".to_owned(), "1".to_owned())]));
         let response = relay.handle(request).await;
         let reader = tokio::spawn(async move {
-            let mut body = response.into_body();
+            let body = http_body_util::BodyDataStream::new(response.into_body()).boxed();
+            let mut events = chat_local::sse::SseStream::from_bytes(body);
             let mut received = Vec::new();
-            let mut buffer = String::new();
-            while let Some(frame) = body.frame().await {
-                let Ok(frame) = frame;
-                let Ok(bytes) = frame.into_data() else { continue };
-                let now = Instant::now();
-                buffer.push_str(&String::from_utf8_lossy(&bytes));
-                while let Some(end) = buffer.find("\n\n") {
-                    let block: String = buffer.drain(..end + 2).collect();
-                    if block.starts_with("event: token") {
-                        let id = block.lines().find_map(|l| l.strip_prefix("id: ")).unwrap_or_default();
-                        let index: usize =
-                            id.split_once(':').and_then(|(_, i)| i.parse().ok()).unwrap_or(usize::MAX);
-                        received.push((index, now));
-                    }
+            while let Ok(Some(event)) = events.next().await {
+                if event.event == "token" {
+                    let id = event.id.unwrap_or_default();
+                    let index: usize =
+                        id.split_once(':').and_then(|(_, i)| i.parse().ok()).unwrap_or(usize::MAX);
+                    received.push((index, Instant::now()));
                 }
             }
             received

@@ -4,7 +4,6 @@
 
 use chat_local::fake_llm::FakeLlm;
 use chat_local::{Stack, StackSettings};
-use futures::StreamExt;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -194,20 +193,12 @@ pub fn reply_of(session: &Value, turn: u64) -> Option<Value> {
         .cloned()
 }
 
-/// One Server-Sent Event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sse {
-    pub event: String,
-    pub id: Option<String>,
-    pub data: String,
-}
+/// One event of a stream (the one SSE parser, `chat_local::sse`).
+pub type Sse = chat_local::sse::SseEvent;
 
 /// Reads SSE events from a response as they arrive.
 pub struct SseReader {
-    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buffer: String,
-    pub retry_hint: Option<u64>,
-    pub comments: usize,
+    stream: chat_local::sse::SseStream,
 }
 
 impl SseReader {
@@ -217,56 +208,20 @@ impl SseReader {
             req = req.header("last-event-id", id);
         }
         let response = req.send().await.expect("stream request");
-        let status = response.status().as_u16();
-        (
-            status,
-            SseReader {
-                body: response.bytes_stream().boxed(),
-                buffer: String::new(),
-                retry_hint: None,
-                comments: 0,
-            },
-        )
+        (response.status().as_u16(), SseReader { stream: chat_local::sse::SseStream::new(response) })
+    }
+
+    /// The `retry:` hint the server sent, if any.
+    pub fn retry_hint(&self) -> Option<u64> {
+        self.stream.parser.retry
     }
 
     /// The next event, or `None` when the server closed the stream.
     pub async fn next(&mut self) -> Option<Sse> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let mut event = Sse { event: "message".to_owned(), id: None, data: String::new() };
-                let mut data_lines = Vec::new();
-                let mut any_field = false;
-                for line in block.lines() {
-                    if let Some(comment) = line.strip_prefix(':') {
-                        let _ = comment;
-                        self.comments += 1;
-                    } else if let Some(v) = line.strip_prefix("event: ") {
-                        event.event = v.to_owned();
-                        any_field = true;
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        event.id = Some(v.to_owned());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data_lines.push(v.to_owned());
-                        any_field = true;
-                    } else if line == "data:" {
-                        data_lines.push(String::new());
-                        any_field = true;
-                    } else if let Some(v) = line.strip_prefix("retry: ") {
-                        self.retry_hint = v.parse().ok();
-                    }
-                }
-                if any_field {
-                    event.data = data_lines.join("\n");
-                    return Some(event);
-                }
-                continue;
-            }
-            match tokio::time::timeout(Duration::from_secs(60), self.body.next()).await {
-                Ok(Some(Ok(bytes))) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
-                Ok(_) => return None,
-                Err(_) => panic!("no SSE data for 60 s"),
-            }
+        match tokio::time::timeout(Duration::from_secs(60), self.stream.next()).await {
+            Ok(Ok(event)) => event,
+            Ok(Err(_)) => None,
+            Err(_) => panic!("no SSE event for 60 s"),
         }
     }
 

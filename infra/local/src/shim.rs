@@ -1,0 +1,158 @@
+//! What `cargo lambda watch` does not provide: the SQS event source mapping that feeds the
+//! generator, and the sweeper's schedule. Both invoke the functions through `cargo lambda
+//! watch`'s Lambda invoke API, with the events Lambda itself would send (`aws_lambda_events`).
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+
+/// Why an invocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The invoke API could not be reached, or the function never answered.
+    #[error("invoking {function}: {source}")]
+    Unreachable {
+        function: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The function answered with an error.
+    #[error("{function} answered {status}: {body}")]
+    Failed { function: String, status: u16, body: String },
+}
+
+/// Invokes a function through `cargo lambda watch`'s Lambda invoke API; its JSON answer (`null`
+/// when it answered nothing or not JSON).
+pub async fn invoke(
+    http: &reqwest::Client,
+    api: &str,
+    function: &str,
+    event: &impl serde::Serialize,
+) -> Result<Value, InvokeError> {
+    let url = format!("{api}/2015-03-31/functions/{function}/invocations");
+    let unreachable = |source| InvokeError::Unreachable { function: function.to_owned(), source };
+    // Like Lambda's own timeout: an instance that died mid-invocation never answers.
+    let response =
+        http.post(&url).json(event).timeout(Duration::from_secs(120)).send().await.map_err(unreachable)?;
+    let status = response.status();
+    let function_error = response.headers().contains_key("x-amz-function-error");
+    let body = response.text().await.map_err(unreachable)?;
+    if !status.is_success() || function_error {
+        return Err(InvokeError::Failed { function: function.to_owned(), status: status.as_u16(), body });
+    }
+    Ok(serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// The event EventBridge sends on a schedule.
+pub(crate) fn scheduled_event() -> Value {
+    json!({"version": "0", "source": "aws.events", "detail-type": "Scheduled Event", "detail": {}})
+}
+
+/// The record Lambda's SQS event source mapping makes of a received message.
+fn record(message: &aws_sdk_sqs::types::Message) -> SqsMessage {
+    let mut record = SqsMessage::default();
+    record.message_id = message.message_id.clone();
+    record.receipt_handle = message.receipt_handle.clone();
+    record.body = message.body.clone();
+    record.md5_of_body = message.md5_of_body.clone();
+    record.attributes = message
+        .attributes()
+        .map(|a| a.iter().map(|(k, v)| (k.as_str().to_owned(), v.clone())).collect())
+        .unwrap_or_default();
+    record.event_source = Some("aws:sqs".to_owned());
+    record.event_source_arn = Some("arn:aws:sqs:us-east-1:000000000000:local".to_owned());
+    record.aws_region = Some("us-east-1".to_owned());
+    record
+}
+
+/// Stand-in for the SQS event source mapping: long-polls the queue, invokes the generator with
+/// each batch, deletes the records it did not report as failed, and leaves failures to the
+/// visibility timeout (and, past `maxReceiveCount`, the dead-letter queue).
+pub(crate) async fn event_source_mapping(
+    sqs: aws_sdk_sqs::Client,
+    http: reqwest::Client,
+    api: String,
+    queue_url: String,
+    concurrency: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore stays open"),
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let received = tokio::select! {
+            r = sqs.receive_message().queue_url(&queue_url).max_number_of_messages(10).wait_time_seconds(1)
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All).send() => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let messages = match received {
+            Ok(out) => out.messages.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "receiving from SQS failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if messages.is_empty() {
+            continue;
+        }
+        let (sqs, http, api, queue_url) = (sqs.clone(), http.clone(), api.clone(), queue_url.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut event = SqsEvent::default();
+            event.records = messages.iter().map(record).collect();
+            let answer = match invoke(&http, &api, "generator", &event).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the generator invocation failed; the batch will be redelivered");
+                    return;
+                }
+            };
+            let failed = match serde_json::from_value::<SqsBatchResponse>(answer) {
+                Ok(response) => response.batch_item_failures,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the generator's answer is not a batch response; the batch will be redelivered");
+                    return;
+                }
+            };
+            for message in &messages {
+                if failed.iter().any(|f| Some(f.item_identifier.as_str()) == message.message_id()) {
+                    continue;
+                }
+                let deleted = sqs
+                    .delete_message()
+                    .queue_url(&queue_url)
+                    .set_receipt_handle(message.receipt_handle.clone())
+                    .send()
+                    .await;
+                if let Err(e) = deleted {
+                    tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "deleting a message failed");
+                }
+            }
+        });
+    }
+}
+
+/// Stand-in for the sweeper's EventBridge schedule.
+pub(crate) async fn schedule(
+    http: reqwest::Client,
+    api: String,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = invoke(&http, &api, "sweeper", &scheduled_event()).await {
+            tracing::warn!(error = %e, "the sweeper failed");
+        }
+    }
+}
