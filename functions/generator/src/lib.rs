@@ -114,10 +114,10 @@ impl Generator {
             system_prompt: model_config.system_prompt.clone(),
             memory: model_config.memory,
         };
-        let aws = chat_core::aws::load_config().await;
+        let aws = chat_runtime::aws::load_config().await;
         let model = model_config.build(&aws).await?;
         info!(model = %model_config.describe(), "model ready");
-        let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
+        let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
         Ok(Generator::new(store, model, settings))
     }
 

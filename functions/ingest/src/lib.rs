@@ -9,13 +9,14 @@ pub use api::ApiError;
 use api::{json, parse_session};
 use chat_auth::{AuthConfig, Authenticator, Caller};
 use chat_core::config::{CommonConfig, ConfigError, Env};
-use chat_core::queue::{Queue, TurnMessage};
+use chat_core::queue::TurnMessage;
 use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
 use chat_core::{
     Admission, CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome,
     Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId, UserLimits,
 };
+use chat_runtime::queue::Queue;
 use chat_tokens::MessageBudget;
 use lambda_http::http::{Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
@@ -88,9 +89,9 @@ impl App {
             tokens: env.parse_or("MEMORY_MAX_TOKENS", chat_tokens::DEFAULT_BUDGET)?,
             system_prompt: env.optional("LLM_SYSTEM_PROMPT"),
         };
-        let aws = chat_core::aws::load_config().await;
-        let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
-        let queue = Queue::new(chat_core::aws::sqs(&aws), queue_url);
+        let aws = chat_runtime::aws::load_config().await;
+        let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
+        let queue = Queue::new(chat_runtime::queue::sqs(&aws), queue_url);
         let mut app = App::new(store, auth, queue, common.limits, budget)?;
         app.stream_url_base = stream_url_base.trim_end_matches('/').to_owned();
         Ok(app)

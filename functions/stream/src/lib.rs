@@ -103,8 +103,8 @@ impl Relay {
             max_open_streams: chat_core::UserLimits::from_env(&env)?.open_streams,
         };
         let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
-        let aws = chat_core::aws::load_config().await;
-        let store = Store::new(chat_core::aws::dynamodb(&aws), table, Default::default());
+        let aws = chat_runtime::aws::load_config().await;
+        let store = Store::new(chat_runtime::aws::dynamodb(&aws), table, Default::default());
         Ok(Relay::new(store, settings, auth))
     }
 

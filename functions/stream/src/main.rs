@@ -5,14 +5,14 @@
 use lambda_http::{run_with_streaming_response_concurrent, service_fn, Error, Request};
 
 fn main() -> Result<(), Error> {
-    chat_core::aws::apply_local_concurrency();
+    chat_runtime::aws::apply_local_concurrency();
     serve()
 }
 
 #[tokio::main]
 async fn serve() -> Result<(), Error> {
-    chat_core::aws::init_tracing();
-    let relay = chat_core::aws::started(stream::Relay::from_env().await)?;
+    chat_runtime::aws::init_tracing();
+    let relay = chat_runtime::aws::started(stream::Relay::from_env().await)?;
     run_with_streaming_response_concurrent(service_fn(move |request: Request| {
         let relay = relay.clone();
         async move { Ok::<_, Error>(relay.handle(request).await) }

@@ -3,8 +3,9 @@
 //! in `timeout` (or `error` for a message that never finished storing).
 
 use chat_core::config::{CommonConfig, ConfigError, Env};
-use chat_core::queue::{Queue, QueueError, TurnMessage};
+use chat_core::queue::TurnMessage;
 use chat_core::{fsm, Outcome, Session, Store, StoreError};
+use chat_runtime::queue::{Queue, QueueError};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -45,11 +46,11 @@ impl Sweeper {
         let common = CommonConfig::from_env(&env)?;
         let queue_url = env.required("QUEUE_URL")?;
         let max_redrives = env.parse_or("MAX_REDRIVES", 3)?;
-        let aws = chat_core::aws::load_config().await;
-        let store = Store::new(chat_core::aws::dynamodb(&aws), common.table_name, common.store);
+        let aws = chat_runtime::aws::load_config().await;
+        let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
         Ok(Sweeper {
             store,
-            queue: Queue::new(chat_core::aws::sqs(&aws), queue_url),
+            queue: Queue::new(chat_runtime::queue::sqs(&aws), queue_url),
             max_redrives,
             max_generation_attempts: common.max_generation_attempts,
         })

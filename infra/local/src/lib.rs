@@ -266,7 +266,7 @@ impl Stack {
             // CORS is the gateway's, from an origin list; the watcher's own allows any origin.
             .arg("--disable-cors")
             .env(
-                chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
+                chat_runtime::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
                 settings.invocations_per_instance.to_string(),
             )
             .env("PATH", format!("{}:{}", venv_bin.display(), std::env::var("PATH").unwrap_or_default()))

@@ -14,7 +14,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     settings.sqs_port = env.parse_or("SQS_PORT", settings.sqs_port)?;
     settings.concurrency = env.parse_or("LAMBDA_CONCURRENCY", settings.concurrency)?;
     settings.invocations_per_instance =
-        env.parse_or(chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE, settings.invocations_per_instance)?;
+        env.parse_or(chat_runtime::aws::LOCAL_INVOCATIONS_PER_INSTANCE, settings.invocations_per_instance)?;
     settings.max_waiting = env.parse_or("GATEWAY_MAX_WAITING", settings.max_waiting)?;
     settings.max_wait = env.millis_or("GATEWAY_MAX_WAIT_MS", settings.max_wait)?;
     settings.cors_origins = env

@@ -76,7 +76,7 @@ fn ingest_app() -> &'static ingest::App {
                 .retry_config(aws_sdk_sqs::config::retry::RetryConfig::disabled())
                 .build(),
         );
-        let queue = chat_core::queue::Queue::new(sqs, "http://127.0.0.1:9/queue/none");
+        let queue = chat_runtime::queue::Queue::new(sqs, "http://127.0.0.1:9/queue/none");
         let budget = ingest::Budget { tokens: 500, system_prompt: None };
         ingest::App::new(
             world().store.clone(),

@@ -35,7 +35,7 @@ struct Cached {
 /// The issuer's keys, cached.
 pub struct KeySource {
     url: http::Uri,
-    client: Client<chat_core::https::Connector, Empty<Bytes>>,
+    client: Client<chat_runtime::https::Connector, Empty<Bytes>>,
     cached: RwLock<Cached>,
     /// One fetch at a time.
     fetching: Mutex<()>,
@@ -49,7 +49,8 @@ impl KeySource {
     pub fn new(settings: &JwtSettings) -> Result<KeySource, String> {
         let url: http::Uri =
             settings.jwks_url.parse().map_err(|e| format!("{:?} is not a URL ({e})", settings.jwks_url))?;
-        let https = chat_core::https::connector(FETCH_TIMEOUT, url.scheme_str() == Some("http"))?;
+        let https = chat_runtime::https::connector(FETCH_TIMEOUT, url.scheme_str() == Some("http"))
+            .map_err(|e| e.to_string())?;
         Ok(KeySource {
             url,
             client: Client::builder(TokioExecutor::new()).build(https),

@@ -74,7 +74,7 @@ impl AuthConfig {
             other => return Err(invalid("AUTH_MODE", format!("is {other:?}; use jwt, iam or none"))),
         };
         let on_loopback =
-            chat_core::aws::runtime_api_on_loopback(env.optional("AWS_LAMBDA_RUNTIME_API").as_deref());
+            chat_runtime::aws::runtime_api_on_loopback(env.optional("AWS_LAMBDA_RUNTIME_API").as_deref());
         if mode == Mode::None && !on_loopback {
             return Err(invalid(
                 "AUTH_MODE",

@@ -2,11 +2,9 @@
 //! identifiers that parse at the edge ([`ids`]), the one DynamoDB table ([`table`]) and the
 //! store that enforces the state machine with conditional writes ([`store`]).
 
-pub mod aws;
 pub mod config;
 pub mod error;
 pub mod fsm;
-pub mod https;
 pub mod ids;
 pub mod limits;
 pub mod model;

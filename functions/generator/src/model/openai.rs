@@ -48,7 +48,7 @@ impl std::fmt::Debug for OpenAiSettings {
     }
 }
 
-type HttpClient = Client<chat_core::https::Connector, Full<Bytes>>;
+type HttpClient = Client<chat_runtime::https::Connector, Full<Bytes>>;
 
 /// Loads the API key again (from its secret), for when the provider rejects the one in use:
 /// a rotated key is picked up without waiting for new instances.
@@ -79,7 +79,9 @@ impl OpenAi {
     pub fn new(settings: OpenAiSettings) -> Result<OpenAi, String> {
         let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
         let url: http::Uri = url.parse().map_err(|e| format!("is not a valid URL ({e})"))?;
-        let https = chat_core::https::connector(settings.connect_timeout, url.scheme_str() == Some("http"))?;
+        let https =
+            chat_runtime::https::connector(settings.connect_timeout, url.scheme_str() == Some("http"))
+                .map_err(|e| e.to_string())?;
         let client = Client::builder(TokioExecutor::new()).build(https);
         let key = ApiKey {
             current: std::sync::RwLock::new(settings.api_key.clone()),

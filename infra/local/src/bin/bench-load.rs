@@ -81,7 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             settings.sqs_port = 0;
             settings.concurrency = env.parse_or("LAMBDA_CONCURRENCY", settings.concurrency)?;
             settings.invocations_per_instance = env.parse_or(
-                chat_core::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
+                chat_runtime::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
                 settings.invocations_per_instance,
             )?;
             settings.log_file = Some(root.join("target/bench-load.log"));

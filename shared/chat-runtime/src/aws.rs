@@ -11,11 +11,6 @@ pub fn dynamodb(config: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(config)
 }
 
-/// An SQS client.
-pub fn sqs(config: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
-    aws_sdk_sqs::Client::new(config)
-}
-
 /// Sets up structured logs: JSON on Lambda (one object per line, with span fields such as the
 /// request id, session and turn), human-readable elsewhere; `LOG_FORMAT` (`json` or `text`)
 /// overrides either. `RUST_LOG` sets the level.
@@ -37,7 +32,9 @@ pub fn init_tracing() {
 
 /// A function's start-up: a configuration error is logged in words (the runtime would print only
 /// its debug form) and then returned, so the cold start fails with it.
-pub fn started<T>(result: Result<T, crate::config::ConfigError>) -> Result<T, crate::config::ConfigError> {
+pub fn started<T>(
+    result: Result<T, chat_core::config::ConfigError>,
+) -> Result<T, chat_core::config::ConfigError> {
     if let Err(err) = &result {
         tracing::error!("{err}");
     }

@@ -10,9 +10,20 @@ use std::time::Duration;
 /// HTTPS, or plain HTTP, over one connector.
 pub type Connector = HttpsConnector<HttpConnector>;
 
+/// TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The system's root certificates did not load.
+    #[error("cannot load the system's root certificates: {0}")]
+    Roots(std::io::Error),
+    /// The crypto provider refused the protocol versions.
+    #[error("cannot set up TLS: {0}")]
+    Protocols(rustls::Error),
+}
+
 /// A connector with `connect_timeout`. A machine without root certificates can still reach a
 /// plain `http` URL (a local server) when `plain_http` says that is what it is for.
-pub fn connector(connect_timeout: Duration, plain_http: bool) -> Result<Connector, String> {
+pub fn connector(connect_timeout: Duration, plain_http: bool) -> Result<Connector, TlsSetupError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
@@ -23,12 +34,12 @@ pub fn connector(connect_timeout: Duration, plain_http: bool) -> Result<Connecto
             Err(_) if plain_http => {
                 let config = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
-                    .map_err(|e| format!("cannot set up TLS: {e}"))?
+                    .map_err(TlsSetupError::Protocols)?
                     .with_root_certificates(rustls::RootCertStore::empty())
                     .with_no_client_auth();
                 hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
             }
-            Err(e) => return Err(format!("cannot load the system's root certificates: {e}")),
+            Err(e) => return Err(TlsSetupError::Roots(e)),
         };
     Ok(tls.https_or_http().enable_http1().wrap_connector(http))
 }

@@ -1,0 +1,9 @@
+//! The Lambda plumbing the functions share, kept out of `chat-core` (the domain): AWS
+//! configuration and clients, logs, local concurrency ([`aws`]), the connector for the
+//! project's own outbound HTTPS ([`https`]) and, with feature `queue`, the SQS sender of turns
+//! ([`queue`]).
+
+pub mod aws;
+pub mod https;
+#[cfg(feature = "queue")]
+pub mod queue;
