@@ -59,13 +59,14 @@ $(DEPLOY_VENV)/.installed: infra/requirements-deploy.txt
 	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r infra/requirements-deploy.txt
 	touch $@
 
-# Release builds for Lambda (arm64, provided.al2023), zipped; prints each binary's and zip's size.
+# Release builds for Lambda (arm64, provided.al2023), zipped; prints each binary's and zip's size
+# and fails when a zip is over 5 MiB (MAX_ZIP_MIB).
 build: check-toolchain $(DEPLOY_VENV)/.installed ## Build arm64 release zips of every function into target/lambda
 	@test -d "$$(rustc --print sysroot)/lib/rustlib/aarch64-unknown-linux-gnu" || { \
 	  echo "the aarch64-unknown-linux-gnu standard library is missing: rustup target add aarch64-unknown-linux-gnu" >&2; exit 1; }
 	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 \
 	  $(DEPLOY_VENV)/bin/cargo-lambda lambda build --release --arm64 --output-format zip $(addprefix --bin ,$(FUNCTIONS))
-	@python3 -c 'import os, sys, zipfile; [print(f"  {f:<10} binary {zipfile.ZipFile(z).infolist()[0].file_size / 2**20:5.1f} MiB   zip {os.path.getsize(z) / 2**20:5.1f} MiB") for f in sys.argv[1:] for z in [f"target/lambda/{f}/bootstrap.zip"]]' $(FUNCTIONS)
+	@python3 infra/zip_sizes.py $(FUNCTIONS)
 
 deploy: $(DEPLOY_VENV)/.installed ## sam build + sam deploy (guided the first time) to your AWS account
 	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 $(DEPLOY_VENV)/bin/sam build
