@@ -61,6 +61,12 @@ pub struct Generator {
 #[error("retry later: {0}")]
 struct RetryLater(#[from] StoreError);
 
+/// The prompt for a turn, or why there can be none (the turn then ends in `error`).
+enum PromptOutcome {
+    Ready(Prompt),
+    Unanswerable(String),
+}
+
 /// How a generation ended.
 enum Ending {
     Complete,
@@ -193,8 +199,8 @@ impl Generator {
             Ending::Stopped
         } else {
             match self.prompt(&lease).await? {
-                Ok(prompt) => self.stream_reply(&mut lease, &mut writer, prompt).await?,
-                Err(reason) => Ending::Failed(reason),
+                PromptOutcome::Ready(prompt) => self.stream_reply(&mut lease, &mut writer, prompt).await?,
+                PromptOutcome::Unanswerable(reason) => Ending::Failed(reason),
             }
         };
         let outcome = match &ending {
@@ -230,20 +236,20 @@ impl Generator {
     }
 
     /// What the model is asked: the system prompt and as much recent history as the memory
-    /// limits allow, ending with this turn's user message. `Err` is why the turn cannot proceed.
-    async fn prompt(&self, lease: &Lease) -> Result<Result<Prompt, String>, StoreError> {
+    /// limits allow, ending with this turn's user message; or why the turn cannot proceed.
+    async fn prompt(&self, lease: &Lease) -> Result<PromptOutcome, StoreError> {
         let messages =
             self.store.recent_messages(lease.session_id, lease.turn, self.settings.memory.max_turns).await?;
         let system = self.settings.system_prompt.as_deref();
         let selected = match memory::select(messages, lease.turn, system, self.settings.memory, self.counter)
         {
             Ok(selected) => selected,
-            Err(err) => return Ok(Err(err.to_string())),
+            Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
         };
         if !matches!(selected.last(), Some((Role::User, _))) {
-            return Ok(Err("the turn's message is missing".to_owned()));
+            return Ok(PromptOutcome::Unanswerable("the turn's message is missing".to_owned()));
         }
-        Ok(Ok(Prompt {
+        Ok(PromptOutcome::Ready(Prompt {
             system: self.settings.system_prompt.clone(),
             messages: selected,
             resumed: lease.resumed_tokens.clone(),

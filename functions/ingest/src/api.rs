@@ -1,9 +1,10 @@
 //! The HTTP edge: request bodies that parse, and errors mapped to statuses in one place.
 
 use chat_core::{ClientMessageId, SessionId, State, StoreError, Turn};
+use chat_runtime::http_error;
 use lambda_http::http::{header, StatusCode};
 use lambda_http::{Body, Response};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// A JSON response.
 pub fn json(status: StatusCode, body: Value) -> Response<Body> {
@@ -78,8 +79,7 @@ impl ApiError {
             ApiError::BadRequest { code, message } => (StatusCode::BAD_REQUEST, code, message, None),
             ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, code, message, None),
             ApiError::Unauthorized { code, message } => {
-                let body = json!({"error": {"code": code, "message": message}});
-                let mut response = json(StatusCode::UNAUTHORIZED, body);
+                let mut response = json(StatusCode::UNAUTHORIZED, http_error::body(code, &message, None));
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
@@ -87,10 +87,9 @@ impl ApiError {
             }
             ApiError::Forbidden { message } => (StatusCode::FORBIDDEN, "forbidden", message, None),
             ApiError::MethodNotAllowed { allow } => {
-                let mut response = json(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    json!({"error": {"code": "method_not_allowed", "message": format!("use {allow} on this path")}}),
-                );
+                let message = format!("use {allow} on this path");
+                let body = http_error::body("method_not_allowed", &message, None);
+                let mut response = json(StatusCode::METHOD_NOT_ALLOWED, body);
                 response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
                 return response;
             }
@@ -124,21 +123,15 @@ impl ApiError {
                 Some(json!({"tokens": tokens, "limit": limit})),
             ),
             ApiError::TooManyRequests { code, message, retry_after } => {
-                let seconds = retry_after.as_secs().max(1);
-                let body = json!({"error": {"code": code, "message": message, "retry_after": seconds}});
+                let seconds = http_error::retry_after_seconds(retry_after);
+                let body = http_error::body(code, &message, Some(json!({ "retry_after": seconds })));
                 let mut response = json(StatusCode::TOO_MANY_REQUESTS, body);
                 response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
                 return response;
             }
             ApiError::Unavailable { code, message } => (StatusCode::SERVICE_UNAVAILABLE, code, message, None),
         };
-        let mut error = Map::new();
-        error.insert("code".to_owned(), Value::String(code.to_owned()));
-        error.insert("message".to_owned(), Value::String(message));
-        if let Some(Value::Object(extra)) = extra {
-            error.extend(extra);
-        }
-        json(status, json!({ "error": error }))
+        json(status, http_error::body(code, &message, extra))
     }
 }
 

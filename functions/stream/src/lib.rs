@@ -12,6 +12,7 @@ use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
 use chat_core::config::{ConfigError, Env};
 use chat_core::{Admission, Chunk, Role, Session, SessionId, State, Store, StoreError, Turn, UserId};
+use chat_runtime::http_error;
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::StreamBody;
 use lambda_http::http::{header, StatusCode};
@@ -53,19 +54,84 @@ pub struct RelaySettings {
     pub max_open_streams: u32,
 }
 
-/// A stream that could not start: the status and JSON error the client gets.
-#[derive(Debug)]
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// Seconds for `Retry-After` (429).
-    retry_after: Option<u64>,
+/// Why a stream was refused before its first byte; each is one status and error code.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    /// 404: no stream at this path.
+    #[error("no stream at {0}")]
+    RouteNotFound(String),
+    /// 405: streams are read with GET.
+    #[error("use GET")]
+    MethodNotAllowed,
+    /// 400, 401 or 503: who is calling could not be established.
+    #[error(transparent)]
+    Auth(AuthError),
+    /// 404: no such session for this caller (another user's session is not found, too).
+    #[error("no session {0:?}")]
+    SessionNotFound(String),
+    /// 404: the turn asked for has not started.
+    #[error("the session has no turn {0} yet")]
+    TurnNotFound(Turn),
+    /// 400: `Last-Event-ID` (or `last_event_id`) is not one of ours.
+    #[error("{0:?} is not an event id of the form turn:index (turn from 1, index at most {max})", max = sse::MAX_EVENT_INDEX)]
+    InvalidLastEventId(String),
+    /// 400: `turn` is not a turn number.
+    #[error("{0}")]
+    InvalidTurn(String),
+    /// 429: the user has their most streams open.
+    #[error("you have {max} streams open, the most allowed; close one and reconnect")]
+    TooManyStreams { max: u32, retry_after: Duration },
+    /// 503: DynamoDB failed (logged where it happened).
+    #[error("the session store is unavailable; try again")]
+    StoreUnavailable,
 }
 
-impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal { status, code, message: message.into(), retry_after: None }
+impl StreamError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            StreamError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "route_not_found"),
+            StreamError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            StreamError::Auth(err) => {
+                let (status, code) = err.status_and_code();
+                (StatusCode::from_u16(status).expect("a valid status"), code)
+            }
+            StreamError::SessionNotFound(_) => (StatusCode::NOT_FOUND, "session_not_found"),
+            StreamError::TurnNotFound(_) => (StatusCode::NOT_FOUND, "turn_not_found"),
+            StreamError::InvalidLastEventId(_) => (StatusCode::BAD_REQUEST, "invalid_last_event_id"),
+            StreamError::InvalidTurn(_) => (StatusCode::BAD_REQUEST, "invalid_turn"),
+            StreamError::TooManyStreams { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
+            StreamError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        }
+    }
+
+    /// The JSON error answer, with `Retry-After` on a 429 and `WWW-Authenticate` on a 401.
+    fn into_response(self) -> Response<SseBody> {
+        let (status, code) = self.status_and_code();
+        let retry_after = match &self {
+            StreamError::TooManyStreams { retry_after, .. } => {
+                Some(http_error::retry_after_seconds(*retry_after))
+            }
+            _ => None,
+        };
+        let details = retry_after.map(|seconds| json!({ "retry_after": seconds }));
+        let body = http_error::body(code, &self.to_string(), details).to_string();
+        let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
+        let mut response = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(StreamBody::new(frames.boxed()))
+            .expect("valid response");
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            headers.insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        }
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -135,46 +201,19 @@ impl Relay {
                     .body(StreamBody::new(frames.boxed()))
                     .expect("valid response")
             }
-            Err(Refusal { status, code, message, retry_after }) => {
-                let mut error = json!({"code": code, "message": message});
-                if let Some(seconds) = retry_after {
-                    error["retry_after"] = json!(seconds);
-                }
-                let body = json!({ "error": error }).to_string();
-                let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
-                let mut response = Response::builder()
-                    .status(status)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(StreamBody::new(frames.boxed()))
-                    .expect("valid response");
-                if status == StatusCode::UNAUTHORIZED {
-                    response
-                        .headers_mut()
-                        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                }
-                if let Some(seconds) = retry_after {
-                    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
-                }
-                response
-            }
+            Err(err) => err.into_response(),
         }
     }
 
-    async fn start(&self, request: &Request) -> Result<(Position, Session), Refusal> {
+    async fn start(&self, request: &Request) -> Result<(Position, Session), StreamError> {
         let path = request.uri().path().trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let raw_id = match segments.as_slice() {
             ["sessions", id, "stream"] => *id,
-            _ => {
-                return Err(Refusal::new(
-                    StatusCode::NOT_FOUND,
-                    "route_not_found",
-                    format!("no stream at {path}"),
-                ))
-            }
+            _ => return Err(StreamError::RouteNotFound(path.to_owned())),
         };
         if request.method() != lambda_http::http::Method::GET {
-            return Err(Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"));
+            return Err(StreamError::MethodNotAllowed);
         }
         let query = request.query_string_parameters_ref();
         // EventSource cannot set headers: the token may come as `?access_token=`.
@@ -182,9 +221,8 @@ impl Relay {
             .auth
             .caller(request.headers(), query.and_then(|q| q.first("access_token")))
             .await
-            .map_err(auth_failed)?;
-        let not_found =
-            || Refusal::new(StatusCode::NOT_FOUND, "session_not_found", format!("no session {raw_id:?}"));
+            .map_err(StreamError::Auth)?;
+        let not_found = || StreamError::SessionNotFound(raw_id.to_owned());
         let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
         let last_event_id = request
             .headers()
@@ -195,23 +233,13 @@ impl Relay {
             .filter(|v| !v.trim().is_empty());
         let resume = match &last_event_id {
             None => None,
-            Some(raw) => Some(sse::parse_id(raw).ok_or_else(|| {
-                Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_last_event_id",
-                    format!(
-                        "{raw:?} is not an event id of the form turn:index (turn from 1, index at most {})",
-                        sse::MAX_EVENT_INDEX
-                    ),
-                )
-            })?),
+            Some(raw) => {
+                Some(sse::parse_id(raw).ok_or_else(|| StreamError::InvalidLastEventId(raw.clone()))?)
+            }
         };
         let requested_turn = match query.and_then(|q| q.first("turn")) {
             None => None,
-            Some(raw) => Some(
-                Turn::parse(raw)
-                    .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "invalid_turn", e.to_string()))?,
-            ),
+            Some(raw) => Some(Turn::parse(raw).map_err(|e| StreamError::InvalidTurn(e.to_string()))?),
         };
         let session = self
             .store
@@ -223,11 +251,7 @@ impl Relay {
         let turn =
             requested_turn.or_else(|| resume.and_then(|(t, _)| Turn::new(t).ok())).unwrap_or(session.turn);
         if turn > session.turn {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "turn_not_found",
-                format!("the session has no turn {turn} yet"),
-            ));
+            return Err(StreamError::TurnNotFound(turn));
         }
         let after_index = resume.filter(|(t, _)| *t == u64::from(turn.get())).map(|(_, i)| i);
         // The slot outlives the longest stream, in case this one dies without giving it back.
@@ -237,14 +261,7 @@ impl Relay {
         match self.store.open_stream(&session.user_id, &stream_id, max, hold).await.map_err(unavailable)? {
             Admission::Admitted => {}
             Admission::Limited { retry_after } => {
-                return Err(Refusal {
-                    retry_after: Some(retry_after.as_secs().max(1)),
-                    ..Refusal::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "too_many_streams",
-                        format!("you have {max} streams open, the most allowed; close one and reconnect"),
-                    )
-                });
+                return Err(StreamError::TooManyStreams { max, retry_after })
             }
         }
         let owner = session.user_id.clone();
@@ -445,16 +462,7 @@ async fn send_tokens(
     Some(sent)
 }
 
-fn auth_failed(err: AuthError) -> Refusal {
-    let (status, code) = err.status_and_code();
-    Refusal::new(StatusCode::from_u16(status).expect("a valid status"), code, err.to_string())
-}
-
-fn unavailable(err: StoreError) -> Refusal {
+fn unavailable(err: StoreError) -> StreamError {
     tracing::error!(error = %err, "DynamoDB request failed");
-    Refusal::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "the session store is unavailable; try again",
-    )
+    StreamError::StoreUnavailable
 }

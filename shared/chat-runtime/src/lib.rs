@@ -1,9 +1,11 @@
 //! The Lambda plumbing the functions share, kept out of `chat-core` (the domain): AWS
 //! configuration and clients, logs, local concurrency ([`aws`]), the connector for the
-//! project's own outbound HTTPS ([`https`]) and, with feature `queue`, the SQS sender of turns
+//! project's own outbound HTTPS ([`https`]), the JSON error body of the HTTP functions
+//! ([`http_error`]) and, with feature `queue`, the SQS sender of turns
 //! ([`queue`]).
 
 pub mod aws;
+pub mod http_error;
 pub mod https;
 #[cfg(feature = "queue")]
 pub mod queue;
