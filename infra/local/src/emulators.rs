@@ -1,77 +1,10 @@
-//! The emulators: DynamoDB (dynoxide, embedded in this process) and the clients, queues and
-//! secrets the stack creates in SQS and Secrets Manager (a moto server).
+//! The queues and secrets the stack creates in SQS and Secrets Manager (a moto server). The
+//! DynamoDB emulator and the clients are `chat_testkit`'s.
 
-use crate::processes::free_port;
 use crate::{fail, StackError, StackSettings};
 use aws_sdk_sqs::types::QueueAttributeName;
-use chat_core::{Store, StoreOptions};
+use chat_testkit::local_credentials;
 use serde_json::json;
-use tokio::task::JoinHandle;
-
-fn local_credentials() -> aws_sdk_dynamodb::config::Credentials {
-    aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "local-stack")
-}
-
-/// A DynamoDB client for the local emulator.
-pub fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .credentials_provider(local_credentials())
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(config)
-}
-
-/// An SQS client for the local emulator.
-pub fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
-        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
-        .credentials_provider(local_credentials())
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_sqs::Client::from_conf(config)
-}
-
-/// A DynamoDB emulator (dynoxide) in this process on 127.0.0.1 with the table created. Dropping
-/// it stops the server.
-pub struct LocalDynamo {
-    /// `http://127.0.0.1:PORT`.
-    pub endpoint: String,
-    task: JoinHandle<()>,
-}
-
-impl Drop for LocalDynamo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl LocalDynamo {
-    /// Starts the emulator on `port` (0 picks a free one) and creates `table`.
-    pub async fn start(port: u16, table: &str) -> Result<LocalDynamo, StackError> {
-        let port = free_port(port)?;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.map_err(fail)?;
-        let db = dynoxide::Database::memory().map_err(|e| fail(format!("dynoxide: {e}")))?;
-        let task = tokio::spawn(async move {
-            if let Err(e) = dynoxide::server::serve_with_shutdown(listener, db, std::future::pending()).await
-            {
-                tracing::error!(error = %e, "DynamoDB emulator stopped");
-            }
-        });
-        let dynamo = LocalDynamo { endpoint: format!("http://127.0.0.1:{port}"), task };
-        chat_core::table::create_table(&dynamodb_client(&dynamo.endpoint), table).await.map_err(|e| {
-            fail(format!("creating the table: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))
-        })?;
-        Ok(dynamo)
-    }
-
-    /// A store on `table` through this emulator.
-    pub fn store(&self, table: &str, options: StoreOptions) -> Store {
-        Store::new(dynamodb_client(&self.endpoint), table, options)
-    }
-}
 
 pub(crate) fn sqs_err<E: std::error::Error + 'static, R: std::fmt::Debug>(
     e: aws_sdk_sqs::error::SdkError<E, R>,

@@ -22,14 +22,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 mod emulators;
-pub mod fake_llm;
 pub mod gateway;
 mod processes;
 mod shim;
-pub mod sse;
 
+pub use chat_testkit::{dynamodb_client, fake_llm, sqs_client, sse, LocalDynamo};
 use emulators::{create_queues, create_secrets};
-pub use emulators::{dynamodb_client, sqs_client, LocalDynamo};
 use processes::{free_port, supervised, wait_until, Supervisor};
 use shim::{event_source_mapping, schedule, scheduled_event};
 pub use shim::{invoke, InvokeError};
@@ -211,7 +209,7 @@ impl Stack {
         let mut tasks = Vec::new();
 
         progress("starting DynamoDB (embedded dynoxide)");
-        let dynamo = LocalDynamo::start(settings.dynamodb_port, &settings.table).await?;
+        let dynamo = LocalDynamo::start(settings.dynamodb_port, &settings.table).await.map_err(fail)?;
         let dynamodb_endpoint = dynamo.endpoint.clone();
         let dynamodb = dynamodb_client(&dynamodb_endpoint);
         let mut stop = shutdown.subscribe();

@@ -3,7 +3,7 @@
 //! would be). A test binary of its own because it sets a process-wide variable.
 
 use chat_core::Role;
-use chat_local::fake_llm::{self, FakeLlm};
+use chat_testkit::fake_llm::{self, FakeLlm};
 use futures::StreamExt;
 use generator::model::openai::OpenAiSettings;
 use generator::model::{Model, OpenAi, Prompt, RetryPolicy};

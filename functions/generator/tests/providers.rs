@@ -7,7 +7,7 @@ use chat_core::queue::TurnMessage;
 use chat_core::{
     NewMessage, Outcome, Role, SendOutcome, SessionId, State, StopReason, Store, StoreOptions, Turn, UserId,
 };
-use chat_local::fake_llm::{self, FakeLlm, Reply};
+use chat_testkit::fake_llm::{self, FakeLlm, Reply};
 use futures::StreamExt;
 use generator::model::bedrock::BedrockSettings;
 use generator::model::openai::OpenAiSettings;
@@ -296,7 +296,7 @@ async fn bedrock_cut_streams_and_garbage_frames_are_errors_not_panics() {
 const TESTER: &str = "provider-tester";
 
 struct Harness {
-    _dynamo: chat_local::LocalDynamo,
+    _dynamo: chat_testkit::LocalDynamo,
     store: Store,
     generator: generator::Generator,
 }
@@ -316,7 +316,7 @@ fn settings() -> generator::GenerationSettings {
 }
 
 async fn harness(model: Model, settings: generator::GenerationSettings) -> Harness {
-    let dynamo = chat_local::LocalDynamo::start(0, "providers").await.unwrap();
+    let dynamo = chat_testkit::LocalDynamo::start(0, "providers").await.unwrap();
     let store = dynamo.store("providers", StoreOptions::default());
     let generator = generator::Generator::new(store.clone(), model, settings);
     Harness { _dynamo: dynamo, store, generator }
