@@ -48,12 +48,14 @@ impl Sweeper {
         let max_redrives = env.parse_or("MAX_REDRIVES", 3)?;
         let aws = chat_runtime::aws::load_config().await;
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
-        Ok(Sweeper {
-            store,
-            queue: Queue::new(chat_runtime::queue::sqs(&aws), queue_url),
-            max_redrives,
-            max_generation_attempts: common.max_generation_attempts,
-        })
+        let queue = Queue::new(chat_runtime::queue::sqs(&aws), queue_url);
+        Ok(Sweeper::new(store, queue, max_redrives, common.max_generation_attempts))
+    }
+
+    /// A sweeper over `store` that re-drives into `queue`: a queued turn at most `max_redrives`
+    /// times, a stalled generation while it has made fewer than `max_generation_attempts`.
+    pub fn new(store: Store, queue: Queue, max_redrives: u32, max_generation_attempts: u32) -> Sweeper {
+        Sweeper { store, queue, max_redrives, max_generation_attempts }
     }
 
     /// One pass over the overdue turns.

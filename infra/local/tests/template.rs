@@ -230,7 +230,9 @@ fn every_environment_variable_is_read_by_its_function() {
         }
         text
     };
-    let shared = sources("shared/chat-core/src") + &sources("shared/chat-auth/src");
+    let shared = sources("shared/chat-core/src")
+        + &sources("shared/chat-auth/src")
+        + &sources("shared/chat-runtime/src");
     let template = template();
     let globals = &template["Globals"]["Function"]["Environment"]["Variables"];
     for name in chat_local::FUNCTIONS {
