@@ -149,19 +149,20 @@ impl ModelConfig {
     pub async fn build(&self, aws: &aws_config::SdkConfig) -> Result<Model, ConfigError> {
         let provider: Arc<dyn ModelProvider> = match &self.provider {
             Provider::Demo(demo) => Arc::new(demo.clone()),
-            Provider::OpenAi { settings, api_key_secret: None } => {
-                Arc::new(OpenAi::new(settings.clone()).map_err(|e| invalid("OPENAI_BASE_URL", e))?)
-            }
+            Provider::OpenAi { settings, api_key_secret: None } => Arc::new(
+                OpenAi::new(settings.clone()).map_err(|e| invalid("OPENAI_BASE_URL", e.to_string()))?,
+            ),
             Provider::OpenAi { settings, api_key_secret: Some(arn) } => {
                 let client = aws_sdk_secretsmanager::Client::new(aws);
                 let settings =
                     OpenAiSettings { api_key: Some(fetch_secret(&client, arn).await?), ..settings.clone() };
-                let provider = OpenAi::new(settings).map_err(|e| invalid("OPENAI_BASE_URL", e))?;
+                let provider =
+                    OpenAi::new(settings).map_err(|e| invalid("OPENAI_BASE_URL", e.to_string()))?;
                 // A rejected key is reloaded from the secret, so a rotation needs no restart.
                 let arn = arn.clone();
                 Arc::new(provider.with_key_loader(Arc::new(move || {
                     let (client, arn) = (client.clone(), arn.clone());
-                    Box::pin(async move { fetch_secret(&client, &arn).await.map_err(|e| e.to_string()) })
+                    Box::pin(async move { fetch_secret(&client, &arn).await })
                 })))
             }
             Provider::Bedrock(settings) => Arc::new(Bedrock::new(aws, settings.clone())),

@@ -44,13 +44,25 @@ pub struct KeySource {
     fetches: std::sync::atomic::AtomicU64,
 }
 
+/// The key source cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum KeySourceError {
+    /// `jwks_url` does not make a URL.
+    #[error("{url:?} is not a URL ({source})")]
+    InvalidUrl { url: String, source: http::uri::InvalidUri },
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] chat_runtime::https::TlsSetupError),
+}
+
 impl KeySource {
     /// A source for `settings.jwks_url`, over HTTPS with the system's roots (or plain HTTP).
-    pub fn new(settings: &JwtSettings) -> Result<KeySource, String> {
-        let url: http::Uri =
-            settings.jwks_url.parse().map_err(|e| format!("{:?} is not a URL ({e})", settings.jwks_url))?;
-        let https = chat_runtime::https::connector(FETCH_TIMEOUT, url.scheme_str() == Some("http"))
-            .map_err(|e| e.to_string())?;
+    pub fn new(settings: &JwtSettings) -> Result<KeySource, KeySourceError> {
+        let url: http::Uri = settings
+            .jwks_url
+            .parse()
+            .map_err(|source| KeySourceError::InvalidUrl { url: settings.jwks_url.clone(), source })?;
+        let https = chat_runtime::https::connector(FETCH_TIMEOUT, url.scheme_str() == Some("http"))?;
         Ok(KeySource {
             url,
             client: Client::builder(TokioExecutor::new()).build(https),

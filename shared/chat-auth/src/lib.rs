@@ -200,8 +200,10 @@ impl Authenticator {
     pub fn new(config: AuthConfig) -> Result<Authenticator, ConfigError> {
         let jwt = match config.jwt {
             Some(settings) => {
-                let keys = KeySource::new(&settings)
-                    .map_err(|problem| ConfigError { variable: "JWT_JWKS_URL".to_owned(), problem })?;
+                let keys = KeySource::new(&settings).map_err(|e| ConfigError {
+                    variable: "JWT_JWKS_URL".to_owned(),
+                    problem: e.to_string(),
+                })?;
                 Some(Arc::new((settings, keys)))
             }
             None => None,

@@ -48,11 +48,25 @@ impl std::fmt::Debug for OpenAiSettings {
     }
 }
 
+use chat_core::config::ConfigError;
+use chat_runtime::https::TlsSetupError;
+
 type HttpClient = Client<chat_runtime::https::Connector, Full<Bytes>>;
 
 /// Loads the API key again (from its secret), for when the provider rejects the one in use:
 /// a rotated key is picked up without waiting for new instances.
-pub type KeyLoader = Arc<dyn Fn() -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
+pub type KeyLoader = Arc<dyn Fn() -> BoxFuture<'static, Result<String, ConfigError>> + Send + Sync>;
+
+/// The provider cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `base_url` does not make a URL.
+    #[error("is not a valid URL ({0})")]
+    InvalidUrl(#[from] http::uri::InvalidUri),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
 
 /// Reloads at most this often, so a key that is simply wrong does not hammer the secret store.
 const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
@@ -76,12 +90,11 @@ pub struct OpenAi {
 impl OpenAi {
     /// A provider for `settings`. HTTP/1.1 over hyper, TLS by rustls with the aws-lc-rs the AWS
     /// SDK already links, trusting the system's root certificates.
-    pub fn new(settings: OpenAiSettings) -> Result<OpenAi, String> {
+    pub fn new(settings: OpenAiSettings) -> Result<OpenAi, SetupError> {
         let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
-        let url: http::Uri = url.parse().map_err(|e| format!("is not a valid URL ({e})"))?;
+        let url: http::Uri = url.parse()?;
         let https =
-            chat_runtime::https::connector(settings.connect_timeout, url.scheme_str() == Some("http"))
-                .map_err(|e| e.to_string())?;
+            chat_runtime::https::connector(settings.connect_timeout, url.scheme_str() == Some("http"))?;
         let client = Client::builder(TokioExecutor::new()).build(https);
         let key = ApiKey {
             current: std::sync::RwLock::new(settings.api_key.clone()),

@@ -7,13 +7,15 @@ use crate::error::StoreError;
 use crate::model::Item;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::operation::batch_get_item::{builders::BatchGetItemFluentBuilder, BatchGetItemOutput};
-use aws_sdk_dynamodb::operation::batch_write_item::{
-    builders::BatchWriteItemFluentBuilder, BatchWriteItemOutput,
+use aws_sdk_dynamodb::operation::batch_get_item::{
+    builders::BatchGetItemFluentBuilder, BatchGetItemError, BatchGetItemOutput,
 };
-use aws_sdk_dynamodb::operation::get_item::{builders::GetItemFluentBuilder, GetItemOutput};
+use aws_sdk_dynamodb::operation::batch_write_item::{
+    builders::BatchWriteItemFluentBuilder, BatchWriteItemError, BatchWriteItemOutput,
+};
+use aws_sdk_dynamodb::operation::get_item::{builders::GetItemFluentBuilder, GetItemError, GetItemOutput};
 use aws_sdk_dynamodb::operation::put_item::{builders::PutItemFluentBuilder, PutItemError, PutItemOutput};
-use aws_sdk_dynamodb::operation::query::{builders::QueryFluentBuilder, QueryOutput};
+use aws_sdk_dynamodb::operation::query::{builders::QueryFluentBuilder, QueryError, QueryOutput};
 use aws_sdk_dynamodb::operation::transact_write_items::{
     builders::TransactWriteItemsFluentBuilder, TransactWriteItemsError, TransactWriteItemsOutput,
 };
@@ -88,10 +90,6 @@ macro_rules! request {
     };
 }
 
-use aws_sdk_dynamodb::operation::{
-    batch_get_item::BatchGetItemError, batch_write_item::BatchWriteItemError, get_item::GetItemError,
-    query::QueryError,
-};
 request!(GetItemFluentBuilder => GetItemOutput, GetItemError, "GetItem", writes: false, one);
 request!(QueryFluentBuilder => QueryOutput, QueryError, "Query", writes: false, one);
 request!(BatchGetItemFluentBuilder => BatchGetItemOutput, BatchGetItemError, "BatchGetItem", writes: false, many);
