@@ -4,11 +4,8 @@
 //! with a JSON error naming a code. The run is bounded (`PROPTEST_CASES`, default 256) so it fits
 //! in `make test`.
 
-use chat_core::{SessionId, Store, StoreOptions, UserId};
-use chat_testkit::requests::{
-    build, check_error_body, committed_session, config, extras, method, segment, Vocabulary,
-};
-use chat_testkit::LocalDynamo;
+use chat_core::SessionId;
+use chat_testkit::requests::{build, check_error_body, config, extras, method, segment, Vocabulary, World};
 use lambda_http::http::{header, Method};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -17,27 +14,9 @@ use std::sync::OnceLock;
 const TABLE: &str = "fuzz";
 const OWNER: &str = "fuzz-owner";
 
-/// One emulator, one finished session and the runtime they live on, shared by every case.
-struct World {
-    runtime: tokio::runtime::Runtime,
-    store: Store,
-    vocabulary: Vocabulary,
-    _dynamo: LocalDynamo,
-}
-
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
-    WORLD.get_or_init(|| {
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let (dynamo, store, session) = runtime.block_on(async {
-            let dynamo = LocalDynamo::start(0, TABLE).await.expect("emulator");
-            let store = dynamo.store(TABLE, StoreOptions::default());
-            let session = committed_session(&store, &UserId::parse(OWNER).unwrap()).await;
-            (dynamo, store, session)
-        });
-        let vocabulary = Vocabulary { session: session.to_string(), owner: OWNER.to_owned() };
-        World { runtime, store, vocabulary, _dynamo: dynamo }
-    })
+    WORLD.get_or_init(|| World::start(TABLE, OWNER))
 }
 
 fn app() -> &'static ingest::App {

@@ -3,11 +3,7 @@
 //! real DynamoDB emulator. The answer is never a panic and never a 500: a stream that ends saying
 //! how, or a JSON error naming a code. `PROPTEST_CASES` bounds the run (256 by default).
 
-use chat_core::{Store, StoreOptions, UserId};
-use chat_testkit::requests::{
-    build, check_error_body, committed_session, config, extras, method, segment, Vocabulary,
-};
-use chat_testkit::LocalDynamo;
+use chat_testkit::requests::{build, check_error_body, config, extras, method, segment, World};
 use http_body_util::BodyExt;
 use lambda_http::http::{header, Method};
 use proptest::prelude::*;
@@ -17,27 +13,9 @@ use std::time::Duration;
 const TABLE: &str = "fuzz";
 const OWNER: &str = "fuzz-owner";
 
-/// One emulator, one finished session and the runtime they live on, shared by every case.
-struct World {
-    runtime: tokio::runtime::Runtime,
-    store: Store,
-    vocabulary: Vocabulary,
-    _dynamo: LocalDynamo,
-}
-
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
-    WORLD.get_or_init(|| {
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let (dynamo, store, session) = runtime.block_on(async {
-            let dynamo = LocalDynamo::start(0, TABLE).await.expect("emulator");
-            let store = dynamo.store(TABLE, StoreOptions::default());
-            let session = committed_session(&store, &UserId::parse(OWNER).unwrap()).await;
-            (dynamo, store, session)
-        });
-        let vocabulary = Vocabulary { session: session.to_string(), owner: OWNER.to_owned() };
-        World { runtime, store, vocabulary, _dynamo: dynamo }
-    })
+    WORLD.get_or_init(|| World::start(TABLE, OWNER))
 }
 
 fn relay() -> &'static stream::Relay {

@@ -2,7 +2,8 @@
 //! any order, percent-encoded or broken; methods, headers, query parameters; and the check every
 //! answer must pass (never a 500; every error a JSON code and message).
 
-use chat_core::{ClaimOutcome, NewMessage, Outcome, SendOutcome, SessionId, Store, UserId};
+use crate::LocalDynamo;
+use chat_core::{ClaimOutcome, NewMessage, Outcome, SendOutcome, SessionId, Store, StoreOptions, UserId};
 use lambda_http::http::{HeaderValue, Method};
 use lambda_http::{Body, Request, RequestExt};
 use proptest::prelude::*;
@@ -17,8 +18,32 @@ pub struct Vocabulary {
     pub owner: String,
 }
 
+/// What a handler's property test shares between its cases: one emulator holding one session
+/// whose first turn is committed (so a stream of it ends at once), and the runtime they live on.
+pub struct World {
+    pub runtime: tokio::runtime::Runtime,
+    pub store: Store,
+    pub vocabulary: Vocabulary,
+    _dynamo: LocalDynamo,
+}
+
+impl World {
+    /// Starts the emulator with `table` and a committed session of `owner`.
+    pub fn start(table: &str, owner: &str) -> World {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let (dynamo, store, session) = runtime.block_on(async {
+            let dynamo = LocalDynamo::start(0, table).await.expect("emulator");
+            let store = dynamo.store(table, StoreOptions::default());
+            let session = committed_session(&store, &UserId::parse(owner).expect("a user id")).await;
+            (dynamo, store, session)
+        });
+        let vocabulary = Vocabulary { session: session.to_string(), owner: owner.to_owned() };
+        World { runtime, store, vocabulary, _dynamo: dynamo }
+    }
+}
+
 /// A session of `owner` whose first turn is committed, so a stream of it ends at once.
-pub async fn committed_session(store: &Store, owner: &UserId) -> SessionId {
+async fn committed_session(store: &Store, owner: &UserId) -> SessionId {
     let message =
         NewMessage { user: owner, session: None, content: "hi", client_message_id: None, by: "fuzz" };
     let SendOutcome::Accepted(ticket) = store.send_message(message).await.unwrap() else {
