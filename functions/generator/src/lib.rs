@@ -9,9 +9,10 @@ pub mod model;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chat_core::config::{CommonConfig, ConfigError, Env};
-use chat_core::queue::TurnMessage;
+use chat_core::queue::{Job, TurnMessage};
 use chat_core::{
-    AppendOutcome, ClaimOutcome, Event, Lease, LeaseStatus, Outcome, Role, StopReason, Store, StoreError,
+    AppendOutcome, ClaimOutcome, Conflict, Event, Lease, LeaseStatus, Outcome, Role, State, StopReason,
+    Store, StoreError, Turn,
 };
 use futures::StreamExt;
 use memory::{MemoryLimits, TokenCounter};
@@ -162,6 +163,9 @@ impl Generator {
                 warn!("dropping the delivery on purpose ([[lose-delivery]] test directive)");
                 return Ok(());
             }
+            if message.job == Job::Summary {
+                return self.summarize(&message).await;
+            }
             let claim = self
                 .store
                 .claim_generation(
@@ -205,8 +209,8 @@ impl Generator {
         };
         let outcome = match &ending {
             Ending::LeaseLost => {
-                info!("lease taken over; leaving the turn to its new holder");
-                return Ok(());
+                info!("lease lost; leaving the turn to its new holder, if the session still exists");
+                return self.clear_if_deleted(&lease).await;
             }
             Ending::Complete | Ending::Stopped | Ending::Capped => {
                 let stopped = match ending {
@@ -218,7 +222,7 @@ impl Generator {
             }
             Ending::Failed(reason) => {
                 let Some(current) = self.store.get_session(lease.session_id, true).await? else {
-                    return Ok(());
+                    return self.clear_if_deleted(&lease).await;
                 };
                 if current.version != lease.version {
                     return Ok(());
@@ -230,30 +234,84 @@ impl Generator {
             Outcome::Applied(_) => {
                 info!(tokens = writer.next_index, chunks = writer.next_seq, "turn finished")
             }
+            Outcome::Conflict(Conflict { current: None }) => return self.clear_if_deleted(&lease).await,
             Outcome::Conflict(conflict) => warn!(?conflict, "the turn moved on before it could be finished"),
         }
         Ok(())
     }
 
+    /// The session was deleted while this turn was being written: a chunk put after the delete
+    /// swept the partition would be left behind, so the writer clears what is left.
+    async fn clear_if_deleted(&self, lease: &Lease) -> Result<(), RetryLater> {
+        let removed = self.store.clear_if_deleted(lease.session_id).await?;
+        if removed > 0 {
+            info!(removed, "the session was deleted mid-turn; cleared what this turn left behind");
+        }
+        Ok(())
+    }
+
+    /// The summary job of a session that went idle: the conversation since the last summary,
+    /// with that summary, condensed by the model and stored on the session. A duplicate or
+    /// stale job finds nothing pending and does nothing; a model failure leaves the summary
+    /// pending, and the sweeper sends the job again after its deadline.
+    async fn summarize(&self, message: &TurnMessage) -> Result<(), RetryLater> {
+        let Some(session) = self.store.get_session(message.session_id, true).await? else { return Ok(()) };
+        if !(session.state == State::Timeout && session.summary_pending && session.turn == message.turn) {
+            info!(state = %session.state, "no summary pending");
+            return Ok(());
+        }
+        let first = session.summary.as_ref().map_or(Turn::FIRST, |s| s.through.next());
+        let messages = self.store.messages_between(session.id, first, session.turn).await?;
+        if messages.is_empty() {
+            self.store.drop_summary(&session).await?;
+            return Ok(());
+        }
+        let prompt = memory::summary_prompt(
+            session.summary.as_ref().map(|s| s.text.as_str()),
+            &messages,
+            self.settings.memory,
+            self.counter,
+        );
+        let mut tokens = self.model.stream(prompt);
+        let mut text = String::new();
+        while let Some(token) = tokens.next().await {
+            match token {
+                Ok(token) if text.len() + token.len() > memory::SUMMARY_MAX_BYTES => break,
+                Ok(token) => text.push_str(&token),
+                Err(err) => {
+                    warn!(error = %err, "the model failed to summarise; the sweeper will ask again");
+                    return Ok(());
+                }
+            }
+        }
+        let text = text.trim();
+        match self.store.save_summary(&session, text, session.turn).await? {
+            Outcome::Applied(()) => info!(bytes = text.len(), through = %session.turn, "summary stored"),
+            Outcome::Conflict(_) => info!("a newer summary is already stored"),
+        }
+        Ok(())
+    }
+
     /// What the model is asked: the system prompt and as much recent history as the memory
-    /// limits allow, ending with this turn's user message; or why the turn cannot proceed.
+    /// limits allow, ending with this turn's user message; or why the turn cannot proceed. When
+    /// the session has a summary, it stands in for the turns before the one it ends with.
     async fn prompt(&self, lease: &Lease) -> Result<PromptOutcome, StoreError> {
-        let messages =
+        let mut messages =
             self.store.recent_messages(lease.session_id, lease.turn, self.settings.memory.max_turns).await?;
-        let system = self.settings.system_prompt.as_deref();
-        let selected = match memory::select(messages, lease.turn, system, self.settings.memory, self.counter)
-        {
-            Ok(selected) => selected,
-            Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
-        };
+        let system = memory::with_summary(self.settings.system_prompt.as_deref(), lease.summary.as_ref());
+        if let Some(summary) = &lease.summary {
+            messages.retain(|m| m.id.turn >= summary.through);
+        }
+        let selected =
+            match memory::select(messages, lease.turn, system.as_deref(), self.settings.memory, self.counter)
+            {
+                Ok(selected) => selected,
+                Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
+            };
         if !matches!(selected.last(), Some((Role::User, _))) {
             return Ok(PromptOutcome::Unanswerable("the turn's message is missing".to_owned()));
         }
-        Ok(PromptOutcome::Ready(Prompt {
-            system: self.settings.system_prompt.clone(),
-            messages: selected,
-            resumed: lease.resumed_tokens.clone(),
-        }))
+        Ok(PromptOutcome::Ready(Prompt { system, messages: selected, resumed: lease.resumed_tokens.clone() }))
     }
 
     async fn stream_reply(

@@ -1,7 +1,7 @@
 //! Conversation memory: which messages of a session the model sees. Whole turns, newest first,
 //! until the token budget or the turn limit is reached; never part of a message.
 
-use chat_core::{Message, Role, Turn};
+use chat_core::{Message, Role, Summary, Turn};
 pub use chat_tokens::TokenCounter;
 
 /// How much history a prompt may carry.
@@ -68,6 +68,70 @@ pub fn select(
         kept.push(group);
     }
     Ok(kept.into_iter().rev().flatten().map(|m| (m.id.role, m.content)).collect())
+}
+
+/// The most a stored summary may hold: it lives on the session item, which every read carries.
+pub const SUMMARY_MAX_BYTES: usize = 2_000;
+
+/// What the model is told when it writes a session's summary.
+pub const SUMMARY_INSTRUCTIONS: &str = "You write the memory of a conversation between a user and an \
+assistant, for the assistant to read when the user comes back. In a few sentences, keep what matters \
+later: what the user wants, facts and preferences they gave, answers and decisions reached, and open \
+questions. Write only the summary.";
+
+/// The system prompt with the session's summary, which stands in for the turns it covers.
+pub fn with_summary(system: Option<&str>, summary: Option<&Summary>) -> Option<String> {
+    match (system, summary) {
+        (system, Some(summary)) => Some(format!(
+            "{}Summary of the conversation so far (through turn {}): {}",
+            system.map(|s| format!("{s}\n\n")).unwrap_or_default(),
+            summary.through,
+            summary.text
+        )),
+        (system, None) => system.map(str::to_owned),
+    }
+}
+
+/// The prompt that asks for a summary: the previous summary, if any, then as many of the
+/// newest `messages` as the budget allows, as one transcript the model condenses.
+pub fn summary_prompt(
+    previous: Option<&str>,
+    messages: &[Message],
+    limits: MemoryLimits,
+    counter: TokenCounter,
+) -> crate::model::Prompt {
+    let line = |m: &Message| {
+        let who = match m.id.role {
+            Role::User => "User",
+            Role::Assistant => "Assistant",
+        };
+        format!("{who}: {}", m.content)
+    };
+    let mut budget = limits.max_tokens.saturating_sub(counter.base(Some(SUMMARY_INSTRUCTIONS)));
+    if let Some(previous) = previous {
+        budget = budget.saturating_sub(counter.message(previous));
+    }
+    let mut lines: Vec<String> = Vec::new();
+    for message in messages.iter().rev() {
+        let text = line(message);
+        let cost = counter.message(&text);
+        if cost > budget {
+            break;
+        }
+        budget -= cost;
+        lines.push(text);
+    }
+    lines.reverse();
+    let mut transcript = String::new();
+    if let Some(previous) = previous {
+        transcript.push_str(&format!("Summary of what came before: {previous}\n\n"));
+    }
+    transcript.push_str(&lines.join("\n"));
+    crate::model::Prompt {
+        system: Some(SUMMARY_INSTRUCTIONS.to_owned()),
+        messages: vec![(Role::User, transcript)],
+        resumed: Vec::new(),
+    }
 }
 
 #[cfg(test)]

@@ -343,9 +343,8 @@ impl Harness {
         };
         let mut record = SqsMessage::default();
         record.message_id = Some("m".to_owned());
-        record.body = Some(
-            serde_json::to_string(&TurnMessage { session_id: ticket.session_id, turn: ticket.turn }).unwrap(),
-        );
+        record.body =
+            Some(serde_json::to_string(&TurnMessage::reply(ticket.session_id, ticket.turn)).unwrap());
         let mut event = SqsEvent::default();
         event.records = vec![record];
         let response = self.generator.handle(event).await;

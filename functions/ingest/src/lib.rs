@@ -286,7 +286,7 @@ impl App {
                 return Err(ApiError::store_unavailable(&err));
             }
         };
-        let message = TurnMessage { session_id: committed.session_id, turn: committed.turn };
+        let message = TurnMessage::reply(committed.session_id, committed.turn);
         if let Err(err) = self.queue.send(message).await {
             error!(error = %err, "enqueueing the turn failed");
             self.end_if_unchanged(
@@ -436,8 +436,17 @@ impl App {
                 value
             })
             .collect();
-        let mut body = session_summary(&session);
+        let mut body = session_overview(&session);
         body["messages"] = Value::Array(messages);
+        // The compact memory written after the session went idle; null until then.
+        body["summary"] = match &session.summary {
+            Some(summary) => json!({
+                "text": summary.text,
+                "through_turn": summary.through,
+                "created_at": rfc3339_ms(summary.at),
+            }),
+            None => Value::Null,
+        };
         Ok(json(StatusCode::OK, json!({ "session": body, "next_cursor": next_cursor })))
     }
 
@@ -469,7 +478,7 @@ impl App {
             .list_user_sessions(&user, limit, start)
             .await
             .map_err(|e| ApiError::store_unavailable(&e))?;
-        let sessions: Vec<Value> = page.sessions.iter().map(session_summary).collect();
+        let sessions: Vec<Value> = page.sessions.iter().map(session_overview).collect();
         Ok(json(StatusCode::OK, json!({ "sessions": sessions, "next_cursor": page.next_cursor })))
     }
 
@@ -510,7 +519,8 @@ impl App {
     }
 }
 
-fn session_summary(session: &Session) -> Value {
+/// A session's identity and position, as both the session and the list answers carry it.
+fn session_overview(session: &Session) -> Value {
     let mut value = json!({
         "id": session.id,
         "user_id": session.user_id,
@@ -521,6 +531,10 @@ fn session_summary(session: &Session) -> Value {
     });
     if let Some(reason) = &session.reason {
         value["error"] = Value::String(reason.clone());
+    }
+    if let Some(until) = session.retained_until {
+        // When the session is removed unless it is used again (SESSION_TTL_DAYS).
+        value["expires_at"] = Value::String(rfc3339_ms(until * 1000));
     }
     value
 }

@@ -1,12 +1,19 @@
-//! The sweeper: runs on a schedule and makes sure no turn stays in flight forever. A turn whose
-//! deadline passed is re-driven (sent to the queue again) a bounded number of times, then ended
-//! in `timeout` (or `error` for a message that never finished storing).
+//! The sweeper: runs on a schedule and keeps every session's lifecycle moving.
+//! - No turn stays in flight forever: a turn whose deadline passed is re-driven (sent to the
+//!   queue again) a bounded number of times, then ended in `timeout` (or `error` for a message
+//!   that never finished storing).
+//! - A session whose turn ended and which stayed quiet past `SESSION_IDLE_TIMEOUT` is expired
+//!   (`IdleExpired`) and its summary is asked of the generator, re-asked if the job is lost.
+//! - A session DynamoDB's TTL removed (`SESSION_TTL_DAYS` after its last activity; the table's
+//!   stream reports it) is counted off its user's sessions and cleared.
 
 use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::TurnMessage;
-use chat_core::{fsm, Outcome, Session, Store, StoreError};
+use chat_core::{fsm, Outcome, Session, State, Store, StoreError};
+use chat_core::{table, SessionId, UserId};
 use chat_runtime::queue::{Queue, QueueError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use tracing::{info, warn};
 
 /// What one sweep did.
@@ -18,6 +25,10 @@ pub struct SweepReport {
     pub redriven: usize,
     /// Turns ended in `error` or `timeout`.
     pub ended: usize,
+    /// Idle sessions expired (`IdleExpired`).
+    pub idled: usize,
+    /// Summary jobs sent (for sessions just expired, and again for lost jobs).
+    pub summaries_requested: usize,
 }
 
 /// Settling one turn failed; the next sweep tries again.
@@ -73,9 +84,14 @@ impl Sweeper {
             match self.settle(&session, now).await {
                 Ok(Action::Redriven) => report.redriven += 1,
                 Ok(Action::Ended) => report.ended += 1,
+                Ok(Action::Idled) => {
+                    report.idled += 1;
+                    report.summaries_requested += 1;
+                }
+                Ok(Action::SummaryResent) => report.summaries_requested += 1,
                 Ok(Action::None) => {}
                 Err(err) => {
-                    warn!(session = %id, error = %err, "could not settle an overdue turn; next sweep retries")
+                    warn!(session = %id, error = %err, "could not settle an overdue session; next sweep retries")
                 }
             }
         }
@@ -84,6 +100,25 @@ impl Sweeper {
     }
 
     async fn settle(&self, session: &Session, now: u64) -> Result<Action, SweepError> {
+        if session.state.turn_in_flight() {
+            return self.settle_turn(session, now).await;
+        }
+        if session.state == State::Timeout && session.summary_pending {
+            return self.resend_summary(session).await;
+        }
+        // The turn ended and the session stayed quiet past its idle deadline.
+        match self.store.expire_idle(session, "sweeper").await.map_err(SweepError::Store)? {
+            Outcome::Applied(_) => {
+                info!(session = %session.id, turn = %session.turn, "idle session expired");
+                self.request_summary(session).await?;
+                Ok(Action::Idled)
+            }
+            Outcome::Conflict(_) => Ok(Action::None),
+        }
+    }
+
+    /// A turn in flight past its deadline: re-driven while it may be, else ended.
+    async fn settle_turn(&self, session: &Session, now: u64) -> Result<Action, SweepError> {
         let lease_live = session.lease.as_ref().is_some_and(|l| l.expires_at > now);
         let Some((event, reason)) = fsm::expiry(session.state).filter(|_| !lease_live) else {
             return Ok(Action::None);
@@ -94,7 +129,7 @@ impl Sweeper {
                 self.store.record_redrive(session).await.map_err(SweepError::Store)?
             {
                 self.queue
-                    .send(TurnMessage { session_id: session.id, turn: session.turn })
+                    .send(TurnMessage::reply(session.id, session.turn))
                     .await
                     .map_err(SweepError::Queue)?;
                 info!(session = %session.id, turn = %session.turn, redrive = n, state = %session.state, "re-driven");
@@ -110,10 +145,136 @@ impl Sweeper {
             Outcome::Conflict(_) => Ok(Action::None),
         }
     }
+
+    /// An expired session whose summary did not arrive by its deadline: the job is sent again,
+    /// at most `max_redrives` times, then the summary is given up.
+    async fn resend_summary(&self, session: &Session) -> Result<Action, SweepError> {
+        if session.redrives >= self.max_redrives {
+            self.store.drop_summary(session).await.map_err(SweepError::Store)?;
+            warn!(session = %session.id, redrives = session.redrives, "no summary arrived; giving it up");
+            return Ok(Action::None);
+        }
+        match self.store.record_redrive(session).await.map_err(SweepError::Store)? {
+            Outcome::Applied(_) => {
+                self.request_summary(session).await?;
+                Ok(Action::SummaryResent)
+            }
+            Outcome::Conflict(_) => Ok(Action::None),
+        }
+    }
+
+    async fn request_summary(&self, session: &Session) -> Result<(), SweepError> {
+        self.queue.send(TurnMessage::summary(session.id, session.turn)).await.map_err(SweepError::Queue)
+    }
 }
 
 enum Action {
     Redriven,
     Ended,
+    /// Expired and its summary asked for.
+    Idled,
+    SummaryResent,
     None,
+}
+
+/// DynamoDB Streams records, as Lambda delivers them: only what the sweeper reads. (The
+/// `aws_lambda_events` type would bring chrono and serde_dynamo for these four fields.)
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamEvent {
+    /// The records of the batch.
+    #[serde(rename = "Records")]
+    pub records: Vec<StreamRecord>,
+}
+
+/// One change to the table.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamRecord {
+    /// `INSERT`, `MODIFY` or `REMOVE`.
+    #[serde(rename = "eventName")]
+    pub event_name: String,
+    /// Who made the change: the TTL service, for removals by TTL.
+    #[serde(rename = "userIdentity", default)]
+    pub user_identity: Option<UserIdentity>,
+    /// The item's keys and its image before the change.
+    pub dynamodb: StreamChange,
+}
+
+/// Who made a change.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserIdentity {
+    /// `Service` for TTL removals.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `dynamodb.amazonaws.com` for TTL removals.
+    #[serde(rename = "principalId")]
+    pub principal_id: String,
+}
+
+/// The keys and old image of a changed item (string attributes only are read).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamChange {
+    /// The item's keys.
+    #[serde(rename = "Keys", default)]
+    pub keys: HashMap<String, serde_json::Value>,
+    /// The item before the change (the table's stream carries old images).
+    #[serde(rename = "OldImage", default)]
+    pub old_image: HashMap<String, serde_json::Value>,
+}
+
+impl StreamRecord {
+    /// The session and owner of a session item that DynamoDB's TTL removed; `None` for any other
+    /// change (the event source's filter should let only these through).
+    pub fn expired_session(&self) -> Option<(SessionId, UserId)> {
+        let by_ttl = self
+            .user_identity
+            .as_ref()
+            .is_some_and(|who| who.kind == "Service" && who.principal_id == "dynamodb.amazonaws.com");
+        let string = |map: &HashMap<String, serde_json::Value>, name: &str| {
+            map.get(name).and_then(|v| v.get("S")).and_then(|v| v.as_str()).map(str::to_owned)
+        };
+        if self.event_name != "REMOVE" || !by_ttl || string(&self.dynamodb.keys, "sk")? != table::SESSION_SK {
+            return None;
+        }
+        let session = SessionId::parse(string(&self.dynamodb.keys, "pk")?.strip_prefix("S#")?).ok()?;
+        let user = UserId::parse(&string(&self.dynamodb.old_image, "user_id")?).ok()?;
+        Some((session, user))
+    }
+}
+
+/// What one batch of expiry reports did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct ExpiryReport {
+    /// Sessions removed by TTL in the batch.
+    pub expired: usize,
+    /// Of those, the ones counted off their user's sessions by this call (the others were
+    /// counted by an earlier delivery of the same record).
+    pub counted: usize,
+}
+
+impl Sweeper {
+    /// Sessions DynamoDB's TTL removed: each is counted off its user's sessions, exactly once,
+    /// and what is left of it is cleared. An error fails the batch, which Lambda delivers again;
+    /// the records already handled are no-ops the second time.
+    pub async fn expired(&self, event: StreamEvent) -> Result<ExpiryReport, SweepError> {
+        let mut report = ExpiryReport::default();
+        for (session, user) in event.records.iter().filter_map(StreamRecord::expired_session) {
+            report.expired += 1;
+            if self.store.session_expired(session, &user).await.map_err(SweepError::Store)? {
+                report.counted += 1;
+                info!(%session, %user, "session expired by its TTL; counted off its user");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Handles whichever event invoked the sweeper: the schedule's, or the table stream's.
+    pub async fn handle(&self, event: serde_json::Value) -> Result<serde_json::Value, lambda_runtime::Error> {
+        let from_stream = event.get("Records").is_some();
+        Ok(if from_stream {
+            let event: StreamEvent = serde_json::from_value(event)?;
+            serde_json::to_value(self.expired(event).await?)?
+        } else {
+            serde_json::to_value(self.sweep().await?)?
+        })
+    }
 }

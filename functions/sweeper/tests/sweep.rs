@@ -4,21 +4,21 @@
 //! after the new deadline tries again).
 
 use chat_core::{
-    ClaimOutcome, Clock, NewMessage, Outcome, SendOutcome, Session, SessionId, State, Store, StoreOptions,
-    TurnTicket, UserId,
+    AppendOutcome, ClaimOutcome, ClientMessageId, Clock, Event, NewMessage, Outcome, SendOutcome, Session,
+    SessionId, State, Store, StoreOptions, TurnTicket, UserId,
 };
 use chat_runtime::queue::Queue;
 use chat_testkit::LocalDynamo;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use sweeper::{SweepReport, Sweeper};
+use sweeper::{ExpiryReport, StreamEvent, SweepReport, Sweeper};
 
 const TABLE: &str = "sweeper";
 const START_MS: u64 = 1_800_000_000_000;
 
 struct World {
-    _dynamo: LocalDynamo,
+    dynamo: LocalDynamo,
     store: Store,
     clock: Arc<AtomicU64>,
     sweeper: Sweeper,
@@ -26,9 +26,18 @@ struct World {
 
 impl World {
     async fn start(max_redrives: u32, max_generation_attempts: u32) -> World {
+        World::start_at(START_MS, StoreOptions::default(), max_redrives, max_generation_attempts).await
+    }
+
+    async fn start_at(
+        start_ms: u64,
+        options: StoreOptions,
+        max_redrives: u32,
+        max_generation_attempts: u32,
+    ) -> World {
         let dynamo = LocalDynamo::start(0, TABLE).await.expect("emulator");
-        let clock = Arc::new(AtomicU64::new(START_MS));
-        let store = dynamo.store(TABLE, StoreOptions::default()).with_clock(Clock::Manual(clock.clone()));
+        let clock = Arc::new(AtomicU64::new(start_ms));
+        let store = dynamo.store(TABLE, options).with_clock(Clock::Manual(clock.clone()));
         let sqs = aws_sdk_sqs::Client::from_conf(
             aws_sdk_sqs::Config::builder()
                 .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
@@ -40,7 +49,7 @@ impl World {
         );
         let queue = Queue::new(sqs, "http://127.0.0.1:9/queue/none");
         let sweeper = Sweeper::new(store.clone(), queue, max_redrives, max_generation_attempts);
-        World { _dynamo: dynamo, store, clock, sweeper }
+        World { dynamo, store, clock, sweeper }
     }
 
     fn advance(&self, by: Duration) {
@@ -78,6 +87,23 @@ impl World {
         }
     }
 
+    /// A session whose first turn has a committed reply.
+    async fn answered(&self) -> SessionId {
+        let ticket = self.committed().await;
+        let claim = self
+            .store
+            .claim_generation(ticket.session_id, ticket.turn, "gen", Duration::from_secs(30), 3)
+            .await
+            .unwrap();
+        let ClaimOutcome::Claimed(lease) = claim else { panic!("{claim:?}") };
+        assert_eq!(
+            self.store.append_chunk(&lease, 0, 0, &["hello".to_owned()]).await.unwrap(),
+            AppendOutcome::Appended
+        );
+        assert!(matches!(self.store.commit_reply(&lease, "hello", None).await.unwrap(), Outcome::Applied(_)));
+        ticket.session_id
+    }
+
     async fn session(&self, id: SessionId) -> Session {
         self.store.get_session(id, true).await.unwrap().expect("session")
     }
@@ -98,7 +124,7 @@ async fn a_message_that_never_finished_storing_ends_in_error() {
     let session = world.session(ticket.session_id).await;
     assert_eq!(session.state, State::Error);
     assert_eq!(session.reason.as_deref(), Some("the message was not stored in time"));
-    assert_eq!(world.sweep().await.checked, 0, "an ended turn leaves the due index");
+    assert_eq!(world.sweep().await.checked, 0, "an ended turn's next deadline is its idle expiry");
 }
 
 #[tokio::test]
@@ -140,4 +166,101 @@ async fn a_live_lease_is_left_alone_and_a_spent_one_times_out() {
     assert_eq!(session.reason.as_deref(), Some("generation stalled and its retries are spent"));
     let events: Vec<_> = world.store.transitions(id).await.unwrap().into_iter().map(|t| t.event).collect();
     assert_eq!(events.last(), Some(&chat_core::Event::LeaseExpired));
+}
+
+#[tokio::test]
+async fn a_quiet_session_is_expired_and_a_lost_summary_job_is_sent_again_then_given_up() {
+    let world = World::start(1, 3).await;
+    let id = world.answered().await;
+    let idle = StoreOptions::default().idle_timeout.expect("an idle timeout by default");
+    world.advance(idle - Duration::from_secs(1));
+    assert_eq!(world.sweep().await.checked, 0, "not idle long enough yet");
+    world.advance(Duration::from_secs(2));
+    // Expired; the summary job cannot be sent here (no queue), so none is counted as asked.
+    let report = world.sweep().await;
+    assert_eq!((report.checked, report.idled, report.summaries_requested), (1, 0, 0));
+    let session = world.session(id).await;
+    assert_eq!((session.state, session.summary_pending), (State::Timeout, true));
+    assert_eq!(session.reason.as_deref(), Some("the session was idle past its limit"));
+    let events: Vec<Event> =
+        world.store.transitions(id).await.unwrap().into_iter().map(|t| t.event).collect();
+    assert_eq!(&events[events.len() - 2..], &[Event::Settle, Event::IdleExpired]);
+    assert_eq!(world.sweep().await.checked, 0, "the summary has until the pickup timeout");
+
+    // The job did not arrive: it is sent again (once: max re-drives 1), then given up.
+    let pickup = StoreOptions::default().pickup_timeout + Duration::from_millis(1);
+    world.advance(pickup);
+    assert_eq!(world.sweep().await.checked, 1);
+    assert_eq!(world.session(id).await.redrives, 1);
+    world.advance(pickup);
+    assert_eq!(world.sweep().await.checked, 1);
+    let session = world.session(id).await;
+    assert_eq!((session.summary_pending, session.due_at, session.summary), (false, None, None));
+    world.advance(Duration::from_secs(86_400));
+    assert_eq!(world.sweep().await.checked, 0, "nothing further is due");
+    // Still a session the user can go on with.
+    assert_eq!(session.state, State::Timeout);
+}
+
+#[tokio::test]
+async fn every_item_of_a_session_expires_and_its_removal_is_counted_off_its_user_exactly_once() {
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let retention = StoreOptions::default().retention.expect("a retention by default");
+    let options = StoreOptions { max_sessions_per_user: 1, ..StoreOptions::default() };
+    // Everything is written a day more than the retention ago: it has all expired by now.
+    let written_at = now_ms - retention.as_millis() as u64 - 86_400_000;
+    let world = World::start_at(written_at, options, 3, 3).await;
+    let user = UserId::parse("sweeper-user").unwrap();
+    let key = ClientMessageId::parse("retry-me").unwrap();
+    let send =
+        |session, key| NewMessage { user: &user, session, content: "hi", client_message_id: key, by: "t" };
+    let SendOutcome::Accepted(ticket) = world.store.send_message(send(None, Some(&key))).await.unwrap()
+    else {
+        panic!("refused")
+    };
+    let Outcome::Applied(_) = world.store.commit_user_message(&ticket, "t").await.unwrap() else { panic!() };
+    let claim = world
+        .store
+        .claim_generation(ticket.session_id, ticket.turn, "gen", Duration::from_secs(30), 3)
+        .await
+        .unwrap();
+    let ClaimOutcome::Claimed(lease) = claim else { panic!("{claim:?}") };
+    world.store.append_chunk(&lease, 0, 0, &["hello".to_owned()]).await.unwrap();
+    world.store.commit_reply(&lease, "hello", None).await.unwrap();
+    assert!(matches!(
+        world.store.send_message(send(None, None)).await.unwrap(),
+        SendOutcome::SessionLimit { limit: 1 }
+    ));
+    let mut stream = world.dynamo.stream(TABLE).unwrap();
+
+    // DynamoDB's TTL process runs: the session, its messages, chunk, transitions and the
+    // idempotency key all go (the session counter and the rate bucket are not session data).
+    world.clock.store(now_ms, Ordering::SeqCst);
+    let removed = world.dynamo.sweep_ttl().unwrap();
+    // The session, two messages, a chunk, four transitions and the idempotency key.
+    assert!(removed > 1 + 2 + 1 + 4, "removed {removed}");
+    let id = ticket.session_id;
+    assert!(world.store.get_session(id, true).await.unwrap().is_none());
+    assert!(world.store.transitions(id).await.unwrap().is_empty());
+    assert!(world.store.read_chunks(id, ticket.turn, None, true).await.unwrap().is_empty());
+    assert_eq!(world.store.clear_if_deleted(id).await.unwrap(), 0, "no item outlived the session");
+
+    // The stream carries every write and the removals; only the session's removal by TTL counts,
+    // and delivering the batch again counts nothing twice.
+    let event: StreamEvent = serde_json::from_value(stream.next_event().unwrap().expect("records")).unwrap();
+    assert!(event.records.len() > removed, "writes and removals: {}", event.records.len());
+    let report = world.sweeper.expired(event.clone()).await.unwrap();
+    assert_eq!(report, ExpiryReport { expired: 1, counted: 1 });
+    assert_eq!(world.sweeper.expired(event).await.unwrap(), ExpiryReport { expired: 1, counted: 0 });
+
+    // The user's place is free again, exactly one: the count is back to 0, not below.
+    let SendOutcome::Accepted(fresh) = world.store.send_message(send(None, Some(&key))).await.unwrap() else {
+        panic!("the expired session still counts")
+    };
+    assert_ne!(fresh.session_id, id, "the expired idempotency key starts a new session");
+    assert!(matches!(
+        world.store.send_message(send(None, None)).await.unwrap(),
+        SendOutcome::SessionLimit { limit: 1 }
+    ));
 }

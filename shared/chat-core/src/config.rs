@@ -58,6 +58,33 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
     pub fn millis_or(&self, name: &str, default: Duration) -> Result<Duration, ConfigError> {
         self.parse_or(name, default.as_millis() as u64).map(Duration::from_millis)
     }
+
+    /// A duration written with its unit (`90s`, `30m`, `2h`, `1d`; a bare number is seconds),
+    /// or `default`; `0` turns the setting off (`None`).
+    pub fn duration_or(
+        &self,
+        name: &str,
+        default: Option<Duration>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(raw) = self.optional(name) else { return Ok(default) };
+        let invalid = || ConfigError {
+            variable: name.to_owned(),
+            problem: format!(
+                "has an invalid value {raw:?}; write a number with a unit: 90s, 30m, 2h, 1d (0: off)"
+            ),
+        };
+        let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+        let (digits, unit) = raw.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| invalid())?;
+        let seconds = match unit.trim() {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(invalid()),
+        };
+        Ok((n > 0).then(|| Duration::from_secs(n.saturating_mul(seconds))))
+    }
 }
 
 /// Settings every function shares.
@@ -65,7 +92,8 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
 pub struct CommonConfig {
     /// The DynamoDB table (`TABLE_NAME`).
     pub table_name: String,
-    /// Store timing (`WRITING_TIMEOUT_MS`, `PICKUP_TIMEOUT_MS`).
+    /// Store timing and retention (`WRITING_TIMEOUT_MS`, `PICKUP_TIMEOUT_MS`, `SESSION_TTL_DAYS`,
+    /// `SESSION_IDLE_TIMEOUT`).
     pub store: crate::StoreOptions,
     /// Lease a generator holds on a turn (`LEASE_MS`, default 30 s).
     pub lease: Duration,
@@ -84,6 +112,13 @@ impl CommonConfig {
             writing_timeout: env.millis_or("WRITING_TIMEOUT_MS", defaults.writing_timeout)?,
             pickup_timeout: env.millis_or("PICKUP_TIMEOUT_MS", defaults.pickup_timeout)?,
             max_sessions_per_user: limits.sessions,
+            retention: match env
+                .parse_or("SESSION_TTL_DAYS", defaults.retention.map_or(0, |d| d.as_secs() / 86_400))?
+            {
+                0 => None,
+                days => Some(Duration::from_secs(days * 86_400)),
+            },
+            idle_timeout: env.duration_or("SESSION_IDLE_TIMEOUT", defaults.idle_timeout)?,
             ..defaults
         };
         Ok(CommonConfig {
@@ -115,5 +150,30 @@ mod tests {
         assert_eq!(err.variable, "LEASE_MS");
         let ok = CommonConfig::from_env(&env(&[("TABLE_NAME", "t"), ("MAX_ATTEMPTS", " 5 ")])).unwrap();
         assert_eq!(ok.max_generation_attempts, 5);
+    }
+
+    #[test]
+    fn retention_and_idle_timeout_read_days_and_units_and_zero_turns_them_off() {
+        let base = [("TABLE_NAME", "t")];
+        let defaults = CommonConfig::from_env(&env(&base)).unwrap().store;
+        assert_eq!(defaults.retention, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(defaults.idle_timeout, Some(Duration::from_secs(30 * 60)));
+        let set = |pairs: &[(&str, &str)]| {
+            let all: Vec<(&str, &str)> = base.iter().chain(pairs).copied().collect();
+            CommonConfig::from_env(&env(&all)).map(|c| c.store)
+        };
+        let store = set(&[("SESSION_TTL_DAYS", "7"), ("SESSION_IDLE_TIMEOUT", "2h")]).unwrap();
+        assert_eq!(store.retention, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(store.idle_timeout, Some(Duration::from_secs(7200)));
+        let off = set(&[("SESSION_TTL_DAYS", "0"), ("SESSION_IDLE_TIMEOUT", "0")]).unwrap();
+        assert_eq!((off.retention, off.idle_timeout), (None, None));
+        assert_eq!(
+            set(&[("SESSION_IDLE_TIMEOUT", "90")]).unwrap().idle_timeout,
+            Some(Duration::from_secs(90))
+        );
+        let err = set(&[("SESSION_IDLE_TIMEOUT", "soon")]).unwrap_err();
+        assert_eq!(err.variable, "SESSION_IDLE_TIMEOUT");
+        assert!(err.problem.contains("30m"), "{}", err.problem);
+        assert_eq!(set(&[("SESSION_TTL_DAYS", "-1")]).unwrap_err().variable, "SESSION_TTL_DAYS");
     }
 }

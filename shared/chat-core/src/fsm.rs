@@ -130,6 +130,13 @@ pub fn expiry(state: State) -> Option<(Event, &'static str)> {
     }
 }
 
+/// The event that returns a session whose turn has ended to `idle` from `state` (`Settle` from
+/// `ai_committed`, `Recover` from `error` or `timeout`), read off the table; `None` from `idle`
+/// itself and from the in-flight states.
+pub fn settling(state: State) -> Option<Event> {
+    Event::ALL.into_iter().find(|event| transition(Some(state), *event) == Some(State::Idle))
+}
+
 /// Whether a turn overdue in `state` may be tried again rather than ended: a queued turn can be
 /// delivered again, and a stalled generation taken over while it has attempts left; a message
 /// that never finished storing cannot.

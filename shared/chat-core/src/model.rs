@@ -41,6 +41,23 @@ pub struct Session {
     pub reason: Option<String>,
     /// The operation id of the last transition, to recognise a retried write of our own.
     pub last_op: Option<String>,
+    /// When DynamoDB may remove the session (its TTL, epoch seconds); `None`: kept forever.
+    pub retained_until: Option<u64>,
+    /// A summary of the conversation, written after the session went idle.
+    pub summary: Option<Summary>,
+    /// The session went idle and its summary is still to be written.
+    pub summary_pending: bool,
+}
+
+/// A summary of a conversation up to a turn: the compact memory of what came before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The summary text.
+    pub text: String,
+    /// The last turn it covers.
+    pub through: Turn,
+    /// When it was written, epoch ms.
+    pub at: u64,
 }
 
 /// A generator's hold on a turn.
@@ -221,6 +238,16 @@ impl Session {
             cancel_requested: fields.flag(attr::CANCEL_REQUESTED)?,
             reason: fields.opt_string(attr::REASON)?.map(str::to_owned),
             last_op: fields.opt_string(attr::LAST_OP)?.map(str::to_owned),
+            retained_until: fields.opt_number(crate::table::TTL_ATTRIBUTE)?,
+            summary: match fields.opt_string(attr::SUMMARY)? {
+                Some(text) => Some(Summary {
+                    text: text.to_owned(),
+                    through: fields.turn(attr::SUMMARY_THROUGH)?,
+                    at: fields.number(attr::SUMMARY_AT)?,
+                }),
+                None => None,
+            },
+            summary_pending: fields.flag(attr::SUMMARY_PENDING)?,
         })
     }
 }
@@ -304,6 +331,10 @@ pub(crate) mod attr {
     pub const CANCEL_REQUESTED: &str = "cancel_requested";
     pub const REASON: &str = "reason";
     pub const LAST_OP: &str = "last_op";
+    pub const SUMMARY: &str = "summary";
+    pub const SUMMARY_THROUGH: &str = "summary_through";
+    pub const SUMMARY_AT: &str = "summary_at";
+    pub const SUMMARY_PENDING: &str = "summary_pending";
     pub const ROLE: &str = "role";
     pub const CONTENT: &str = "content";
     pub const TIMESTAMP: &str = "timestamp";

@@ -10,6 +10,7 @@
 //! | token chunk | `S#{session}` | `CHUNK#{turn:08}#{seq:08}` |
 //! | transition | `S#{session}` | `TRANS#{version:010}` |
 //! | idempotency key | `U#{user}` | `IDEM#{client_message_id}` |
+//! | expired-session marker | `U#{user}` | `EXPIRED#{session}` |
 //!
 //! Index `by_user` (`gsi1pk` = `U#{user}`, `gsi1sk` = `{created_at:013}#{session}`, keys only) lists a
 //! user's sessions newest first; its keys never change, so session updates do not write to it.
@@ -20,7 +21,7 @@
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ScalarAttributeType, TimeToLiveSpecification,
+    ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
 
@@ -55,6 +56,8 @@ pub const CHUNK_PREFIX: &str = "CHUNK#";
 pub const TRANSITION_PREFIX: &str = "TRANS#";
 /// Sort key prefix of idempotency records.
 pub const IDEMPOTENCY_PREFIX: &str = "IDEM#";
+/// Sort key prefix of the markers that a session removed by its TTL was counted off.
+pub const EXPIRED_PREFIX: &str = "EXPIRED#";
 
 /// Partition key of everything in a session.
 pub fn session_pk(session: SessionId) -> String {
@@ -93,6 +96,12 @@ pub fn transition_sk(version: u64) -> String {
 /// Sort key of an idempotency record.
 pub fn idempotency_sk(key: &ClientMessageId) -> String {
     format!("{IDEMPOTENCY_PREFIX}{key}")
+}
+
+/// Sort key of the marker that session `session`, removed by its TTL, was counted off its
+/// user's sessions.
+pub fn expired_sk(session: SessionId) -> String {
+    format!("{EXPIRED_PREFIX}{session}")
 }
 
 /// `by_user` sort key: creation time then id, so newest-first is a reverse query.
@@ -169,7 +178,7 @@ fn index(def: &IndexDefinition) -> GlobalSecondaryIndex {
         .expect("index fields are set")
 }
 
-/// Creates the table (on-demand, both indexes) and enables TTL. For local emulators and tests;
+/// Creates the table (on-demand, both indexes, a stream of old images) and enables TTL. For local emulators and tests;
 /// in AWS, `template.yaml` creates it.
 pub async fn create_table(client: &Client, table: &str) -> Result<(), aws_sdk_dynamodb::Error> {
     let mut request = client
@@ -189,6 +198,13 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), aws_sdk_dy
     for def in &INDEXES {
         request = request.global_secondary_indexes(index(def));
     }
+    // The sweeper learns of sessions removed by TTL from the stream, and needs their owner.
+    let stream = StreamSpecification::builder()
+        .stream_enabled(true)
+        .stream_view_type(StreamViewType::OldImage)
+        .build()
+        .expect("stream fields are set");
+    request = request.stream_specification(stream);
     request.send().await?;
     client
         .update_time_to_live()

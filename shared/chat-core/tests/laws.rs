@@ -117,6 +117,7 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
         cancel_requested: false,
         next_seq: 0,
         resumed_tokens: vec![],
+        summary: None,
     };
     match event {
         Event::UserSend => {
@@ -613,11 +614,18 @@ async fn overdue_turns_are_found_through_the_due_index() {
     let generating = session_in(&store, &user, State::AiGenerating).await;
     let done = session_in(&store, &user, State::AiCommitted).await;
     assert!(store.overdue_sessions(store.now_ms(), 100).await.unwrap().is_empty());
-    db.advance_ms(3_600_000);
+    // Past every in-flight deadline (writing, pickup, lease), short of the idle timeout.
+    db.advance_ms(600_000);
     let overdue: HashSet<SessionId> =
         store.overdue_sessions(store.now_ms(), 100).await.unwrap().into_iter().collect();
     assert_eq!(overdue, HashSet::from([writing.id, committed.id, generating.id]));
     assert!(!overdue.contains(&done.id));
+    // An answered session's next deadline is its idle expiry.
+    let idle = store.options().idle_timeout.expect("an idle timeout").as_millis() as u64;
+    db.advance_ms(idle);
+    let overdue: HashSet<SessionId> =
+        store.overdue_sessions(store.now_ms(), 100).await.unwrap().into_iter().collect();
+    assert!(overdue.contains(&done.id));
     let Outcome::Applied(redrives) =
         store.record_redrive(&session(&store, committed.id).await).await.unwrap()
     else {
@@ -836,4 +844,36 @@ async fn an_expired_idempotency_key_is_absent_even_before_dynamodb_removes_it() 
         matches!(send("again, a day later").await, SendOutcome::Duplicate { .. }),
         "the renewed key is live"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_racing_the_idle_expiry_is_never_refused_and_never_marked_for_a_summary() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let mut expired_first = 0;
+    for round in 0..12 {
+        let idle = session_in(&store, &user, State::AiCommitted).await;
+        let text = format!("back again {round}");
+        let (expiry, sent) =
+            tokio::join!(store.expire_idle(&idle, "sweeper"), send(&store, &user, Some(idle.id), &text));
+        let ticket = accepted(sent);
+        let after = session(&store, idle.id).await;
+        assert_eq!((after.state, after.turn), (State::UserWriting, ticket.turn), "round {round}");
+        assert!(!after.summary_pending, "a turn in flight is not summarised (round {round})");
+        let events: Vec<Event> =
+            store.transitions(idle.id).await.unwrap().into_iter().map(|t| t.event).collect();
+        match expiry.unwrap() {
+            // The expiry landed first: the message came in from `timeout`.
+            Outcome::Applied(_) => {
+                expired_first += 1;
+                assert_eq!(
+                    &events[events.len() - 3..],
+                    &[Event::Settle, Event::IdleExpired, Event::UserSend]
+                );
+            }
+            Outcome::Conflict(_) => assert!(!events.contains(&Event::IdleExpired), "round {round}"),
+        }
+    }
+    eprintln!("the expiry won {expired_first} of 12 rounds");
 }

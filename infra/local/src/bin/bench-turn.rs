@@ -192,8 +192,7 @@ async fn run(
         });
         let mut message = SqsMessage::default();
         message.message_id = Some(format!("bench-{turn}"));
-        message.body =
-            Some(serde_json::to_string(&TurnMessage { session_id: ticket.session_id, turn: ticket.turn })?);
+        message.body = Some(serde_json::to_string(&TurnMessage::reply(ticket.session_id, ticket.turn))?);
         let mut event = SqsEvent::default();
         event.records = vec![message];
         let response = generator.handle(event).await;

@@ -11,7 +11,7 @@ use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn};
 use crate::model::{attr, Chunk, Session, StopReason};
-use crate::table::{self, DUE_AT, DUE_SHARD, PK, TTL_ATTRIBUTE};
+use crate::table::{self, DUE_AT, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use std::time::Duration;
 
@@ -85,6 +85,7 @@ impl Store {
                 cancel_requested: current.cancel_requested,
                 next_seq: 0,
                 resumed_tokens: Vec::new(),
+                summary: current.summary.clone(),
             };
             if event == Event::LeaseTakeover {
                 match self.fence(&mut lease).await? {
@@ -198,7 +199,6 @@ impl Store {
         start: u64,
         tokens: &[String],
     ) -> Result<ChunkPut, StoreError> {
-        let expires = (self.now_ms() + ms(self.options.chunk_retention)) / 1000;
         let mut item = key(table::session_pk(lease.session_id), table::chunk_sk(lease.turn, seq));
         item.extend([
             (attr::KIND.to_owned(), string("chunk")),
@@ -207,8 +207,10 @@ impl Store {
             (attr::START.to_owned(), number(start)),
             (attr::TOKENS.to_owned(), AttributeValue::L(tokens.iter().cloned().map(string).collect())),
             (attr::OWNER.to_owned(), string(lease.owner.clone())),
-            (TTL_ATTRIBUTE.to_owned(), number(expires)),
         ]);
+        if let Some(ttl) = self.ttl_for(Some(self.options.chunk_retention)) {
+            item.insert(TTL_ATTRIBUTE.to_owned(), ttl);
+        }
         let request = self
             .client
             .put_item()
@@ -277,14 +279,16 @@ impl Store {
         stopped: Option<StopReason>,
     ) -> Result<Outcome<u64>, StoreError> {
         let message = self.message_item(lease.session_id, lease.turn, Role::Assistant, content, stopped);
+        let (mut set, remove) = self.turn_ended_deadline(lease.session_id);
+        set.push((attr::CANCEL_REQUESTED, AttributeValue::Bool(false)));
         let write = TransitionWrite {
             session: lease.session_id,
             expected: Some((State::AiGenerating, lease.version)),
             event: Event::ReplyCommitted,
             turn: lease.turn,
             by: lease.owner.clone(),
-            set: vec![(attr::CANCEL_REQUESTED, AttributeValue::Bool(false))],
-            remove: vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, DUE_SHARD, DUE_AT],
+            set,
+            remove,
             extra_condition: Some((
                 "#lease_owner = :owner AND #turn = :turn",
                 vec![(":owner", string(lease.owner.clone())), (":turn", number(lease.turn.get()))],

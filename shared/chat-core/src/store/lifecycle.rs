@@ -7,11 +7,12 @@ use super::{
 };
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
-use crate::ids::{ClientMessageId, SessionId, UserId};
+use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
 use crate::model::{attr, Fields, Item, Session};
-use crate::table::{self, DUE_AT, DUE_SHARD, PK, SK};
+use crate::table::{self, DUE_AT, DUE_SHARD, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
-    Delete, DeleteRequest, ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem, WriteRequest,
+    AttributeValue, Delete, DeleteRequest, ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem,
+    WriteRequest,
 };
 use uuid::Uuid;
 
@@ -57,18 +58,164 @@ impl Store {
             })
             .into_iter()
             .collect();
+        let (mut set, remove) = self.turn_ended_deadline(current.id);
+        set.push((attr::REASON, string(reason)));
         let write = TransitionWrite {
             session: current.id,
             expected: Some((current.state, current.version)),
             event,
             turn: current.turn,
             by: by.to_owned(),
-            set: vec![(attr::REASON, string(reason))],
-            remove: vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, DUE_SHARD, DUE_AT],
+            set,
+            remove,
             extra_condition: None,
             extra_items,
         };
         self.outcome(write).await
+    }
+
+    /// What a transition that ends a turn sets and removes: the lease goes, and the deadline
+    /// becomes the idle expiry (`idle_timeout` from now), or goes too when there is none.
+    pub(super) fn turn_ended_deadline(
+        &self,
+        session: SessionId,
+    ) -> (Vec<(&'static str, AttributeValue)>, Vec<&'static str>) {
+        match self.options.idle_timeout {
+            Some(idle) => (
+                vec![
+                    (DUE_SHARD, string(table::due_shard(session))),
+                    (DUE_AT, number(self.now_ms() + ms(idle))),
+                ],
+                vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT],
+            ),
+            None => (vec![], vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, DUE_SHARD, DUE_AT]),
+        }
+    }
+
+    /// `IdleExpired`: a session whose turn ended and which stayed quiet past its idle deadline
+    /// is settled (`Settle` or `Recover`, as the table says) and expired into `timeout`, marked
+    /// for its summary; the summary's deadline (the pickup timeout) lets the sweeper re-send
+    /// the job should it be lost. `Conflict` when the session moved on (a new message).
+    pub async fn expire_idle(&self, current: &Session, by: &str) -> Result<Outcome<u64>, StoreError> {
+        let mut current = current.clone();
+        loop {
+            let (event, set, remove) = match fsm::settling(current.state) {
+                Some(event) => (event, vec![], vec![attr::REASON]),
+                None if current.state == State::Idle => (
+                    Event::IdleExpired,
+                    vec![
+                        (attr::REASON, string("the session was idle past its limit")),
+                        (attr::SUMMARY_PENDING, AttributeValue::Bool(true)),
+                        (attr::REDRIVES, number(0)),
+                        (DUE_SHARD, string(table::due_shard(current.id))),
+                        (DUE_AT, number(self.now_ms() + ms(self.options.pickup_timeout))),
+                    ],
+                    vec![],
+                ),
+                None => {
+                    return Err(StoreError::IllegalTransition {
+                        from: Some(current.state),
+                        event: Event::IdleExpired,
+                    })
+                }
+            };
+            let write = TransitionWrite {
+                session: current.id,
+                expected: Some((current.state, current.version)),
+                event,
+                turn: current.turn,
+                by: by.to_owned(),
+                set,
+                remove,
+                extra_condition: None,
+                extra_items: vec![],
+            };
+            match self.outcome(write).await? {
+                Outcome::Applied(version) if event == Event::IdleExpired => {
+                    return Ok(Outcome::Applied(version))
+                }
+                Outcome::Applied(version) => {
+                    current.state = State::Idle;
+                    current.version = version;
+                }
+                conflict => return Ok(conflict),
+            }
+        }
+    }
+
+    /// Stores the summary of `current`'s conversation through `through`, written after it went
+    /// idle, and clears the pending mark and its deadline. No state change. When the session
+    /// moved on meanwhile (a new message), the summary is still kept if it is newer than the
+    /// one there; `Conflict` when it was not stored at all.
+    pub async fn save_summary(
+        &self,
+        current: &Session,
+        text: &str,
+        through: Turn,
+    ) -> Result<Outcome<()>, StoreError> {
+        let update = |condition: &str| {
+            self.client
+                .update_item()
+                .table_name(&*self.table)
+                .set_key(Some(session_key(current.id)))
+                .condition_expression(condition)
+                .expression_attribute_names("#summary", attr::SUMMARY)
+                .expression_attribute_names("#through", attr::SUMMARY_THROUGH)
+                .expression_attribute_names("#at", attr::SUMMARY_AT)
+                .expression_attribute_values(":summary", string(text))
+                .expression_attribute_values(":through", number(through.get()))
+                .expression_attribute_values(":at", number(self.now_ms()))
+        };
+        let pending = update("#state = :timeout AND #version = :v AND #pending = :yes")
+            .update_expression(
+                "SET #summary = :summary, #through = :through, #at = :at REMOVE #pending, #due, #shard",
+            )
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#version", attr::VERSION)
+            .expression_attribute_names("#pending", attr::SUMMARY_PENDING)
+            .expression_attribute_names("#due", DUE_AT)
+            .expression_attribute_names("#shard", DUE_SHARD)
+            .expression_attribute_values(":timeout", string(State::Timeout.as_str()))
+            .expression_attribute_values(":v", number(current.version))
+            .expression_attribute_values(":yes", AttributeValue::Bool(true));
+        if let Written::Applied(_) = self.send_conditional(pending).await? {
+            return Ok(Outcome::Applied(()));
+        }
+        let newer =
+            update("attribute_exists(#pk) AND (attribute_not_exists(#through) OR #through < :through)")
+                .update_expression("SET #summary = :summary, #through = :through, #at = :at")
+                .expression_attribute_names("#pk", PK)
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        Ok(match self.send_conditional(newer).await? {
+            Written::Applied(_) => Outcome::Applied(()),
+            Written::Refused(item) => {
+                Outcome::Conflict(Conflict { current: item.as_ref().map(Session::from_item).transpose()? })
+            }
+        })
+    }
+
+    /// Gives up on `current`'s pending summary (its job was re-sent as often as allowed): clears
+    /// the mark and the deadline. `Conflict` if the session moved on.
+    pub async fn drop_summary(&self, current: &Session) -> Result<Outcome<()>, StoreError> {
+        let request = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(session_key(current.id)))
+            .update_expression("REMOVE #pending, #due, #shard")
+            .condition_expression("#version = :v")
+            .expression_attribute_names("#pending", attr::SUMMARY_PENDING)
+            .expression_attribute_names("#due", DUE_AT)
+            .expression_attribute_names("#shard", DUE_SHARD)
+            .expression_attribute_names("#version", attr::VERSION)
+            .expression_attribute_values(":v", number(current.version))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        Ok(match self.send_conditional(request).await? {
+            Written::Applied(_) => Outcome::Applied(()),
+            Written::Refused(item) => {
+                Outcome::Conflict(Conflict { current: item.as_ref().map(Session::from_item).transpose()? })
+            }
+        })
     }
 
     /// Returns a session whose turn has ended to `idle` by `event`, one of the table's edges into
@@ -126,9 +273,12 @@ impl Store {
     }
 
     /// Removes the session and everything under it, and its user's idempotency records that
-    /// point at it. The session item goes first, so a failure part-way leaves no visible
-    /// half-session; a retry sweeps whatever is left. With `owner`, a session of another user
-    /// (or none at all) is `NotFound` and nothing is touched.
+    /// point at it. The session item goes first, with the user's session count, so a failure
+    /// part-way leaves no visible half-session, and no transition can add to the partition
+    /// after the sweep of it has begun (each is conditioned on the session item). A generator
+    /// still streaming may add a chunk; it clears the partition once it finds the session gone
+    /// ([`Store::clear_if_deleted`]). With `owner`, a session of another user (or none at all)
+    /// is `NotFound` and nothing is touched.
     pub async fn delete_session(
         &self,
         id: SessionId,
@@ -140,18 +290,8 @@ impl Store {
                 return Ok(DeleteOutcome::NotFound);
             }
         }
-        let mut keys = self.partition_keys(table::session_pk(id)).await?;
+        let mut keys = Vec::new();
         if let Some(session) = &session {
-            let user_pk = table::user_pk(&session.user_id);
-            let prefix = table::IDEMPOTENCY_PREFIX;
-            let records =
-                self.query_range(user_pk, prefix.to_owned(), super::prefix_end(prefix), true).await?;
-            for record in records {
-                let fields = Fields::new(&record);
-                if fields.opt_string(attr::SESSION_ID)? == Some(id.to_string().as_str()) {
-                    keys.push(key(fields.string(PK)?.to_owned(), fields.string(SK)?));
-                }
-            }
             // The count moves with the session item, exactly once: a retry finds the item gone.
             let delete = Delete::builder()
                 .table_name(&*self.table)
@@ -168,9 +308,70 @@ impl Store {
                 .client_request_token(Uuid::new_v4().to_string());
             // Refused: a concurrent delete took the session item (and moved the count) first.
             self.send_conditional(request).await?;
+            keys.extend(self.idempotency_keys(&session.user_id, id).await?);
         }
+        keys.extend(self.partition_keys(table::session_pk(id)).await?);
         keys.retain(|k| k.get(SK).and_then(|v| v.as_s().ok()).map(String::as_str) != Some(table::SESSION_SK));
         let removed = keys.len();
+        self.delete_keys(keys).await?;
+        Ok(match session {
+            Some(_) => DeleteOutcome::Deleted { items: removed + 1 },
+            None => DeleteOutcome::NotFound,
+        })
+    }
+
+    /// Once a session is gone (deleted, or removed by its TTL), removes whatever is left in its
+    /// partition: a chunk a generator wrote after the delete swept it, or items whose own TTL
+    /// has not come yet. Returns how many it removed; nothing while the session item exists.
+    pub async fn clear_if_deleted(&self, id: SessionId) -> Result<usize, StoreError> {
+        if self.get_item(session_key(id)).await?.is_some() {
+            return Ok(0);
+        }
+        let keys = self.partition_keys(table::session_pk(id)).await?;
+        let removed = keys.len();
+        self.delete_keys(keys).await?;
+        Ok(removed)
+    }
+
+    /// Session `id` of `user` was removed by its TTL (DynamoDB Streams reported it): moves the
+    /// user's session count down, exactly once however often the report is delivered (a marker
+    /// written in the same transaction refuses a repeat), then clears what is left of the
+    /// session. Returns whether this call moved the count.
+    pub async fn session_expired(&self, id: SessionId, user: &UserId) -> Result<bool, StoreError> {
+        let mut marker = key(table::user_pk(user), table::expired_sk(id));
+        marker.insert(attr::KIND.to_owned(), string("expired"));
+        marker.insert(attr::SESSION_ID.to_owned(), string(id.to_string()));
+        // Stream records live 24 h; a week outlasts every redelivery.
+        marker.insert(TTL_ATTRIBUTE.to_owned(), number(self.now_ms() / 1000 + 7 * 86_400));
+        let request = self
+            .client
+            .transact_write_items()
+            .transact_items(self.put_new(marker))
+            .transact_items(self.count_sessions(user, -1))
+            .client_request_token(Uuid::new_v4().to_string());
+        let counted = matches!(self.send_conditional(request).await?, Written::Applied(_));
+        self.clear_if_deleted(id).await?;
+        Ok(counted)
+    }
+
+    /// The keys of `user`'s idempotency records that point at session `id`.
+    async fn idempotency_keys(&self, user: &UserId, id: SessionId) -> Result<Vec<Item>, StoreError> {
+        let prefix = table::IDEMPOTENCY_PREFIX;
+        let records = self
+            .query_range(table::user_pk(user), prefix.to_owned(), super::prefix_end(prefix), true)
+            .await?;
+        let mut keys = Vec::new();
+        for record in records {
+            let fields = Fields::new(&record);
+            if fields.opt_string(attr::SESSION_ID)? == Some(id.to_string().as_str()) {
+                keys.push(key(fields.string(PK)?.to_owned(), fields.string(SK)?));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Deletes items by key, 25 to a batch, retrying what DynamoDB leaves unprocessed.
+    async fn delete_keys(&self, keys: Vec<Item>) -> Result<(), StoreError> {
         for batch in keys.chunks(25) {
             let mut requests: Vec<WriteRequest> = batch
                 .iter()
@@ -195,10 +396,7 @@ impl Store {
                 }
             }
         }
-        Ok(match session {
-            Some(_) => DeleteOutcome::Deleted { items: removed + 1 },
-            None => DeleteOutcome::NotFound,
-        })
+        Ok(())
     }
 
     /// The keys of every item in a partition.

@@ -49,6 +49,14 @@ pub struct StoreOptions {
     pub chunk_retention: Duration,
     /// How long an idempotency key is remembered.
     pub idempotency_retention: Duration,
+    /// How long a session's items are kept after they are written (`SESSION_TTL_DAYS`; `None`:
+    /// forever). Every transition renews the session item's, so a session lasts this long past
+    /// its last activity, while its older messages age out on their own. Chunks and
+    /// idempotency keys keep the shorter of this and their own retention.
+    pub retention: Option<Duration>,
+    /// How long a session whose turn has ended may stay quiet before the sweeper expires it
+    /// (`IdleExpired`) and has it summarised (`SESSION_IDLE_TIMEOUT`; `None`: never).
+    pub idle_timeout: Option<Duration>,
     /// Attempts at a write when concurrent transactions collide or a state read goes stale.
     pub max_write_attempts: u32,
     /// Sessions a user may have (0: no limit); counted whether or not it is enforced.
@@ -62,6 +70,8 @@ impl Default for StoreOptions {
             pickup_timeout: Duration::from_secs(60),
             chunk_retention: Duration::from_secs(7 * 24 * 3600),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            idle_timeout: Some(Duration::from_secs(30 * 60)),
             max_write_attempts: 8,
             max_sessions_per_user: 0,
         }
@@ -179,6 +189,21 @@ impl Store {
     /// Epoch ms by the store's clock.
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// The TTL (epoch seconds) of an item written now and kept for `keep` (capped by the
+    /// session retention), or `None` when it is kept forever.
+    pub(crate) fn ttl_for(&self, keep: Option<Duration>) -> Option<AttributeValue> {
+        let keep = match (keep, self.options.retention) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(number((self.now_ms() + ms(keep)) / 1000))
+    }
+
+    /// The TTL of a session item written now: the session retention.
+    pub(crate) fn session_ttl(&self) -> Option<AttributeValue> {
+        self.options.retention.map(|keep| number((self.now_ms() + ms(keep)) / 1000))
     }
 
     /// Capacity units consumed so far by this store (and its clones).

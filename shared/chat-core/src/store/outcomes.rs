@@ -6,6 +6,9 @@ use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
 use crate::model::Session;
 
 /// The result of a conditional write: it happened, or the session was not as expected.
+// One is returned per write and consumed at once, never stored in bulk: the session a
+// conflict carries is cheaper inline than boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome<T> {
     /// The write was applied.
@@ -94,6 +97,8 @@ pub struct Lease {
     pub next_seq: u32,
     /// Tokens a previous holder already wrote for this turn (empty on a first claim).
     pub resumed_tokens: Vec<String>,
+    /// The session's summary of its earlier turns, if it has one: compact memory.
+    pub summary: Option<crate::model::Summary>,
 }
 
 /// What became of a generation claim.

@@ -39,7 +39,14 @@ impl Store {
             .table_name(&*self.table)
             .set_key(Some(session_key(id)))
             .consistent_read(consistent);
-        self.send(request).await?.item().map(Session::from_item).transpose()
+        let session = self.send(request).await?.item().map(Session::from_item).transpose()?;
+        Ok(session.filter(|s| self.retained(s)))
+    }
+
+    /// Whether a session is within its retention. DynamoDB removes an expired item only
+    /// eventually (within days): past its TTL, a session is gone, whether or not the item is.
+    fn retained(&self, session: &Session) -> bool {
+        session.retained_until.is_none_or(|until| until * 1000 > self.now_ms())
     }
 
     /// Queries one partition's items whose sort key lies in `[from, to]`, all pages.
@@ -221,7 +228,9 @@ impl Store {
             let out = self.send(self.client.batch_get_item().request_items(&*self.table, request)).await?;
             for item in out.responses().and_then(|r| r.get(&*self.table)).into_iter().flatten() {
                 let session = Session::from_item(item)?;
-                found.insert(table::session_pk(session.id), session);
+                if self.retained(&session) {
+                    found.insert(table::session_pk(session.id), session);
+                }
             }
             pending = out
                 .unprocessed_keys()

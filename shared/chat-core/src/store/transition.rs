@@ -33,6 +33,8 @@ pub(super) struct TransitionWrite {
     pub extra_items: Vec<TransactWriteItem>,
 }
 
+// Returned once per write and consumed at once (see `Outcome`).
+#[allow(clippy::large_enum_variant)]
 pub(super) enum WriteResult {
     Applied {
         version: u64,
@@ -177,6 +179,20 @@ impl Store {
         let now = self.now_ms();
         let op = Uuid::new_v4().to_string();
 
+        let mut record = key(table::session_pk(w.session), table::transition_sk(version));
+        record.extend([
+            (attr::KIND.to_owned(), string("transition")),
+            (attr::VERSION.to_owned(), number(version)),
+            (attr::TO.to_owned(), string(to.as_str())),
+            (attr::EVENT.to_owned(), string(w.event.as_str())),
+            (attr::TURN.to_owned(), number(w.turn.get())),
+            (attr::AT.to_owned(), number(now)),
+            (attr::BY.to_owned(), string(w.by.clone())),
+        ]);
+        if let Some(from) = from {
+            record.insert(attr::FROM.to_owned(), string(from.as_str()));
+        }
+
         let mut names = HashMap::from([
             ("#state".to_owned(), attr::STATE.to_owned()),
             ("#version".to_owned(), attr::VERSION.to_owned()),
@@ -195,6 +211,13 @@ impl Store {
             "#updated = :now".to_owned(),
             "#last_op = :op".to_owned(),
         ];
+        // Every transition is activity: the session lives `retention` past the latest one.
+        if let Some(ttl) = self.session_ttl() {
+            names.insert("#ttl".to_owned(), TTL_ATTRIBUTE.to_owned());
+            values.insert(":ttl".to_owned(), ttl.clone());
+            sets.push("#ttl = :ttl".to_owned());
+            record.insert(TTL_ATTRIBUTE.to_owned(), ttl);
+        }
         for (i, (name, value)) in w.set.into_iter().enumerate() {
             names.insert(format!("#s{i}"), name.to_owned());
             values.insert(format!(":s{i}"), value);
@@ -241,19 +264,6 @@ impl Store {
             .build()
             .expect("update fields are set");
 
-        let mut record = key(table::session_pk(w.session), table::transition_sk(version));
-        record.extend([
-            (attr::KIND.to_owned(), string("transition")),
-            (attr::VERSION.to_owned(), number(version)),
-            (attr::TO.to_owned(), string(to.as_str())),
-            (attr::EVENT.to_owned(), string(w.event.as_str())),
-            (attr::TURN.to_owned(), number(w.turn.get())),
-            (attr::AT.to_owned(), number(now)),
-            (attr::BY.to_owned(), string(w.by)),
-        ]);
-        if let Some(from) = from {
-            record.insert(attr::FROM.to_owned(), string(from.as_str()));
-        }
         let mut items =
             vec![TransactWriteItem::builder().update(session_update).build(), self.put_new(record)];
         items.extend(w.extra_items);
@@ -317,6 +327,9 @@ impl Store {
             (attr::CONTENT.to_owned(), string(content)),
             (attr::TIMESTAMP.to_owned(), number(self.now_ms())),
         ]);
+        if let Some(ttl) = self.session_ttl() {
+            item.insert(TTL_ATTRIBUTE.to_owned(), ttl);
+        }
         if let Some(reason) = stopped {
             item.insert(attr::STOPPED.to_owned(), AttributeValue::Bool(true));
             item.insert(attr::STOP_REASON.to_owned(), string(reason.as_str()));

@@ -97,8 +97,10 @@ impl Store {
                 (attr::SESSION_ID.to_owned(), string(session_id.to_string())),
                 (attr::TURN.to_owned(), number(turn.get())),
                 (attr::CREATED_AT.to_owned(), number(now)),
-                (TTL_ATTRIBUTE.to_owned(), number((now + ms(self.options.idempotency_retention)) / 1000)),
             ]);
+            if let Some(ttl) = self.ttl_for(Some(self.options.idempotency_retention)) {
+                record.insert(TTL_ATTRIBUTE.to_owned(), ttl);
+            }
             extra_items.push(self.put_absent(record, Some(now)));
         }
         // A new session moves the user's session count in the same transaction, up to the limit.
@@ -113,7 +115,7 @@ impl Store {
             turn,
             by: msg.by.to_owned(),
             set,
-            remove: vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, attr::REASON],
+            remove: vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, attr::REASON, attr::SUMMARY_PENDING],
             extra_condition: None,
             extra_items,
         };

@@ -1,0 +1,182 @@
+//! The generator's part in a session's lifecycle, against the fake OpenAI server and the
+//! embedded emulator: the summary of a session that went idle (stored once, used as memory when
+//! the user comes back), and a turn whose session is deleted while it streams (nothing is left
+//! behind).
+
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use chat_core::queue::TurnMessage;
+use chat_core::{NewMessage, Outcome, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId};
+use chat_testkit::fake_llm::{self, FakeLlm};
+use generator::model::openai::OpenAiSettings;
+use generator::model::{Model, OpenAi, RetryPolicy};
+use std::sync::Arc;
+use std::time::Duration;
+
+const USER: &str = "lifecycle-user";
+
+struct Harness {
+    _dynamo: chat_testkit::LocalDynamo,
+    store: Store,
+    generator: Arc<generator::Generator>,
+}
+
+async fn harness(server: &FakeLlm) -> Harness {
+    let dynamo = chat_testkit::LocalDynamo::start(0, "lifecycle").await.unwrap();
+    let store = dynamo.store("lifecycle", StoreOptions::default());
+    let provider = OpenAi::new(OpenAiSettings {
+        base_url: format!("{}/v1", server.url),
+        api_key: Some("sk-test".to_owned()),
+        model: "fake-model".to_owned(),
+        temperature: None,
+        max_tokens: 256,
+        max_tokens_field: "max_tokens",
+        connect_timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    let policy = RetryPolicy {
+        max_attempts: 1,
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(1),
+        idle_timeout: Duration::from_secs(5),
+    };
+    let model = Model::new(Arc::new(provider), policy);
+    let settings = generator::GenerationSettings {
+        lease: Duration::from_secs(30),
+        max_generation_attempts: 3,
+        flush_interval: Duration::from_millis(10),
+        flush_max_tokens: 1,
+        faults: false,
+        system_prompt: Some("Be brief.".to_owned()),
+        memory: Default::default(),
+        reply_max_bytes: 300_000,
+    };
+    let generator = Arc::new(generator::Generator::new(store.clone(), model, settings));
+    Harness { _dynamo: dynamo, store, generator }
+}
+
+fn event(message: TurnMessage) -> SqsEvent {
+    let mut record = SqsMessage::default();
+    record.message_id = Some("m".to_owned());
+    record.body = Some(serde_json::to_string(&message).unwrap());
+    let mut event = SqsEvent::default();
+    event.records = vec![record];
+    event
+}
+
+impl Harness {
+    /// Sends and commits `text`; the turn waits for the generator.
+    async fn send(&self, session: Option<SessionId>, text: &str) -> (SessionId, Turn) {
+        let user = UserId::parse(USER).unwrap();
+        let message = NewMessage { user: &user, session, content: text, client_message_id: None, by: "t" };
+        let SendOutcome::Accepted(ticket) = self.store.send_message(message).await.unwrap() else {
+            panic!("send refused")
+        };
+        let Outcome::Applied(ticket) = self.store.commit_user_message(&ticket, "t").await.unwrap() else {
+            panic!("commit refused")
+        };
+        (ticket.session_id, ticket.turn)
+    }
+
+    async fn run(&self, message: TurnMessage) {
+        let response = self.generator.handle(event(message)).await;
+        assert!(response.batch_item_failures.is_empty(), "the generator asked for a redelivery");
+    }
+
+    async fn turn(&self, session: Option<SessionId>, text: &str) -> (SessionId, Turn) {
+        let (session, turn) = self.send(session, text).await;
+        self.run(TurnMessage::reply(session, turn)).await;
+        (session, turn)
+    }
+}
+
+fn system_and_texts(server: &FakeLlm, request: usize) -> (String, Vec<String>) {
+    let body = server.requests()[request].json();
+    let messages = body["messages"].as_array().unwrap();
+    let system = messages[0]["content"].as_str().unwrap().to_owned();
+    let texts = messages[1..].iter().map(|m| m["content"].as_str().unwrap().to_owned()).collect();
+    (system, texts)
+}
+
+#[tokio::test]
+async fn an_idle_session_is_summarised_once_and_the_summary_stands_in_for_the_turns_it_covers() {
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_reply(&["Hello ", "Ada."], Duration::ZERO),
+        fake_llm::openai_reply(&["Rust ", "it is."], Duration::ZERO),
+        fake_llm::openai_reply(&["Ada ", "is learning ", "Rust."], Duration::ZERO),
+        fake_llm::openai_reply(&["Yes."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let h = harness(&server).await;
+    let (session, _) = h.turn(None, "My name is Ada.").await;
+    let (_, turn2) = h.turn(Some(session), "I want to learn Rust.").await;
+
+    // The sweeper found it idle: IdleExpired (settling first), and the summary is pending.
+    let current = h.store.get_session(session, true).await.unwrap().unwrap();
+    assert!(matches!(h.store.expire_idle(&current, "sweeper").await.unwrap(), Outcome::Applied(_)));
+    let expired = h.store.get_session(session, true).await.unwrap().unwrap();
+    assert_eq!((expired.state, expired.summary_pending), (State::Timeout, true));
+    let events: Vec<_> = h.store.transitions(session).await.unwrap().into_iter().map(|t| t.event).collect();
+    assert_eq!(&events[events.len() - 2..], &[chat_core::Event::Settle, chat_core::Event::IdleExpired]);
+
+    h.run(TurnMessage::summary(session, turn2)).await;
+    let (system, texts) = system_and_texts(&server, 2);
+    assert!(system.contains("memory of a conversation"), "{system}");
+    assert_eq!(
+        texts,
+        ["User: My name is Ada.\nAssistant: Hello Ada.\nUser: I want to learn Rust.\nAssistant: Rust it is."]
+    );
+    let summarised = h.store.get_session(session, true).await.unwrap().unwrap();
+    let summary = summarised.summary.clone().expect("a summary");
+    assert_eq!((summary.text.as_str(), summary.through), ("Ada is learning Rust.", turn2));
+    assert!(!summarised.summary_pending);
+    assert_eq!(summarised.due_at, None, "nothing left for the sweeper to do");
+    assert_eq!(summarised.version, expired.version, "a summary is not a transition");
+
+    // A duplicate job finds nothing pending and asks the model nothing.
+    h.run(TurnMessage::summary(session, turn2)).await;
+    assert_eq!(server.requests().len(), 3);
+
+    // The user comes back: the summary is in the system prompt, standing in for turn 1; the
+    // turn it ends with is still there word for word.
+    h.turn(Some(session), "Do you remember me?").await;
+    let (system, texts) = system_and_texts(&server, 3);
+    assert_eq!(
+        system,
+        "Be brief.\n\nSummary of the conversation so far (through turn 2): Ada is learning Rust."
+    );
+    assert_eq!(texts, ["I want to learn Rust.", "Rust it is.", "Do you remember me?"]);
+}
+
+#[tokio::test]
+async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind() {
+    // A slow reply: the delete lands between its chunks.
+    let tokens: Vec<String> = (0..40).map(|i| format!("t{i} ")).collect();
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let server =
+        FakeLlm::start(vec![fake_llm::openai_reply(&tokens, Duration::from_millis(25))]).await.unwrap();
+    let h = harness(&server).await;
+    let (session, turn) = h.send(None, "Tell me a long story.").await;
+    let generator = h.generator.clone();
+    let running =
+        tokio::spawn(async move { generator.handle(event(TurnMessage::reply(session, turn))).await });
+    // Wait for the stream to be under way, then delete the session.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.store.read_chunks(session, turn, None, true).await.unwrap().len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the reply never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let user = UserId::parse(USER).unwrap();
+    assert!(matches!(
+        h.store.delete_session(session, Some(&user)).await.unwrap(),
+        chat_core::DeleteOutcome::Deleted { .. }
+    ));
+    let response = running.await.unwrap();
+    assert!(response.batch_item_failures.is_empty());
+    // The generator saw the session gone at its next chunk and cleared what it wrote after the
+    // delete's sweep: the partition is empty, with no TTL needed to get there.
+    assert!(h.store.get_session(session, true).await.unwrap().is_none());
+    assert_eq!(h.store.clear_if_deleted(session).await.unwrap(), 0, "nothing was left to clear");
+    assert!(h.store.read_chunks(session, turn, None, true).await.unwrap().is_empty());
+    assert!(h.store.transitions(session).await.unwrap().is_empty());
+}
