@@ -29,7 +29,7 @@ mod shim;
 pub use chat_testkit::{dynamodb_client, fake_llm, sqs_client, sse, LocalDynamo};
 use emulators::{create_queues, create_secrets};
 use processes::{free_port, supervised, wait_until, Supervisor};
-use shim::{event_source_mapping, schedule, scheduled_event};
+use shim::{event_source_mapping, schedule, scheduled_event, ttl_process};
 pub use shim::{invoke, InvokeError};
 
 /// The functions the stack runs, in build order.
@@ -210,13 +210,9 @@ impl Stack {
 
         progress("starting DynamoDB (embedded dynoxide)");
         let dynamo = LocalDynamo::start(settings.dynamodb_port, &settings.table).await.map_err(fail)?;
+        let table_stream = dynamo.stream(&settings.table).map_err(fail)?;
         let dynamodb_endpoint = dynamo.endpoint.clone();
         let dynamodb = dynamodb_client(&dynamodb_endpoint);
-        let mut stop = shutdown.subscribe();
-        tasks.push(tokio::spawn(async move {
-            let _ = stop.wait_for(|s| *s).await;
-            drop(dynamo);
-        }));
 
         progress("starting SQS (moto server)");
         let sqs_port = free_port(settings.sqs_port)?;
@@ -378,6 +374,14 @@ impl Stack {
             stack.shutdown.subscribe(),
         )));
         stack.tasks.push(tokio::spawn(schedule(
+            http.clone(),
+            functions.clone(),
+            settings.sweep_interval,
+            stack.shutdown.subscribe(),
+        )));
+        stack.tasks.push(tokio::spawn(ttl_process(
+            dynamo,
+            table_stream,
             http,
             functions,
             settings.sweep_interval,

@@ -1,6 +1,7 @@
 //! What `cargo lambda watch` does not provide: the SQS event source mapping that feeds the
-//! generator, and the sweeper's schedule. Both invoke the functions through `cargo lambda
-//! watch`'s Lambda invoke API, with the events Lambda itself would send (`aws_lambda_events`).
+//! generator, the sweeper's schedule, and DynamoDB's TTL process with the table stream's event
+//! source. They invoke the functions through `cargo lambda watch`'s Lambda invoke API, with the
+//! events Lambda itself would send.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use serde_json::{json, Value};
@@ -155,4 +156,52 @@ pub(crate) async fn schedule(
             tracing::warn!(error = %e, "the sweeper failed");
         }
     }
+}
+
+/// Stand-in for DynamoDB's TTL process and the sweeper's stream event source: every `every`, the
+/// emulator removes the items whose TTL passed, and the removals of session items by TTL (what
+/// the template's filter lets through) are delivered to the sweeper, again until it takes them.
+/// Owns the emulator, which stops with it.
+pub(crate) async fn ttl_process(
+    dynamo: chat_testkit::LocalDynamo,
+    mut stream: chat_testkit::TableStream,
+    http: reqwest::Client,
+    api: String,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut undelivered: Vec<Value> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return drop(dynamo),
+        }
+        if let Err(e) = dynamo.sweep_ttl() {
+            tracing::warn!(error = %e, "the TTL sweep failed");
+        }
+        match stream.next_event() {
+            Ok(Some(event)) => undelivered.extend(
+                event["Records"].as_array().into_iter().flatten().filter(|r| removed_by_ttl(r)).cloned(),
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the table's stream failed"),
+        }
+        if undelivered.is_empty() {
+            continue;
+        }
+        match invoke(&http, &api, "sweeper", &json!({ "Records": undelivered })).await {
+            Ok(_) => undelivered.clear(),
+            Err(e) => tracing::warn!(error = %e, "the sweeper failed on expired sessions; retrying"),
+        }
+    }
+}
+
+/// The template's filter on the sweeper's stream event source: a session item removed by TTL.
+fn removed_by_ttl(record: &Value) -> bool {
+    record["eventName"] == "REMOVE"
+        && record["userIdentity"]["type"] == "Service"
+        && record["userIdentity"]["principalId"] == "dynamodb.amazonaws.com"
+        && record["dynamodb"]["Keys"]["sk"]["S"] == chat_core::table::SESSION_SK
 }

@@ -69,6 +69,17 @@ fn the_table_is_the_one_table_rs_defines() {
     }
     assert_eq!(table["TimeToLiveSpecification"]["AttributeName"].as_str(), Some(table::TTL_ATTRIBUTE));
     assert_eq!(table["TimeToLiveSpecification"]["Enabled"], true);
+    // The stream the sweeper counts expired sessions from: the owner is in the old image.
+    assert_eq!(table["StreamSpecification"]["StreamViewType"], "OLD_IMAGE");
+    let expired = &resource(&template, "SweeperFunction")["Properties"]["Events"]["SessionsExpired"];
+    assert_eq!(expired["Type"], "DynamoDB");
+    let pattern: serde_json::Value = serde_json::from_str(
+        expired["Properties"]["FilterCriteria"]["Filters"][0]["Pattern"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(pattern["eventName"], serde_json::json!(["REMOVE"]));
+    assert_eq!(pattern["userIdentity"]["principalId"], serde_json::json!(["dynamodb.amazonaws.com"]));
+    assert_eq!(pattern["dynamodb"]["Keys"]["sk"]["S"], serde_json::json!([table::SESSION_SK]));
     assert_eq!(table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"], true);
 }
 
@@ -134,12 +145,19 @@ fn each_policy_grants_exactly_the_actions_its_function_uses() {
         ),
         (
             "GeneratorFunction",
-            &["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"],
+            &[
+                "dynamodb:BatchWriteItem",
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:Query",
+                "dynamodb:UpdateItem",
+            ],
         ),
         ("StreamFunction", &["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem"]),
         (
             "SweeperFunction",
             &[
+                "dynamodb:BatchWriteItem",
                 "dynamodb:GetItem",
                 "dynamodb:PutItem",
                 "dynamodb:Query",

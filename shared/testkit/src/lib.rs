@@ -8,4 +8,4 @@ pub mod fake_llm;
 pub mod requests;
 pub mod sse;
 
-pub use emulators::{dynamodb_client, local_credentials, sqs_client, LocalDynamo};
+pub use emulators::{dynamodb_client, local_credentials, sqs_client, LocalDynamo, TableStream};
