@@ -5,6 +5,7 @@ use crate::memory::MemoryLimits;
 use crate::model::bedrock::BedrockSettings;
 use crate::model::openai::OpenAiSettings;
 use crate::model::{Bedrock, DemoModel, Model, ModelProvider, OpenAi, RetryPolicy};
+use crate::routing::{NamedModel, RouteRule, Routes};
 use chat_core::config::{ConfigError, Env};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,20 @@ pub struct ModelConfig {
     pub retry: RetryPolicy,
     /// How much history the model sees.
     pub memory: MemoryLimits,
+    /// The small model short, simple turns are routed to (`ROUTE_SMALL_*`); `None`: none.
+    pub small: Option<SmallModel>,
+}
+
+/// The small model of response routing (see [`crate::routing`]): same provider, its own model
+/// id and reply length.
+#[derive(Debug, Clone)]
+pub struct SmallModel {
+    /// The model id (`ROUTE_SMALL_MODEL`).
+    pub model: String,
+    /// Its longest reply, in tokens (`ROUTE_SMALL_MAX_TOKENS`, default `LLM_MAX_TOKENS`).
+    pub max_tokens: u32,
+    /// Which turns go to it (`ROUTE_SMALL_MAX_CHARS`).
+    pub rule: RouteRule,
 }
 
 fn invalid(variable: &str, problem: impl Into<String>) -> ConfigError {
@@ -131,17 +146,82 @@ impl ModelConfig {
                 n => n,
             },
         };
-        Ok(ModelConfig { provider, system_prompt: env.optional("LLM_SYSTEM_PROMPT"), retry, memory })
+        let small = match env.optional("ROUTE_SMALL_MODEL") {
+            None => None,
+            Some(model) => Some(SmallModel {
+                model,
+                max_tokens: match env.parse_or::<u32>("ROUTE_SMALL_MAX_TOKENS", max_tokens)? {
+                    0 => return Err(invalid("ROUTE_SMALL_MAX_TOKENS", "must be at least 1")),
+                    n => n,
+                },
+                rule: RouteRule {
+                    max_chars: env.parse_or("ROUTE_SMALL_MAX_CHARS", RouteRule::default().max_chars)?,
+                },
+            }),
+        };
+        Ok(ModelConfig { provider, system_prompt: env.optional("LLM_SYSTEM_PROMPT"), retry, memory, small })
     }
 
-    /// The provider and model, for the log (never the key).
-    pub fn describe(&self) -> String {
+    /// The main model's id, as replies record it.
+    pub fn model_name(&self) -> String {
         match &self.provider {
+            Provider::Demo(_) => "demo".to_owned(),
+            Provider::OpenAi { settings, .. } => settings.model.clone(),
+            Provider::Bedrock(settings) => settings.model.clone(),
+        }
+    }
+
+    /// This configuration with the small model in the main one's place.
+    fn small_config(&self, small: &SmallModel) -> ModelConfig {
+        let provider = match &self.provider {
+            Provider::Demo(demo) => Provider::Demo(DemoModel {
+                reply_tokens: demo.reply_tokens.min(small.max_tokens as usize),
+                ..demo.clone()
+            }),
+            Provider::OpenAi { settings, api_key_secret } => Provider::OpenAi {
+                settings: OpenAiSettings {
+                    model: small.model.clone(),
+                    max_tokens: small.max_tokens,
+                    ..settings.clone()
+                },
+                api_key_secret: api_key_secret.clone(),
+            },
+            Provider::Bedrock(settings) => Provider::Bedrock(BedrockSettings {
+                model: small.model.clone(),
+                max_tokens: small.max_tokens,
+                ..settings.clone()
+            }),
+        };
+        ModelConfig { provider, small: None, ..self.clone() }
+    }
+
+    /// Builds the models turns are routed between.
+    pub async fn build_routes(&self, aws: &aws_config::SdkConfig) -> Result<Routes, ConfigError> {
+        let main = NamedModel { model: self.build(aws).await?, name: self.model_name() };
+        let small = match &self.small {
+            None => None,
+            Some(small) => {
+                let model = self.small_config(small).build(aws).await?;
+                Some((NamedModel { model, name: small.model.clone() }, small.rule))
+            }
+        };
+        Ok(Routes { main, small })
+    }
+
+    /// The provider and models, for the log (never the key).
+    pub fn describe(&self) -> String {
+        let main = match &self.provider {
             Provider::Demo(_) => "demo".to_owned(),
             Provider::OpenAi { settings, .. } => {
                 format!("openai {} at {}", settings.model, settings.base_url)
             }
             Provider::Bedrock(settings) => format!("bedrock {}", settings.model),
+        };
+        match &self.small {
+            Some(small) => {
+                format!("{main}; messages up to {} characters to {}", small.rule.max_chars, small.model)
+            }
+            None => main,
         }
     }
 
@@ -252,5 +332,27 @@ mod tests {
         assert_eq!(config.system_prompt.as_deref(), Some("Be brief."));
         assert!(!format!("{config:?}").contains("sk-secret"));
         assert!(!config.describe().contains("sk-secret"));
+        assert!(config.small.is_none(), "no routing unless a small model is named");
+    }
+
+    #[test]
+    fn a_small_model_routes_short_messages_with_its_own_reply_length() {
+        let config = read(&[
+            ("LLM_PROVIDER", "openai"),
+            ("LLM_MODEL", "big-model"),
+            ("LLM_MAX_TOKENS", "2048"),
+            ("ROUTE_SMALL_MODEL", "small-model"),
+            ("ROUTE_SMALL_MAX_CHARS", "80"),
+            ("ROUTE_SMALL_MAX_TOKENS", "256"),
+        ])
+        .unwrap();
+        let small = config.small.clone().expect("a small model");
+        assert_eq!((small.model.as_str(), small.max_tokens, small.rule.max_chars), ("small-model", 256, 80));
+        let Provider::OpenAi { settings, .. } = &config.small_config(&small).provider else { panic!() };
+        assert_eq!((settings.model.as_str(), settings.max_tokens), ("small-model", 256));
+        assert_eq!(config.model_name(), "big-model");
+        assert!(config.describe().contains("up to 80 characters to small-model"), "{}", config.describe());
+        let err = read(&[("ROUTE_SMALL_MODEL", "s"), ("ROUTE_SMALL_MAX_TOKENS", "0")]).unwrap_err();
+        assert_eq!(err.variable, "ROUTE_SMALL_MAX_TOKENS");
     }
 }

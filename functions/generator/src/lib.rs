@@ -6,6 +6,7 @@
 pub mod config;
 pub mod memory;
 pub mod model;
+pub mod routing;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chat_core::config::{CommonConfig, ConfigError, Env};
@@ -16,7 +17,8 @@ use chat_core::{
 };
 use futures::StreamExt;
 use memory::{MemoryLimits, TokenCounter};
-use model::{Model, Prompt};
+use model::Prompt;
+use routing::Routes;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
@@ -52,7 +54,7 @@ pub const REPLY_MAX_BYTES_CEILING: usize = 380_000;
 /// The generator function's dependencies, built once per cold start.
 pub struct Generator {
     store: Store,
-    model: Model,
+    routes: Routes,
     settings: GenerationSettings,
     counter: TokenCounter,
 }
@@ -122,15 +124,15 @@ impl Generator {
             memory: model_config.memory,
         };
         let aws = chat_runtime::aws::load_config().await;
-        let model = model_config.build(&aws).await?;
+        let routes = model_config.build_routes(&aws).await?;
         info!(model = %model_config.describe(), "model ready");
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
-        Ok(Generator::new(store, model, settings))
+        Ok(Generator::new(store, routes, settings))
     }
 
     /// A generator over explicit parts. Loads the tokenizer (once per process).
-    pub fn new(store: Store, model: Model, settings: GenerationSettings) -> Generator {
-        Generator { store, model, settings, counter: TokenCounter::load() }
+    pub fn new(store: Store, routes: impl Into<Routes>, settings: GenerationSettings) -> Generator {
+        Generator { store, routes: routes.into(), settings, counter: TokenCounter::load() }
     }
 
     /// Handles a batch; records that hit a DynamoDB fault are reported for redelivery.
@@ -272,7 +274,7 @@ impl Generator {
             self.settings.memory,
             self.counter,
         );
-        let mut tokens = self.model.stream(prompt);
+        let mut tokens = self.routes.summarizer().stream(prompt);
         let mut text = String::new();
         while let Some(token) = tokens.next().await {
             match token {
@@ -322,7 +324,11 @@ impl Generator {
     ) -> Result<Ending, RetryLater> {
         let crash_after = model::directive(&prompt, "crash-after")
             .filter(|_| FAULTS_BUILT && self.settings.faults && lease.next_seq == 0);
-        let mut tokens = self.model.stream(prompt);
+        let message = prompt.messages.last().map_or("", |(_, text)| text.as_str());
+        let (model, routing) = self.routes.pick(message);
+        info!(route = %routing.route, model = %routing.model, "routed");
+        lease.routing = Some(routing);
+        let mut tokens = model.stream(prompt);
         // While the model is silent (thinking, or retrying), the lease is still checked and
         // extended, and a cancel still lands.
         let heartbeat = self.settings.lease / 4;

@@ -149,6 +149,7 @@ mod tests {
                     content: format!("turn {turn} {role:?}: {}", "word ".repeat(words)),
                     timestamp: 0,
                     stopped: None,
+                    routing: None,
                 });
             }
         }

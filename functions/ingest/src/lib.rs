@@ -433,6 +433,11 @@ impl App {
                     value["stopped"] = Value::Bool(true);
                     value["stop_reason"] = json!(reason);
                 }
+                if let Some(routing) = &m.routing {
+                    // Which route (ROUTE_SMALL_*) and model wrote this reply.
+                    value["route"] = json!(routing.route);
+                    value["model"] = json!(routing.model);
+                }
                 value
             })
             .collect();
@@ -553,6 +558,7 @@ mod tests {
                 content: "x".repeat(size),
                 timestamp: 0,
                 stopped: None,
+                routing: None,
             })
             .collect()
     }

@@ -80,6 +80,17 @@ pub struct Message {
     pub timestamp: u64,
     /// Why an assistant reply was cut short, if it was.
     pub stopped: Option<StopReason>,
+    /// Which route and model wrote an assistant reply (response routing).
+    pub routing: Option<Routing>,
+}
+
+/// The response route a turn took: the rule's choice and the model that answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    /// The route (`main`, `small`).
+    pub route: String,
+    /// The model that answered.
+    pub model: String,
 }
 
 /// Why a reply ended before the model finished it.
@@ -274,6 +285,12 @@ impl Message {
                 (true, Some("reply_limit")) => Some(StopReason::ReplyLimit),
                 (true, _) => Some(StopReason::Cancelled),
             },
+            routing: match (fields.opt_string(attr::ROUTE)?, fields.opt_string(attr::MODEL)?) {
+                (Some(route), Some(model)) => {
+                    Some(Routing { route: route.to_owned(), model: model.to_owned() })
+                }
+                _ => None,
+            },
         })
     }
 }
@@ -335,6 +352,8 @@ pub(crate) mod attr {
     pub const SUMMARY_THROUGH: &str = "summary_through";
     pub const SUMMARY_AT: &str = "summary_at";
     pub const SUMMARY_PENDING: &str = "summary_pending";
+    pub const ROUTE: &str = "route";
+    pub const MODEL: &str = "model";
     pub const ROLE: &str = "role";
     pub const CONTENT: &str = "content";
     pub const TIMESTAMP: &str = "timestamp";

@@ -118,6 +118,7 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
         next_seq: 0,
         resumed_tokens: vec![],
         summary: None,
+        routing: None,
     };
     match event {
         Event::UserSend => {

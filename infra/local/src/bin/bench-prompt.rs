@@ -22,6 +22,7 @@ fn history(turns: u32, words: usize) -> Vec<Message> {
             content: text.clone(),
             timestamp: 0,
             stopped: None,
+            routing: None,
         })
         .collect()
 }

@@ -86,6 +86,7 @@ impl Store {
                 next_seq: 0,
                 resumed_tokens: Vec::new(),
                 summary: current.summary.clone(),
+                routing: None,
             };
             if event == Event::LeaseTakeover {
                 match self.fence(&mut lease).await? {
@@ -278,7 +279,11 @@ impl Store {
         content: &str,
         stopped: Option<StopReason>,
     ) -> Result<Outcome<u64>, StoreError> {
-        let message = self.message_item(lease.session_id, lease.turn, Role::Assistant, content, stopped);
+        let mut message = self.message_item(lease.session_id, lease.turn, Role::Assistant, content, stopped);
+        if let Some(routing) = &lease.routing {
+            message.insert(attr::ROUTE.to_owned(), string(routing.route.clone()));
+            message.insert(attr::MODEL.to_owned(), string(routing.model.clone()));
+        }
         let (mut set, remove) = self.turn_ended_deadline(lease.session_id);
         set.push((attr::CANCEL_REQUESTED, AttributeValue::Bool(false)));
         let write = TransitionWrite {

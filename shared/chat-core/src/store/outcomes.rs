@@ -99,6 +99,8 @@ pub struct Lease {
     pub resumed_tokens: Vec<String>,
     /// The session's summary of its earlier turns, if it has one: compact memory.
     pub summary: Option<crate::model::Summary>,
+    /// The route this holder chose for the turn, stored with the reply.
+    pub routing: Option<crate::model::Routing>,
 }
 
 /// What became of a generation claim.

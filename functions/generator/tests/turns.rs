@@ -1,7 +1,7 @@
-//! The generator's part in a session's lifecycle, against the fake OpenAI server and the
-//! embedded emulator: the summary of a session that went idle (stored once, used as memory when
-//! the user comes back), and a turn whose session is deleted while it streams (nothing is left
-//! behind).
+//! The generator's decisions around a turn, against the fake OpenAI server and the embedded
+//! emulator: which model answers (response routing, recorded with the reply), the summary of a
+//! session that went idle (stored once, used as memory when the user comes back), and a turn
+//! whose session is deleted while it streams (nothing is left behind).
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::queue::TurnMessage;
@@ -9,6 +9,7 @@ use chat_core::{NewMessage, Outcome, SendOutcome, SessionId, State, Store, Store
 use chat_testkit::fake_llm::{self, FakeLlm};
 use generator::model::openai::OpenAiSettings;
 use generator::model::{Model, OpenAi, RetryPolicy};
+use generator::routing::{NamedModel, RouteRule, Routes};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +22,14 @@ struct Harness {
 }
 
 async fn harness(server: &FakeLlm) -> Harness {
-    let dynamo = chat_testkit::LocalDynamo::start(0, "lifecycle").await.unwrap();
-    let store = dynamo.store("lifecycle", StoreOptions::default());
+    harness_routed(server, None).await
+}
+
+fn openai_model(server: &FakeLlm, name: &str) -> Model {
     let provider = OpenAi::new(OpenAiSettings {
         base_url: format!("{}/v1", server.url),
         api_key: Some("sk-test".to_owned()),
-        model: "fake-model".to_owned(),
+        model: name.to_owned(),
         temperature: None,
         max_tokens: 256,
         max_tokens_field: "max_tokens",
@@ -39,7 +42,19 @@ async fn harness(server: &FakeLlm) -> Harness {
         cap: Duration::from_millis(1),
         idle_timeout: Duration::from_secs(5),
     };
-    let model = Model::new(Arc::new(provider), policy);
+    Model::new(Arc::new(provider), policy)
+}
+
+/// A harness whose main model is `big-model`, routing short messages to `small-model` by `small`.
+async fn harness_routed(server: &FakeLlm, small: Option<RouteRule>) -> Harness {
+    let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
+    let store = dynamo.store("turns", StoreOptions::default());
+    let routes = Routes {
+        main: NamedModel { model: openai_model(server, "big-model"), name: "big-model".to_owned() },
+        small: small.map(|rule| {
+            (NamedModel { model: openai_model(server, "small-model"), name: "small-model".to_owned() }, rule)
+        }),
+    };
     let settings = generator::GenerationSettings {
         lease: Duration::from_secs(30),
         max_generation_attempts: 3,
@@ -50,7 +65,7 @@ async fn harness(server: &FakeLlm) -> Harness {
         memory: Default::default(),
         reply_max_bytes: 300_000,
     };
-    let generator = Arc::new(generator::Generator::new(store.clone(), model, settings));
+    let generator = Arc::new(generator::Generator::new(store.clone(), routes, settings));
     Harness { _dynamo: dynamo, store, generator }
 }
 
@@ -179,4 +194,30 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind() {
     assert_eq!(h.store.clear_if_deleted(session).await.unwrap(), 0, "nothing was left to clear");
     assert!(h.store.read_chunks(session, turn, None, true).await.unwrap().is_empty());
     assert!(h.store.transitions(session).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn short_simple_messages_go_to_the_small_model_and_the_choice_is_stored_with_the_reply() {
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_reply(&["Noon."], Duration::ZERO),
+        fake_llm::openai_reply(&["A long answer."], Duration::ZERO),
+        fake_llm::openai_reply(&["Fixed."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let h = harness_routed(&server, Some(RouteRule { max_chars: 40 })).await;
+    let (session, t1) = h.turn(None, "What time is it?").await;
+    let (_, t2) = h.turn(Some(session), &"Explain the borrow checker in depth, please. ".repeat(3)).await;
+    let (_, t3) = h.turn(Some(session), "Fix this:\n\n```fn main() {}```").await;
+    let asked: Vec<String> =
+        server.requests().iter().map(|r| r.json()["model"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(asked, ["small-model", "big-model", "big-model"]);
+    let (_, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let routing = |turn: Turn| {
+        let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == chat_core::Role::Assistant);
+        reply.and_then(|m| m.routing.clone()).map(|r| (r.route, r.model))
+    };
+    assert_eq!(routing(t1), Some(("small".to_owned(), "small-model".to_owned())));
+    assert_eq!(routing(t2), Some(("main".to_owned(), "big-model".to_owned())));
+    assert_eq!(routing(t3), Some(("main".to_owned(), "big-model".to_owned())));
 }
