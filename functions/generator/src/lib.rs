@@ -7,17 +7,19 @@ pub mod config;
 pub mod memory;
 pub mod model;
 pub mod routing;
+pub mod tools;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chat_core::config::{CommonConfig, ConfigError, Env};
+use chat_core::model::EVENT_MARK;
 use chat_core::queue::{Job, TurnMessage};
 use chat_core::{
-    AppendOutcome, ClaimOutcome, Conflict, Event, Lease, LeaseStatus, Outcome, Role, State, StopReason,
-    Store, StoreError, Turn,
+    AppendOutcome, ClaimOutcome, Conflict, Event, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State,
+    StopReason, Store, StoreError, Turn,
 };
 use futures::StreamExt;
 use memory::{MemoryLimits, TokenCounter};
-use model::Prompt;
+use model::{Exchange, Model, Output, Prompt, ToolCall};
 use routing::Routes;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -45,6 +47,9 @@ pub struct GenerationSettings {
     /// A reply stops at this many bytes, whole tokens only, marked `reply_limit`
     /// (`REPLY_MAX_BYTES`): a stored message must fit DynamoDB's 400 KB item limit.
     pub reply_max_bytes: usize,
+    /// Tool steps start only this long into a turn (`TOOL_DEADLINE_MS`); after it, the model
+    /// must answer with what it has. Well inside the function's timeout.
+    pub tool_deadline: Duration,
 }
 
 /// The largest `REPLY_MAX_BYTES`: a message item also carries its keys and attributes, and must
@@ -55,6 +60,7 @@ pub const REPLY_MAX_BYTES_CEILING: usize = 380_000;
 pub struct Generator {
     store: Store,
     routes: Routes,
+    tools: tools::Tools,
     settings: GenerationSettings,
     counter: TokenCounter,
 }
@@ -68,6 +74,14 @@ struct RetryLater(#[from] StoreError);
 enum PromptOutcome {
     Ready(Prompt),
     Unanswerable(String),
+}
+
+/// How one model call of a turn ended.
+enum Step {
+    /// The turn is over (or must stop).
+    Ended(Ending),
+    /// The model asked for tools, after writing `text` in this step.
+    Calls { text: String, calls: Vec<ToolCall> },
 }
 
 /// How a generation ended.
@@ -122,17 +136,31 @@ impl Generator {
             faults,
             system_prompt: model_config.system_prompt.clone(),
             memory: model_config.memory,
+            tool_deadline: env.millis_or("TOOL_DEADLINE_MS", Duration::from_secs(120))?,
         };
+        let tools = tools::Tools::from_env(&env)?;
         let aws = chat_runtime::aws::load_config().await;
         let routes = model_config.build_routes(&aws).await?;
         info!(model = %model_config.describe(), "model ready");
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
-        Ok(Generator::new(store, routes, settings))
+        Ok(Generator::new(store, routes, settings).with_tools(tools))
     }
 
     /// A generator over explicit parts. Loads the tokenizer (once per process).
     pub fn new(store: Store, routes: impl Into<Routes>, settings: GenerationSettings) -> Generator {
-        Generator { store, routes: routes.into(), settings, counter: TokenCounter::load() }
+        Generator {
+            store,
+            routes: routes.into(),
+            tools: tools::Tools::none(),
+            settings,
+            counter: TokenCounter::load(),
+        }
+    }
+
+    /// The same generator offering `tools` to the model.
+    pub fn with_tools(mut self, tools: tools::Tools) -> Generator {
+        self.tools = tools;
+        self
     }
 
     /// Handles a batch; records that hit a DynamoDB fault are reported for redelivery.
@@ -201,6 +229,8 @@ impl Generator {
 
     async fn generate(&self, mut lease: Lease) -> Result<(), RetryLater> {
         let mut writer = ChunkWriter::new(&lease);
+        // After a takeover, the tools an earlier holder called are part of this reply too.
+        lease.tool_uses = tools::replay(&lease.resumed_tokens).tool_uses;
         let ending = if lease.cancel_requested {
             Ending::Stopped
         } else {
@@ -278,8 +308,9 @@ impl Generator {
         let mut text = String::new();
         while let Some(token) = tokens.next().await {
             match token {
-                Ok(token) if text.len() + token.len() > memory::SUMMARY_MAX_BYTES => break,
-                Ok(token) => text.push_str(&token),
+                Ok(Output::Token(token)) if text.len() + token.len() > memory::SUMMARY_MAX_BYTES => break,
+                Ok(Output::Token(token)) => text.push_str(&token),
+                Ok(Output::ToolCall(_)) => {}
                 Err(err) => {
                     warn!(error = %err, "the model failed to summarise; the sweeper will ask again");
                     return Ok(());
@@ -313,14 +344,26 @@ impl Generator {
         if !matches!(selected.last(), Some((Role::User, _))) {
             return Ok(PromptOutcome::Unanswerable("the turn's message is missing".to_owned()));
         }
-        Ok(PromptOutcome::Ready(Prompt { system, messages: selected, resumed: lease.resumed_tokens.clone() }))
+        // After a takeover: the tool steps an earlier holder took, then the text after them.
+        let replayed = tools::replay(&lease.resumed_tokens);
+        Ok(PromptOutcome::Ready(Prompt {
+            system,
+            messages: selected,
+            exchanges: replayed.exchanges,
+            resumed: replayed.text_after,
+            tools: Vec::new(),
+        }))
     }
 
+    /// The model → tool → model loop: each step streams the model's reply; when it calls tools,
+    /// the calls and the tools' answers go into the turn's sequence (so a stream shows them and
+    /// a resume replays them) and into the next step's prompt. After `TOOL_MAX_STEPS` steps, or
+    /// past the turn's tool deadline, the model is offered no tools and must answer.
     async fn stream_reply(
         &self,
         lease: &mut Lease,
         writer: &mut ChunkWriter,
-        prompt: Prompt,
+        mut prompt: Prompt,
     ) -> Result<Ending, RetryLater> {
         let crash_after = model::directive(&prompt, "crash-after")
             .filter(|_| FAULTS_BUILT && self.settings.faults && lease.next_seq == 0);
@@ -328,7 +371,68 @@ impl Generator {
         let (model, routing) = self.routes.pick(message);
         info!(route = %routing.route, model = %routing.model, "routed");
         lease.routing = Some(routing);
-        let mut tokens = model.stream(prompt);
+        let deadline = Instant::now() + self.settings.tool_deadline;
+        let mut steps = tools::steps(&prompt.exchanges);
+        loop {
+            let tools_left = steps < self.tools.max_steps && Instant::now() < deadline;
+            prompt.tools = if tools_left { self.tools.specs() } else { Vec::new() };
+            let (text, calls) = match self.stream_step(lease, writer, model, &prompt, crash_after).await? {
+                Step::Ended(ending) => return Ok(ending),
+                // Calls nobody offered (a model past its last step calling anyway) end the turn
+                // with what it wrote, rather than looping.
+                Step::Calls { .. } if prompt.tools.is_empty() => {
+                    warn!("the model called tools that were not offered; ending the turn with its text");
+                    return Ok(self.flush(lease, writer).await?.unwrap_or(Ending::Complete));
+                }
+                Step::Calls { text, calls } => (text, calls),
+            };
+            steps += 1;
+            for call in &calls {
+                writer.push_event(tools::call_event(call));
+            }
+            if let Some(ending) = self.flush(lease, writer).await? {
+                return Ok(ending);
+            }
+            prompt.exchanges.push(Exchange::Assistant { text, calls: calls.clone() });
+            for call in &calls {
+                let answer = if prompt.tools.iter().any(|t| t.name == call.name) {
+                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                    tokio::time::timeout(left, self.tools.call(call)).await.unwrap_or_else(|_| {
+                        tools::ToolAnswer { content: "the tool ran out of time".to_owned(), is_error: true }
+                    })
+                } else {
+                    tools::ToolAnswer { content: format!("{} is not offered now", call.name), is_error: true }
+                };
+                info!(tool = %call.name, is_error = answer.is_error, "tool called");
+                writer.push_event(tools::result_event(call, &answer));
+                lease.tool_uses.push(tools::tool_use(call, &answer));
+                prompt.exchanges.push(Exchange::ToolResult {
+                    call_id: call.id.clone(),
+                    name: call.name.clone(),
+                    content: answer.content,
+                    is_error: answer.is_error,
+                });
+            }
+            if let Some(ending) = self.flush(lease, writer).await? {
+                return Ok(ending);
+            }
+            prompt.resumed.clear();
+        }
+    }
+
+    /// One model call of the turn: its tokens go to the writer; it ends the turn, or asks for
+    /// tools.
+    async fn stream_step(
+        &self,
+        lease: &mut Lease,
+        writer: &mut ChunkWriter,
+        model: &Model,
+        prompt: &Prompt,
+        crash_after: Option<usize>,
+    ) -> Result<Step, RetryLater> {
+        let mut tokens = model.stream(prompt.clone());
+        let mut text = prompt.resumed.concat();
+        let mut calls = Vec::new();
         // While the model is silent (thinking, or retrying), the lease is still checked and
         // extended, and a cancel still lands.
         let heartbeat = self.settings.lease / 4;
@@ -345,37 +449,40 @@ impl Generator {
                 _ = tokio::time::sleep_until(check_at) => {
                     checked = Instant::now();
                     if let Some(ending) = self.flush(lease, writer).await? {
-                        return Ok(ending);
+                        return Ok(Step::Ended(ending));
                     }
                     continue;
                 }
             };
             match next {
-                Some(Ok(token)) => {
+                Some(Ok(Output::Token(token))) => {
                     if writer.bytes() + token.len() > self.settings.reply_max_bytes {
                         warn!(bytes = writer.bytes(), "the reply reached REPLY_MAX_BYTES; stopping it there");
-                        return Ok(self.flush(lease, writer).await?.unwrap_or(Ending::Capped));
+                        return Ok(Step::Ended(self.flush(lease, writer).await?.unwrap_or(Ending::Capped)));
                     }
+                    text.push_str(&token);
                     writer.push(token);
                     // The first token goes out at once: time to first token is what users feel;
                     // later tokens are batched by time and size.
                     if writer.buffer.len() >= self.settings.flush_max_tokens || writer.is_first_chunk() {
                         checked = Instant::now();
                         if let Some(ending) = self.flush(lease, writer).await? {
-                            return Ok(ending);
+                            return Ok(Step::Ended(ending));
                         }
                     }
                 }
+                Some(Ok(Output::ToolCall(call))) => calls.push(call),
                 Some(Err(err)) => {
                     warn!(error = %err, "the model failed");
                     if let Some(ending) = self.flush(lease, writer).await? {
-                        return Ok(ending);
+                        return Ok(Step::Ended(ending));
                     }
-                    return Ok(Ending::Failed(format!("the model failed: {err}")));
+                    return Ok(Step::Ended(Ending::Failed(format!("the model failed: {err}"))));
                 }
-                None => {
-                    return Ok(self.flush(lease, writer).await?.unwrap_or(Ending::Complete));
+                None if calls.is_empty() => {
+                    return Ok(Step::Ended(self.flush(lease, writer).await?.unwrap_or(Ending::Complete)));
                 }
+                None => return Ok(Step::Calls { text, calls }),
             }
         }
     }
@@ -426,19 +533,31 @@ impl ChunkWriter {
             next_seq: lease.next_seq,
             first_seq: lease.next_seq,
             next_index: lease.resumed_tokens.len() as u64,
-            text: lease.resumed_tokens.concat(),
+            text: lease.resumed_tokens.iter().filter(|t| ReplyEvent::decode(t).is_none()).cloned().collect(),
         }
     }
 
-    fn push(&mut self, token: String) {
+    /// Buffers a token of the reply's text.
+    fn push(&mut self, mut token: String) {
         if token.is_empty() {
             return;
+        }
+        // A text token must never read as an event (see `chat_core::EVENT_MARK`).
+        if token.starts_with(EVENT_MARK) {
+            token.replace_range(..EVENT_MARK.len_utf8(), "\u{fffd}");
         }
         self.oldest.get_or_insert_with(Instant::now);
         self.buffer.push(token);
     }
 
-    /// Bytes of the reply so far, buffered tokens included.
+    /// Buffers a tool call or result: an entry of the sequence, but not part of the text.
+    fn push_event(&mut self, event: ReplyEvent) {
+        self.oldest.get_or_insert_with(Instant::now);
+        self.buffer.push(event.encode());
+    }
+
+    /// Bytes of the reply so far, buffered tokens included (tool events count too: they are
+    /// stored with it).
     fn bytes(&self) -> usize {
         self.text.len() + self.buffer.iter().map(String::len).sum::<usize>()
     }
@@ -452,7 +571,9 @@ impl ChunkWriter {
         self.next_seq += 1;
         self.next_index += self.buffer.len() as u64;
         for token in self.buffer.drain(..) {
-            self.text.push_str(&token);
+            if !token.starts_with(EVENT_MARK) {
+                self.text.push_str(&token);
+            }
         }
         self.oldest = None;
     }

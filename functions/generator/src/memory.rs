@@ -130,7 +130,7 @@ pub fn summary_prompt(
     crate::model::Prompt {
         system: Some(SUMMARY_INSTRUCTIONS.to_owned()),
         messages: vec![(Role::User, transcript)],
-        resumed: Vec::new(),
+        ..crate::model::Prompt::default()
     }
 }
 
@@ -150,6 +150,7 @@ mod tests {
                     timestamp: 0,
                     stopped: None,
                     routing: None,
+                    tool_uses: Vec::new(),
                 });
             }
         }

@@ -11,7 +11,8 @@ use chat_testkit::fake_llm::{self, FakeLlm, Reply};
 use futures::StreamExt;
 use generator::model::bedrock::BedrockSettings;
 use generator::model::openai::OpenAiSettings;
-use generator::model::{Bedrock, Model, ModelError, OpenAi, Prompt, RetryPolicy};
+use generator::model::{Bedrock, Exchange, Model, ModelError, OpenAi, Output, Prompt, RetryPolicy, ToolCall};
+use generator::tools::Tools;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,12 +68,21 @@ fn prompt(text: &str) -> Prompt {
             (Role::Assistant, "reply".to_owned()),
             (Role::User, text.to_owned()),
         ],
-        resumed: Vec::new(),
+        ..Prompt::default()
     }
 }
 
+/// The text a model streams (a test here offers no tools, so a tool call is a failure).
 async fn collect(model: &Model, text: &str) -> Vec<Result<String, ModelError>> {
-    model.stream(prompt(text)).collect().await
+    let outputs: Vec<_> = model.stream(prompt(text)).collect().await;
+    outputs.into_iter().map(|o| o.map(text_of)).collect()
+}
+
+fn text_of(output: Output) -> String {
+    match output {
+        Output::Token(token) => token,
+        Output::ToolCall(call) => panic!("unexpected tool call {call:?}"),
+    }
 }
 
 fn tokens(items: &[Result<String, ModelError>]) -> Vec<String> {
@@ -312,6 +322,7 @@ fn settings() -> generator::GenerationSettings {
         system_prompt: None,
         memory: Default::default(),
         reply_max_bytes: 300_000,
+        tool_deadline: Duration::from_secs(60),
     }
 }
 
@@ -574,4 +585,102 @@ async fn a_bedrock_stream_cut_mid_reply_ends_the_turn_in_error() {
     assert!(!messages.iter().any(|m| m.id.role == Role::Assistant));
     assert_eq!(h.streamed(session, turn).await, "Cut short here");
     assert_eq!(server.requests().len(), 1);
+}
+
+/// A tool step of the prompt: the model's text and calls, then the tools' answers.
+fn tool_step(text: &str, calls: &[ToolCall], answers: &[&str]) -> Vec<Exchange> {
+    let mut exchanges = vec![Exchange::Assistant { text: text.to_owned(), calls: calls.to_vec() }];
+    for (call, answer) in calls.iter().zip(answers) {
+        exchanges.push(Exchange::ToolResult {
+            call_id: call.id.clone(),
+            name: call.name.clone(),
+            content: (*answer).to_owned(),
+            is_error: false,
+        });
+    }
+    exchanges
+}
+
+fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+    ToolCall { id: id.to_owned(), name: name.to_owned(), arguments: arguments.to_owned() }
+}
+
+#[tokio::test]
+async fn openai_tool_calls_arrive_whole_and_the_steps_go_back_in_its_format() {
+    let calc = call("call_a", "calculator", r#"{"expression":"6*7"}"#);
+    let clock = call("call_b", "current_time", r#"{"utc_offset":"+02:00"}"#);
+    let server = FakeLlm::start(vec![fake_llm::openai_tool_calls(
+        "Checking. ",
+        &[("call_a", "calculator", &calc.arguments), ("call_b", "current_time", &clock.arguments)],
+    )])
+    .await
+    .unwrap();
+    let model = openai(&server);
+    let mut asked = prompt("What is 6*7, and the time?");
+    asked.tools = Tools::builtin().specs();
+    let out: Vec<Output> = model.stream(asked.clone()).map(Result::unwrap).collect().await;
+    assert_eq!(
+        out,
+        vec![
+            Output::Token("Checking. ".to_owned()),
+            Output::ToolCall(calc.clone()),
+            Output::ToolCall(clock.clone())
+        ]
+    );
+    let body = server.requests()[0].json();
+    let offered: Vec<&str> =
+        body["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
+    assert_eq!(offered, ["calculator", "current_time"]);
+    assert_eq!(body["tools"][0]["type"], "function");
+    assert_eq!(body["tools"][0]["function"]["parameters"]["required"], json!(["expression"]));
+
+    server.script(vec![fake_llm::openai_reply(&["42, at noon."], Duration::ZERO)]);
+    asked.exchanges = tool_step("Checking. ", &[calc, clock], &["42", "2026-11-30T12:00:00.000+02:00"]);
+    let _: Vec<_> = model.stream(asked).collect().await;
+    let messages = server.requests()[1].json()["messages"].clone();
+    assert_eq!(
+        messages[4],
+        json!({"role": "assistant", "content": "Checking. ", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "calculator", "arguments": "{\"expression\":\"6*7\"}"}},
+            {"id": "call_b", "type": "function", "function": {"name": "current_time", "arguments": "{\"utc_offset\":\"+02:00\"}"}},
+        ]})
+    );
+    assert_eq!(messages[5], json!({"role": "tool", "tool_call_id": "call_a", "content": "42"}));
+    assert_eq!(messages[6]["tool_call_id"], "call_b");
+    assert_eq!(messages.as_array().unwrap().len(), 7);
+}
+
+#[tokio::test]
+async fn bedrock_tool_use_arrives_whole_and_the_steps_go_back_as_content_blocks() {
+    let calc = call("tooluse_1", "calculator", r#"{"expression":"6*7"}"#);
+    let frames = fake_llm::bedrock_tool_use_frames("Checking.", "tooluse_1", "calculator", &calc.arguments);
+    let server = FakeLlm::start(vec![fake_llm::bedrock_stream(frames)]).await.unwrap();
+    let model = bedrock(&server).await;
+    let mut asked = prompt("What is 6*7?");
+    asked.tools = Tools::builtin().specs();
+    let out: Vec<Output> = model.stream(asked.clone()).map(Result::unwrap).collect().await;
+    assert_eq!(out, vec![Output::Token("Checking.".to_owned()), Output::ToolCall(calc.clone())]);
+    let body = server.requests()[0].json();
+    let spec = &body["toolConfig"]["tools"][0]["toolSpec"];
+    assert_eq!(spec["name"], "calculator");
+    assert_eq!(spec["inputSchema"]["json"]["required"], json!(["expression"]));
+
+    server.script(vec![fake_llm::bedrock_stream(fake_llm::bedrock_frames(&["42."]))]);
+    asked.exchanges = tool_step("Checking.", &[calc], &["42"]);
+    let _: Vec<_> = model.stream(asked).collect().await;
+    let messages = server.requests()[1].json()["messages"].clone();
+    assert_eq!(
+        messages[3],
+        json!({"role": "assistant", "content": [
+            {"text": "Checking."},
+            {"toolUse": {"toolUseId": "tooluse_1", "name": "calculator", "input": {"expression": "6*7"}}},
+        ]})
+    );
+    assert_eq!(
+        messages[4],
+        json!({"role": "user", "content": [
+            {"toolResult": {"toolUseId": "tooluse_1", "content": [{"text": "42"}], "status": "success"}},
+        ]})
+    );
+    assert_eq!(messages.as_array().unwrap().len(), 5);
 }

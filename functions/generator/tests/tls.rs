@@ -54,7 +54,8 @@ async fn https_endpoints_are_trusted_through_the_system_roots_and_nothing_else()
     .unwrap();
     assert!(good.url.starts_with("https://"));
     let out: Vec<_> = openai(format!("{}/v1", good.url)).stream(prompt()).collect().await;
-    assert_eq!(out, vec![Ok("secure".to_owned()), Ok(" ✓".to_owned())]);
+    let tokens = |t: &str| Ok(generator::model::Output::Token(t.to_owned()));
+    assert_eq!(out, vec![tokens("secure"), tokens(" ✓")]);
     assert_eq!(good.requests()[0].header("authorization"), Some("Bearer sk-tls"));
 
     // A server whose certificate no trusted root signed is refused before any request is sent.

@@ -6,10 +6,12 @@
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::queue::TurnMessage;
 use chat_core::{NewMessage, Outcome, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId};
+use chat_core::{ReplyEvent, Role, ToolUse};
 use chat_testkit::fake_llm::{self, FakeLlm};
 use generator::model::openai::OpenAiSettings;
 use generator::model::{Model, OpenAi, RetryPolicy};
 use generator::routing::{NamedModel, RouteRule, Routes};
+use generator::tools::Tools;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ struct Harness {
 }
 
 async fn harness(server: &FakeLlm) -> Harness {
-    harness_routed(server, None).await
+    harness_routed(server, None, Tools::none()).await
 }
 
 fn openai_model(server: &FakeLlm, name: &str) -> Model {
@@ -46,7 +48,7 @@ fn openai_model(server: &FakeLlm, name: &str) -> Model {
 }
 
 /// A harness whose main model is `big-model`, routing short messages to `small-model` by `small`.
-async fn harness_routed(server: &FakeLlm, small: Option<RouteRule>) -> Harness {
+async fn harness_routed(server: &FakeLlm, small: Option<RouteRule>, tools: Tools) -> Harness {
     let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
     let store = dynamo.store("turns", StoreOptions::default());
     let routes = Routes {
@@ -64,8 +66,9 @@ async fn harness_routed(server: &FakeLlm, small: Option<RouteRule>) -> Harness {
         system_prompt: Some("Be brief.".to_owned()),
         memory: Default::default(),
         reply_max_bytes: 300_000,
+        tool_deadline: Duration::from_secs(60),
     };
-    let generator = Arc::new(generator::Generator::new(store.clone(), routes, settings));
+    let generator = Arc::new(generator::Generator::new(store.clone(), routes, settings).with_tools(tools));
     Harness { _dynamo: dynamo, store, generator }
 }
 
@@ -205,7 +208,7 @@ async fn short_simple_messages_go_to_the_small_model_and_the_choice_is_stored_wi
     ])
     .await
     .unwrap();
-    let h = harness_routed(&server, Some(RouteRule { max_chars: 40 })).await;
+    let h = harness_routed(&server, Some(RouteRule { max_chars: 40 }), Tools::none()).await;
     let (session, t1) = h.turn(None, "What time is it?").await;
     let (_, t2) = h.turn(Some(session), &"Explain the borrow checker in depth, please. ".repeat(3)).await;
     let (_, t3) = h.turn(Some(session), "Fix this:\n\n```fn main() {}```").await;
@@ -220,4 +223,119 @@ async fn short_simple_messages_go_to_the_small_model_and_the_choice_is_stored_wi
     assert_eq!(routing(t1), Some(("small".to_owned(), "small-model".to_owned())));
     assert_eq!(routing(t2), Some(("main".to_owned(), "big-model".to_owned())));
     assert_eq!(routing(t3), Some(("main".to_owned(), "big-model".to_owned())));
+}
+
+#[tokio::test]
+async fn a_tool_step_streams_its_call_and_result_and_the_reply_is_stored_with_them() {
+    let arguments = r#"{"expression":"6*7"}"#;
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_tool_calls("Let me check. ", &[("c1", "calculator", arguments)]),
+        fake_llm::openai_reply(&["The ", "answer ", "is 42."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let h = harness_routed(&server, None, Tools::builtin()).await;
+    let (session, turn) = h.turn(None, "What is six times seven?").await;
+
+    // The sequence: text, the call, the tool's answer, text; each entry its own index.
+    let chunks = h.store.read_chunks(session, turn, None, true).await.unwrap();
+    let entries: Vec<String> = chunks.iter().flat_map(|c| c.tokens.iter().cloned()).collect();
+    let shown: Vec<String> = entries
+        .iter()
+        .map(|t| match ReplyEvent::decode(t) {
+            Some(e) => format!("<{} {}>", e.event, e.data["id"].as_str().unwrap()),
+            None => t.clone(),
+        })
+        .collect();
+    assert_eq!(shown, ["Let me check. ", "<tool_call c1>", "<tool_result c1>", "The ", "answer ", "is 42."]);
+    let result = ReplyEvent::decode(&entries[2]).unwrap();
+    assert_eq!(result.data["content"], "42");
+    assert_eq!(result.data["is_error"], false);
+
+    // The committed reply is the text, exactly what the token events carry (law 4), with the
+    // tool use stored beside it.
+    let (_, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    let text: String = entries.iter().filter(|t| ReplyEvent::decode(t).is_none()).cloned().collect();
+    assert_eq!(reply.content, "Let me check. The answer is 42.");
+    assert_eq!(reply.content, text);
+    assert_eq!(
+        reply.tool_uses,
+        vec![ToolUse {
+            id: "c1".to_owned(),
+            name: "calculator".to_owned(),
+            arguments: arguments.to_owned(),
+            result: "42".to_owned(),
+            is_error: false,
+        }]
+    );
+    // The model's second call carried the step: its call and the calculator's answer.
+    let messages = server.requests()[1].json()["messages"].clone();
+    let tool = messages.as_array().unwrap().iter().find(|m| m["role"] == "tool").unwrap();
+    assert_eq!((tool["tool_call_id"].as_str(), tool["content"].as_str()), (Some("c1"), Some("42")));
+}
+
+#[tokio::test]
+async fn a_model_that_keeps_calling_tools_is_made_to_answer_after_the_step_limit() {
+    let again = || fake_llm::openai_tool_calls("", &[("c", "current_time", "{}")]);
+    let server = FakeLlm::start(vec![again(), again(), fake_llm::openai_reply(&["Done."], Duration::ZERO)])
+        .await
+        .unwrap();
+    let tools = Tools::builtin().with_max_steps(2);
+    let h = harness_routed(&server, None, tools).await;
+    let (session, turn) = h.turn(None, "Keep checking the time.").await;
+    let requests = server.requests();
+    assert_eq!(requests.len(), 3, "two tool steps, then the answer");
+    assert!(requests[0].json()["tools"].is_array() && requests[1].json()["tools"].is_array());
+    assert!(requests[2].json().get("tools").is_none(), "no tools offered after the limit");
+    let (_, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.tool_uses.len(), 2);
+    assert_eq!(reply.content, "Done.");
+}
+
+#[tokio::test]
+async fn a_generator_taking_over_mid_tool_step_goes_on_from_the_stored_call_and_result() {
+    let server = FakeLlm::start(vec![fake_llm::openai_reply(&["The ", "answer ", "is 42."], Duration::ZERO)])
+        .await
+        .unwrap();
+    let h = harness_routed(&server, None, Tools::builtin()).await;
+    let (session, turn) = h.send(None, "What is six times seven?").await;
+    // A first generator took a tool step, stored it, and stalled.
+    let claim =
+        h.store.claim_generation(session, turn, "gen-first", Duration::from_millis(1), 3).await.unwrap();
+    let chat_core::ClaimOutcome::Claimed(first) = claim else { panic!("{claim:?}") };
+    let call = generator::model::ToolCall {
+        id: "c1".to_owned(),
+        name: "calculator".to_owned(),
+        arguments: r#"{"expression":"6*7"}"#.to_owned(),
+    };
+    let answer = generator::tools::ToolAnswer { content: "42".to_owned(), is_error: false };
+    let entries = vec![
+        "Let me check. ".to_owned(),
+        generator::tools::call_event(&call).encode(),
+        generator::tools::result_event(&call, &answer).encode(),
+    ];
+    h.store.append_chunk(&first, 0, 0, &entries).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    // The redelivery takes the turn over and goes on after the tool step.
+    h.run(TurnMessage::reply(session, turn)).await;
+    let messages = server.requests()[0].json()["messages"].clone();
+    let messages = messages.as_array().unwrap();
+    let step = messages.iter().find(|m| m["tool_calls"].is_array()).expect("the call is replayed");
+    assert_eq!(step["content"], "Let me check. ");
+    assert_eq!(step["tool_calls"][0]["id"], "c1");
+    assert_eq!(
+        messages.last().unwrap(),
+        &serde_json::json!({"role": "tool", "tool_call_id": "c1", "content": "42"})
+    );
+    assert!(server.requests()[0].json()["tools"].is_array(), "a step is left: tools are still offered");
+    let (_, stored) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = stored.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, "Let me check. The answer is 42.");
+    assert_eq!(
+        reply.tool_uses.iter().map(|u| (u.id.as_str(), u.result.as_str())).collect::<Vec<_>>(),
+        [("c1", "42")]
+    );
 }

@@ -433,6 +433,10 @@ impl App {
                     value["stopped"] = Value::Bool(true);
                     value["stop_reason"] = json!(reason);
                 }
+                if !m.tool_uses.is_empty() {
+                    // The tools called while writing this reply, with what they answered.
+                    value["tool_calls"] = json!(m.tool_uses);
+                }
                 if let Some(routing) = &m.routing {
                     // Which route (ROUTE_SMALL_*) and model wrote this reply.
                     value["route"] = json!(routing.route);
@@ -559,6 +563,7 @@ mod tests {
                 timestamp: 0,
                 stopped: None,
                 routing: None,
+                tool_uses: Vec::new(),
             })
             .collect()
     }

@@ -11,7 +11,9 @@ pub mod web;
 use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
 use chat_core::config::{ConfigError, Env};
-use chat_core::{Admission, Chunk, Role, Session, SessionId, State, Store, StoreError, Turn, UserId};
+use chat_core::{
+    Admission, Chunk, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
+};
 use chat_runtime::http_error;
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::StreamBody;
@@ -455,7 +457,13 @@ async fn send_tokens(
             continue;
         }
         let id = format!("{turn}:{index}");
-        tx.send(sse::event("token", Some(&id), token)).await.ok()?;
+        // A tool call or result has its own event name and index, so resuming after it works
+        // like resuming after a token.
+        let event = match ReplyEvent::decode(token) {
+            Some(event) => sse::event(&event.event, Some(&id), &event.data.to_string()),
+            None => sse::event("token", Some(&id), token),
+        };
+        tx.send(event).await.ok()?;
         *next_index = index + 1;
         sent += 1;
     }

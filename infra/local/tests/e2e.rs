@@ -569,3 +569,51 @@ async fn only_pages_from_allowed_origins_may_call_the_api() {
     assert_eq!(ok.status().as_u16(), 202);
     assert_eq!(ok.headers()["access-control-allow-origin"], own.as_str());
 }
+
+#[tokio::test]
+async fn a_tool_step_streams_as_tool_call_and_tool_result_events_and_resumes_after_them() {
+    let user = user();
+    // The demo model's test directive: it asks the calculator, then replies with the answer.
+    let answer = send_text(api(), &user, "What is [[calc:6*7]]?", None).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let id = session_id(&answer);
+    let events = stream_turn(&id, 1).await;
+    let entries: Vec<&Sse> = events.iter().filter(|e| e.id.is_some()).collect();
+    let kinds: Vec<&str> = entries.iter().map(|e| e.event.as_str()).take(3).collect();
+    assert_eq!(kinds, ["token", "tool_call", "tool_result"], "{events:?}");
+    // One index space for tokens and tool events: contiguous from 0.
+    let indexes: Vec<u64> = entries
+        .iter()
+        .map(|e| e.id.as_deref().unwrap().split_once(':').unwrap().1.parse().unwrap())
+        .collect();
+    assert_eq!(indexes, (0..entries.len() as u64).collect::<Vec<_>>());
+    let call: Value = serde_json::from_str(&entries[1].data).unwrap();
+    assert_eq!(
+        (call["name"].as_str(), call["arguments"].as_str()),
+        (Some("calculator"), Some(r#"{"expression":"6*7"}"#))
+    );
+    let result: Value = serde_json::from_str(&entries[2].data).unwrap();
+    assert_eq!(
+        (&result["id"], &result["content"], &result["is_error"]),
+        (&call["id"], &json!("42"), &json!(false))
+    );
+    assert!(text_of(&events).contains("The calculator says: 42."), "{}", text_of(&events));
+    let tail: Vec<&str> = events.iter().rev().take(2).map(|e| e.event.as_str()).collect();
+    assert_eq!(tail, ["commit_done", "message_end"]);
+
+    // Resuming right after the call replays the result, then the rest, nothing twice.
+    let (status, mut reader) =
+        SseReader::open(&format!("{}/sessions/{id}/stream?turn=1", api()), entries[1].id.as_deref()).await;
+    assert_eq!(status, 200);
+    let resumed = reader.rest().await;
+    let resumed_entries: Vec<&Sse> = resumed.iter().filter(|e| e.id.is_some()).collect();
+    assert_eq!(resumed_entries[0].event, "tool_result");
+    assert_eq!(resumed_entries.len(), entries.len() - 2);
+
+    // The reply is the text the token events carried, with the tool use beside it.
+    let session = get_session(api(), &id).await.body["session"].clone();
+    let reply = reply_of(&session, 1).expect("a reply");
+    assert_eq!(reply["content"].as_str().unwrap(), text_of(&events));
+    assert_eq!(reply["tool_calls"][0]["name"], "calculator");
+    assert_eq!(reply["tool_calls"][0]["result"], "42");
+}

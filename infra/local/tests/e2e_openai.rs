@@ -58,6 +58,9 @@ async fn an_openai_compatible_server_streams_through_the_stack_to_an_sse_client(
     );
     let body = request.json();
     assert_eq!(body["model"], "fake-model");
+    let offered: Vec<&str> =
+        body["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
+    assert_eq!(offered, ["calculator", "current_time"], "the built-in tools are offered by default");
     assert_eq!(body["messages"][0]["content"], "You are the e2e test.");
     assert_eq!(body["messages"][1]["content"], "Hello, model ✨");
 

@@ -17,7 +17,9 @@ pub use error::StoreError;
 pub use fsm::{Event, State};
 pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
 pub use limits::{Admission, UserLimits};
-pub use model::{Chunk, LeaseInfo, Message, Routing, Session, StopReason, Summary, TransitionRecord};
+pub use model::{
+    Chunk, LeaseInfo, Message, ReplyEvent, Routing, Session, StopReason, Summary, ToolUse, TransitionRecord,
+};
 pub use store::{
     AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,
     Lease, LeaseStatus, NewMessage, Outcome, SendOutcome, SessionPage, Store, StoreOptions, TurnTicket,

@@ -82,6 +82,50 @@ pub struct Message {
     pub stopped: Option<StopReason>,
     /// Which route and model wrote an assistant reply (response routing).
     pub routing: Option<Routing>,
+    /// The tools the model called while writing an assistant reply, in order.
+    pub tool_uses: Vec<ToolUse>,
+}
+
+/// One tool call of a reply and what the tool answered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolUse {
+    /// The call's id (the same as in the stream's `tool_call` and `tool_result` events).
+    pub id: String,
+    /// The tool.
+    pub name: String,
+    /// The arguments, as the JSON text the model wrote.
+    pub arguments: String,
+    /// What the tool returned, or why it failed.
+    pub result: String,
+    /// The tool failed.
+    pub is_error: bool,
+}
+
+/// A reply's token sequence carries more than text: a tool call or a tool result is an entry of
+/// its own, with its own index, so a stream replays it in order and resumes after it. It is
+/// stored as a token that starts with this character (ASCII record separator, which model text
+/// never starts with: the generator replaces it), then `{"event": ..., "data": ...}`.
+pub const EVENT_MARK: char = '\u{1e}';
+
+/// A non-text entry of a reply's token sequence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplyEvent {
+    /// The SSE event name: `tool_call` or `tool_result`.
+    pub event: String,
+    /// Its data.
+    pub data: serde_json::Value,
+}
+
+impl ReplyEvent {
+    /// The token that stores it.
+    pub fn encode(&self) -> String {
+        format!("{EVENT_MARK}{}", serde_json::to_string(self).expect("an event serialises"))
+    }
+
+    /// The event a token stores, or `None` for a text token.
+    pub fn decode(token: &str) -> Option<ReplyEvent> {
+        serde_json::from_str(token.strip_prefix(EVENT_MARK)?).ok()
+    }
 }
 
 /// The response route a turn took: the rule's choice and the model that answered.
@@ -291,6 +335,11 @@ impl Message {
                 }
                 _ => None,
             },
+            tool_uses: match fields.opt_string(attr::TOOL_USES)? {
+                Some(json) => serde_json::from_str(json)
+                    .map_err(|_| StoreError::corrupt(fields.key(), "tool_uses does not parse"))?,
+                None => Vec::new(),
+            },
         })
     }
 }
@@ -354,6 +403,7 @@ pub(crate) mod attr {
     pub const SUMMARY_PENDING: &str = "summary_pending";
     pub const ROUTE: &str = "route";
     pub const MODEL: &str = "model";
+    pub const TOOL_USES: &str = "tool_uses";
     pub const ROLE: &str = "role";
     pub const CONTENT: &str = "content";
     pub const TIMESTAMP: &str = "timestamp";
@@ -368,4 +418,23 @@ pub(crate) mod attr {
     pub const EVENT: &str = "event";
     pub const AT: &str = "at";
     pub const BY: &str = "by";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_event_round_trips_through_its_token_and_text_is_never_taken_for_one() {
+        let event = ReplyEvent {
+            event: "tool_call".to_owned(),
+            data: serde_json::json!({"id": "c1", "name": "calculator", "arguments": "{\"expression\":\"2+2\"}"}),
+        };
+        let token = event.encode();
+        assert!(token.starts_with(EVENT_MARK));
+        assert_eq!(ReplyEvent::decode(&token), Some(event));
+        for text in ["hello", "{\"event\": \"tool_call\", \"data\": {}}", "", "\u{1e}not json"] {
+            assert_eq!(ReplyEvent::decode(text), None, "{text:?}");
+        }
+    }
 }

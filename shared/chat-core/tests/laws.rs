@@ -119,6 +119,7 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
         resumed_tokens: vec![],
         summary: None,
         routing: None,
+        tool_uses: vec![],
     };
     match event {
         Event::UserSend => {

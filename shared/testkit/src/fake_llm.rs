@@ -312,3 +312,57 @@ pub fn bedrock_error(code: u16, error_type: &str) -> Reply {
         &json!({"message": "fake refusal"}).to_string(),
     )
 }
+
+/// An OpenAI-style streamed reply that writes `text` then calls tools: each call's id and name
+/// come first, then its arguments in two pieces, as real servers stream them; then
+/// `finish_reason: "tool_calls"` and `[DONE]`. A call is `(id, name, arguments)`.
+pub fn openai_tool_calls(text: &str, calls: &[(&str, &str, &str)]) -> Reply {
+    let chunk = |delta: Value, finish: Option<&str>| {
+        (
+            Duration::ZERO,
+            sse_data(
+                &json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).to_string(),
+            ),
+        )
+    };
+    let mut parts = vec![chunk(json!({"role": "assistant", "content": text}), None)];
+    for (index, (id, name, arguments)) in calls.iter().enumerate() {
+        parts.push(chunk(
+            json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+                "function": {"name": name, "arguments": ""}}]}),
+            None,
+        ));
+        let (first, second) = arguments.split_at(arguments.len() / 2);
+        for piece in [first, second] {
+            parts.push(chunk(
+                json!({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}),
+                None,
+            ));
+        }
+    }
+    parts.push(chunk(json!({}), Some("tool_calls")));
+    parts.push((Duration::ZERO, sse_data("[DONE]")));
+    Reply::Stream { content_type: "text/event-stream".to_owned(), parts }
+}
+
+/// Bedrock event-stream frames that write `text` then call one tool (`toolUse`), its input in
+/// two pieces, ending with `stopReason: "tool_use"`.
+pub fn bedrock_tool_use_frames(text: &str, id: &str, name: &str, input: &str) -> Vec<Vec<u8>> {
+    let mut frames = vec![bedrock_event("messageStart", json!({"role": "assistant"}))];
+    frames.push(bedrock_event("contentBlockDelta", json!({"contentBlockIndex": 0, "delta": {"text": text}})));
+    frames.push(bedrock_event("contentBlockStop", json!({"contentBlockIndex": 0})));
+    frames.push(bedrock_event(
+        "contentBlockStart",
+        json!({"contentBlockIndex": 1, "start": {"toolUse": {"toolUseId": id, "name": name}}}),
+    ));
+    let (first, second) = input.split_at(input.len() / 2);
+    for piece in [first, second] {
+        frames.push(bedrock_event(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 1, "delta": {"toolUse": {"input": piece}}}),
+        ));
+    }
+    frames.push(bedrock_event("contentBlockStop", json!({"contentBlockIndex": 1})));
+    frames.push(bedrock_event("messageStop", json!({"stopReason": "tool_use"})));
+    frames
+}

@@ -1,13 +1,15 @@
 //! Amazon Bedrock `ConverseStream`, authenticated by the function's IAM role.
 
-use super::{ModelError, ModelProvider, Prompt, TokenStream};
+use super::{Exchange, ModelError, ModelProvider, Output, Prompt, TokenStream, ToolCall};
 use aws_sdk_bedrockruntime::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_bedrockruntime::primitives::event_stream::EventReceiver;
 use aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError;
 use aws_sdk_bedrockruntime::types::{
-    ContentBlock, ContentBlockDelta, ConversationRole, ConverseStreamOutput, InferenceConfiguration, Message,
-    SystemContentBlock,
+    ContentBlock, ContentBlockDelta, ContentBlockStart, ConversationRole, ConverseStreamOutput,
+    InferenceConfiguration, Message, SystemContentBlock, Tool, ToolConfiguration, ToolInputSchema,
+    ToolResultBlock, ToolResultContentBlock, ToolResultStatus, ToolSpecification, ToolUseBlock,
 };
+use aws_smithy_types::{Document, Number};
 use chat_core::Role;
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
@@ -53,11 +55,12 @@ impl Bedrock {
             .model_id(&self.settings.model)
             .set_system(prompt.system.clone().map(|s| vec![SystemContentBlock::Text(s)]))
             .set_messages(Some(messages(&prompt)?))
+            .set_tool_config(tool_config(&prompt)?)
             .inference_config(inference.build())
             .send()
             .await
             .map_err(|e| sdk_error(&e, |service| service.code().map(str::to_owned)))?;
-        let reading = Reading { events: output.stream, finished: false };
+        let reading = Reading { events: output.stream, finished: false, call: None };
         Ok(stream::unfold(reading, Reading::next).boxed())
     }
 }
@@ -68,39 +71,113 @@ impl ModelProvider for Bedrock {
     }
 }
 
+/// The offered tools, as Converse's `toolConfig`; `None` when there are none.
+fn tool_config(prompt: &Prompt) -> Result<Option<ToolConfiguration>, ModelError> {
+    if prompt.tools.is_empty() {
+        return Ok(None);
+    }
+    let bad = |e: aws_sdk_bedrockruntime::error::BuildError| {
+        ModelError::fatal(format!("cannot build the Bedrock request: {e}"))
+    };
+    let mut config = ToolConfiguration::builder();
+    for tool in &prompt.tools {
+        let spec = ToolSpecification::builder()
+            .name(&tool.name)
+            .description(&tool.description)
+            .input_schema(ToolInputSchema::Json(document(&tool.parameters)))
+            .build()
+            .map_err(bad)?;
+        config = config.tools(Tool::ToolSpec(spec));
+    }
+    config.build().map(Some).map_err(bad)
+}
+
+/// A JSON value as the SDK's `Document`.
+fn document(value: &serde_json::Value) -> Document {
+    use serde_json::Value;
+    match value {
+        Value::Null => Document::Null,
+        Value::Bool(b) => Document::Bool(*b),
+        Value::Number(n) => Document::Number(match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => Number::PosInt(u),
+            (None, Some(i)) => Number::NegInt(i),
+            _ => Number::Float(n.as_f64().unwrap_or_default()),
+        }),
+        Value::String(s) => Document::String(s.clone()),
+        Value::Array(items) => Document::Array(items.iter().map(document).collect()),
+        Value::Object(map) => Document::Object(map.iter().map(|(k, v)| (k.clone(), document(v))).collect()),
+    }
+}
+
 /// Converse wants user and assistant strictly alternating, starting with the user, with no empty
 /// text and no trailing whitespace on a final assistant message (a resumed reply). A turn whose
-/// reply failed leaves two user messages in a row: they are joined.
+/// reply failed leaves two user messages in a row: they are joined. This turn's tool steps
+/// follow as content blocks: the model's text and `toolUse`s, then the user's `toolResult`s.
 fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
-    let mut merged: Vec<(Role, String)> = Vec::new();
-    for (role, text) in prompt.with_resumed_reply() {
-        if text.trim().is_empty() || (merged.is_empty() && role == Role::Assistant) {
-            continue;
-        }
-        match merged.last_mut() {
-            Some((last, joined)) if *last == role => {
+    let mut merged: Vec<(ConversationRole, Vec<ContentBlock>)> = Vec::new();
+    let mut push = |role: ConversationRole, block: ContentBlock| match merged.last_mut() {
+        Some((last, blocks)) if *last == role => match (blocks.last_mut(), block) {
+            (Some(ContentBlock::Text(joined)), ContentBlock::Text(text)) => {
                 joined.push_str("\n\n");
                 joined.push_str(&text);
             }
-            _ => merged.push((role, text)),
+            (_, block) => blocks.push(block),
+        },
+        _ => merged.push((role, vec![block])),
+    };
+    let mut started = false;
+    for (role, text) in &prompt.messages {
+        if text.trim().is_empty() || (!started && *role == Role::Assistant) {
+            continue;
+        }
+        started = true;
+        let role = match role {
+            Role::User => ConversationRole::User,
+            Role::Assistant => ConversationRole::Assistant,
+        };
+        push(role, ContentBlock::Text(text.clone()));
+    }
+    let bad = |e: aws_sdk_bedrockruntime::error::BuildError| {
+        ModelError::fatal(format!("cannot build the Bedrock request: {e}"))
+    };
+    for exchange in &prompt.exchanges {
+        match exchange {
+            Exchange::Assistant { text, calls } => {
+                if !text.trim().is_empty() {
+                    push(ConversationRole::Assistant, ContentBlock::Text(text.trim_end().to_owned()));
+                }
+                for call in calls {
+                    let input = serde_json::from_str(&call.arguments).unwrap_or(serde_json::Value::Null);
+                    let block = ToolUseBlock::builder()
+                        .tool_use_id(&call.id)
+                        .name(&call.name)
+                        .input(document(&input))
+                        .build()
+                        .map_err(bad)?;
+                    push(ConversationRole::Assistant, ContentBlock::ToolUse(block));
+                }
+            }
+            Exchange::ToolResult { call_id, content, is_error, .. } => {
+                let status = if *is_error { ToolResultStatus::Error } else { ToolResultStatus::Success };
+                let block = ToolResultBlock::builder()
+                    .tool_use_id(call_id)
+                    .content(ToolResultContentBlock::Text(content.clone()))
+                    .status(status)
+                    .build()
+                    .map_err(bad)?;
+                push(ConversationRole::User, ContentBlock::ToolResult(block));
+            }
         }
     }
-    if let Some((Role::Assistant, text)) = merged.last_mut() {
-        *text = text.trim_end().to_owned();
+    if let Some(resumed) = prompt.resumed_text() {
+        let resumed = resumed.trim_end().to_owned();
+        if !resumed.is_empty() {
+            push(ConversationRole::Assistant, ContentBlock::Text(resumed));
+        }
     }
     merged
         .into_iter()
-        .map(|(role, text)| {
-            let role = match role {
-                Role::User => ConversationRole::User,
-                Role::Assistant => ConversationRole::Assistant,
-            };
-            Message::builder()
-                .role(role)
-                .content(ContentBlock::Text(text))
-                .build()
-                .map_err(|e| ModelError::fatal(format!("cannot build the Bedrock request: {e}")))
-        })
+        .map(|(role, blocks)| Message::builder().role(role).set_content(Some(blocks)).build().map_err(bad))
         .collect()
 }
 
@@ -156,17 +233,40 @@ fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt:
 struct Reading {
     events: EventReceiver<ConverseStreamOutput, ConverseStreamOutputError>,
     finished: bool,
+    /// The tool call whose block is streaming: its id, name and input so far.
+    call: Option<ToolCall>,
 }
 
 impl Reading {
-    async fn next(mut self) -> Option<(Result<String, ModelError>, Reading)> {
+    async fn next(mut self) -> Option<(Result<Output, ModelError>, Reading)> {
         loop {
             match self.events.recv().await {
-                Ok(Some(ConverseStreamOutput::ContentBlockDelta(event))) => {
-                    if let Some(ContentBlockDelta::Text(text)) = event.delta {
-                        if !text.is_empty() {
-                            return Some((Ok(text), self));
+                Ok(Some(ConverseStreamOutput::ContentBlockStart(event))) => {
+                    if let Some(ContentBlockStart::ToolUse(start)) = event.start {
+                        self.call = Some(ToolCall {
+                            id: start.tool_use_id,
+                            name: start.name,
+                            arguments: String::new(),
+                        });
+                    }
+                }
+                Ok(Some(ConverseStreamOutput::ContentBlockDelta(event))) => match event.delta {
+                    Some(ContentBlockDelta::Text(text)) if !text.is_empty() => {
+                        return Some((Ok(Output::Token(text)), self));
+                    }
+                    Some(ContentBlockDelta::ToolUse(delta)) => {
+                        if let Some(call) = &mut self.call {
+                            call.arguments.push_str(&delta.input);
                         }
+                    }
+                    _ => {}
+                },
+                Ok(Some(ConverseStreamOutput::ContentBlockStop(_))) => {
+                    if let Some(mut call) = self.call.take() {
+                        if call.arguments.trim().is_empty() {
+                            call.arguments = "{}".to_owned();
+                        }
+                        return Some((Ok(Output::ToolCall(call)), self));
                     }
                 }
                 Ok(Some(ConverseStreamOutput::MessageStop(event))) => {
@@ -189,7 +289,7 @@ impl Reading {
                 Ok(None) if self.finished => return None,
                 Ok(None) => {
                     let err = ModelError::retryable("the model's stream ended before the reply was complete");
-                    return Some((Err(err), Reading { finished: true, ..self }));
+                    return Some((Err(err), Reading { finished: true, call: None, ..self }));
                 }
                 Err(err) if self.finished => {
                     warn!(error = ?err, "Bedrock's stream broke after the reply was complete");
@@ -197,7 +297,7 @@ impl Reading {
                 }
                 Err(err) => {
                     let err = sdk_error(&err, stream_error_code);
-                    return Some((Err(err), Reading { finished: true, ..self }));
+                    return Some((Err(err), Reading { finished: true, call: None, ..self }));
                 }
             }
         }
@@ -220,6 +320,7 @@ mod tests {
                 (Role::User, "now".to_owned()),
             ],
             resumed: vec!["Partial ".to_owned()],
+            ..Prompt::default()
         };
         let built = messages(&prompt).unwrap();
         let shape: Vec<(String, String)> = built

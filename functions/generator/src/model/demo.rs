@@ -1,6 +1,6 @@
 //! The built-in demo model: deterministic, offline, with test directives.
 
-use super::{ModelError, ModelProvider, Prompt, TokenStream};
+use super::{Exchange, ModelError, ModelProvider, Output, Prompt, TokenStream, ToolCall};
 use chat_core::Role;
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
@@ -53,7 +53,14 @@ impl DemoModel {
             .rev()
             .find(|(role, _)| *role == Role::User)
             .map_or("", |(_, text)| text.as_str());
-        let mut tokens = vec!["You ".to_owned(), "said: ".to_owned(), "\"".to_owned()];
+        let mut tokens = Vec::new();
+        // After a tool step, the reply starts with what the tool answered.
+        if let Some(Exchange::ToolResult { name, content, .. }) = prompt.exchanges.last() {
+            tokens.extend(["The ".to_owned(), format!("{name} "), "says: ".to_owned()]);
+            tokens.extend(split_tokens(content));
+            tokens.push(". ".to_owned());
+        }
+        tokens.extend(["You ".to_owned(), "said: ".to_owned(), "\"".to_owned()]);
         tokens.extend(split_tokens(last));
         tokens.push("\". ".to_owned());
         let length =
@@ -83,9 +90,29 @@ pub fn directive(prompt: &Prompt, name: &str) -> Option<usize> {
     rest.split("]]").next()?.parse().ok()
 }
 
+/// The `[[calc:EXPR]]` test directive: with the calculator offered and no tool step yet, the demo
+/// model asks it to evaluate `EXPR` before replying.
+fn calculator_call(prompt: &Prompt) -> Option<ToolCall> {
+    if !prompt.exchanges.is_empty() || !prompt.tools.iter().any(|t| t.name == "calculator") {
+        return None;
+    }
+    let text = &prompt.messages.last()?.1;
+    let expression = text.split("[[calc:").nth(1)?.split("]]").next()?;
+    Some(ToolCall {
+        id: "demo-call-1".to_owned(),
+        name: "calculator".to_owned(),
+        arguments: serde_json::json!({ "expression": expression }).to_string(),
+    })
+}
+
 impl ModelProvider for DemoModel {
     /// Resumes after the tokens an earlier attempt streamed: the reply is deterministic.
     fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
+        if let Some(call) = calculator_call(&prompt).filter(|_| crate::FAULTS_BUILT && self.faults) {
+            let items = vec![Ok(Output::Token("Let me calculate. ".to_owned())), Ok(Output::ToolCall(call))];
+            let stream = stream::iter(items.into_iter().skip(prompt.resumed.len())).boxed();
+            return Box::pin(async move { Ok(stream) });
+        }
         let tokens = self.reply(&prompt);
         let fail_after = self.fail_after(&prompt);
         let delay = self.token_delay;
@@ -94,7 +121,7 @@ impl ModelProvider for DemoModel {
                 tokio::time::sleep(delay).await;
                 match fail_after {
                     Some(n) if index >= n => Err(ModelError::fatal("the demo model was told to fail")),
-                    _ => Ok(token),
+                    _ => Ok(Output::Token(token)),
                 }
             })
             .boxed();
@@ -111,7 +138,15 @@ mod tests {
     }
 
     async fn collect(model: &DemoModel, prompt: Prompt) -> Vec<Result<String, ModelError>> {
-        model.open(Arc::new(prompt)).await.unwrap().collect().await
+        let outputs: Vec<_> = model.open(Arc::new(prompt)).await.unwrap().collect().await;
+        outputs
+            .into_iter()
+            .map(|o| match o {
+                Ok(Output::Token(t)) => Ok(t),
+                Ok(Output::ToolCall(c)) => panic!("unexpected tool call {c:?}"),
+                Err(e) => Err(e),
+            })
+            .collect()
     }
 
     fn demo(reply_tokens: usize) -> DemoModel {

@@ -1,5 +1,5 @@
-//! The model seam: anything that turns a conversation into a stream of tokens, and the one retry
-//! policy every provider shares.
+//! The model seam: anything that turns a conversation into a stream of tokens and tool calls,
+//! and the one retry policy every provider shares.
 
 pub mod bedrock;
 mod demo;
@@ -41,8 +41,64 @@ impl ModelError {
     }
 }
 
-/// A stream of reply tokens.
-pub type TokenStream = BoxStream<'static, Result<String, ModelError>>;
+/// What a model streams: reply text, or a call of one of the offered tools (emitted whole, once
+/// its arguments are complete).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A piece of the reply's text.
+    Token(String),
+    /// The model asks for a tool.
+    ToolCall(ToolCall),
+}
+
+/// A stream of reply text and tool calls.
+pub type TokenStream = BoxStream<'static, Result<Output, ModelError>>;
+
+/// A tool the model may call: its name, what it does, and its parameters as JSON Schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolSpec {
+    /// The name the model calls it by.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: String,
+    /// Its parameters, a JSON Schema object.
+    pub parameters: serde_json::Value,
+}
+
+/// One call of a tool by the model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    /// The provider's id of the call, which its result answers.
+    pub id: String,
+    /// The tool.
+    pub name: String,
+    /// The arguments, as the JSON text the model wrote.
+    pub arguments: String,
+}
+
+/// A step of the current turn before the reply goes on: what the model said and asked for, or
+/// what a tool answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exchange {
+    /// The model's text so far in this step and the tools it called.
+    Assistant {
+        /// Text before the calls (may be empty).
+        text: String,
+        /// The calls.
+        calls: Vec<ToolCall>,
+    },
+    /// A tool's answer to a call.
+    ToolResult {
+        /// The call it answers.
+        call_id: String,
+        /// The tool.
+        name: String,
+        /// What it returned, or why it failed.
+        content: String,
+        /// The tool failed (the model is told so).
+        is_error: bool,
+    },
+}
 
 /// What the model is asked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,21 +107,21 @@ pub struct Prompt {
     pub system: Option<String>,
     /// The conversation, oldest first, ending with the user's new message.
     pub messages: Vec<(Role, String)>,
-    /// Reply tokens an earlier holder of the turn already streamed (after a takeover): the new
-    /// reply must continue them. Real providers get them as the start of the assistant's reply.
+    /// This turn's tool steps so far, after the user's message.
+    pub exchanges: Vec<Exchange>,
+    /// Reply tokens already streamed after the last exchange (by an earlier holder of the turn,
+    /// after a takeover): the reply must continue them. Real providers get them as the start of
+    /// the assistant's reply.
     pub resumed: Vec<String>,
+    /// The tools the model may call (none: it must answer in text).
+    pub tools: Vec<ToolSpec>,
 }
 
 impl Prompt {
-    /// The messages a chat API should get: the conversation, plus the resumed part of the reply
-    /// as a trailing assistant message when there is one.
-    pub fn with_resumed_reply(&self) -> Vec<(Role, String)> {
-        let mut messages = self.messages.clone();
-        let resumed = self.resumed.concat();
-        if !resumed.is_empty() {
-            messages.push((Role::Assistant, resumed));
-        }
-        messages
+    /// The reply already streamed after the last exchange, if any: real providers get it as
+    /// the start of the assistant's reply.
+    pub fn resumed_text(&self) -> Option<String> {
+        Some(self.resumed.concat()).filter(|text| !text.is_empty())
     }
 }
 
@@ -149,7 +205,7 @@ impl Model {
         &self,
         mut phase: Phase,
         prompt: Arc<Prompt>,
-    ) -> Option<(Result<String, ModelError>, Phase)> {
+    ) -> Option<(Result<Output, ModelError>, Phase)> {
         let idle = self.policy.idle_timeout;
         loop {
             phase = match phase {
@@ -216,7 +272,7 @@ mod tests {
     use std::sync::Mutex;
 
     /// One attempt: refused (`Err`), or the items its stream yields.
-    type Script = Result<Vec<Result<String, ModelError>>, ModelError>;
+    type Script = Result<Vec<Result<Output, ModelError>>, ModelError>;
 
     /// Each `open` takes the next script: `Err` refuses, `Ok` streams its items.
     struct Scripted {
@@ -243,8 +299,8 @@ mod tests {
         (Model::new(provider.clone(), policy), provider)
     }
 
-    fn ok(t: &str) -> Result<String, ModelError> {
-        Ok(t.to_owned())
+    fn ok(t: &str) -> Result<Output, ModelError> {
+        Ok(Output::Token(t.to_owned()))
     }
 
     #[tokio::test]

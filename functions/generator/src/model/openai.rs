@@ -1,7 +1,7 @@
 //! Any OpenAI-compatible `/chat/completions` endpoint with `stream: true`: OpenAI, vLLM, Ollama,
 //! llama.cpp server, Gemini's compatible endpoint and the like.
 
-use super::{ModelError, ModelProvider, Prompt, TokenStream};
+use super::{Exchange, ModelError, ModelProvider, Output, Prompt, TokenStream, ToolCall};
 use bytes::Bytes;
 use chat_core::Role;
 use futures::future::BoxFuture;
@@ -153,18 +153,48 @@ impl OpenAi {
         if let Some(system) = &prompt.system {
             messages.push(json!({"role": "system", "content": system}));
         }
-        for (role, content) in prompt.with_resumed_reply() {
+        for (role, content) in &prompt.messages {
             let role = match role {
                 Role::User => "user",
                 Role::Assistant => "assistant",
             };
             messages.push(json!({"role": role, "content": content}));
         }
+        for exchange in &prompt.exchanges {
+            messages.push(match exchange {
+                Exchange::Assistant { text, calls } => json!({
+                    "role": "assistant",
+                    "content": if text.is_empty() { Value::Null } else { json!(text) },
+                    "tool_calls": calls.iter().map(|call| json!({
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    })).collect::<Vec<_>>(),
+                }),
+                Exchange::ToolResult { call_id, content, .. } => {
+                    json!({"role": "tool", "tool_call_id": call_id, "content": content})
+                }
+            });
+        }
+        if let Some(resumed) = prompt.resumed_text() {
+            messages.push(json!({"role": "assistant", "content": resumed}));
+        }
         let mut body = json!({
             "model": self.settings.model,
             "messages": messages,
             "stream": true,
         });
+        if !prompt.tools.is_empty() {
+            body["tools"] = prompt
+                .tools
+                .iter()
+                .map(|tool| {
+                    json!({"type": "function", "function": {
+                        "name": tool.name, "description": tool.description, "parameters": tool.parameters,
+                    }})
+                })
+                .collect();
+        }
         body[self.settings.max_tokens_field] = json!(self.settings.max_tokens);
         if let Some(temperature) = self.settings.temperature {
             body["temperature"] = json!(temperature);
@@ -208,6 +238,7 @@ impl OpenAi {
             body: BodyDataStream::new(response.into_body()).boxed(),
             decoder: SseDecoder::default(),
             pending: VecDeque::new(),
+            calls: Vec::new(),
             finished: false,
             done: false,
             provider: self,
@@ -280,7 +311,9 @@ async fn read_prefix(mut incoming: hyper::body::Incoming, limit: usize) -> Vec<u
 struct Reading {
     body: BoxStream<'static, Result<Bytes, hyper::Error>>,
     decoder: SseDecoder,
-    pending: VecDeque<Result<String, ModelError>>,
+    pending: VecDeque<Result<Output, ModelError>>,
+    /// Tool calls being streamed, by their index: id, name and the arguments so far.
+    calls: Vec<ToolCall>,
     /// A `finish_reason` or `[DONE]` arrived: the reply is complete.
     finished: bool,
     /// Nothing more will be read.
@@ -289,7 +322,7 @@ struct Reading {
 }
 
 impl Reading {
-    async fn next(mut self) -> Option<(Result<String, ModelError>, Reading)> {
+    async fn next(mut self) -> Option<(Result<Output, ModelError>, Reading)> {
         loop {
             if let Some(item) = self.pending.pop_front() {
                 if item.is_err() {
@@ -334,6 +367,19 @@ impl Reading {
         }
     }
 
+    /// The streamed tool calls, complete: each goes out once, with an id (some servers omit it).
+    fn emit_calls(&mut self) {
+        for (index, mut call) in std::mem::take(&mut self.calls).into_iter().enumerate() {
+            if call.name.is_empty() {
+                continue;
+            }
+            if call.id.is_empty() {
+                call.id = format!("call_{index}");
+            }
+            self.pending.push_back(Ok(Output::ToolCall(call)));
+        }
+    }
+
     /// One event's data: a chunk, an error object, or `[DONE]`.
     fn handle(&mut self, data: &str) {
         if self.done || self.pending.iter().any(Result::is_err) {
@@ -342,6 +388,7 @@ impl Reading {
         if data.trim() == "[DONE]" {
             self.finished = true;
             self.done = true;
+            self.emit_calls();
             return;
         }
         let chunk: Value = match serde_json::from_str(data) {
@@ -384,12 +431,40 @@ impl Reading {
         };
         if let Some(content) = choice.pointer("/delta/content").and_then(Value::as_str) {
             if !content.is_empty() {
-                self.pending.push_back(Ok(content.to_owned()));
+                self.pending.push_back(Ok(Output::Token(content.to_owned())));
+            }
+        }
+        // A tool call arrives in pieces: its id and name first, then its arguments a few
+        // characters at a time, keyed by the call's index.
+        for delta in choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
+            let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            if index > 64 {
+                self.pending
+                    .push_back(Err(ModelError::fatal("the model provider sent a malformed tool call")));
+                return;
+            }
+            if self.calls.len() <= index {
+                self.calls.resize_with(index + 1, || ToolCall {
+                    id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                });
+            }
+            let call = &mut self.calls[index];
+            if let Some(id) = delta.get("id").and_then(Value::as_str) {
+                call.id = id.to_owned();
+            }
+            if let Some(name) = delta.pointer("/function/name").and_then(Value::as_str) {
+                call.name.push_str(name);
+            }
+            if let Some(arguments) = delta.pointer("/function/arguments").and_then(Value::as_str) {
+                call.arguments.push_str(arguments);
             }
         }
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
             self.finished = true;
-            if reason != "stop" {
+            self.emit_calls();
+            if !matches!(reason, "stop" | "tool_calls") {
                 info!(finish_reason = reason, "the model stopped early");
             }
         }
@@ -507,6 +582,7 @@ mod tests {
             system: Some("be brief".to_owned()),
             messages: vec![(Role::User, "hi".to_owned())],
             resumed: vec!["Hel".to_owned(), "lo".to_owned()],
+            ..Prompt::default()
         };
         let body = provider.request_body(&prompt);
         assert_eq!(

@@ -23,6 +23,7 @@ fn history(turns: u32, words: usize) -> Vec<Message> {
             timestamp: 0,
             stopped: None,
             routing: None,
+            tool_uses: Vec::new(),
         })
         .collect()
 }

@@ -136,6 +136,7 @@ async fn run(
             system_prompt: None,
             memory: Default::default(),
             reply_max_bytes: 300_000,
+            tool_deadline: Duration::from_secs(60),
         },
     );
     let relay = stream::Relay::new(

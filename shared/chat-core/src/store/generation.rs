@@ -87,6 +87,7 @@ impl Store {
                 resumed_tokens: Vec::new(),
                 summary: current.summary.clone(),
                 routing: None,
+                tool_uses: Vec::new(),
             };
             if event == Event::LeaseTakeover {
                 match self.fence(&mut lease).await? {
@@ -283,6 +284,10 @@ impl Store {
         if let Some(routing) = &lease.routing {
             message.insert(attr::ROUTE.to_owned(), string(routing.route.clone()));
             message.insert(attr::MODEL.to_owned(), string(routing.model.clone()));
+        }
+        if !lease.tool_uses.is_empty() {
+            let json = serde_json::to_string(&lease.tool_uses).expect("tool uses serialise");
+            message.insert(attr::TOOL_USES.to_owned(), string(json));
         }
         let (mut set, remove) = self.turn_ended_deadline(lease.session_id);
         set.push((attr::CANCEL_REQUESTED, AttributeValue::Bool(false)));

@@ -101,6 +101,8 @@ pub struct Lease {
     pub summary: Option<crate::model::Summary>,
     /// The route this holder chose for the turn, stored with the reply.
     pub routing: Option<crate::model::Routing>,
+    /// The tools called for the turn so far, stored with the reply.
+    pub tool_uses: Vec<crate::model::ToolUse>,
 }
 
 /// What became of a generation claim.
