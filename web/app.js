@@ -228,6 +228,40 @@ function assistantBubble(turn) {
   return li;
 }
 
+// ----- tools a reply used ----------------------------------------------------------------
+
+/// The bubble's list of tool calls, created above its text on first use.
+function toolList(bubble) {
+  let list = bubble.querySelector("ul.tools");
+  if (!list) {
+    list = el("ul", "tools");
+    bubble.prepend(list);
+  }
+  return list;
+}
+
+/// A tool call, shown as "name arguments …" until its result arrives (once per call id).
+function showToolCall(bubble, call) {
+  const list = toolList(bubble);
+  if ([...list.children].some((li) => li.dataset.id === call.id)) return;
+  const li = el("li", "tool");
+  li.dataset.id = call.id;
+  li.dataset.state = "running";
+  li.dataset.call = call.name + (call.arguments && call.arguments !== "{}" ? " " + call.arguments : "");
+  li.textContent = "Using " + li.dataset.call + " …";
+  list.append(li);
+}
+
+/// A tool's answer, next to its call: "name arguments → result" (the start of a long one).
+function showToolResult(bubble, result) {
+  showToolCall(bubble, { id: result.id, name: result.name, arguments: "" });
+  const li = [...toolList(bubble).children].find((n) => n.dataset.id === result.id);
+  const content = String(result.content ?? result.result ?? "");
+  const shown = content.length > 200 ? content.slice(0, 200) + "…" : content;
+  li.dataset.state = result.is_error ? "failed" : "done";
+  li.textContent = "Used " + li.dataset.call + " → " + shown;
+}
+
 function setReply(bubble, text, status, detail) {
   bubble.dataset.raw = text;
   bubble.dataset.state = status;
@@ -289,6 +323,16 @@ function follow(session, turn, streamUrl, bubble, lastId) {
     stream.text += e.data;
     stream.lastId = e.lastEventId;
     if (!frame) frame = requestAnimationFrame(paint);
+  });
+  source.addEventListener("tool_call", (e) => {
+    stream.lastId = e.lastEventId;
+    showToolCall(bubble, JSON.parse(e.data));
+    scrollDown();
+  });
+  source.addEventListener("tool_result", (e) => {
+    stream.lastId = e.lastEventId;
+    showToolResult(bubble, JSON.parse(e.data));
+    scrollDown();
   });
   source.addEventListener("message_end", (e) => {
     const end = JSON.parse(e.data);
@@ -392,6 +436,10 @@ async function openSession(id, older) {
       li.dataset.turn = turn;
       li.append(el("div", "body"));
       nodes.push(li);
+      for (const use of message.tool_calls || []) {
+        showToolCall(li, use);
+        showToolResult(li, use);
+      }
       setReply(li, message.content, message.stopped ? "stopped" : "done", stopDetail(message.stop_reason || (message.stopped ? "cancelled" : null)));
     }
   }

@@ -398,3 +398,24 @@ async fn a_failed_reply_and_a_rate_limit_are_told_in_words_with_retry() {
     browser.screenshot("errors-in-words").await;
     browser.close().await;
 }
+
+#[tokio::test]
+async fn a_tool_the_model_called_is_shown_with_its_answer_live_and_after_a_reload() {
+    let browser = browser().await;
+    let user = format!("tools-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    // The demo model's directive: it asks the calculator first, then answers with the result.
+    browser.send("What is [[calc:6*7]]?").await;
+    let reply = browser.until_reply("done").await;
+    assert!(reply["raw"].as_str().unwrap().contains("The calculator says: 42."), "{reply}");
+    let tools = "return [...document.querySelectorAll('#messages li.assistant ul.tools li')]
+                   .map(li => ({text: li.textContent, state: li.dataset.state}))";
+    let live = browser.js(tools).await;
+    assert_eq!(live, json!([{"text": "Used calculator {\"expression\":\"6*7\"} → 42", "state": "done"}]));
+    browser.screenshot("tool-call").await;
+    // From the stored reply, the same line.
+    browser.client.refresh().await.unwrap();
+    browser.until_reply("done").await;
+    assert_eq!(browser.js(tools).await, live, "the history shows the tool call as the stream did");
+    browser.close().await;
+}
