@@ -13,6 +13,7 @@ help: ## List the targets
 check-toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 	@command -v python3 >/dev/null || { echo "python3 not found: it runs the pinned local tools" >&2; exit 1; }
+	@command -v ps >/dev/null || { echo "ps not found: the local stack stops its processes with it (Debian: apt-get install procps)" >&2; exit 1; }
 
 # The pinned Python tools (cargo-lambda, moto) in a project-local venv; reinstalled when the pins change.
 $(VENV)/.installed: infra/requirements.txt

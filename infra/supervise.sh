@@ -6,7 +6,20 @@ set -uo pipefail
 parent=$1; shift
 setsid "$@" &
 child=$!
-stop() { kill -TERM -- "-$child" 2>/dev/null; sleep 1; kill -KILL -- "-$child" 2>/dev/null; exit 0; }
+# Every process below $1. `cargo lambda watch` starts each function in a session of its own,
+# out of reach of the group kill; a function left behind polls the gone runtime API forever.
+tree() {
+  local kid
+  for kid in $(ps -eo pid=,ppid= | awk -v p="$1" '$2 == p {print $1}'); do tree "$kid"; echo "$kid"; done
+}
+stop() {
+  local below
+  below=$(tree "$child")
+  kill -TERM -- "-$child" $below 2>/dev/null
+  sleep 1
+  kill -KILL -- "-$child" $below 2>/dev/null
+  exit 0
+}
 trap stop TERM INT HUP
 while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
 stop
