@@ -5,7 +5,9 @@
 //! two chunk-flush settings, and reports:
 //! - write and read capacity units per turn, from DynamoDB's own consumed-capacity figures;
 //! - relay lag per token: the moment the generator receives it from the model (handed to the
-//!   chunk writer) to the moment the SSE client reads it, as percentiles.
+//!   chunk writer) to the moment the SSE client reads it, as percentiles;
+//! - what a session's idle expiry costs: the sweeper's transitions and the generator's summary
+//!   job (measured on the first session of each setting).
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
@@ -55,6 +57,9 @@ struct Totals {
     lags_ms: Vec<f64>,
     turns: usize,
     chunks: usize,
+    /// The idle expiry (sweeper) and the summary job (generator) of one session.
+    idle_write_units: f64,
+    idle_read_units: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -98,6 +103,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("  chunks per turn          {:>8.1}", totals.chunks as f64 / n);
         println!("  read units per turn      {:>8.1}   generator", totals.generator_read_units / n);
         println!("                           {:>8.1}   per SSE client", totals.stream_read_units / n);
+        println!(
+            "  idle expiry + summary    {:>8.1}   write units, {:.1} read units, once per quiet session",
+            totals.idle_write_units, totals.idle_read_units
+        );
         println!(
             "  relay lag (ms)           p50 {:.0}   p90 {:.0}   p99 {:.0}   max {:.0}   ({} tokens)\n",
             percentile(&lags, 50.0),
@@ -220,6 +229,34 @@ async fn run(
         totals.generator_read_units += after.1.read_units - before.1.read_units;
         totals.stream_read_units += after.2.read_units - before.2.read_units;
         totals.turns += 1;
+        if turn == 0 {
+            // The session goes quiet: the sweeper expires it, the generator writes its summary.
+            let before = (ingest_store.capacity(), generator_store.capacity());
+            let session =
+                ingest_store.get_session(ticket.session_id, true).await?.ok_or("session vanished")?;
+            let Outcome::Applied(_) = ingest_store.expire_idle(&session, "bench").await? else {
+                return Err("the idle expiry was refused".into());
+            };
+            let mut message = SqsMessage::default();
+            message.message_id = Some("bench-summary".to_owned());
+            message.body =
+                Some(serde_json::to_string(&TurnMessage::summary(ticket.session_id, ticket.turn))?);
+            let mut event = SqsEvent::default();
+            event.records = vec![message];
+            if !generator.handle(event).await.batch_item_failures.is_empty() {
+                return Err("the summary job failed".into());
+            }
+            let summarised =
+                ingest_store.get_session(ticket.session_id, true).await?.ok_or("session vanished")?;
+            if summarised.summary.is_none() {
+                return Err("no summary was stored".into());
+            }
+            let after = (ingest_store.capacity(), generator_store.capacity());
+            totals.idle_write_units =
+                (after.0.write_units - before.0.write_units) + (after.1.write_units - before.1.write_units);
+            totals.idle_read_units =
+                (after.0.read_units - before.0.read_units) + (after.1.read_units - before.1.read_units);
+        }
     }
     Ok(totals)
 }
