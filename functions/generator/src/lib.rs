@@ -352,6 +352,7 @@ impl Generator {
             exchanges: replayed.exchanges,
             resumed: replayed.text_after,
             tools: Vec::new(),
+            must_answer: false,
         }))
     }
 
@@ -375,12 +376,15 @@ impl Generator {
         let mut steps = tools::steps(&prompt.exchanges);
         loop {
             let tools_left = steps < self.tools.max_steps && Instant::now() < deadline;
-            prompt.tools = if tools_left { self.tools.specs() } else { Vec::new() };
+            // The tools stay described after the last step (a provider must know what the
+            // earlier steps called), but the model is told to answer now.
+            prompt.tools = self.tools.specs();
+            prompt.must_answer = !tools_left;
             let (text, calls) = match self.stream_step(lease, writer, model, &prompt, crash_after).await? {
                 Step::Ended(ending) => return Ok(ending),
                 // Calls nobody offered (a model past its last step calling anyway) end the turn
                 // with what it wrote, rather than looping.
-                Step::Calls { .. } if prompt.tools.is_empty() => {
+                Step::Calls { .. } if prompt.tools.is_empty() || prompt.must_answer => {
                     warn!("the model called tools that were not offered; ending the turn with its text");
                     return Ok(self.flush(lease, writer).await?.unwrap_or(Ending::Complete));
                 }

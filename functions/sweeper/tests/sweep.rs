@@ -264,3 +264,24 @@ async fn every_item_of_a_session_expires_and_its_removal_is_counted_off_its_user
         SendOutcome::SessionLimit { limit: 1 }
     ));
 }
+
+#[tokio::test]
+async fn a_session_whose_last_turn_failed_expires_too_and_keeps_why_it_failed() {
+    let world = World::start(3, 3).await;
+    let ticket = world.writing().await;
+    world.advance(StoreOptions::default().writing_timeout + Duration::from_millis(1));
+    assert_eq!(world.sweep().await.ended, 1);
+    let idle = StoreOptions::default().idle_timeout.expect("an idle timeout by default");
+    world.advance(idle + Duration::from_secs(1));
+    assert_eq!(world.sweep().await.checked, 1);
+    let session = world.session(ticket.session_id).await;
+    assert_eq!((session.state, session.summary_pending), (State::Timeout, true));
+    assert_eq!(
+        session.reason.as_deref(),
+        Some("the message was not stored in time"),
+        "still why it has no answer"
+    );
+    let events: Vec<Event> =
+        world.store.transitions(ticket.session_id).await.unwrap().into_iter().map(|t| t.event).collect();
+    assert_eq!(&events[events.len() - 2..], &[Event::Recover, Event::IdleExpired]);
+}

@@ -73,7 +73,9 @@ impl ModelProvider for Bedrock {
 
 /// The offered tools, as Converse's `toolConfig`; `None` when there are none.
 fn tool_config(prompt: &Prompt) -> Result<Option<ToolConfiguration>, ModelError> {
-    if prompt.tools.is_empty() {
+    // Converse has no "none" tool choice: a model that must answer gets no tools, and the
+    // earlier steps as text (see `messages`).
+    if prompt.tools.is_empty() || prompt.must_answer {
         return Ok(None);
     }
     let bad = |e: aws_sdk_bedrockruntime::error::BuildError| {
@@ -112,7 +114,9 @@ fn document(value: &serde_json::Value) -> Document {
 /// Converse wants user and assistant strictly alternating, starting with the user, with no empty
 /// text and no trailing whitespace on a final assistant message (a resumed reply). A turn whose
 /// reply failed leaves two user messages in a row: they are joined. This turn's tool steps
-/// follow as content blocks: the model's text and `toolUse`s, then the user's `toolResult`s.
+/// follow as content blocks: the model's text and `toolUse`s, then the user's `toolResult`s; or,
+/// when the model must answer without tools (Converse refuses those blocks without a
+/// `toolConfig`), as text saying what was called and what it answered.
 fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
     let mut merged: Vec<(ConversationRole, Vec<ContentBlock>)> = Vec::new();
     let mut push = |role: ConversationRole, block: ContentBlock| match merged.last_mut() {
@@ -147,6 +151,11 @@ fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
                     push(ConversationRole::Assistant, ContentBlock::Text(text.trim_end().to_owned()));
                 }
                 for call in calls {
+                    if prompt.must_answer {
+                        let said = format!("[called {} with {}]", call.name, call.arguments);
+                        push(ConversationRole::Assistant, ContentBlock::Text(said));
+                        continue;
+                    }
                     let input = serde_json::from_str(&call.arguments).unwrap_or(serde_json::Value::Null);
                     let block = ToolUseBlock::builder()
                         .tool_use_id(&call.id)
@@ -156,6 +165,10 @@ fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
                         .map_err(bad)?;
                     push(ConversationRole::Assistant, ContentBlock::ToolUse(block));
                 }
+            }
+            Exchange::ToolResult { name, content, is_error, .. } if prompt.must_answer => {
+                let outcome = if *is_error { "failed" } else { "answered" };
+                push(ConversationRole::User, ContentBlock::Text(format!("[{name} {outcome}: {content}]")));
             }
             Exchange::ToolResult { call_id, content, is_error, .. } => {
                 let status = if *is_error { ToolResultStatus::Error } else { ToolResultStatus::Success };
@@ -334,5 +347,55 @@ mod tests {
                 ("assistant".to_owned(), "Partial".to_owned()),
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod tool_tests {
+    use super::*;
+    use crate::model::ToolSpec;
+
+    #[test]
+    fn a_model_that_must_answer_gets_no_tools_and_the_steps_as_text() {
+        let call =
+            ToolCall { id: "t1".to_owned(), name: "calculator".to_owned(), arguments: "{}".to_owned() };
+        let prompt = Prompt {
+            messages: vec![(Role::User, "6*7?".to_owned())],
+            exchanges: vec![
+                Exchange::Assistant { text: "Checking.".to_owned(), calls: vec![call] },
+                Exchange::ToolResult {
+                    call_id: "t1".to_owned(),
+                    name: "calculator".to_owned(),
+                    content: "42".to_owned(),
+                    is_error: false,
+                },
+            ],
+            tools: vec![ToolSpec {
+                name: "calculator".to_owned(),
+                description: "d".to_owned(),
+                parameters: serde_json::json!({"type": "object"}),
+            }],
+            must_answer: true,
+            ..Prompt::default()
+        };
+        assert!(tool_config(&prompt).unwrap().is_none());
+        let built = messages(&prompt).unwrap();
+        let texts: Vec<(String, Vec<String>)> = built
+            .iter()
+            .map(|m| {
+                let texts = m.content.iter().map(|b| b.as_text().expect("text only").clone()).collect();
+                (m.role.as_str().to_owned(), texts)
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                ("user".to_owned(), vec!["6*7?".to_owned()]),
+                ("assistant".to_owned(), vec!["Checking.\n\n[called calculator with {}]".to_owned()]),
+                ("user".to_owned(), vec!["[calculator answered: 42]".to_owned()]),
+            ]
+        );
+        let offered = Prompt { must_answer: false, ..prompt };
+        assert!(tool_config(&offered).unwrap().is_some());
     }
 }

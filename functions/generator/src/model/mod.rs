@@ -115,6 +115,9 @@ pub struct Prompt {
     pub resumed: Vec<String>,
     /// The tools the model may call (none: it must answer in text).
     pub tools: Vec<ToolSpec>,
+    /// The model may call no more tools: it must answer now (after the last tool step). The
+    /// tools stay described, since earlier steps called them.
+    pub must_answer: bool,
 }
 
 impl Prompt {

@@ -194,6 +194,9 @@ impl OpenAi {
                     }})
                 })
                 .collect();
+            if prompt.must_answer {
+                body["tool_choice"] = json!("none");
+            }
         }
         body[self.settings.max_tokens_field] = json!(self.settings.max_tokens);
         if let Some(temperature) = self.settings.temperature {

@@ -99,19 +99,22 @@ impl Store {
     pub async fn expire_idle(&self, current: &Session, by: &str) -> Result<Outcome<u64>, StoreError> {
         let mut current = current.clone();
         loop {
-            let (event, set, remove) = match fsm::settling(current.state) {
-                Some(event) => (event, vec![], vec![attr::REASON]),
-                None if current.state == State::Idle => (
-                    Event::IdleExpired,
-                    vec![
-                        (attr::REASON, string("the session was idle past its limit")),
+            // A turn that failed keeps its reason through the expiry: it is still why that
+            // message has no answer.
+            let (event, set) = match fsm::settling(current.state) {
+                Some(event) => (event, vec![]),
+                None if current.state == State::Idle => {
+                    let mut set = vec![
                         (attr::SUMMARY_PENDING, AttributeValue::Bool(true)),
                         (attr::REDRIVES, number(0)),
                         (DUE_SHARD, string(table::due_shard(current.id))),
                         (DUE_AT, number(self.now_ms() + ms(self.options.pickup_timeout))),
-                    ],
-                    vec![],
-                ),
+                    ];
+                    if current.reason.is_none() {
+                        set.push((attr::REASON, string("the session was idle past its limit")));
+                    }
+                    (Event::IdleExpired, set)
+                }
                 None => {
                     return Err(StoreError::IllegalTransition {
                         from: Some(current.state),
@@ -126,7 +129,7 @@ impl Store {
                 turn: current.turn,
                 by: by.to_owned(),
                 set,
-                remove,
+                remove: vec![],
                 extra_condition: None,
                 extra_items: vec![],
             };
