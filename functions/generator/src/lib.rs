@@ -369,11 +369,11 @@ impl Generator {
         let crash_after = model::directive(&prompt, "crash-after")
             .filter(|_| FAULTS_BUILT && self.settings.faults && lease.next_seq == 0);
         let message = prompt.messages.last().map_or("", |(_, text)| text.as_str());
-        let (model, routing) = self.routes.pick(message);
+        let mut steps = tools::steps(&prompt.exchanges);
+        let (mut model, routing) = self.routes.pick(message, steps > 0);
         info!(route = %routing.route, model = %routing.model, "routed");
         lease.routing = Some(routing);
         let deadline = Instant::now() + self.settings.tool_deadline;
-        let mut steps = tools::steps(&prompt.exchanges);
         loop {
             let tools_left = steps < self.tools.max_steps && Instant::now() < deadline;
             // The tools stay described after the last step (a provider must know what the
@@ -391,6 +391,12 @@ impl Generator {
                 Step::Calls { text, calls } => (text, calls),
             };
             steps += 1;
+            // A turn that needs tools is the main model's: the small one hands it over here.
+            if let Some((main, routing)) = self.routes.escalate(lease.routing.as_ref()) {
+                info!(model = %routing.model, "the small model asked for a tool; the main model goes on");
+                model = main;
+                lease.routing = Some(routing);
+            }
             for call in &calls {
                 writer.push_event(tools::call_event(call));
             }

@@ -3,10 +3,12 @@
 //! The rule: a turn goes to the small model (`ROUTE_SMALL_MODEL`) when one is configured and
 //! the user's message is short and simple: at most `ROUTE_SMALL_MAX_CHARS` characters, one
 //! paragraph (no blank line), and no code (no ``` fence). Every other turn goes to the main
-//! model (`LLM_MODEL`). The choice depends only on the message and the configuration, so a
-//! generator that takes a stalled turn over makes the same one. It is stored with the reply
-//! (`route`, `model`) and shown by `GET /sessions/{id}`. A session's summary is written by the
-//! small model when there is one.
+//! model (`LLM_MODEL`). A turn that needs tools is the main model's too: when the small model
+//! asks for one, the tool step and the rest of the turn go to the main model (route
+//! `escalated`). The choice depends only on the message, the configuration and whether the turn
+//! has taken a tool step, so a generator that takes a stalled turn over makes the same one. It
+//! is stored with the reply (`route`, `model`) and shown by `GET /sessions/{id}`. A session's
+//! summary is written by the small model when there is one.
 
 use crate::model::Model;
 use chat_core::Routing;
@@ -18,6 +20,8 @@ pub enum Route {
     Main,
     /// The small model: short, simple messages.
     Small,
+    /// Started on the small model, which asked for a tool: the main model goes on.
+    Escalated,
 }
 
 impl Route {
@@ -26,6 +30,7 @@ impl Route {
         match self {
             Route::Main => "main",
             Route::Small => "small",
+            Route::Escalated => "escalated",
         }
     }
 }
@@ -88,13 +93,28 @@ impl Routes {
         Routes { main: NamedModel { model, name: name.into() }, small: None }
     }
 
-    /// The model for a turn whose user message is `message`, and the choice to record.
-    pub fn pick(&self, message: &str) -> (&Model, Routing) {
+    /// The model for a turn whose user message is `message` (and which has already taken a tool
+    /// step, after a takeover), and the choice to record.
+    pub fn pick(&self, message: &str, took_tool_step: bool) -> (&Model, Routing) {
         let (named, route) = match &self.small {
+            Some((_, rule)) if rule.route(message) == Route::Small && took_tool_step => {
+                (&self.main, Route::Escalated)
+            }
             Some((small, rule)) if rule.route(message) == Route::Small => (small, Route::Small),
             _ => (&self.main, Route::Main),
         };
         (&named.model, Routing { route: route.as_str().to_owned(), model: named.name.clone() })
+    }
+
+    /// When the small model has the turn and asked for a tool: the main model and the new
+    /// choice to record; `None` when the main model has it already.
+    pub fn escalate(&self, current: Option<&Routing>) -> Option<(&Model, Routing)> {
+        let on_small = current.is_some_and(|r| r.route == Route::Small.as_str());
+        on_small.then(|| {
+            let routing =
+                Routing { route: Route::Escalated.as_str().to_owned(), model: self.main.name.clone() };
+            (&self.main.model, routing)
+        })
     }
 
     /// The model that writes summaries: the small one when there is one.
@@ -117,5 +137,31 @@ mod tests {
         assert_eq!(rule.route("Fix:\n\nmy code"), Route::Main, "two paragraphs");
         assert_eq!(rule.route("```ls```"), Route::Main, "code");
         assert_eq!(rule.route("line one\nline two"), Route::Small, "one paragraph of two lines");
+    }
+
+    #[test]
+    fn a_turn_that_needs_tools_is_the_main_models() {
+        use crate::model::{DemoModel, RetryPolicy};
+        let demo = || {
+            let provider =
+                DemoModel { reply_tokens: 1, token_delay: std::time::Duration::ZERO, faults: false };
+            Model::new(std::sync::Arc::new(provider), RetryPolicy::default())
+        };
+        let routes = Routes {
+            main: NamedModel { model: demo(), name: "big".to_owned() },
+            small: Some((
+                NamedModel { model: demo(), name: "small".to_owned() },
+                RouteRule { max_chars: 20 },
+            )),
+        };
+        let long = "x".repeat(30);
+        let small = routes.pick("hi", false).1;
+        assert_eq!((small.route.as_str(), small.model.as_str()), ("small", "small"));
+        let escalated = routes.escalate(Some(&small)).expect("the small model hands over").1;
+        assert_eq!((escalated.route.as_str(), escalated.model.as_str()), ("escalated", "big"));
+        assert_eq!(routes.pick("hi", true).1, escalated, "a takeover after a tool step decides the same");
+        assert_eq!(routes.pick(&long, true).1.route, "main");
+        assert!(routes.escalate(Some(&routes.pick(&long, false).1)).is_none());
+        assert!(routes.escalate(Some(&escalated)).is_none());
     }
 }

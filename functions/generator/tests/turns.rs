@@ -339,3 +339,23 @@ async fn a_generator_taking_over_mid_tool_step_goes_on_from_the_stored_call_and_
         [("c1", "42")]
     );
 }
+
+#[tokio::test]
+async fn a_short_message_that_needs_a_tool_is_handed_from_the_small_model_to_the_main_one() {
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_tool_calls("", &[("c1", "calculator", r#"{"expression":"6*7"}"#)]),
+        fake_llm::openai_reply(&["42."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let h = harness_routed(&server, Some(RouteRule { max_chars: 40 }), Tools::builtin()).await;
+    let (session, turn) = h.turn(None, "What is 6*7?").await;
+    let asked: Vec<String> =
+        server.requests().iter().map(|r| r.json()["model"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(asked, ["small-model", "big-model"], "the tool step and the answer are the main model's");
+    let (_, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    let routing = reply.routing.clone().unwrap();
+    assert_eq!((routing.route.as_str(), routing.model.as_str()), ("escalated", "big-model"));
+    assert_eq!(reply.content, "42.");
+}
