@@ -9,10 +9,15 @@
 //! `TOOLS` names the enabled ones (default `calculator,current_time`; `none` for none). A tool's
 //! failure is its answer (`is_error`), for the model to read, never a failed turn.
 
-use crate::model::{Exchange, ToolCall, ToolSpec};
+mod calculator;
+mod sequence;
+
+pub use calculator::calculate;
+pub use sequence::{call_event, replay, result_event, steps, tool_use, Replayed};
+
+use crate::model::{ToolCall, ToolSpec};
 use bytes::Bytes;
 use chat_core::config::{ConfigError, Env};
-use chat_core::{ReplyEvent, ToolUse};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -186,7 +191,7 @@ impl Tools {
         match call.name.as_str() {
             "calculator" if self.calculator => match text("expression") {
                 Some(expression) => match calculate(expression) {
-                    Ok(value) => ToolAnswer::ok(format_number(value)),
+                    Ok(value) => ToolAnswer::ok(calculator::format_number(value)),
                     Err(err) => ToolAnswer::error(err),
                 },
                 None => ToolAnswer::error("expression (a string) is required"),
@@ -288,305 +293,9 @@ fn now_at(offset: Option<&str>) -> Result<String, String> {
     Ok(format!("{}{}{:02}:{:02}", local.trim_end_matches('Z'), if sign < 0 { '-' } else { '+' }, h, m))
 }
 
-/// A number as the calculator answers it: whole numbers without a fraction.
-fn format_number(value: f64) -> String {
-    if value.fract() == 0.0 && value.abs() < 1e15 {
-        format!("{}", value as i64)
-    } else {
-        format!("{value}")
-    }
-}
-
-/// Evaluates an arithmetic expression.
-pub fn calculate(expression: &str) -> Result<f64, String> {
-    let mut parser = Parser { chars: expression.chars().collect(), at: 0, depth: 0 };
-    let value = parser.sum()?;
-    parser.space();
-    if parser.at < parser.chars.len() {
-        return Err(format!("unexpected {:?} at position {}", parser.chars[parser.at], parser.at + 1));
-    }
-    if !value.is_finite() {
-        return Err("the result is not a finite number (division by zero?)".to_owned());
-    }
-    Ok(value)
-}
-
-/// Recursive descent, with the usual precedence (`-2^2` is -4, `2^3^2` is 512):
-/// sum := product (('+'|'-') product)*; product := unary (('*'|'/'|'%') unary)*;
-/// unary := '-' unary | power; power := atom ('^' unary)?; atom := number | name | name(sum) | (sum).
-struct Parser {
-    chars: Vec<char>,
-    at: usize,
-    depth: u32,
-}
-
-impl Parser {
-    fn space(&mut self) {
-        while self.chars.get(self.at).is_some_and(|c| c.is_whitespace()) {
-            self.at += 1;
-        }
-    }
-
-    fn peek(&mut self) -> Option<char> {
-        self.space();
-        self.chars.get(self.at).copied()
-    }
-
-    fn sum(&mut self) -> Result<f64, String> {
-        let mut value = self.product()?;
-        while let Some(op @ ('+' | '-')) = self.peek() {
-            self.at += 1;
-            let rhs = self.product()?;
-            value = if op == '+' { value + rhs } else { value - rhs };
-        }
-        Ok(value)
-    }
-
-    fn product(&mut self) -> Result<f64, String> {
-        let mut value = self.unary()?;
-        while let Some(op @ ('*' | '/' | '%')) = self.peek() {
-            self.at += 1;
-            let rhs = self.unary()?;
-            if rhs == 0.0 && op != '*' {
-                return Err("division by zero".to_owned());
-            }
-            value = match op {
-                '*' => value * rhs,
-                '/' => value / rhs,
-                _ => value % rhs,
-            };
-        }
-        Ok(value)
-    }
-
-    fn power(&mut self) -> Result<f64, String> {
-        let base = self.atom()?;
-        if self.peek() == Some('^') {
-            self.at += 1;
-            return Ok(base.powf(self.unary()?));
-        }
-        Ok(base)
-    }
-
-    fn unary(&mut self) -> Result<f64, String> {
-        self.depth += 1;
-        if self.depth > 200 {
-            return Err("the expression is nested too deeply".to_owned());
-        }
-        let value = if self.peek() == Some('-') {
-            self.at += 1;
-            self.unary().map(|v| -v)
-        } else {
-            self.power()
-        };
-        self.depth -= 1;
-        value
-    }
-
-    fn atom(&mut self) -> Result<f64, String> {
-        match self.peek() {
-            Some('(') => {
-                self.at += 1;
-                let value = self.sum()?;
-                if self.peek() != Some(')') {
-                    return Err(format!("a ')' is missing at position {}", self.at + 1));
-                }
-                self.at += 1;
-                Ok(value)
-            }
-            Some(c) if c.is_ascii_digit() || c == '.' => {
-                let start = self.at;
-                while self.chars.get(self.at).is_some_and(|c| c.is_ascii_digit() || *c == '.') {
-                    self.at += 1;
-                }
-                if matches!(self.chars.get(self.at), Some('e' | 'E'))
-                    && self
-                        .chars
-                        .get(self.at + 1)
-                        .is_some_and(|c| c.is_ascii_digit() || *c == '-' || *c == '+')
-                {
-                    self.at += 2;
-                    while self.chars.get(self.at).is_some_and(char::is_ascii_digit) {
-                        self.at += 1;
-                    }
-                }
-                let text: String = self.chars[start..self.at].iter().collect();
-                text.parse().map_err(|_| format!("{text:?} is not a number"))
-            }
-            Some(c) if c.is_ascii_alphabetic() => {
-                let start = self.at;
-                while self.chars.get(self.at).is_some_and(|c| c.is_ascii_alphanumeric()) {
-                    self.at += 1;
-                }
-                let name: String = self.chars[start..self.at].iter().collect::<String>().to_ascii_lowercase();
-                match name.as_str() {
-                    "pi" => return Ok(std::f64::consts::PI),
-                    "e" => return Ok(std::f64::consts::E),
-                    _ => {}
-                }
-                let function: fn(f64) -> f64 = match name.as_str() {
-                    "sqrt" => f64::sqrt,
-                    "abs" => f64::abs,
-                    "ln" => f64::ln,
-                    "log10" => f64::log10,
-                    "sin" => f64::sin,
-                    "cos" => f64::cos,
-                    "tan" => f64::tan,
-                    "round" => f64::round,
-                    "floor" => f64::floor,
-                    "ceil" => f64::ceil,
-                    _ => return Err(format!("unknown name {name:?}")),
-                };
-                if self.peek() != Some('(') {
-                    return Err(format!("{name} needs its argument in parentheses"));
-                }
-                let value = self.atom()?;
-                Ok(function(value))
-            }
-            Some(c) => Err(format!("unexpected {c:?} at position {}", self.at + 1)),
-            None => Err("the expression ended early".to_owned()),
-        }
-    }
-}
-
-/// The stream event of a tool call: `tool_call` with `{id, name, arguments}`.
-pub fn call_event(call: &ToolCall) -> ReplyEvent {
-    ReplyEvent {
-        event: "tool_call".to_owned(),
-        data: json!({"id": call.id, "name": call.name, "arguments": call.arguments}),
-    }
-}
-
-/// The stream event of a tool's answer: `tool_result` with `{id, name, content, is_error}`.
-pub fn result_event(call: &ToolCall, answer: &ToolAnswer) -> ReplyEvent {
-    ReplyEvent {
-        event: "tool_result".to_owned(),
-        data: json!({"id": call.id, "name": call.name, "content": answer.content, "is_error": answer.is_error}),
-    }
-}
-
-/// A call and its answer, as stored with the reply.
-pub fn tool_use(call: &ToolCall, answer: &ToolAnswer) -> ToolUse {
-    ToolUse {
-        id: call.id.clone(),
-        name: call.name.clone(),
-        arguments: call.arguments.clone(),
-        result: answer.content.clone(),
-        is_error: answer.is_error,
-    }
-}
-
-/// How many tool steps `exchanges` hold (each model turn that called tools is one).
-pub fn steps(exchanges: &[Exchange]) -> u32 {
-    exchanges.iter().filter(|e| matches!(e, Exchange::Assistant { .. })).count() as u32
-}
-
-/// A turn's sequence so far, read back after a takeover.
-#[derive(Debug, Default, PartialEq)]
-pub struct Replayed {
-    /// The tool steps, for the prompt.
-    pub exchanges: Vec<Exchange>,
-    /// The text tokens after the last step: the reply goes on from them.
-    pub text_after: Vec<String>,
-    /// The calls and their answers, for the stored reply.
-    pub tool_uses: Vec<ToolUse>,
-}
-
-/// Reads back a turn's token sequence (text tokens, `tool_call` and `tool_result` entries): the
-/// steps it took, and the text written since the last one.
-pub fn replay(tokens: &[String]) -> Replayed {
-    let mut replayed = Replayed::default();
-    let mut text = String::new();
-    let mut calls: Vec<ToolCall> = Vec::new();
-    let field =
-        |data: &Value, name: &str| data.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
-    for token in tokens {
-        let Some(event) = ReplyEvent::decode(token) else {
-            if !calls.is_empty() {
-                // Text after calls whose results are missing cannot happen; keep it as text.
-                replayed.exchanges.push(Exchange::Assistant {
-                    text: std::mem::take(&mut text),
-                    calls: std::mem::take(&mut calls),
-                });
-            }
-            text.push_str(token);
-            replayed.text_after.push(token.clone());
-            continue;
-        };
-        match event.event.as_str() {
-            "tool_call" => {
-                calls.push(ToolCall {
-                    id: field(&event.data, "id"),
-                    name: field(&event.data, "name"),
-                    arguments: field(&event.data, "arguments"),
-                });
-                replayed.text_after.clear();
-            }
-            "tool_result" => {
-                if !calls.is_empty() {
-                    replayed.exchanges.push(Exchange::Assistant {
-                        text: std::mem::take(&mut text),
-                        calls: std::mem::take(&mut calls),
-                    });
-                }
-                let answer = ToolAnswer {
-                    content: field(&event.data, "content"),
-                    is_error: event.data.get("is_error").and_then(Value::as_bool).unwrap_or(false),
-                };
-                let call = ToolCall {
-                    id: field(&event.data, "id"),
-                    name: field(&event.data, "name"),
-                    arguments: String::new(),
-                };
-                let arguments = replayed
-                    .exchanges
-                    .iter()
-                    .rev()
-                    .find_map(|e| match e {
-                        Exchange::Assistant { calls, .. } => calls.iter().find(|c| c.id == call.id),
-                        Exchange::ToolResult { .. } => None,
-                    })
-                    .map(|c| c.arguments.clone())
-                    .unwrap_or_default();
-                replayed.tool_uses.push(tool_use(&ToolCall { arguments, ..call.clone() }, &answer));
-                replayed.exchanges.push(Exchange::ToolResult {
-                    call_id: call.id,
-                    name: call.name,
-                    content: answer.content,
-                    is_error: answer.is_error,
-                });
-                text.clear();
-                replayed.text_after.clear();
-            }
-            _ => {}
-        }
-    }
-    replayed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_calculator_follows_precedence_and_explains_its_errors() {
-        assert_eq!(calculate("2 + 3 * 4").unwrap(), 14.0);
-        assert_eq!(calculate("(2 + 3) * 4").unwrap(), 20.0);
-        assert_eq!(calculate("2 ^ 3 ^ 2").unwrap(), 512.0, "right associative");
-        assert_eq!(calculate("-2 ^ 2").unwrap(), -4.0);
-        assert_eq!(calculate("2 ^ -1").unwrap(), 0.5);
-        assert_eq!(calculate("10 % 4 - 1.5e1").unwrap(), -13.0);
-        assert_eq!(calculate("sqrt(16) + abs(-2) + round(2.5)").unwrap(), 9.0);
-        assert!((calculate("2 * pi").unwrap() - std::f64::consts::TAU).abs() < 1e-12);
-        assert_eq!(format_number(calculate("1234567 * 89").unwrap()), "109876463");
-        assert_eq!(format_number(calculate("1 / 4").unwrap()), "0.25");
-        assert_eq!(calculate("1 / 0").unwrap_err(), "division by zero");
-        assert!(calculate("2 +").unwrap_err().contains("ended early"));
-        assert!(calculate("(1 + 2").unwrap_err().contains("')' is missing"));
-        assert!(calculate("2 $ 3").unwrap_err().contains("position 3"));
-        assert!(calculate("foo(1)").unwrap_err().contains("unknown name"));
-        assert!(calculate(&"(".repeat(10_000)).is_err(), "deep nesting is refused, not a stack overflow");
-    }
 
     #[test]
     fn the_clock_answers_in_utc_or_at_an_offset() {
@@ -611,40 +320,6 @@ mod tests {
         assert!(tools.call(&call("rm_rf", "{}")).await.is_error);
         let names: Vec<String> = tools.specs().into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["calculator", "current_time"]);
-    }
-
-    #[test]
-    fn a_sequence_replays_into_its_steps_the_text_after_them_and_the_stored_uses() {
-        let call =
-            ToolCall { id: "c1".to_owned(), name: "calculator".to_owned(), arguments: "{}".to_owned() };
-        let answer = ToolAnswer::ok("42");
-        let tokens: Vec<String> = vec![
-            "Let ".to_owned(),
-            "me.".to_owned(),
-            call_event(&call).encode(),
-            result_event(&call, &answer).encode(),
-            "It ".to_owned(),
-            "is".to_owned(),
-        ];
-        let replayed = replay(&tokens);
-        assert_eq!(
-            replayed.exchanges,
-            vec![
-                Exchange::Assistant { text: "Let me.".to_owned(), calls: vec![call.clone()] },
-                Exchange::ToolResult {
-                    call_id: "c1".to_owned(),
-                    name: "calculator".to_owned(),
-                    content: "42".to_owned(),
-                    is_error: false
-                },
-            ]
-        );
-        assert_eq!(replayed.text_after, ["It ", "is"]);
-        assert_eq!(replayed.tool_uses, vec![tool_use(&call, &answer)]);
-        assert_eq!(steps(&replayed.exchanges), 1);
-        // No tools at all: everything is text after no steps.
-        let plain = replay(&["a".to_owned(), "b".to_owned()]);
-        assert_eq!((plain.exchanges.len(), plain.text_after.len()), (0, 2));
     }
 
     #[tokio::test]
