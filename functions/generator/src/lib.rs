@@ -229,12 +229,14 @@ impl Generator {
 
     async fn generate(&self, mut lease: Lease) -> Result<(), RetryLater> {
         let mut writer = ChunkWriter::new(&lease);
-        // After a takeover, the tools an earlier holder called are part of this reply too.
-        lease.tool_uses = tools::replay(&lease.resumed_tokens).tool_uses;
+        // After a takeover: the tool steps an earlier holder took (part of this reply too), and
+        // the text it wrote after them.
+        let tools::Replayed { exchanges, text_after, tool_uses } = tools::replay(&lease.resumed_tokens);
+        lease.tool_uses = tool_uses;
         let ending = if lease.cancel_requested {
             Ending::Stopped
         } else {
-            match self.prompt(&lease).await? {
+            match self.prompt(&lease, exchanges, text_after).await? {
                 PromptOutcome::Ready(prompt) => self.stream_reply(&mut lease, &mut writer, prompt).await?,
                 PromptOutcome::Unanswerable(reason) => Ending::Failed(reason),
             }
@@ -328,7 +330,13 @@ impl Generator {
     /// What the model is asked: the system prompt and as much recent history as the memory
     /// limits allow, ending with this turn's user message; or why the turn cannot proceed. When
     /// the session has a summary, it stands in for the turns before the one it ends with.
-    async fn prompt(&self, lease: &Lease) -> Result<PromptOutcome, StoreError> {
+    /// `exchanges` and `resumed` are what an earlier holder of the turn already wrote.
+    async fn prompt(
+        &self,
+        lease: &Lease,
+        exchanges: Vec<Exchange>,
+        resumed: Vec<String>,
+    ) -> Result<PromptOutcome, StoreError> {
         let mut messages =
             self.store.recent_messages(lease.session_id, lease.turn, self.settings.memory.max_turns).await?;
         let system = memory::with_summary(self.settings.system_prompt.as_deref(), lease.summary.as_ref());
@@ -344,13 +352,11 @@ impl Generator {
         if !matches!(selected.last(), Some((Role::User, _))) {
             return Ok(PromptOutcome::Unanswerable("the turn's message is missing".to_owned()));
         }
-        // After a takeover: the tool steps an earlier holder took, then the text after them.
-        let replayed = tools::replay(&lease.resumed_tokens);
         Ok(PromptOutcome::Ready(Prompt {
             system,
             messages: selected,
-            exchanges: replayed.exchanges,
-            resumed: replayed.text_after,
+            exchanges,
+            resumed,
             tools: Vec::new(),
             must_answer: false,
         }))

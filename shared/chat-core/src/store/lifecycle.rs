@@ -191,9 +191,7 @@ impl Store {
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         Ok(match self.send_conditional(newer).await? {
             Written::Applied(_) => Outcome::Applied(()),
-            Written::Refused(item) => {
-                Outcome::Conflict(Conflict { current: item.as_ref().map(Session::from_item).transpose()? })
-            }
+            Written::Refused(item) => Outcome::Conflict(Conflict::of_refused(item.as_ref())?),
         })
     }
 
@@ -215,9 +213,7 @@ impl Store {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         Ok(match self.send_conditional(request).await? {
             Written::Applied(_) => Outcome::Applied(()),
-            Written::Refused(item) => {
-                Outcome::Conflict(Conflict { current: item.as_ref().map(Session::from_item).transpose()? })
-            }
+            Written::Refused(item) => Outcome::Conflict(Conflict::of_refused(item.as_ref())?),
         })
     }
 
@@ -269,9 +265,7 @@ impl Store {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         Ok(match self.send_conditional(request).await? {
             Written::Applied(_) => Outcome::Applied(redrives),
-            Written::Refused(item) => {
-                Outcome::Conflict(Conflict { current: item.as_ref().map(Session::from_item).transpose()? })
-            }
+            Written::Refused(item) => Outcome::Conflict(Conflict::of_refused(item.as_ref())?),
         })
     }
 

@@ -24,6 +24,13 @@ pub struct Conflict {
     pub current: Option<Session>,
 }
 
+impl Conflict {
+    /// The conflict of a refused session update, from the item it returned as it was.
+    pub(crate) fn of_refused(item: Option<&crate::model::Item>) -> Result<Conflict, crate::StoreError> {
+        Ok(Conflict { current: item.map(Session::from_item).transpose()? })
+    }
+}
+
 /// Proof that a turn was claimed, carried to the step that commits it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TurnTicket {
