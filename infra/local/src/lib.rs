@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod cpu;
 mod emulators;
 pub mod gateway;
 mod processes;
@@ -76,6 +77,10 @@ pub struct StackSettings {
     pub secrets: Vec<(String, String)>,
     /// Where the emulators' and functions' output goes; `None` passes it through.
     pub log_file: Option<PathBuf>,
+    /// Rebuild and restart a function when the workspace's files change (`make dev`). Off for
+    /// tests and benchmarks: `cargo lambda watch` counts any write under the workspace, a git
+    /// worktree's index included, and a restart kills the invocations in flight.
+    pub reload_on_change: bool,
 }
 
 /// How the local functions identify callers (`AUTH_MODE`).
@@ -121,6 +126,7 @@ impl StackSettings {
             function_env: Vec::new(),
             secrets: Vec::new(),
             log_file: None,
+            reload_on_change: false,
         }
     }
 }
@@ -259,6 +265,7 @@ impl Stack {
             .args(["--concurrency", &settings.concurrency.to_string()])
             // CORS is the gateway's, from an origin list; the watcher's own allows any origin.
             .arg("--disable-cors")
+            .args((!settings.reload_on_change).then_some("--ignore-changes"))
             .env(
                 chat_runtime::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
                 settings.invocations_per_instance.to_string(),

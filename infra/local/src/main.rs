@@ -9,6 +9,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let env = Env::process();
     let root = std::env::current_dir()?;
     let mut settings = StackSettings::new(root);
+    settings.reload_on_change = true;
     settings.api_port = env.parse_or("API_PORT", settings.api_port)?;
     settings.dynamodb_port = env.parse_or("DYNAMODB_PORT", settings.dynamodb_port)?;
     settings.sqs_port = env.parse_or("SQS_PORT", settings.sqs_port)?;

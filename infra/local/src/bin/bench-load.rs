@@ -1,4 +1,5 @@
-//! `make bench-load`: many conversations at once against the local stack, as people would use it.
+//! `make bench-load`: many conversations at once against the local stack, as people would use it,
+//! and what each turn costs the machine.
 //!
 //! At each level, N conversations start together. Each one, turn after turn: sends a message,
 //! streams the reply to `commit_done`, then sends the next. Every turn is checked as well as
@@ -13,24 +14,35 @@
 //! `client_message_id`, as a well-behaved client would; retries are counted, and a turn that
 //! never gets in counts as an error. TTFT is from sending the message to reading its first token.
 //!
-//! Conversations pause before each message for a random time up to `BENCH_THINK_MS` (1000), as
-//! people reading a reply do, and so start spread over that time; `@0` on a level makes them
-//! move in lockstep, every message of a round sent at the same instant (the worst case).
+//! By default conversations move in lockstep (no think time: each sends its next message as soon
+//! as its last turn ended), and the run soaks the stack: after the fresh levels, 5,000 turns, then
+//! the 1- and 20-conversation levels again, printed beside their fresh figures. `CxT@MS` in
+//! `BENCH_LEVELS` gives a level a think time: a random pause up to MS before each message.
+//!
+//! Per level it also reports the CPU time per turn of every process of the stack (user + system,
+//! from `/proc`; the benchmark's own client runs on threads of its own and is counted apart), and,
+//! inside this process, of every DynamoDB operation the emulator served, from the emulator's own
+//! events (so write latency there is the emulator's, not the network's).
 //!
 //! It starts its own stack (demo model, 20 tokens, one every 50 ms) unless `BENCH_API` names a
-//! running one. `BENCH_LEVELS` is a list like `1x10,20x5,20x5@0,200x2` (conversations × turns,
-//! `@` think time in ms). It exits non-zero if any turn failed or broke a law.
+//! running one (then no CPU figures). `BENCH_LEVELS` is a list like `1x20,20x10,200x3@500`
+//! (conversations × turns, `@` think time in ms). It exits non-zero if any turn failed or broke a
+//! law.
 
 use chat_core::config::Env;
+use chat_local::cpu::{EmulatorProfile, ProcessCpu};
 use chat_local::sse::SseStream;
 use chat_local::{Stack, StackSettings};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
 
 const REPLY_TOKENS: &str = "20";
 const TOKEN_DELAY_MS: u64 = 50;
+const DEFAULT_LEVELS: &str = "1x20,20x10,100x3,200x3,100x50,1x20,20x10";
 
 /// The model's first-token delay: the demo model's pause before each token.
 fn model_delay_ms() -> u64 {
@@ -42,8 +54,9 @@ type ErrorKinds = BTreeMap<String, usize>;
 
 #[derive(Default)]
 struct LevelResult {
-    conversations: usize,
-    think: Duration,
+    level: Option<Level>,
+    /// Turns the stack had served before this level started.
+    served_before: usize,
     turns: usize,
     ok: usize,
     errors: ErrorKinds,
@@ -52,6 +65,30 @@ struct LevelResult {
     accept_ms: Vec<f64>,
     elapsed: Duration,
     health_ms: Option<f64>,
+    /// CPU time by process over the level (when the benchmark runs the stack).
+    cpu: Option<ProcessCpu>,
+    /// The emulator's CPU time per operation over the level.
+    emulator: BTreeMap<String, Vec<Duration>>,
+}
+
+impl LevelResult {
+    fn turns_per_second(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn ttft(&self, p: f64) -> Option<f64> {
+        let mut ttft = self.ttft_ms.clone();
+        ttft.sort_by(f64::total_cmp);
+        percentile(&ttft, p)
+    }
+
+    /// CPU per turn of the whole stack (the benchmark's client excluded).
+    fn stack_cpu_per_turn(&self) -> Option<Duration> {
+        let cpu = self.cpu.as_ref()?;
+        let stack =
+            cpu.total().saturating_sub(cpu.0.get(chat_local::cpu::CLIENT).copied().unwrap_or_default());
+        Some(stack / self.ok.max(1) as u32)
+    }
 }
 
 struct Bench {
@@ -61,14 +98,36 @@ struct Bench {
     run: String,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let profile = EmulatorProfile::default();
+    // Warnings of the stack's own tasks; dynoxide reports a refused conditional write as one.
+    let warnings = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::WARN)
+            .with_target("dynoxide", tracing::level_filters::LevelFilter::OFF),
+    );
+    let subscriber = tracing_subscriber::registry()
+        .with(profile.clone().with_filter(EmulatorProfile::filter()))
+        .with(warnings);
+    tracing::subscriber::set_global_default(subscriber)?;
+    // The stack runs on this runtime; the client on one of its own, whose threads ProcessCpu
+    // counts apart.
+    let stack_runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(chat_local::cpu::CLIENT_THREADS)
+        .enable_all()
+        .build()?;
+    stack_runtime.block_on(run(profile, client_runtime.handle().clone()))
+}
+
+async fn run(
+    profile: EmulatorProfile,
+    client: tokio::runtime::Handle,
+) -> Result<(), Box<dyn std::error::Error>> {
     let env = Env::process();
-    let think = env.millis_or("BENCH_THINK_MS", Duration::from_secs(1))?;
-    let levels = parse_levels(
-        &env.optional("BENCH_LEVELS").unwrap_or_else(|| "1x10,20x5,20x5@0,50x2,100x2,200x2".into()),
-        think,
-    )?;
+    let think = env.millis_or("BENCH_THINK_MS", Duration::ZERO)?;
+    let levels = parse_levels(&env.optional("BENCH_LEVELS").unwrap_or_else(|| DEFAULT_LEVELS.into()), think)?;
     let turn_timeout = env.millis_or("BENCH_TURN_TIMEOUT_MS", Duration::from_secs(90))?;
     let mut stack = None;
     let api = match env.optional("BENCH_API") {
@@ -109,16 +168,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         run: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
     });
 
+    let idle = match &stack {
+        Some(_) => {
+            // Every function instance started and warm, so no level pays for that.
+            eprintln!("==> warming up (4 conversations × 2 turns, not reported)");
+            let warm = Level { conversations: 4, turns: 2, think: Duration::ZERO };
+            let warmed = client.spawn(run_level(bench.clone(), warm)).await?;
+            if !warmed.errors.is_empty() {
+                return Err(format!("the warm-up failed: {:?}", warmed.errors).into());
+            }
+            Some(measure_idle(env.millis_or("BENCH_IDLE_MS", Duration::from_secs(10))?).await)
+        }
+        None => None,
+    };
     let mut results = Vec::new();
+    let mut served = 0;
     for level in levels {
         eprintln!(
-            "==> {} conversations × {} turns, thinking up to {:?}",
-            level.conversations, level.turns, level.think
+            "==> {} conversations × {} turns, {} (served so far: {served} turns)",
+            level.conversations,
+            level.turns,
+            think_label(level.think)
         );
-        let result = run_level(&bench, level).await;
+        profile.take();
+        let cpu_before = stack.as_ref().map(|_| ProcessCpu::sample());
+        let mut result = client.spawn(run_level(bench.clone(), level)).await?;
+        result.cpu = cpu_before.map(|before| ProcessCpu::sample().since(&before));
+        result.emulator = profile.take();
+        result.served_before = served;
+        served += result.ok;
         results.push(result);
     }
     print_report(&results);
+    if let Some((cpu, over)) = idle {
+        print_idle(&cpu, over);
+    }
     if let Some(stack) = &stack {
         use std::sync::atomic::Ordering::Relaxed;
         println!(
@@ -138,9 +222,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The stack's CPU while nobody uses it: what its timers and pollers cost.
+async fn measure_idle(over: Duration) -> (ProcessCpu, Duration) {
+    eprintln!("==> measuring the idle stack's CPU for {over:?}");
+    let before = ProcessCpu::sample();
+    tokio::time::sleep(over).await;
+    (ProcessCpu::sample().since(&before), over)
+}
+
+fn print_idle(cpu: &ProcessCpu, over: Duration) {
+    let per_second = |d: Duration| d.as_secs_f64() * 1e3 / over.as_secs_f64();
+    let parts: Vec<String> = cpu
+        .0
+        .iter()
+        .filter(|(_, d)| !d.is_zero())
+        .map(|(name, d)| format!("{name} {:.1}", per_second(*d)))
+        .collect();
+    println!(
+        "idle stack (after a warm-up, before the first level): {:.1} ms of CPU per second ({})",
+        per_second(cpu.total()),
+        parts.join(", ")
+    );
+}
+
+fn think_label(think: Duration) -> String {
+    if think.is_zero() {
+        "in lockstep".to_owned()
+    } else {
+        format!("thinking ≤ {} ms", think.as_millis())
+    }
+}
+
 /// One level: conversations × turns, each conversation pausing up to `think` (uniformly at
 /// random) before its first message and between turns, as a person reading the reply would.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Level {
     conversations: usize,
     turns: usize,
@@ -172,7 +287,7 @@ fn parse_levels(raw: &str, default_think: Duration) -> Result<Vec<Level>, String
         .collect()
 }
 
-async fn run_level(bench: &Arc<Bench>, level: Level) -> LevelResult {
+async fn run_level(bench: Arc<Bench>, level: Level) -> LevelResult {
     let Level { conversations, turns, think } = level;
     let started = Instant::now();
     let gate = Arc::new(tokio::sync::Barrier::new(conversations));
@@ -186,7 +301,7 @@ async fn run_level(bench: &Arc<Bench>, level: Level) -> LevelResult {
             })
         })
         .collect();
-    let mut result = LevelResult { conversations, turns: conversations * turns, think, ..Default::default() };
+    let mut result = LevelResult { level: Some(level), turns: conversations * turns, ..Default::default() };
     for task in tasks {
         let outcome = task.await.expect("a conversation task does not panic");
         result.ok += outcome.ok;
@@ -455,55 +570,213 @@ fn ms(v: Option<f64>) -> String {
 
 fn print_report(results: &[LevelResult]) {
     println!();
-    println!("| conversations | think | turns | ok | errors | turns/s | 202 p50 | TTFT p50 | TTFT p90 | TTFT p99 | 429 retries | /health after |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let mut p50s = BTreeMap::new();
+    println!("| conversations | think | served before | turns | ok | errors | turns/s | 202 p50 | TTFT p50 | TTFT p90 | TTFT p99 | 429 retries | CPU/turn | /health after |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
-        let mut ttft = r.ttft_ms.clone();
-        ttft.sort_by(f64::total_cmp);
-        p50s.entry((r.conversations, r.think)).or_insert(percentile(&ttft, 50.0));
-        let errors: usize = r.errors.values().sum();
+        let Some(level) = r.level else { continue };
         let mut accept = r.accept_ms.clone();
         accept.sort_by(f64::total_cmp);
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} |",
-            r.conversations,
-            if r.think.is_zero() { "none".to_owned() } else { format!("≤ {} ms", r.think.as_millis()) },
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            level.conversations,
+            if level.think.is_zero() {
+                "none".to_owned()
+            } else {
+                format!("≤ {} ms", level.think.as_millis())
+            },
+            r.served_before,
             r.turns,
             r.ok,
-            errors,
-            r.ok as f64 / r.elapsed.as_secs_f64(),
+            r.errors.values().sum::<usize>(),
+            r.turns_per_second(),
             ms(percentile(&accept, 50.0)),
-            ms(percentile(&ttft, 50.0)),
-            ms(percentile(&ttft, 90.0)),
-            ms(percentile(&ttft, 99.0)),
+            ms(r.ttft(50.0)),
+            ms(r.ttft(90.0)),
+            ms(r.ttft(99.0)),
             r.throttled_retries,
+            r.stack_cpu_per_turn().map_or("—".to_owned(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
             ms(r.health_ms),
         );
     }
     println!();
     for r in results.iter().filter(|r| !r.errors.is_empty()) {
-        println!("errors at {} conversations:", r.conversations);
+        let conversations = r.level.map_or(0, |l| l.conversations);
+        println!("errors at {conversations} conversations:");
         for (kind, n) in &r.errors {
             println!("  {n:>5} × {kind}");
         }
     }
-    let single = p50s.iter().find(|((c, _), _)| *c == 1).and_then(|(_, p)| *p);
-    if let Some(single) = single {
-        println!(
-            "single-conversation TTFT overhead over the model's first-token delay ({} ms): p50 {:.0} ms (goal ≤ 100 ms)",
-            model_delay_ms(),
-            single - model_delay_ms() as f64
-        );
-        for ((conversations, think), p50) in &p50s {
-            if let (20, Some(p50)) = (conversations, p50) {
-                let think = if think.is_zero() {
-                    "in lockstep".to_owned()
-                } else {
-                    format!("thinking ≤ {} ms", think.as_millis())
-                };
-                println!("TTFT p50 at 20 conversations {think} ÷ at 1: {:.2} (goal ≤ 1.5)", p50 / single);
-            }
+    print_cpu(results);
+    print_emulator(results);
+    print_goals(results);
+}
+
+/// CPU per turn by process, one column per level.
+fn print_cpu(results: &[LevelResult]) {
+    let measured: Vec<&LevelResult> = results.iter().filter(|r| r.cpu.is_some() && r.ok > 0).collect();
+    if measured.is_empty() {
+        return;
+    }
+    let mut names: Vec<String> =
+        measured.iter().flat_map(|r| r.cpu.iter().flat_map(|c| c.0.keys().cloned())).collect();
+    names.sort();
+    names.dedup();
+    println!("CPU per turn by process, ms (user + system, from /proc):");
+    println!();
+    print!("| process |");
+    for r in &measured {
+        print!(" {} |", level_label(r));
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(measured.len()));
+    let row = |name: &str, value: &dyn Fn(&LevelResult) -> Duration| {
+        print!("| {name} |");
+        for r in &measured {
+            print!(" {:.1} |", value(r).as_secs_f64() * 1e3 / r.ok as f64);
         }
+        println!();
+    };
+    for name in &names {
+        if measured
+            .iter()
+            .all(|r| r.cpu.as_ref().and_then(|c| c.0.get(name)).is_none_or(|d| d.as_millis() == 0))
+        {
+            continue;
+        }
+        row(name, &|r| r.cpu.as_ref().and_then(|c| c.0.get(name)).copied().unwrap_or_default());
+    }
+    row("of chat-local: the emulator's operations", &|r| r.emulator.values().flatten().sum());
+    row("**the stack (client excluded)**", &|r| r.stack_cpu_per_turn().unwrap_or_default() * r.ok as u32);
+    println!();
+}
+
+/// The emulator's operations per turn and their CPU time, for the first and last level of each
+/// kind that repeats (fresh and after the soak), else the first and the last level.
+fn print_emulator(results: &[LevelResult]) {
+    let measured: Vec<&LevelResult> = results.iter().filter(|r| !r.emulator.is_empty() && r.ok > 0).collect();
+    if measured.is_empty() {
+        return;
+    }
+    let mut shown: Vec<&LevelResult> = Vec::new();
+    for r in &measured {
+        let again = measured.iter().rev().find(|o| o.level == r.level && !std::ptr::eq(**o, *r));
+        if let (Some(again), true) = (again, shown.iter().all(|s| s.level != r.level)) {
+            shown.push(r);
+            shown.push(again);
+        }
+    }
+    if shown.is_empty() {
+        shown.push(measured[0]);
+        shown.push(measured[measured.len() - 1]);
+    }
+    println!(
+        "The emulator's operations (CPU inside dynoxide's dispatch; calls per turn, µs per call p50 / p99):"
+    );
+    println!();
+    let mut ops: Vec<&String> = shown.iter().flat_map(|r| r.emulator.keys()).collect();
+    ops.sort();
+    ops.dedup();
+    print!("| operation |");
+    for r in &shown {
+        print!(" {} |", level_label(r));
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(shown.len()));
+    for op in ops {
+        print!("| {op} |");
+        for r in &shown {
+            let mut calls: Vec<f64> =
+                r.emulator.get(op).into_iter().flatten().map(|d| d.as_secs_f64() * 1e6).collect();
+            calls.sort_by(f64::total_cmp);
+            if calls.is_empty() {
+                print!(" — |");
+                continue;
+            }
+            print!(
+                " {:.1} × {:.0} / {:.0} µs |",
+                calls.len() as f64 / r.ok as f64,
+                percentile(&calls, 50.0).unwrap_or_default(),
+                percentile(&calls, 99.0).unwrap_or_default()
+            );
+        }
+        println!();
+    }
+    println!();
+}
+
+fn level_label(r: &LevelResult) -> String {
+    let Some(level) = r.level else { return String::new() };
+    let think = if level.think.is_zero() { String::new() } else { format!("@{}", level.think.as_millis()) };
+    if r.served_before == 0 {
+        format!("{}×{}{think} fresh", level.conversations, level.turns)
+    } else {
+        format!("{}×{}{think} after {}", level.conversations, level.turns, r.served_before)
+    }
+}
+
+/// Each goal of the local stack's performance, as measured in this run.
+fn print_goals(results: &[LevelResult]) {
+    let first = |conversations: usize| {
+        results
+            .iter()
+            .find(|r| r.level.is_some_and(|l| l.conversations == conversations && l.think.is_zero()))
+    };
+    let last = |conversations: usize| {
+        results
+            .iter()
+            .rev()
+            .find(|r| r.level.is_some_and(|l| l.conversations == conversations && l.think.is_zero()))
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "NOT MET" };
+    if let (Some(single), Some(twenty)) = (first(1), first(20)) {
+        if let (Some(one), Some(many)) = (single.ttft(50.0), twenty.ttft(50.0)) {
+            let ratio = many / one;
+            println!(
+                "TTFT p50, 20 conversations in lockstep ÷ 1 conversation: {ratio:.2} (goal ≤ 2.5: {})",
+                verdict(ratio <= 2.5)
+            );
+            println!(
+                "single-conversation TTFT over the model's first-token delay ({} ms): p50 {:.0} ms",
+                model_delay_ms(),
+                one - model_delay_ms() as f64
+            );
+        }
+        if let Some(crowd) = first(200) {
+            let ratio = crowd.turns_per_second() / twenty.turns_per_second();
+            println!(
+                "goodput, 200 conversations ÷ 20: {ratio:.2} ({:.1} ÷ {:.1} turns/s; goal ≥ 0.9: {})",
+                crowd.turns_per_second(),
+                twenty.turns_per_second(),
+                verdict(ratio >= 0.9)
+            );
+        }
+    }
+    for (conversations, figure) in [(1, "TTFT p50"), (20, "turns/s")] {
+        let (Some(fresh), Some(aged)) = (first(conversations), last(conversations)) else { continue };
+        if aged.served_before <= fresh.served_before {
+            continue;
+        }
+        let ratio = match figure {
+            "TTFT p50" => aged.ttft(50.0).zip(fresh.ttft(50.0)).map(|(a, f)| a / f),
+            _ => Some(fresh.turns_per_second() / aged.turns_per_second()),
+        };
+        if let Some(ratio) = ratio {
+            println!(
+                "{conversations} conversation(s), {figure} after {} turns against fresh: {ratio:.2}× slower (goal ≤ 1.2: {})",
+                aged.served_before,
+                verdict(ratio <= 1.2)
+            );
+        }
+    }
+    let cpu: Vec<Duration> = results.iter().filter_map(LevelResult::stack_cpu_per_turn).collect();
+    if let Some(worst) = cpu.iter().max() {
+        let all: Duration =
+            results.iter().filter_map(|r| r.stack_cpu_per_turn().map(|d| d * r.ok as u32)).sum();
+        let turns: usize = results.iter().filter(|r| r.cpu.is_some()).map(|r| r.ok).sum();
+        println!(
+            "CPU per turn across the whole stack: {:.1} ms over the run, {:.1} ms at the costliest level",
+            all.as_secs_f64() * 1e3 / turns.max(1) as f64,
+            worst.as_secs_f64() * 1e3
+        );
     }
 }
