@@ -392,7 +392,7 @@ impl Generator {
                 // with what it wrote, rather than looping.
                 Step::Calls { .. } if prompt.tools.is_empty() || prompt.must_answer => {
                     warn!("the model called tools that were not offered; ending the turn with its text");
-                    return Ok(self.flush(lease, writer).await?.unwrap_or(Ending::Complete));
+                    return Ok(self.flush(lease, writer, LeaseCheck::Now).await?.unwrap_or(Ending::Complete));
                 }
                 Step::Calls { text, calls } => (text, calls),
             };
@@ -406,7 +406,7 @@ impl Generator {
             for call in &calls {
                 writer.push_event(tools::call_event(call));
             }
-            if let Some(ending) = self.flush(lease, writer).await? {
+            if let Some(ending) = self.flush(lease, writer, LeaseCheck::Now).await? {
                 return Ok(ending);
             }
             prompt.exchanges.push(Exchange::Assistant { text, calls: calls.clone() });
@@ -429,7 +429,7 @@ impl Generator {
                     is_error: answer.is_error,
                 });
             }
-            if let Some(ending) = self.flush(lease, writer).await? {
+            if let Some(ending) = self.flush(lease, writer, LeaseCheck::Now).await? {
                 return Ok(ending);
             }
             prompt.resumed.clear();
@@ -464,7 +464,7 @@ impl Generator {
                 next = tokens.next() => next,
                 _ = tokio::time::sleep_until(check_at) => {
                     checked = Instant::now();
-                    if let Some(ending) = self.flush(lease, writer).await? {
+                    if let Some(ending) = self.flush(lease, writer, LeaseCheck::WhenDue).await? {
                         return Ok(Step::Ended(ending));
                     }
                     continue;
@@ -474,7 +474,9 @@ impl Generator {
                 Some(Ok(Output::Token(token))) => {
                     if writer.bytes() + token.len() > self.settings.reply_max_bytes {
                         warn!(bytes = writer.bytes(), "the reply reached REPLY_MAX_BYTES; stopping it there");
-                        return Ok(Step::Ended(self.flush(lease, writer).await?.unwrap_or(Ending::Capped)));
+                        return Ok(Step::Ended(
+                            self.flush(lease, writer, LeaseCheck::Now).await?.unwrap_or(Ending::Capped),
+                        ));
                     }
                     text.push_str(&token);
                     writer.push(token);
@@ -482,7 +484,7 @@ impl Generator {
                     // later tokens are batched by time and size.
                     if writer.buffer.len() >= self.settings.flush_max_tokens || writer.is_first_chunk() {
                         checked = Instant::now();
-                        if let Some(ending) = self.flush(lease, writer).await? {
+                        if let Some(ending) = self.flush(lease, writer, LeaseCheck::WhenDue).await? {
                             return Ok(Step::Ended(ending));
                         }
                     }
@@ -490,36 +492,55 @@ impl Generator {
                 Some(Ok(Output::ToolCall(call))) => calls.push(call),
                 Some(Err(err)) => {
                     warn!(error = %err, "the model failed");
-                    if let Some(ending) = self.flush(lease, writer).await? {
+                    if let Some(ending) = self.flush(lease, writer, LeaseCheck::Now).await? {
                         return Ok(Step::Ended(ending));
                     }
                     return Ok(Step::Ended(Ending::Failed(format!("the model failed: {err}"))));
                 }
                 None if calls.is_empty() => {
-                    return Ok(Step::Ended(self.flush(lease, writer).await?.unwrap_or(Ending::Complete)));
+                    return Ok(Step::Ended(
+                        self.flush(lease, writer, LeaseCheck::Now).await?.unwrap_or(Ending::Complete),
+                    ));
                 }
                 None => return Ok(Step::Calls { text, calls }),
             }
         }
     }
 
-    /// Writes the buffered tokens as one chunk, then checks the lease and the cancel flag, and
-    /// extends the lease once half of it has passed. `Some` ends the generation.
-    async fn flush(&self, lease: &mut Lease, writer: &mut ChunkWriter) -> Result<Option<Ending>, RetryLater> {
+    /// Writes the buffered tokens as one chunk, then checks the lease and the cancel flag (when
+    /// `check` asks for it), and extends the lease once half of it has passed. `Some` ends the
+    /// generation.
+    async fn flush(
+        &self,
+        lease: &mut Lease,
+        writer: &mut ChunkWriter,
+        check: LeaseCheck,
+    ) -> Result<Option<Ending>, RetryLater> {
         if !writer.buffer.is_empty() {
-            let outcome =
-                self.store.append_chunk(lease, writer.next_seq, writer.next_index, &writer.buffer).await?;
+            // Mid-reply, relays poll for the next chunk when it is due.
+            let next_at = (check == LeaseCheck::WhenDue).then(|| {
+                let next = writer.next_chunk_in(self.settings.flush_interval, self.settings.flush_max_tokens);
+                self.store.now_ms() + next.as_millis() as u64
+            });
+            let outcome = self
+                .store
+                .append_chunk_expecting(lease, writer.next_seq, writer.next_index, &writer.buffer, next_at)
+                .await?;
             if outcome == AppendOutcome::Fenced {
                 return Ok(Some(Ending::LeaseLost));
             }
             writer.written();
         }
         let half_gone = self.store.now_ms() + self.settings.lease.as_millis() as u64 / 2 >= lease.expires_at;
+        let due = writer.lease_read.is_none_or(|at| at.elapsed() >= LEASE_CHECK_EVERY);
         let status = if half_gone {
             self.store.extend_lease(lease, self.settings.lease).await?
-        } else {
+        } else if check == LeaseCheck::Now || due {
             self.store.lease_status(lease, false).await?
+        } else {
+            return Ok(None);
         };
+        writer.lease_read = Some(Instant::now());
         Ok(match status {
             LeaseStatus::Lost => Some(Ending::LeaseLost),
             LeaseStatus::Held { cancel_requested: true } => Some(Ending::Stopped),
@@ -528,8 +549,28 @@ impl Generator {
     }
 }
 
+/// While tokens flow, a flush reads the lease back at most this often: a cancel or a lost lease
+/// is noticed within this and one flush. A stalled generator notices at its first flush after
+/// the stall, before it writes a second chunk, and a flush that ends a step or the turn always
+/// reads it.
+const LEASE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether a flush reads the lease back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseCheck {
+    /// Always: the flush ends a model step or the turn.
+    Now,
+    /// Mid-reply: when [`LEASE_CHECK_EVERY`] has passed since the last read.
+    WhenDue,
+}
+
 /// Buffers tokens and tracks where the next chunk goes.
 struct ChunkWriter {
+    /// When the lease was last read back or extended.
+    lease_read: Option<Instant>,
+    /// When the last token arrived, and how long after the one before it.
+    last_token: Option<Instant>,
+    token_gap: Option<Duration>,
     buffer: Vec<String>,
     /// When the oldest buffered token arrived.
     oldest: Option<Instant>,
@@ -544,6 +585,9 @@ struct ChunkWriter {
 impl ChunkWriter {
     fn new(lease: &Lease) -> ChunkWriter {
         ChunkWriter {
+            lease_read: None,
+            last_token: None,
+            token_gap: None,
             buffer: Vec::new(),
             oldest: None,
             next_seq: lease.next_seq,
@@ -562,8 +606,23 @@ impl ChunkWriter {
         if token.starts_with(EVENT_MARK) {
             token.replace_range(..EVENT_MARK.len_utf8(), "\u{fffd}");
         }
-        self.oldest.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        if let Some(previous) = self.last_token {
+            self.token_gap = Some(now - previous);
+        }
+        self.last_token = Some(now);
+        self.oldest.get_or_insert(now);
         self.buffer.push(token);
+    }
+
+    /// When, counting from now (a chunk just written), the next chunk is due at the earliest: a
+    /// flush interval after the next token, or sooner when tokens come fast enough to fill a
+    /// chunk first. Unknown before two tokens have been seen: a flush interval.
+    fn next_chunk_in(&self, flush_interval: Duration, flush_max_tokens: usize) -> Duration {
+        match self.token_gap {
+            Some(gap) => (gap + flush_interval).min(gap.saturating_mul(flush_max_tokens.max(1) as u32)),
+            None => flush_interval,
+        }
     }
 
     /// Buffers a tool call or result: an entry of the sequence, but not part of the text.

@@ -34,10 +34,27 @@ pub type SseBody = StreamBody<BoxStream<'static, Result<http_body::Frame<Bytes>,
 /// turn has ended: ending detection may lag by this much, reads per client drop accordingly.
 const SESSION_CHECK_EVERY: Duration = Duration::from_millis(250);
 
-/// A relay waiting for its turn to be picked up keeps polling fast this long before it backs
-/// off: pickup usually takes a fraction of a second, and a slow poll then would delay the first
-/// token by up to a whole slow interval.
-const FAST_WHILE_WAITING: Duration = Duration::from_secs(3);
+/// A relay whose turn waits for a generator polls every `waited / WAITING_BACKOFF`, between the
+/// fast and the slow interval: the first token is late by at most an eighth of the wait, and a
+/// crowd of turns queued behind busy generators does not spend the machine polling for them.
+const WAITING_BACKOFF: u32 = 8;
+
+/// What a relay knows after a poll, for when to poll next.
+#[derive(Debug, Clone, Copy)]
+struct PollState {
+    /// A chunk of the turn has been read.
+    tokens_seen: bool,
+    /// The turn is being generated (not waiting for a generator).
+    generating: bool,
+    /// Polls in a row that found nothing new.
+    empty_polls: u32,
+    /// When the last chunk read said the next one is due (epoch ms).
+    next_due: Option<u64>,
+}
+
+/// A relay polls this long after the time its writer said the next chunk was due at the
+/// earliest (`Chunk::next_at`): the write itself takes a few milliseconds.
+const AFTER_DUE: Duration = Duration::from_millis(10);
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -300,8 +317,7 @@ impl Relay {
         let mut last_seq: Option<u32> = None;
         let mut next_index = position.after_index.map_or(0, |i| i + 1);
         let mut generating = first_read.state == State::AiGenerating;
-        // Waiting for a generator: poll fast at first (pickup is usually quick), then back off.
-        let mut interval = settings.poll_fast;
+        let mut empty_polls = 0u32;
         let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
         let mut sent_tokens = 0usize;
         let send = |text: String| async move { tx.send(text).await.is_ok() };
@@ -315,12 +331,14 @@ impl Relay {
             }
             let chunks = self.store.read_chunks(position.session, position.turn, last_seq, false).await?;
             let mut progressed = false;
+            let mut next_due = None;
             // An eventually consistent read may miss the newest chunk; stop at any gap and re-poll.
             for chunk in chunks {
                 if chunk.seq != last_seq.map_or(0, |s| s + 1) {
                     break;
                 }
                 last_seq = Some(chunk.seq);
+                next_due = chunk.next_at;
                 let Some(sent) = send_tokens(position.turn, &chunk, &mut next_index, tx).await else {
                     return Ok(());
                 };
@@ -359,13 +377,40 @@ impl Relay {
                 }
                 last_sent = Instant::now();
             }
-            interval = if generating || progressed || started.elapsed() < FAST_WHILE_WAITING {
-                settings.poll_fast
-            } else {
-                (interval * 2).min(settings.poll_slow)
-            };
-            tokio::time::sleep(interval).await;
+            empty_polls = if progressed { 0 } else { empty_polls + 1 };
+            let poll = PollState { tokens_seen: last_seq.is_some(), generating, empty_polls, next_due };
+            let wait = self.next_poll(poll, started.elapsed());
+            tokio::time::sleep(wait).await;
         }
+    }
+
+    /// How long to wait before the next poll:
+    /// - after new tokens, until the writer's next chunk is due (its `next_at`), or the fast
+    ///   interval when it gave no time;
+    /// - before the first chunk, an eighth of the wait so far, between the fast interval and four
+    ///   times it while the turn generates (the model is thinking), or the slow interval while it
+    ///   waits for a generator: the first token is late by at most an eighth of its wait, and a
+    ///   crowd of turns queued behind busy generators does not spend the machine polling;
+    /// - when polls find nothing after tokens flowed (the model paused), half the fast interval,
+    ///   doubling with each empty poll up to four times it.
+    fn next_poll(&self, poll: PollState, waited: Duration) -> Duration {
+        let settings = &self.settings;
+        let fast = settings.poll_fast;
+        if poll.empty_polls == 0 && poll.tokens_seen {
+            return match poll.next_due {
+                Some(due) => {
+                    let until = Duration::from_millis(due.saturating_sub(self.store.now_ms())) + AFTER_DUE;
+                    until.clamp(AFTER_DUE, settings.poll_slow)
+                }
+                None => fast,
+            };
+        }
+        if !poll.tokens_seen {
+            let most = if poll.generating { fast * 4 } else { settings.poll_slow.max(fast) };
+            return (waited / WAITING_BACKOFF).clamp(fast, most);
+        }
+        let doubled = (fast / 2).saturating_mul(1 << (poll.empty_polls - 1).min(3));
+        doubled.min(fast * 4)
     }
 
     /// The turn is over: sends what is left (read consistently, so nothing written before the
@@ -450,6 +495,8 @@ async fn send_tokens(
     next_index: &mut u64,
     tx: &mpsc::Sender<String>,
 ) -> Option<usize> {
+    // A chunk's events go out as one frame: one write for each hop instead of one per token.
+    let mut frame = String::new();
     let mut sent = 0;
     for (offset, token) in chunk.tokens.iter().enumerate() {
         let index = chunk.start + offset as u64;
@@ -463,9 +510,12 @@ async fn send_tokens(
             Some(event) => sse::event(&event.event, Some(&id), &event.data.to_string()),
             None => sse::event("token", Some(&id), token),
         };
-        tx.send(event).await.ok()?;
+        frame.push_str(&event);
         *next_index = index + 1;
         sent += 1;
+    }
+    if !frame.is_empty() {
+        tx.send(frame).await.ok()?;
     }
     Some(sent)
 }

@@ -170,6 +170,10 @@ pub struct Chunk {
     pub tokens: Vec<String>,
     /// The lease id of the writer.
     pub owner: String,
+    /// When the writer expected, as it wrote this chunk, to write the next one at the earliest
+    /// (epoch ms): a relay polls for it then, rather than on a fixed beat. `None` when it gave no
+    /// hint (a takeover's fence).
+    pub next_at: Option<u64>,
 }
 
 /// One recorded transition, for audit.
@@ -353,6 +357,7 @@ impl Chunk {
             start: fields.number(attr::START)?,
             tokens: fields.strings(attr::TOKENS)?,
             owner: fields.string(attr::OWNER)?.to_owned(),
+            next_at: fields.opt_number(attr::NEXT_AT)?,
         })
     }
 
@@ -413,6 +418,7 @@ pub(crate) mod attr {
     pub const START: &str = "start";
     pub const TOKENS: &str = "tokens";
     pub const OWNER: &str = "owner";
+    pub const NEXT_AT: &str = "next_at";
     pub const FROM: &str = "from";
     pub const TO: &str = "to";
     pub const EVENT: &str = "event";

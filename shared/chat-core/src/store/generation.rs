@@ -116,7 +116,7 @@ impl Store {
         let fence_slot = loop {
             let written = self.read_chunks(session, turn, first_open.checked_sub(1), true).await?;
             let slot = written.last().map_or(first_open, |c| c.seq + 1) + stride;
-            if let ChunkPut::Stored = self.put_chunk(lease, slot, 0, &[]).await? {
+            if let ChunkPut::Stored = self.put_chunk(lease, slot, 0, &[], None).await? {
                 break slot;
             }
             tries += 1;
@@ -136,7 +136,7 @@ impl Store {
             None => 0,
         };
         for slot in first_open..fence_slot {
-            match self.put_chunk(lease, slot, end, &[]).await? {
+            match self.put_chunk(lease, slot, end, &[], None).await? {
                 ChunkPut::Stored => {}
                 ChunkPut::Taken(Some(occupant)) if occupant.owner != lease.owner => end = occupant.end(),
                 ChunkPut::Taken(_) => {
@@ -187,7 +187,20 @@ impl Store {
         start: u64,
         tokens: &[String],
     ) -> Result<AppendOutcome, StoreError> {
-        Ok(match self.put_chunk(lease, seq, start, tokens).await? {
+        self.append_chunk_expecting(lease, seq, start, tokens, None).await
+    }
+
+    /// [`Store::append_chunk`], telling relays when the next chunk is due at the earliest
+    /// (`next_at`, epoch ms), so they poll for it then.
+    pub async fn append_chunk_expecting(
+        &self,
+        lease: &Lease,
+        seq: u32,
+        start: u64,
+        tokens: &[String],
+        next_at: Option<u64>,
+    ) -> Result<AppendOutcome, StoreError> {
+        Ok(match self.put_chunk(lease, seq, start, tokens, next_at).await? {
             ChunkPut::Stored => AppendOutcome::Appended,
             ChunkPut::Taken(_) => AppendOutcome::Fenced,
         })
@@ -200,6 +213,7 @@ impl Store {
         seq: u32,
         start: u64,
         tokens: &[String],
+        next_at: Option<u64>,
     ) -> Result<ChunkPut, StoreError> {
         let mut item = key(table::session_pk(lease.session_id), table::chunk_sk(lease.turn, seq));
         item.extend([
@@ -210,6 +224,9 @@ impl Store {
             (attr::TOKENS.to_owned(), AttributeValue::L(tokens.iter().cloned().map(string).collect())),
             (attr::OWNER.to_owned(), string(lease.owner.clone())),
         ]);
+        if let Some(next_at) = next_at {
+            item.insert(attr::NEXT_AT.to_owned(), number(next_at));
+        }
         if let Some(ttl) = self.ttl_for(Some(self.options.chunk_retention)) {
             item.insert(TTL_ATTRIBUTE.to_owned(), ttl);
         }
