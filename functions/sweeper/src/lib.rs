@@ -12,9 +12,21 @@ use chat_core::queue::TurnMessage;
 use chat_core::{fsm, Outcome, Session, State, Store, StoreError};
 use chat_core::{table, SessionId, UserId};
 use chat_runtime::queue::{Queue, QueueError};
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 use tracing::{info, warn};
+
+/// Due sessions read from each shard at a time.
+const PAGE_PER_SHARD: u32 = 100;
+
+/// Due sessions settled at once.
+const CONCURRENCY: usize = 16;
+
+/// A sweep starts no new round after this long: the schedule runs it every minute, and the
+/// function's timeout is 60 s.
+const BUDGET: Duration = Duration::from_secs(40);
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -69,34 +81,63 @@ impl Sweeper {
         Sweeper { store, queue, max_redrives, max_generation_attempts }
     }
 
-    /// One pass over the overdue turns.
+    /// Settles every session whose deadline has passed: each due shard is read at once, up to
+    /// [`PAGE_PER_SHARD`] a shard, and the sessions are settled [`CONCURRENCY`] at a time; then
+    /// again, until a read finds nothing new or [`BUDGET`] is spent (the next sweep goes on).
     pub async fn sweep(&self) -> Result<SweepReport, lambda_runtime::Error> {
-        let now = self.store.now_ms();
+        let started = std::time::Instant::now();
         let mut report = SweepReport::default();
-        let overdue = self.store.overdue_sessions(now, 100).await?;
-        for id in overdue {
-            // The index is eventually consistent: decide on a fresh read of the session.
-            let Some(session) = self.store.get_session(id, true).await? else { continue };
-            if session.due_at.is_none_or(|due| due > now) {
-                continue;
+        let mut seen = HashSet::new();
+        loop {
+            let now = self.store.now_ms();
+            let due = self.store.overdue_sessions(now, PAGE_PER_SHARD).await?;
+            let fresh: Vec<SessionId> = due.into_iter().filter(|id| seen.insert(*id)).collect();
+            if fresh.is_empty() {
+                break;
             }
-            report.checked += 1;
-            match self.settle(&session, now).await {
-                Ok(Action::Redriven) => report.redriven += 1,
-                Ok(Action::Ended) => report.ended += 1,
-                Ok(Action::Idled) => {
-                    report.idled += 1;
-                    report.summaries_requested += 1;
+            let actions: Vec<Option<Action>> = futures::stream::iter(fresh)
+                .map(|id| self.settle_due(id, now))
+                .buffer_unordered(CONCURRENCY)
+                .try_collect()
+                .await?;
+            for action in actions.into_iter().flatten() {
+                report.checked += 1;
+                match action {
+                    Action::Redriven => report.redriven += 1,
+                    Action::Ended => report.ended += 1,
+                    Action::Idled => {
+                        report.idled += 1;
+                        report.summaries_requested += 1;
+                    }
+                    Action::SummaryResent => report.summaries_requested += 1,
+                    Action::None => {}
                 }
-                Ok(Action::SummaryResent) => report.summaries_requested += 1,
-                Ok(Action::None) => {}
-                Err(err) => {
-                    warn!(session = %id, error = %err, "could not settle an overdue session; next sweep retries")
-                }
+            }
+            if started.elapsed() >= BUDGET {
+                break;
             }
         }
-        info!(?report, "sweep done");
+        if report != SweepReport::default() {
+            info!(?report, "sweep done");
+        }
         Ok(report)
+    }
+
+    /// Settles one session the index says is due: `None` when a fresh read says it is not (the
+    /// index is eventually consistent). One that could not be settled is examined, and left to
+    /// the next sweep.
+    async fn settle_due(&self, id: SessionId, now: u64) -> Result<Option<Action>, StoreError> {
+        let Some(session) = self.store.get_session(id, true).await? else { return Ok(None) };
+        if session.due_at.is_none_or(|due| due > now) {
+            return Ok(None);
+        }
+        match self.settle(&session, now).await {
+            Ok(action) => Ok(Some(action)),
+            Err(err) => {
+                warn!(session = %id, error = %err, "could not settle an overdue session; next sweep retries");
+                Ok(Some(Action::None))
+            }
+        }
     }
 
     async fn settle(&self, session: &Session, now: u64) -> Result<Action, SweepError> {

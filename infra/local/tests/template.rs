@@ -46,7 +46,7 @@ fn the_table_is_the_one_table_rs_defines() {
         })
         .collect();
     let expected: BTreeSet<(String, String)> =
-        table::KEY_ATTRIBUTES.iter().map(|a| ((*a).to_owned(), "S".to_owned())).collect();
+        table::KEY_ATTRIBUTES.iter().map(|(a, kind)| ((*a).to_owned(), (*kind).to_owned())).collect();
     assert_eq!(attributes, expected);
     let indexes = table["GlobalSecondaryIndexes"].as_sequence().unwrap();
     assert_eq!(indexes.len(), table::INDEXES.len());

@@ -14,9 +14,12 @@
 //!
 //! Index `by_user` (`gsi1pk` = `U#{user}`, `gsi1sk` = `{created_at:013}#{session}`, keys only) lists a
 //! user's sessions newest first; its keys never change, so session updates do not write to it.
-//! Index `due` (`due_shard`, `pk`, projecting `due_at`) is sparse: only sessions with a turn in
-//! flight carry `due_shard`, so the sweeper reads just the turns it may have to act on. Its sort
-//! key is stable, so moving a deadline updates the index entry rather than replacing it.
+//! Index `due_by_time` (`due_shard`, `due_at`, keys only) is sparse: only sessions with a deadline
+//! (a turn in flight, or a turn ended and not yet idle-expired) carry `due_shard`, and a sweep's
+//! key condition `due_at <= now` reads exactly the sessions it has to act on, however many wait
+//! for a later deadline. Moving a deadline moves the entry (two index writes). The sessions are
+//! spread over [`DUE_SHARDS`] shards by the first hex digit of their id, so no index partition
+//! takes more than a sixteenth of the deadline writes (DynamoDB allows 1,000 a second each).
 
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
 use aws_sdk_dynamodb::types::{
@@ -37,14 +40,16 @@ pub const BY_USER_INDEX: &str = "by_user";
 pub const GSI1_PK: &str = "gsi1pk";
 /// Sort key of [`BY_USER_INDEX`].
 pub const GSI1_SK: &str = "gsi1sk";
-/// The sparse index of sessions with a deadline.
-pub const DUE_INDEX: &str = "due";
+/// The sparse index of sessions by deadline.
+pub const DUE_INDEX: &str = "due_by_time";
 /// Partition key of [`DUE_INDEX`]: one of [`DUE_SHARDS`] shards, so no single partition is hot.
 pub const DUE_SHARD: &str = "due_shard";
-/// When the turn's deadline or lease passes (epoch ms); projected into [`DUE_INDEX`].
+/// When the session's deadline passes (epoch ms): its turn's, its lease's, or its idle expiry;
+/// the sort key of [`DUE_INDEX`].
 pub const DUE_AT: &str = "due_at";
-/// How many shards [`DUE_INDEX`] spreads sessions over.
-pub const DUE_SHARDS: u32 = 4;
+/// How many shards [`DUE_INDEX`] spreads sessions over: one per hex digit a session id starts
+/// with.
+pub const DUE_SHARDS: u32 = 16;
 
 /// Sort key of the session item.
 pub const SESSION_SK: &str = "SESSION";
@@ -109,10 +114,11 @@ pub fn by_user_sk(created_at_ms: u64, session: SessionId) -> String {
     format!("{created_at_ms:013}#{session}")
 }
 
-/// The `due` shard a session belongs to: stable, spread by the id's randomness.
+/// The `due` shard a session belongs to: stable, spread by the id's randomness (the first hex
+/// digit of a random UUID is uniform).
 pub fn due_shard(session: SessionId) -> String {
-    let byte = session.to_string().as_bytes()[0];
-    format!("DUE#{}", u32::from(byte) % DUE_SHARDS)
+    let digit = session.to_string().chars().next().and_then(|c| c.to_digit(16)).unwrap_or(0);
+    format!("DUE#{}", digit % DUE_SHARDS)
 }
 
 /// Every `due` shard name.
@@ -120,8 +126,9 @@ pub fn due_shards() -> impl Iterator<Item = String> {
     (0..DUE_SHARDS).map(|n| format!("DUE#{n}"))
 }
 
-/// Every key attribute of the table and its indexes; all are strings.
-pub const KEY_ATTRIBUTES: [&str; 5] = [PK, SK, GSI1_PK, GSI1_SK, DUE_SHARD];
+/// Every key attribute of the table and its indexes, with its DynamoDB type (`S` or `N`).
+pub const KEY_ATTRIBUTES: [(&str, &str); 6] =
+    [(PK, "S"), (SK, "S"), (GSI1_PK, "S"), (GSI1_SK, "S"), (DUE_SHARD, "S"), (DUE_AT, "N")];
 
 /// A global secondary index, as data (local bootstrap and the template drift test read it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,9 +157,9 @@ pub const INDEXES: [IndexDefinition; 2] = [
     IndexDefinition {
         name: DUE_INDEX,
         hash_key: DUE_SHARD,
-        range_key: PK,
-        projection: "INCLUDE",
-        non_key_attributes: &[DUE_AT],
+        range_key: DUE_AT,
+        projection: "KEYS_ONLY",
+        non_key_attributes: &[],
     },
 ];
 
@@ -187,10 +194,10 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), aws_sdk_dy
         .billing_mode(BillingMode::PayPerRequest)
         .key_schema(key(PK, KeyType::Hash))
         .key_schema(key(SK, KeyType::Range));
-    for name in KEY_ATTRIBUTES {
+    for (name, kind) in KEY_ATTRIBUTES {
         let definition = AttributeDefinition::builder()
             .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
+            .attribute_type(ScalarAttributeType::from(kind))
             .build()
             .expect("attribute definition fields are set");
         request = request.attribute_definitions(definition);
@@ -235,6 +242,19 @@ mod tests {
         assert!(message_sk(t2, Role::User) < message_sk(t2, Role::Assistant));
         assert!(transition_sk(9) < transition_sk(10));
         assert!(chunk_sk(t2, 0).starts_with(&chunk_turn_prefix(t2)));
+    }
+
+    #[test]
+    fn each_first_hex_digit_of_a_session_id_has_a_shard_of_its_own() {
+        let shards: std::collections::BTreeSet<String> = "0123456789abcdef"
+            .chars()
+            .map(|c| {
+                let id = SessionId::parse(&format!("{c}0000000-0000-4000-8000-000000000000")).unwrap();
+                due_shard(id)
+            })
+            .collect();
+        assert_eq!(shards.len(), DUE_SHARDS as usize);
+        assert_eq!(shards, due_shards().collect());
     }
 
     #[test]

@@ -244,31 +244,32 @@ impl Store {
         Ok(order.into_iter().filter_map(|pk| found.remove(&pk)).collect())
     }
 
-    /// Sessions whose in-flight step is overdue at `now`, across every `due` shard, at most
-    /// about `limit` per shard. The index holds only sessions with a turn in flight, so each
-    /// query reads just those.
-    pub async fn overdue_sessions(&self, now: u64, limit: u32) -> Result<Vec<SessionId>, StoreError> {
-        let mut ids = Vec::new();
-        for shard in table::due_shards() {
+    /// Sessions whose deadline is at or before `now`, oldest deadline first in each `due` shard,
+    /// at most `per_shard` of each. The shards are read at once; a key condition picks the due
+    /// entries, so a read costs what it returns, however many sessions wait for a later deadline.
+    pub async fn overdue_sessions(&self, now: u64, per_shard: u32) -> Result<Vec<SessionId>, StoreError> {
+        let reads = table::due_shards().map(|shard| {
             let query = self
                 .client
                 .query()
                 .table_name(&*self.table)
                 .index_name(table::DUE_INDEX)
-                .key_condition_expression("#shard = :shard")
-                .filter_expression("#due <= :now")
+                .key_condition_expression("#shard = :shard AND #due <= :now")
                 .expression_attribute_names("#shard", DUE_SHARD)
                 .expression_attribute_names("#due", DUE_AT)
                 .expression_attribute_values(":shard", string(shard))
-                .expression_attribute_values(":now", number(now));
-            for item in self.query_at_least(query, limit as usize).await? {
-                let pk = Fields::new(&item).string(PK)?;
-                let id = pk
-                    .strip_prefix("S#")
-                    .and_then(|raw| SessionId::parse(raw).ok())
-                    .ok_or_else(|| StoreError::corrupt(pk, "due index entry is not a session"))?;
-                ids.push(id);
-            }
+                .expression_attribute_values(":now", number(now))
+                .limit(per_shard as i32);
+            self.query_at_least(query, per_shard as usize)
+        });
+        let mut ids = Vec::new();
+        for item in futures::future::try_join_all(reads).await?.into_iter().flatten() {
+            let pk = Fields::new(&item).string(PK)?;
+            let id = pk
+                .strip_prefix("S#")
+                .and_then(|raw| SessionId::parse(raw).ok())
+                .ok_or_else(|| StoreError::corrupt(pk, "due index entry is not a session"))?;
+            ids.push(id);
         }
         Ok(ids)
     }
