@@ -4,6 +4,7 @@
 //! events Lambda itself would send.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,7 +87,7 @@ pub(crate) async fn event_source_mapping(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let received = tokio::select! {
-            r = sqs.receive_message().queue_url(&queue_url).max_number_of_messages(10).wait_time_seconds(1)
+            r = sqs.receive_message().queue_url(&queue_url).max_number_of_messages(10).wait_time_seconds(20)
                 .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All).send() => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
@@ -120,18 +121,32 @@ pub(crate) async fn event_source_mapping(
                     return;
                 }
             };
-            for message in &messages {
-                if failed.iter().any(|f| Some(f.item_identifier.as_str()) == message.message_id()) {
-                    continue;
+            // One batch delete of what succeeded, as Lambda's event source mapping does.
+            let done: Vec<_> = messages
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| !failed.iter().any(|f| Some(f.item_identifier.as_str()) == m.message_id()))
+                .filter_map(|(n, m)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(n.to_string())
+                        .set_receipt_handle(m.receipt_handle.clone())
+                        .build()
+                        .ok()
+                })
+                .collect();
+            if done.is_empty() {
+                return;
+            }
+            match sqs.delete_message_batch().queue_url(&queue_url).set_entries(Some(done)).send().await {
+                Ok(out) if !out.failed.is_empty() => {
+                    tracing::warn!(
+                        failed = out.failed.len(),
+                        "deleting some messages failed; they will be redelivered"
+                    )
                 }
-                let deleted = sqs
-                    .delete_message()
-                    .queue_url(&queue_url)
-                    .set_receipt_handle(message.receipt_handle.clone())
-                    .send()
-                    .await;
-                if let Err(e) = deleted {
-                    tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "deleting a message failed");
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "deleting messages failed")
                 }
             }
         });

@@ -42,7 +42,7 @@ use tracing_subscriber::Layer;
 
 const REPLY_TOKENS: &str = "20";
 const TOKEN_DELAY_MS: u64 = 50;
-const DEFAULT_LEVELS: &str = "1x20,20x10,100x3,200x3,100x50,1x20,20x10";
+const DEFAULT_LEVELS: &str = "1x40,20x10,100x3,200x3,100x50,1x40,20x10";
 
 /// The model's first-token delay: the demo model's pause before each token.
 fn model_delay_ms() -> u64 {
@@ -498,18 +498,31 @@ impl Bench {
     /// Laws 2, 3 and 4 on what was stored: one user message and one reply per turn, and each
     /// reply equal to what was streamed.
     async fn check_stored(&self, id: &str, streamed: &[Streamed]) -> Result<(), String> {
-        let response = self
-            .http
-            .get(format!("{}/sessions/{id}", self.api))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| kind_of_transport_error("read back", &e))?;
-        if !response.status().is_success() {
-            return Err(format!("read back: HTTP {}", response.status().as_u16()));
+        // The history comes in pages of whole turns, newest first; read them all.
+        let mut messages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{}/sessions/{id}?limit=100", self.api);
+            if let Some(cursor) = &cursor {
+                url.push_str(&format!("&cursor={cursor}"));
+            }
+            let response = self
+                .http
+                .get(url)
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+                .map_err(|e| kind_of_transport_error("read back", &e))?;
+            if !response.status().is_success() {
+                return Err(format!("read back: HTTP {}", response.status().as_u16()));
+            }
+            let body: Value = response.json().await.map_err(|_| "read back: not JSON".to_owned())?;
+            messages.extend(body["session"]["messages"].as_array().cloned().unwrap_or_default());
+            match body["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
         }
-        let body: Value = response.json().await.map_err(|_| "read back: not JSON".to_owned())?;
-        let messages = body["session"]["messages"].as_array().cloned().unwrap_or_default();
         for turn in streamed {
             let of_turn = |role: &str| -> Vec<&Value> {
                 let suffix = format!(":{}:{role}", turn.turn);
