@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools browser functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load validate build deploy
+.PHONY: help tools browser functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load bench-cpu validate build deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -76,8 +76,11 @@ deploy: $(DEPLOY_VENV)/.installed ## sam build + sam deploy (guided the first ti
 bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
 	$(CARGO) run --locked -q -p chat-local --bin bench-turn
 
-bench-load: tools functions ## Many conversations at once through the local stack: errors, turns/s, TTFT, laws checked
+bench-load: tools functions ## Many conversations at once through the local stack, then a 5,000-turn soak: errors, turns/s, TTFT, CPU per turn, laws checked
 	$(CARGO) run --locked -q -p chat-local --bin bench-load
+
+bench-cpu: tools functions ## Where a turn's CPU goes: per process and per emulator operation, 20 conversations
+	BENCH_LEVELS=$${BENCH_LEVELS:-20x10} $(CARGO) run --locked -q -p chat-local --bin bench-load
 
 bench-prompt: check-toolchain ## Tokenizer load and prompt-building time for histories of several sizes
 	$(CARGO) run --locked -q -p chat-local --bin bench-prompt
