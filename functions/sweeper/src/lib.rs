@@ -11,7 +11,8 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::queue::TurnMessage;
 use chat_core::{fsm, Outcome, Session, State, Store, StoreError};
 use chat_core::{table, SessionId, UserId};
-use chat_runtime::queue::{Queue, QueueError};
+use chat_runtime::metrics::{self, Dimension};
+use chat_runtime::queue::Queue;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -43,17 +44,6 @@ pub struct SweepReport {
     pub summaries_requested: usize,
 }
 
-/// Settling one turn failed; the next sweep tries again.
-#[derive(Debug, thiserror::Error)]
-pub enum SweepError {
-    /// DynamoDB failed.
-    #[error(transparent)]
-    Store(StoreError),
-    /// SQS failed.
-    #[error(transparent)]
-    Queue(QueueError),
-}
-
 /// The sweeper's dependencies, built once per cold start.
 pub struct Sweeper {
     store: Store,
@@ -82,8 +72,9 @@ impl Sweeper {
     }
 
     /// Settles every session whose deadline has passed: each due shard is read at once, up to
-    /// [`PAGE_PER_SHARD`] a shard, and the sessions are settled [`CONCURRENCY`] at a time; then
-    /// again, until a read finds nothing new or [`BUDGET`] is spent (the next sweep goes on).
+    /// [`PAGE_PER_SHARD`] a shard, and the sessions are settled [`CONCURRENCY`] at a time, their
+    /// generation jobs sent ten to an SQS call; then again, until a read finds nothing new or
+    /// [`BUDGET`] is spent (the next sweep goes on).
     pub async fn sweep(&self) -> Result<SweepReport, lambda_runtime::Error> {
         let started = std::time::Instant::now();
         let mut report = SweepReport::default();
@@ -100,22 +91,50 @@ impl Sweeper {
                 .buffer_unordered(CONCURRENCY)
                 .try_collect()
                 .await?;
-            for action in actions.into_iter().flatten() {
-                report.checked += 1;
+            let actions: Vec<Action> = actions.into_iter().flatten().collect();
+            report.checked += actions.len();
+            let jobs: Vec<TurnMessage> = actions.iter().filter_map(Action::job).collect();
+            let refused: HashSet<SessionId> = self
+                .queue
+                .send_all(&jobs)
+                .await
+                .into_iter()
+                .map(|(job, err)| {
+                    warn!(session = %job.session_id, error = %err, "could not queue a job; the next sweep after its deadline sends it again");
+                    job.session_id
+                })
+                .collect();
+            for action in actions {
                 match action {
-                    Action::Redriven => report.redriven += 1,
-                    Action::Ended => report.ended += 1,
-                    Action::Idled => {
+                    Action::Ended(state) => {
+                        report.ended += 1;
+                        match state {
+                            State::Timeout => metrics::count(metrics::name::TURNS_TIMED_OUT, 1, None),
+                            _ => metrics::count(
+                                metrics::name::TURNS_FAILED,
+                                1,
+                                Some(Dimension::Reason("not_stored")),
+                            ),
+                        }
+                    }
+                    Action::Redriven(job) if !refused.contains(&job.session_id) => report.redriven += 1,
+                    Action::Idled(job) if !refused.contains(&job.session_id) => {
                         report.idled += 1;
                         report.summaries_requested += 1;
                     }
-                    Action::SummaryResent => report.summaries_requested += 1,
-                    Action::None => {}
+                    Action::SummaryResent(job) if !refused.contains(&job.session_id) => {
+                        report.summaries_requested += 1
+                    }
+                    _ => {}
                 }
             }
             if started.elapsed() >= BUDGET {
                 break;
             }
+        }
+        metrics::count(metrics::name::SWEEP_BACKLOG, report.checked as u64, None);
+        if report.redriven > 0 {
+            metrics::count(metrics::name::REDRIVES, report.redriven as u64, None);
         }
         if report != SweepReport::default() {
             info!(?report, "sweep done");
@@ -140,7 +159,7 @@ impl Sweeper {
         }
     }
 
-    async fn settle(&self, session: &Session, now: u64) -> Result<Action, SweepError> {
+    async fn settle(&self, session: &Session, now: u64) -> Result<Action, StoreError> {
         if session.state.turn_in_flight() {
             return self.settle_turn(session, now).await;
         }
@@ -148,40 +167,36 @@ impl Sweeper {
             return self.resend_summary(session).await;
         }
         // The turn ended and the session stayed quiet past its idle deadline.
-        match self.store.expire_idle(session, "sweeper").await.map_err(SweepError::Store)? {
+        match self.store.expire_idle(session, "sweeper").await? {
             Outcome::Applied(_) => {
                 info!(session = %session.id, turn = %session.turn, "idle session expired");
-                self.request_summary(session).await?;
-                Ok(Action::Idled)
+                Ok(Action::Idled(TurnMessage::summary(session.id, session.turn)))
             }
             Outcome::Conflict(_) => Ok(Action::None),
         }
     }
 
     /// A turn in flight past its deadline: re-driven while it may be, else ended.
-    async fn settle_turn(&self, session: &Session, now: u64) -> Result<Action, SweepError> {
+    async fn settle_turn(&self, session: &Session, now: u64) -> Result<Action, StoreError> {
         let lease_live = session.lease.as_ref().is_some_and(|l| l.expires_at > now);
         let Some((event, reason)) = fsm::expiry(session.state).filter(|_| !lease_live) else {
             return Ok(Action::None);
         };
         let can_redrive = fsm::retryable(session.state, session.attempts, self.max_generation_attempts);
         if can_redrive && session.redrives < self.max_redrives {
-            if let Outcome::Applied(n) =
-                self.store.record_redrive(session).await.map_err(SweepError::Store)?
-            {
-                self.queue
-                    .send(TurnMessage::reply(session.id, session.turn))
-                    .await
-                    .map_err(SweepError::Queue)?;
+            // The re-drive is recorded (and the deadline moved) before the job is sent: a job
+            // that fails to send is sent again by the sweep after the new deadline.
+            if let Outcome::Applied(n) = self.store.record_redrive(session).await? {
                 info!(session = %session.id, turn = %session.turn, redrive = n, state = %session.state, "re-driven");
-                return Ok(Action::Redriven);
+                return Ok(Action::Redriven(TurnMessage::reply(session.id, session.turn)));
             }
             return Ok(Action::None);
         }
-        match self.store.end_turn(session, event, reason, "sweeper").await.map_err(SweepError::Store)? {
+        match self.store.end_turn(session, event, reason, "sweeper").await? {
             Outcome::Applied(_) => {
                 info!(session = %session.id, turn = %session.turn, %event, "turn ended");
-                Ok(Action::Ended)
+                let ended = fsm::transition(Some(session.state), event).unwrap_or(State::Error);
+                Ok(Action::Ended(ended))
             }
             Outcome::Conflict(_) => Ok(Action::None),
         }
@@ -189,33 +204,40 @@ impl Sweeper {
 
     /// An expired session whose summary did not arrive by its deadline: the job is sent again,
     /// at most `max_redrives` times, then the summary is given up.
-    async fn resend_summary(&self, session: &Session) -> Result<Action, SweepError> {
+    async fn resend_summary(&self, session: &Session) -> Result<Action, StoreError> {
         if session.redrives >= self.max_redrives {
-            self.store.drop_summary(session).await.map_err(SweepError::Store)?;
+            self.store.drop_summary(session).await?;
             warn!(session = %session.id, redrives = session.redrives, "no summary arrived; giving it up");
             return Ok(Action::None);
         }
-        match self.store.record_redrive(session).await.map_err(SweepError::Store)? {
-            Outcome::Applied(_) => {
-                self.request_summary(session).await?;
-                Ok(Action::SummaryResent)
-            }
+        match self.store.record_redrive(session).await? {
+            Outcome::Applied(_) => Ok(Action::SummaryResent(TurnMessage::summary(session.id, session.turn))),
             Outcome::Conflict(_) => Ok(Action::None),
         }
     }
-
-    async fn request_summary(&self, session: &Session) -> Result<(), SweepError> {
-        self.queue.send(TurnMessage::summary(session.id, session.turn)).await.map_err(SweepError::Queue)
-    }
 }
 
+/// What settling one due session did.
 enum Action {
-    Redriven,
-    Ended,
-    /// Expired and its summary asked for.
-    Idled,
-    SummaryResent,
+    /// Re-driven: its reply job is to be sent.
+    Redriven(TurnMessage),
+    /// Its turn ended, in this state.
+    Ended(State),
+    /// Expired; its summary job is to be sent.
+    Idled(TurnMessage),
+    /// Its summary job is to be sent again.
+    SummaryResent(TurnMessage),
     None,
+}
+
+impl Action {
+    /// The generation job this action sends.
+    fn job(&self) -> Option<TurnMessage> {
+        match self {
+            Action::Redriven(job) | Action::Idled(job) | Action::SummaryResent(job) => Some(*job),
+            Action::Ended(_) | Action::None => None,
+        }
+    }
 }
 
 /// DynamoDB Streams records, as Lambda delivers them: only what the sweeper reads. (The
@@ -254,6 +276,9 @@ pub struct UserIdentity {
 /// The keys and old image of a changed item (string attributes only are read).
 #[derive(Debug, Clone, Deserialize)]
 pub struct StreamChange {
+    /// The record's place in its shard.
+    #[serde(rename = "SequenceNumber", default)]
+    pub sequence_number: String,
     /// The item's keys.
     #[serde(rename = "Keys", default)]
     pub keys: HashMap<String, serde_json::Value>,
@@ -285,27 +310,60 @@ impl StreamRecord {
 /// What one batch of expiry reports did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct ExpiryReport {
-    /// Sessions removed by TTL in the batch.
+    /// Sessions removed by TTL in the batch, handled.
     pub expired: usize,
     /// Of those, the ones counted off their user's sessions by this call (the others were
     /// counted by an earlier delivery of the same record).
     pub counted: usize,
+    /// The sequence number of the first record that failed: it and the records after it are
+    /// delivered again (Lambda's partial batch response); `None` when all were handled.
+    pub retry_from: Option<String>,
+}
+
+/// A stream batch's answer to Lambda (`ReportBatchItemFailures`): the first record that failed;
+/// Lambda delivers it and every later record again, and the earlier ones are done.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamBatchResponse {
+    /// At most one entry: the first failed record's sequence number.
+    #[serde(rename = "batchItemFailures")]
+    pub batch_item_failures: Vec<StreamItemFailure>,
+}
+
+/// A record to deliver again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamItemFailure {
+    /// Its sequence number.
+    #[serde(rename = "itemIdentifier")]
+    pub item_identifier: String,
 }
 
 impl Sweeper {
     /// Sessions DynamoDB's TTL removed: each is counted off its user's sessions, exactly once,
-    /// and what is left of it is cleared. An error fails the batch, which Lambda delivers again;
-    /// the records already handled are no-ops the second time.
-    pub async fn expired(&self, event: StreamEvent) -> Result<ExpiryReport, SweepError> {
+    /// and what is left of it is cleared, in the stream's order. At the first record that fails
+    /// the batch stops, and that record and the rest are delivered again (the records already
+    /// handled are no-ops the second time); a batch that keeps failing is halved by Lambda
+    /// (`BisectBatchOnFunctionError`) and, after its retries, its position goes to the on-failure
+    /// queue.
+    pub async fn expired(&self, event: StreamEvent) -> ExpiryReport {
         let mut report = ExpiryReport::default();
-        for (session, user) in event.records.iter().filter_map(StreamRecord::expired_session) {
-            report.expired += 1;
-            if self.store.session_expired(session, &user).await.map_err(SweepError::Store)? {
-                report.counted += 1;
-                info!(%session, %user, "session expired by its TTL; counted off its user");
+        for record in &event.records {
+            let Some((session, user)) = record.expired_session() else { continue };
+            match self.store.session_expired(session, &user).await {
+                Ok(counted) => {
+                    report.expired += 1;
+                    if counted {
+                        report.counted += 1;
+                        info!(%session, %user, "session expired by its TTL; counted off its user");
+                    }
+                }
+                Err(err) => {
+                    warn!(%session, error = %err, "could not count an expired session off its user; the stream delivers it again");
+                    report.retry_from = Some(record.dynamodb.sequence_number.clone());
+                    break;
+                }
             }
         }
-        Ok(report)
+        report
     }
 
     /// Handles whichever event invoked the sweeper: the schedule's, or the table stream's.
@@ -313,7 +371,15 @@ impl Sweeper {
         let from_stream = event.get("Records").is_some();
         Ok(if from_stream {
             let event: StreamEvent = serde_json::from_value(event)?;
-            serde_json::to_value(self.expired(event).await?)?
+            let report = self.expired(event).await;
+            if report.expired > 0 || report.retry_from.is_some() {
+                info!(?report, "expiry reports handled");
+            }
+            let batch_item_failures = report
+                .retry_from
+                .map(|item_identifier| vec![StreamItemFailure { item_identifier }])
+                .unwrap_or_default();
+            serde_json::to_value(StreamBatchResponse { batch_item_failures })?
         } else {
             serde_json::to_value(self.sweep().await?)?
         })

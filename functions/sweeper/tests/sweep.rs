@@ -250,9 +250,9 @@ async fn every_item_of_a_session_expires_and_its_removal_is_counted_off_its_user
     // and delivering the batch again counts nothing twice.
     let event: StreamEvent = serde_json::from_value(stream.next_event().unwrap().expect("records")).unwrap();
     assert!(event.records.len() > removed, "writes and removals: {}", event.records.len());
-    let report = world.sweeper.expired(event.clone()).await.unwrap();
-    assert_eq!(report, ExpiryReport { expired: 1, counted: 1 });
-    assert_eq!(world.sweeper.expired(event).await.unwrap(), ExpiryReport { expired: 1, counted: 0 });
+    let report = world.sweeper.expired(event.clone()).await;
+    assert_eq!(report, ExpiryReport { expired: 1, counted: 1, retry_from: None });
+    assert_eq!(world.sweeper.expired(event).await, ExpiryReport { expired: 1, counted: 0, retry_from: None });
 
     // The user's place is free again, exactly one: the count is back to 0, not below.
     let SendOutcome::Accepted(fresh) = world.store.send_message(send(None, Some(&key))).await.unwrap() else {
@@ -284,4 +284,50 @@ async fn a_session_whose_last_turn_failed_expires_too_and_keeps_why_it_failed() 
     let events: Vec<Event> =
         world.store.transitions(ticket.session_id).await.unwrap().into_iter().map(|t| t.event).collect();
     assert_eq!(&events[events.len() - 2..], &[Event::Recover, Event::IdleExpired]);
+}
+
+#[tokio::test]
+async fn a_batch_that_cannot_be_handled_is_delivered_again_from_its_first_expired_session() {
+    let World { dynamo, sweeper, .. } = World::start(3, 3).await;
+    // DynamoDB unreachable: counting the expired session off its user fails.
+    drop(dynamo);
+    let removed = |seq: &str, sk: &str| {
+        serde_json::json!({
+            "eventName": "REMOVE",
+            "userIdentity": {"type": "Service", "principalId": "dynamodb.amazonaws.com"},
+            "dynamodb": {
+                "SequenceNumber": seq,
+                "Keys": {"pk": {"S": format!("S#{}", SessionId::new())}, "sk": {"S": sk}},
+                "OldImage": {"user_id": {"S": "sweeper-user"}},
+            },
+        })
+    };
+    // A chunk's removal is not a session's: nothing to do for it, so the batch fails at the next.
+    let batch = serde_json::json!({"Records": [removed("100", "CHUNK#00000001#00000000"), removed("200", "SESSION"), removed("300", "SESSION")]});
+    let report = sweeper.expired(serde_json::from_value(batch.clone()).unwrap()).await;
+    assert_eq!(report, ExpiryReport { expired: 0, counted: 0, retry_from: Some("200".to_owned()) });
+    let answer = sweeper.handle(batch).await.unwrap();
+    assert_eq!(answer, serde_json::json!({"batchItemFailures": [{"itemIdentifier": "200"}]}));
+}
+
+#[tokio::test]
+async fn a_handled_batch_asks_for_nothing_again() {
+    let world = World::start(3, 3).await;
+    let answer = world.sweeper.handle(serde_json::json!({"Records": []})).await.unwrap();
+    assert_eq!(answer, serde_json::json!({"batchItemFailures": []}));
+}
+
+#[tokio::test]
+async fn a_sweep_with_nothing_due_reads_at_most_one_unit_per_shard_however_many_sessions_wait() {
+    use futures::StreamExt;
+    let world = World::start(3, 3).await;
+    // A thousand turns waiting for a generator, each with a deadline a minute away.
+    let waiting: Vec<TurnTicket> =
+        futures::stream::iter(0..1000).map(|_| world.committed()).buffer_unordered(16).collect().await;
+    assert_eq!(waiting.len(), 1000);
+    let before = world.store.capacity();
+    let report = world.sweep().await;
+    let read = world.store.capacity().read_units - before.read_units;
+    assert_eq!(report.checked, 0, "nothing is due");
+    assert!(read <= f64::from(chat_core::table::DUE_SHARDS), "a sweep read {read} units");
 }

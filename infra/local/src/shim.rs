@@ -206,8 +206,25 @@ pub(crate) async fn ttl_process(
         if undelivered.is_empty() {
             continue;
         }
+        // As Lambda's event source with ReportBatchItemFailures: the records from the first
+        // failed one on are delivered again, the ones before it are done.
         match invoke(&http, &api, "sweeper", &json!({ "Records": undelivered })).await {
-            Ok(_) => undelivered.clear(),
+            Ok(answer) => {
+                let failed_from =
+                    answer["batchItemFailures"][0]["itemIdentifier"].as_str().map(str::to_owned);
+                let keep = failed_from
+                    .and_then(|seq| {
+                        undelivered.iter().position(|r| r["dynamodb"]["SequenceNumber"] == seq.as_str())
+                    })
+                    .unwrap_or(undelivered.len());
+                if keep < undelivered.len() {
+                    tracing::warn!(
+                        records = undelivered.len() - keep,
+                        "the sweeper asked for expired sessions again"
+                    );
+                }
+                undelivered.drain(..keep);
+            }
             Err(e) => tracing::warn!(error = %e, "the sweeper failed on expired sessions; retrying"),
         }
     }

@@ -7,5 +7,6 @@
 pub mod aws;
 pub mod http_error;
 pub mod https;
+pub mod metrics;
 #[cfg(feature = "queue")]
 pub mod queue;
