@@ -17,6 +17,7 @@ use chat_core::{
     AppendOutcome, ClaimOutcome, Conflict, Event, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State,
     StopReason, Store, StoreError, Turn,
 };
+use chat_runtime::metrics::{self, Dimension};
 use futures::StreamExt;
 use memory::{MemoryLimits, TokenCounter};
 use model::{Exchange, Model, Output, Prompt, ToolCall};
@@ -72,7 +73,13 @@ struct RetryLater(#[from] StoreError);
 
 /// The prompt for a turn, or why there can be none (the turn then ends in `error`).
 enum PromptOutcome {
-    Ready(Prompt),
+    /// The prompt, with its size in tokens (as the budget counts them) and when the turn's
+    /// message was accepted (epoch ms).
+    Ready {
+        prompt: Prompt,
+        tokens: usize,
+        accepted_at: Option<u64>,
+    },
     Unanswerable(String),
 }
 
@@ -90,8 +97,26 @@ enum Ending {
     Stopped,
     /// The reply reached `reply_max_bytes`.
     Capped,
-    Failed(String),
+    Failed(Failure, String),
     LeaseLost,
+}
+
+/// Why a generation failed, as the failed-turn metric names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The model failed (after its retries, or after the first token).
+    Model,
+    /// The turn cannot be asked: its message does not fit the prompt budget, or is missing.
+    Prompt,
+}
+
+impl Failure {
+    fn as_str(self) -> &'static str {
+        match self {
+            Failure::Model => "model",
+            Failure::Prompt => "prompt",
+        }
+    }
 }
 
 /// Whether this build carries the test directives (`DEMO_FAULTS`): debug builds, which the local
@@ -237,8 +262,12 @@ impl Generator {
             Ending::Stopped
         } else {
             match self.prompt(&lease, exchanges, text_after).await? {
-                PromptOutcome::Ready(prompt) => self.stream_reply(&mut lease, &mut writer, prompt).await?,
-                PromptOutcome::Unanswerable(reason) => Ending::Failed(reason),
+                PromptOutcome::Ready { prompt, tokens, accepted_at } => {
+                    writer.accepted_at = accepted_at.filter(|_| lease.next_seq == 0);
+                    writer.prompt_tokens = tokens;
+                    self.stream_reply(&mut lease, &mut writer, prompt).await?
+                }
+                PromptOutcome::Unanswerable(reason) => Ending::Failed(Failure::Prompt, reason),
             }
         };
         let outcome = match &ending {
@@ -254,7 +283,7 @@ impl Generator {
                 };
                 self.store.commit_reply(&lease, &writer.text, stopped).await?
             }
-            Ending::Failed(reason) => {
+            Ending::Failed(_, reason) => {
                 let Some(current) = self.store.get_session(lease.session_id, true).await? else {
                     return self.clear_if_deleted(&lease).await;
                 };
@@ -266,7 +295,8 @@ impl Generator {
         };
         match outcome {
             Outcome::Applied(_) => {
-                info!(tokens = writer.next_index, chunks = writer.next_seq, "turn finished")
+                info!(tokens = writer.next_index, chunks = writer.next_seq, "turn finished");
+                turn_metrics(&ending, &lease, &writer);
             }
             Outcome::Conflict(Conflict { current: None }) => return self.clear_if_deleted(&lease).await,
             Outcome::Conflict(conflict) => warn!(?conflict, "the turn moved on before it could be finished"),
@@ -343,23 +373,20 @@ impl Generator {
         if let Some(summary) = &lease.summary {
             messages.retain(|m| m.id.turn >= summary.through);
         }
-        let selected =
-            match memory::select(messages, lease.turn, system.as_deref(), self.settings.memory, self.counter)
-            {
+        let accepted_at =
+            messages.iter().find(|m| m.id.turn == lease.turn && m.id.role == Role::User).map(|m| m.timestamp);
+        let limits = self.settings.memory;
+        let (selected, tokens) =
+            match memory::select_counted(messages, lease.turn, system.as_deref(), limits, self.counter) {
                 Ok(selected) => selected,
                 Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
             };
         if !matches!(selected.last(), Some((Role::User, _))) {
             return Ok(PromptOutcome::Unanswerable("the turn's message is missing".to_owned()));
         }
-        Ok(PromptOutcome::Ready(Prompt {
-            system,
-            messages: selected,
-            exchanges,
-            resumed,
-            tools: Vec::new(),
-            must_answer: false,
-        }))
+        let prompt =
+            Prompt { system, messages: selected, exchanges, resumed, tools: Vec::new(), must_answer: false };
+        Ok(PromptOutcome::Ready { prompt, tokens, accepted_at })
     }
 
     /// The model → tool → model loop: each step streams the model's reply; when it calls tools,
@@ -420,6 +447,7 @@ impl Generator {
                     tools::ToolAnswer { content: format!("{} is not offered now", call.name), is_error: true }
                 };
                 info!(tool = %call.name, is_error = answer.is_error, "tool called");
+                metrics::count(metrics::name::TOOL_CALLS, 1, &[Dimension::Tool(&call.name)]);
                 writer.push_event(tools::result_event(call, &answer));
                 lease.tool_uses.push(tools::tool_use(call, &answer));
                 prompt.exchanges.push(Exchange::ToolResult {
@@ -446,6 +474,9 @@ impl Generator {
         prompt: &Prompt,
         crash_after: Option<usize>,
     ) -> Result<Step, RetryLater> {
+        let model_name = lease.routing.as_ref().map_or("model", |r| r.model.as_str()).to_owned();
+        let asked = Instant::now();
+        let mut first_token = true;
         let mut tokens = model.stream(prompt.clone());
         let mut text = prompt.resumed.concat();
         let mut calls = Vec::new();
@@ -472,6 +503,14 @@ impl Generator {
             };
             match next {
                 Some(Ok(Output::Token(token))) => {
+                    if std::mem::take(&mut first_token) {
+                        let waited = asked.elapsed().as_secs_f64() * 1e3;
+                        metrics::millis(
+                            metrics::name::MODEL_FIRST_TOKEN,
+                            &[waited],
+                            &[Dimension::Model(&model_name)],
+                        );
+                    }
                     if writer.bytes() + token.len() > self.settings.reply_max_bytes {
                         warn!(bytes = writer.bytes(), "the reply reached REPLY_MAX_BYTES; stopping it there");
                         return Ok(Step::Ended(
@@ -492,10 +531,14 @@ impl Generator {
                 Some(Ok(Output::ToolCall(call))) => calls.push(call),
                 Some(Err(err)) => {
                     warn!(error = %err, "the model failed");
+                    metrics::count(metrics::name::MODEL_ERRORS, 1, &[Dimension::Model(&model_name)]);
                     if let Some(ending) = self.flush(lease, writer, LeaseCheck::Now).await? {
                         return Ok(Step::Ended(ending));
                     }
-                    return Ok(Step::Ended(Ending::Failed(format!("the model failed: {err}"))));
+                    return Ok(Step::Ended(Ending::Failed(
+                        Failure::Model,
+                        format!("the model failed: {err}"),
+                    )));
                 }
                 None if calls.is_empty() => {
                     return Ok(Step::Ended(
@@ -529,6 +572,11 @@ impl Generator {
             if outcome == AppendOutcome::Fenced {
                 return Ok(Some(Ending::LeaseLost));
             }
+            if let Some(accepted_at) = writer.accepted_at.take() {
+                // The reply's first token is stored: what the user waits for.
+                let waited = self.store.now_ms().saturating_sub(accepted_at) as f64;
+                metrics::millis(metrics::name::TIME_TO_FIRST_TOKEN, &[waited], &[]);
+            }
             writer.written();
         }
         let half_gone = self.store.now_ms() + self.settings.lease.as_millis() as u64 / 2 >= lease.expires_at;
@@ -549,6 +597,27 @@ impl Generator {
     }
 }
 
+/// A finished turn's metrics: how it ended, and the tokens it took, by model and by route.
+fn turn_metrics(ending: &Ending, lease: &Lease, writer: &ChunkWriter) {
+    use metrics::name;
+    match ending {
+        Ending::Complete | Ending::Capped => metrics::count(name::TURNS_COMMITTED, 1, &[]),
+        Ending::Stopped => {
+            metrics::count(name::TURNS_COMMITTED, 1, &[]);
+            metrics::count(name::TURNS_CANCELLED, 1, &[]);
+        }
+        Ending::Failed(failure, _) => {
+            metrics::count(name::TURNS_FAILED, 1, &[Dimension::Reason(failure.as_str())])
+        }
+        Ending::LeaseLost => {}
+    }
+    if let Some(routing) = &lease.routing {
+        let by = [Dimension::Model(&routing.model), Dimension::Route(&routing.route)];
+        metrics::count(name::INPUT_TOKENS, writer.prompt_tokens as u64, &by);
+        metrics::count(name::OUTPUT_TOKENS, writer.text_tokens as u64, &by);
+    }
+}
+
 /// While tokens flow, a flush reads the lease back at most this often: a cancel or a lost lease
 /// is noticed within this and one flush. A stalled generator notices at its first flush after
 /// the stall, before it writes a second chunk, and a flush that ends a step or the turn always
@@ -566,6 +635,13 @@ enum LeaseCheck {
 
 /// Buffers tokens and tracks where the next chunk goes.
 struct ChunkWriter {
+    /// When the turn's message was accepted (epoch ms), until its first chunk is written; only
+    /// for a turn's first attempt (a takeover's first chunk is not the reply's).
+    accepted_at: Option<u64>,
+    /// The prompt's size in tokens, as the memory budget counts them.
+    prompt_tokens: usize,
+    /// Text tokens the model streamed in this attempt.
+    text_tokens: usize,
     /// When the lease was last read back or extended.
     lease_read: Option<Instant>,
     /// When the last token arrived, and how long after the one before it.
@@ -585,6 +661,9 @@ struct ChunkWriter {
 impl ChunkWriter {
     fn new(lease: &Lease) -> ChunkWriter {
         ChunkWriter {
+            accepted_at: None,
+            prompt_tokens: 0,
+            text_tokens: 0,
             lease_read: None,
             last_token: None,
             token_gap: None,
@@ -606,6 +685,7 @@ impl ChunkWriter {
         if token.starts_with(EVENT_MARK) {
             token.replace_range(..EVENT_MARK.len_utf8(), "\u{fffd}");
         }
+        self.text_tokens += 1;
         let now = Instant::now();
         if let Some(previous) = self.last_token {
             self.token_gap = Some(now - previous);

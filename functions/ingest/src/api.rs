@@ -45,6 +45,24 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The error's code, as the body carries it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { code, .. }
+            | ApiError::Unauthorized { code, .. }
+            | ApiError::NotFound { code, .. }
+            | ApiError::Conflict { code, .. }
+            | ApiError::TooManyRequests { code, .. }
+            | ApiError::Unavailable { code, .. } => code,
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::TurnInFlight { .. } => "turn_in_flight",
+            ApiError::TooLarge => "body_too_large",
+            ApiError::MessageTooLong { .. } => "message_too_long",
+            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
+        }
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::BadRequest { code, message: message.into() }
     }

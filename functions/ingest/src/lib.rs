@@ -16,6 +16,7 @@ use chat_core::{
     Admission, CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome,
     Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId, UserLimits,
 };
+use chat_runtime::metrics;
 use chat_runtime::queue::Queue;
 use chat_tokens::MessageBudget;
 use lambda_http::http::{Method, StatusCode};
@@ -128,7 +129,12 @@ impl App {
         async {
             let response = match self.route(&request, &request_id).await {
                 Ok(response) => response,
-                Err(err) => err.into_response(),
+                Err(err) => {
+                    let code = err.code();
+                    let response = err.into_response();
+                    metrics::error_answer(response.status().as_u16(), code);
+                    response
+                }
             };
             info!(status = response.status().as_u16(), "answered");
             response
@@ -240,6 +246,7 @@ impl App {
                 tracing::Span::current().record("session", ticket.session_id.to_string());
                 let release = body.client_message_id.as_ref().map(|k| (&user, k));
                 self.commit_and_enqueue(&ticket, request_id, release).await?;
+                metrics::count(metrics::name::TURNS_ACCEPTED, 1, &[]);
                 Ok(self.accepted(ticket.session_id, ticket.turn, &body.message))
             }
             SendOutcome::Duplicate { session_id, turn } => {
@@ -322,8 +329,13 @@ impl App {
             Event::StoreFailed => "the message could not be stored",
             _ => "the message could not be queued for generation",
         };
-        if let Err(err) = self.store.end_turn_releasing(&current, event, reason, request_id, release).await {
-            warn!(error = %err, "could not end the failed turn; the sweeper will");
+        match self.store.end_turn_releasing(&current, event, reason, request_id, release).await {
+            Ok(Outcome::Applied(_)) => {
+                let why = if event == Event::StoreFailed { "not_stored" } else { "not_queued" };
+                metrics::count(metrics::name::TURNS_FAILED, 1, &[metrics::Dimension::Reason(why)]);
+            }
+            Ok(Outcome::Conflict(_)) => {}
+            Err(err) => warn!(error = %err, "could not end the failed turn; the sweeper will"),
         }
     }
 

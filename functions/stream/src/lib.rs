@@ -14,7 +14,7 @@ use chat_core::config::{ConfigError, Env};
 use chat_core::{
     Admission, Chunk, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
 };
-use chat_runtime::http_error;
+use chat_runtime::{http_error, metrics};
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::StreamBody;
 use lambda_http::http::{header, StatusCode};
@@ -220,7 +220,11 @@ impl Relay {
                     .body(StreamBody::new(frames.boxed()))
                     .expect("valid response")
             }
-            Err(err) => err.into_response(),
+            Err(err) => {
+                let (status, code) = err.status_and_code();
+                metrics::error_answer(status.as_u16(), code);
+                err.into_response()
+            }
         }
     }
 
@@ -288,7 +292,9 @@ impl Relay {
     }
 
     async fn relay(&self, position: Position, first_read: Session, tx: mpsc::Sender<String>) {
-        let followed = self.follow(&position, first_read, &tx).await;
+        let mut lags = Vec::new();
+        let followed = self.follow(&position, first_read, &tx, &mut lags).await;
+        metrics::millis(metrics::name::RELAY_LAG, &lags, &[]);
         // Give the slot back before the last frames go out, so a client that reconnects at once
         // finds it free.
         if let Err(err) = self.store.close_stream(&position.owner, &position.stream_id).await {
@@ -310,9 +316,12 @@ impl Relay {
         position: &Position,
         first_read: Session,
         tx: &mpsc::Sender<String>,
+        lags: &mut Vec<f64>,
     ) -> Result<(), StoreError> {
         let settings = &self.settings;
         let started = Instant::now();
+        // Chunks written since this relay started are relayed live: their lag is measured.
+        let live_from = self.store.now_ms();
         let mut last_sent = Instant::now();
         let mut last_seq: Option<u32> = None;
         let mut next_index = position.after_index.map_or(0, |i| i + 1);
@@ -342,6 +351,9 @@ impl Relay {
                 let Some(sent) = send_tokens(position.turn, &chunk, &mut next_index, tx).await else {
                     return Ok(());
                 };
+                if let Some(at) = chunk.at.filter(|at| sent > 0 && *at >= live_from) {
+                    lags.push(self.store.now_ms().saturating_sub(at) as f64);
+                }
                 sent_tokens += sent;
                 progressed |= sent > 0;
             }

@@ -109,11 +109,11 @@ impl Sweeper {
                     Action::Ended(state) => {
                         report.ended += 1;
                         match state {
-                            State::Timeout => metrics::count(metrics::name::TURNS_TIMED_OUT, 1, None),
+                            State::Timeout => metrics::count(metrics::name::TURNS_TIMED_OUT, 1, &[]),
                             _ => metrics::count(
                                 metrics::name::TURNS_FAILED,
                                 1,
-                                Some(Dimension::Reason("not_stored")),
+                                &[Dimension::Reason("not_stored")],
                             ),
                         }
                     }
@@ -132,9 +132,9 @@ impl Sweeper {
                 break;
             }
         }
-        metrics::count(metrics::name::SWEEP_BACKLOG, report.checked as u64, None);
+        metrics::count(metrics::name::SWEEP_BACKLOG, report.checked as u64, &[]);
         if report.redriven > 0 {
-            metrics::count(metrics::name::REDRIVES, report.redriven as u64, None);
+            metrics::count(metrics::name::REDRIVES, report.redriven as u64, &[]);
         }
         if report != SweepReport::default() {
             info!(?report, "sweep done");

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod alarm_math;
 pub mod cpu;
 mod emulators;
 pub mod gateway;

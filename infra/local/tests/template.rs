@@ -339,3 +339,168 @@ fn cors_allows_only_configured_origins() {
         "{page}"
     );
 }
+
+/// Every metric of the stack's own namespace that an alarm or the dashboard names is one the
+/// functions emit: a name `chat_runtime::metrics::name` defines, passed by some function's code.
+#[test]
+fn every_metric_an_alarm_or_the_dashboard_names_is_one_the_code_emits() {
+    let template = template();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let mut named = BTreeSet::new();
+    let ours = |namespace: &Value| {
+        let text = match namespace {
+            Value::Tagged(tagged) => tagged.value.as_str().unwrap_or_default().to_owned(),
+            other => other.as_str().unwrap_or_default().to_owned(),
+        };
+        text.starts_with("chat-fsm/")
+    };
+    for (_, resource) in template["Resources"].as_mapping().unwrap() {
+        if resource["Type"] != "AWS::CloudWatch::Alarm" {
+            continue;
+        }
+        let properties = &resource["Properties"];
+        if ours(&properties["Namespace"]) {
+            named.insert(properties["MetricName"].as_str().unwrap().to_owned());
+        }
+        for metric in properties["Metrics"].as_sequence().into_iter().flatten() {
+            let metric = &metric["MetricStat"]["Metric"];
+            if ours(&metric["Namespace"]) {
+                named.insert(metric["MetricName"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    let alarmed = named.len();
+    assert!(alarmed >= 3, "the failed-turn alarm reads the functions' own metrics");
+    for metric in dashboard_metrics(&template) {
+        if metric[0].as_str().is_some_and(|ns| ns.starts_with("chat-fsm/")) {
+            named.insert(metric[1].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(named.len() > alarmed, "the dashboard shows more of them");
+
+    // The names the code defines, `IDENT: &str = "Name"` in `mod name`, and where they are used.
+    let metrics_rs = std::fs::read_to_string(format!("{root}/shared/chat-runtime/src/metrics.rs")).unwrap();
+    let defined: Vec<(String, String)> = metrics_rs
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("pub const ")?;
+            let (ident, value) = rest.split_once(": &str = \"")?;
+            Some((ident.to_owned(), value.strip_suffix("\";")?.to_owned()))
+        })
+        .collect();
+    // Code outside tests: the functions', and chat-runtime's helpers the functions call
+    // (`metrics::error_answer` counts refusals and server errors by code).
+    let without_tests = |path: std::path::PathBuf| {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.split("#[cfg(test)]").next().unwrap_or_default().to_owned()
+    };
+    let functions: String = chat_local::FUNCTIONS
+        .iter()
+        .flat_map(|f| rust_files(&format!("{root}/functions/{f}/src")))
+        .map(without_tests)
+        .collect();
+    assert!(functions.contains("metrics::error_answer("), "the HTTP functions count their error answers");
+    let code = functions + &without_tests(format!("{root}/shared/chat-runtime/src/metrics.rs").into());
+    for name in &named {
+        let (ident, _) = defined
+            .iter()
+            .find(|(_, value)| value == name)
+            .unwrap_or_else(|| panic!("{name} is not a metric chat_runtime::metrics defines"));
+        assert!(
+            code.contains(&format!("name::{ident}")),
+            "{name} is named by the template, and no function emits it"
+        );
+    }
+}
+
+fn rust_files(dir: &str) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from(dir)];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// The dashboard's metric entries, `[namespace, name, dimension, value, …]`, with the template's
+/// `${…}` references left as they are.
+fn dashboard_metrics(template: &Value) -> Vec<Vec<serde_json::Value>> {
+    let body = &resource(template, "Dashboard")["Properties"]["DashboardBody"];
+    let Value::Tagged(sub) = body else { panic!("the dashboard body is a !Sub string") };
+    let body: serde_json::Value =
+        serde_json::from_str(sub.value.as_str().unwrap()).expect("the body is JSON");
+    body["widgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w["properties"]["metrics"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m.as_array().cloned())
+        .filter(|m| m.len() >= 2 && m[0].is_string())
+        .collect()
+}
+
+/// What users feel is alarmed on, for this stack's resources only, and every alarm notifies the
+/// stack's topic (created unless AlarmTopicArn names one); nothing account-wide.
+#[test]
+fn alarms_watch_this_stacks_resources_and_notify_its_topic() {
+    let template = template();
+    let alarms: Vec<(&str, &Value)> = template["Resources"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| r["Type"] == "AWS::CloudWatch::Alarm")
+        .map(|(name, r)| (name.as_str().unwrap(), &r["Properties"]))
+        .collect();
+    for (name, alarm) in &alarms {
+        let actions = format!("{:?}", alarm["AlarmActions"]);
+        assert!(actions.contains("AlarmTopicArn") && actions.contains("AlarmTopic"), "{name}: {actions}");
+        if alarm["Namespace"] == "AWS/Lambda" {
+            assert_eq!(alarm["Dimensions"][0]["Name"], "FunctionName", "{name} is scoped to one function");
+        }
+    }
+    let names: BTreeSet<&str> = alarms.iter().map(|(n, _)| *n).collect();
+    for expected in [
+        "FailedTurnsAlarm",
+        "QueueAgeAlarm",
+        "DeadLetterAlarm",
+        "ExpiryFailuresAlarm",
+        "ExpiryIteratorAgeAlarm",
+        "TableThrottlesAlarm",
+        "IngestUrlServerErrorsAlarm",
+        "StreamUrlServerErrorsAlarm",
+    ] {
+        assert!(names.contains(expected), "{expected} is missing");
+    }
+    for function in ["Ingest", "Generator", "Stream", "Sweeper"] {
+        for metric in ["Errors", "Throttles"] {
+            assert!(names.contains(format!("{function}{metric}Alarm").as_str()), "{function} {metric}");
+        }
+    }
+    assert_eq!(resource(&template, "AlarmTopic")["Condition"], "CreateAlarmTopic");
+    assert_eq!(resource(&template, "AlarmEmailSubscription")["Properties"]["Protocol"], "email");
+    let globals = &template["Globals"]["Function"]["Environment"]["Variables"];
+    assert!(format!("{:?}", globals["METRICS_NAMESPACE"]).contains("chat-fsm/${AWS::StackName}"));
+}
+
+/// A batch of the table's stream the sweeper cannot handle is halved until the bad record is
+/// alone, only the records from the first failure on are delivered again, and a record given
+/// up on leaves its place on a queue an alarm watches, rather than being dropped silently.
+#[test]
+fn the_sweepers_stream_source_retries_by_record_and_keeps_what_it_gives_up_on() {
+    let template = template();
+    let source =
+        &resource(&template, "SweeperFunction")["Properties"]["Events"]["SessionsExpired"]["Properties"];
+    assert_eq!(source["BisectBatchOnFunctionError"], true);
+    assert_eq!(strings(&source["FunctionResponseTypes"]), ["ReportBatchItemFailures"]);
+    assert_eq!(source["DestinationConfig"]["OnFailure"]["Type"], "SQS");
+    assert!(format!("{:?}", source["DestinationConfig"]["OnFailure"]["Destination"])
+        .contains("ExpiryFailuresQueue"));
+    assert!(source["MaximumRetryAttempts"].as_u64().is_some_and(|n| n > 0));
+}

@@ -170,6 +170,9 @@ pub struct Chunk {
     pub tokens: Vec<String>,
     /// The lease id of the writer.
     pub owner: String,
+    /// When it was written (epoch ms, the writer's clock); `None` for chunks written before
+    /// chunks carried it.
+    pub at: Option<u64>,
     /// When the writer expected, as it wrote this chunk, to write the next one at the earliest
     /// (epoch ms): a relay polls for it then, rather than on a fixed beat. `None` when it gave no
     /// hint (a takeover's fence).
@@ -357,6 +360,7 @@ impl Chunk {
             start: fields.number(attr::START)?,
             tokens: fields.strings(attr::TOKENS)?,
             owner: fields.string(attr::OWNER)?.to_owned(),
+            at: fields.opt_number(attr::AT)?,
             next_at: fields.opt_number(attr::NEXT_AT)?,
         })
     }

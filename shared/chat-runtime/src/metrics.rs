@@ -3,8 +3,9 @@
 //! call for them. Locally the same lines land in the stack's log, where tests read them.
 //!
 //! Every metric has the dimension `Service` (one value, so an alarm can sum a metric over the
-//! whole stack) and at most one more, from a bounded set ([`Dimension`]): never a user or a
-//! session. The namespace is `METRICS_NAMESPACE` (the template sets one per stack).
+//! whole stack) and may be split by others from a bounded set ([`Dimension`]), each its own
+//! dimension set: never a user or a session. The namespace is `METRICS_NAMESPACE` (the template
+//! sets one per stack).
 
 use serde_json::{json, Map, Value};
 use std::io::Write;
@@ -131,44 +132,54 @@ fn namespace() -> &'static str {
     })
 }
 
-/// Counts `n` of metric `name`, over the service and, when given, also by `by`.
-pub fn count(name: &'static str, n: u64, by: Option<Dimension<'_>>) {
+/// Counts `n` of metric `name`, over the service and also by each of `by`.
+pub fn count(name: &'static str, n: u64, by: &[Dimension<'_>]) {
     emit(name, Unit::Count, &[n as f64], by);
 }
 
-/// Records values of metric `name` in milliseconds (several at once: one line for all).
-pub fn millis(name: &'static str, values: &[f64], by: Option<Dimension<'_>>) {
+/// Records values of metric `name` in milliseconds (several at once: a line for each hundred).
+pub fn millis(name: &'static str, values: &[f64], by: &[Dimension<'_>]) {
     emit(name, Unit::Milliseconds, values, by);
 }
 
-fn emit(name: &'static str, unit: Unit, values: &[f64], by: Option<Dimension<'_>>) {
-    if values.is_empty() {
-        return;
+/// Counts an error answer: a 4xx as [`name::REFUSALS`], a 5xx as [`name::SERVER_ERRORS`], by
+/// its code (one of the functions' own constants).
+pub fn error_answer(status: u16, code: &str) {
+    match status {
+        400..=499 => count(name::REFUSALS, 1, &[Dimension::Code(code)]),
+        500..=599 => count(name::SERVER_ERRORS, 1, &[Dimension::Code(code)]),
+        _ => {}
     }
+}
+
+fn emit(name: &'static str, unit: Unit, values: &[f64], by: &[Dimension<'_>]) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut line = document(namespace(), now, name, unit, values, by).to_string();
-    line.push('\n');
-    // One write per line: the log lines of `tracing` go to stdout too, a line at a time.
-    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    // EMF takes at most 100 values a document.
+    for values in values.chunks(100) {
+        let mut line = document(namespace(), now, name, unit, values, by).to_string();
+        line.push('\n');
+        // One write per line: the log lines of `tracing` go to stdout too, a line at a time.
+        let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    }
 }
 
-/// The EMF document for `values` of `name` at `timestamp_ms`: dimension sets `[Service]` and,
-/// with `by`, `[Service, by]`. At most 100 values go in one document (EMF's limit); the rest
-/// are dropped, which the callers keep from happening.
+/// The EMF document for `values` of `name` at `timestamp_ms`: dimension sets `[Service]` and
+/// `[Service, d]` for each `d` of `by`. At most 100 values go in one document (EMF's limit);
+/// the rest are dropped, which the callers keep from happening.
 pub fn document(
     namespace: &str,
     timestamp_ms: u64,
     name: &str,
     unit: Unit,
     values: &[f64],
-    by: Option<Dimension<'_>>,
+    by: &[Dimension<'_>],
 ) -> Value {
     let mut dimensions = vec![json!([SERVICE.0])];
     let mut root = Map::new();
     root.insert(SERVICE.0.to_owned(), json!(SERVICE.1));
-    if let Some(by) = by {
+    for by in by {
         let (key, value) = by.pair();
         dimensions.push(json!([SERVICE.0, key]));
         root.insert(key.to_owned(), json!(value));
@@ -245,7 +256,7 @@ mod tests {
             name::TURNS_FAILED,
             Unit::Count,
             &[1.0],
-            Some(Dimension::Reason("model")),
+            &[Dimension::Reason("model")],
         );
         assert_eq!(
             doc,
@@ -266,8 +277,19 @@ mod tests {
     }
 
     #[test]
+    fn tokens_by_model_and_by_route_are_two_dimension_sets_of_one_document() {
+        let by = [Dimension::Model("gpt-4o-mini"), Dimension::Route("small")];
+        let doc = document("ns", 5, name::OUTPUT_TOKENS, Unit::Count, &[42.0], &by);
+        assert_eq!(
+            doc["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            json!([["Service"], ["Service", "Model"], ["Service", "Route"]])
+        );
+        assert_eq!((doc["Model"].as_str(), doc["Route"].as_str()), (Some("gpt-4o-mini"), Some("small")));
+    }
+
+    #[test]
     fn several_values_share_one_line_and_read_back_as_written() {
-        let doc = document("ns", 5, name::RELAY_LAG, Unit::Milliseconds, &[12.0, 30.5], None);
+        let doc = document("ns", 5, name::RELAY_LAG, Unit::Milliseconds, &[12.0, 30.5], &[]);
         let read = parse(&doc.to_string()).expect("an EMF line");
         assert_eq!(read.name, "RelayLag");
         assert_eq!(read.values, vec![12.0, 30.5]);
@@ -280,7 +302,7 @@ mod tests {
     #[test]
     fn one_document_carries_at_most_a_hundred_values() {
         let values: Vec<f64> = (0..150).map(f64::from).collect();
-        let doc = document("ns", 5, name::RELAY_LAG, Unit::Milliseconds, &values, None);
+        let doc = document("ns", 5, name::RELAY_LAG, Unit::Milliseconds, &values, &[]);
         assert_eq!(doc["RelayLag"].as_array().map(Vec::len), Some(100));
     }
 }

@@ -258,6 +258,7 @@ impl Model {
             return Err(ModelError { message, ..err });
         }
         let wait = self.policy.backoff(attempt, err.retry_after);
+        chat_runtime::metrics::count(chat_runtime::metrics::name::MODEL_RETRIES, 1, &[]);
         tracing::warn!(error = %err, attempt, wait_ms = wait.as_millis() as u64, "model attempt failed; retrying");
         tokio::time::sleep(wait).await;
         Ok(Phase::Start { attempt: attempt + 1 })

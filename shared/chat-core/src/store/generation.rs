@@ -223,6 +223,7 @@ impl Store {
             (attr::START.to_owned(), number(start)),
             (attr::TOKENS.to_owned(), AttributeValue::L(tokens.iter().cloned().map(string).collect())),
             (attr::OWNER.to_owned(), string(lease.owner.clone())),
+            (attr::AT.to_owned(), number(self.now_ms())),
         ]);
         if let Some(next_at) = next_at {
             item.insert(attr::NEXT_AT.to_owned(), number(next_at));
