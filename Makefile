@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools browser functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load bench-cpu validate build deploy
+.PHONY: help tools browser functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load bench-cpu bench-sweep validate build deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ bench-load: tools functions ## Many conversations at once through the local stac
 
 bench-cpu: tools functions ## Where a turn's CPU goes: per process and per emulator operation, 20 conversations
 	BENCH_LEVELS=$${BENCH_LEVELS:-20x10} $(CARGO) run --locked -q -p chat-local --bin bench-load
+
+bench-sweep: tools ## The sweeper at scale: 10,000 idle sessions expired and their summaries queued; a sweep with nothing due
+	$(CARGO) run --locked -q -p chat-local --bin bench-sweep
 
 bench-prompt: check-toolchain ## Tokenizer load and prompt-building time for histories of several sizes
 	$(CARGO) run --locked -q -p chat-local --bin bench-prompt

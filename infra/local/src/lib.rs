@@ -148,6 +148,53 @@ fn fail(what: impl std::fmt::Display) -> StackError {
     StackError(what.to_string())
 }
 
+/// SQS (and Secrets Manager): a moto server on 127.0.0.1, from the pinned local tools. It stops
+/// when dropped, or when this process exits.
+pub struct LocalSqs {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    supervisor: Supervisor,
+}
+
+impl LocalSqs {
+    /// Starts moto on `port` (0 picks a free one), its output to `out` and `err`, and returns
+    /// once it answers.
+    pub async fn start(
+        root: &std::path::Path,
+        port: u16,
+        out: Stdio,
+        err: Stdio,
+    ) -> Result<LocalSqs, StackError> {
+        let moto = root.join(".tools/venv/bin/moto_server");
+        if !moto.exists() {
+            return Err(fail("the local tools are missing: run `make tools` first"));
+        }
+        let port = free_port(port)?;
+        let supervisor = Supervisor(
+            supervised(root, moto.as_os_str())
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .map_err(|e| fail(format!("starting moto_server: {e}")))?,
+        );
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let probe = format!("{endpoint}/moto-api/");
+        wait_until("the SQS emulator", Duration::from_secs(60), || {
+            let (http, probe) = (http.clone(), probe.clone());
+            async move { http.get(&probe).send().await.is_ok() }
+        })
+        .await?;
+        Ok(LocalSqs { endpoint, supervisor })
+    }
+
+    /// Creates the generation queue and its dead-letter queue as the stack does; their URLs.
+    pub async fn create_queues(&self, settings: &StackSettings) -> Result<(String, String), StackError> {
+        create_queues(&sqs_client(&self.endpoint), settings).await
+    }
+}
+
 /// A running stack. [`Stack::stop`] (or dropping it, or this process exiting) stops everything.
 pub struct Stack {
     /// Base URL of the one-origin API, e.g. `http://127.0.0.1:9000`.
@@ -222,24 +269,11 @@ impl Stack {
         let dynamodb = dynamodb_client(&dynamodb_endpoint);
 
         progress("starting SQS (moto server)");
-        let sqs_port = free_port(settings.sqs_port)?;
         let (out, err) = output()?;
-        children.push(Supervisor(
-            supervised(&root, venv_bin.join("moto_server").as_os_str())
-                .args(["-H", "127.0.0.1", "-p", &sqs_port.to_string()])
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .map_err(|e| fail(format!("starting moto_server: {e}")))?,
-        ));
-        let sqs_endpoint = format!("http://127.0.0.1:{sqs_port}");
+        let sqs_server = LocalSqs::start(&root, settings.sqs_port, out, err).await?;
+        let sqs_endpoint = sqs_server.endpoint.clone();
+        children.push(sqs_server.supervisor);
         let http = reqwest::Client::new();
-        let probe = format!("{sqs_endpoint}/moto-api/");
-        wait_until("the SQS emulator", Duration::from_secs(60), || {
-            let (http, probe) = (http.clone(), probe.clone());
-            async move { http.get(&probe).send().await.is_ok() }
-        })
-        .await?;
         let sqs = sqs_client(&sqs_endpoint);
         let (queue_url, dlq_url) = create_queues(&sqs, &settings).await?;
         create_secrets(&sqs_endpoint, &settings.secrets).await?;
