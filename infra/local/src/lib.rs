@@ -259,6 +259,9 @@ impl Stack {
             .args(["--concurrency", &settings.concurrency.to_string()])
             // CORS is the gateway's, from an origin list; the watcher's own allows any origin.
             .arg("--disable-cors")
+            // The functions' proof that they run here, not on Lambda (`AUTH_MODE=none`, local
+            // concurrency); never in `[metadata.lambda.env]`, which a deploy would carry.
+            .env(chat_runtime::aws::LOCAL_STACK, "1")
             .env(
                 chat_runtime::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
                 settings.invocations_per_instance.to_string(),

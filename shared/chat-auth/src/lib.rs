@@ -8,8 +8,9 @@
 //!   `nbf`. The user is the token's `sub`.
 //! - `iam`: the Function URL's `AWS_IAM` auth admitted a trusted backend; it acts as the user the
 //!   path names, or as the user in an `X-User-Id` header when it sends one.
-//! - `none`: as `iam`, with nothing in front: refused unless the Lambda runtime API is on
-//!   loopback, so only the local stack can run this way.
+//! - `none`: as `iam`, with nothing in front: refused unless the process is a function of the
+//!   local stack (`chat_runtime::aws::local_stack`: its own signal, no variable only Lambda sets,
+//!   the emulator's runtime API), so a deployed function can never run this way.
 
 #[cfg(feature = "dev-issuer")]
 pub mod dev_issuer;
@@ -73,14 +74,13 @@ impl AuthConfig {
             "none" => Mode::None,
             other => return Err(invalid("AUTH_MODE", format!("is {other:?}; use jwt, iam or none"))),
         };
-        let on_loopback =
-            chat_runtime::aws::runtime_api_on_loopback(env.optional("AWS_LAMBDA_RUNTIME_API").as_deref());
-        if mode == Mode::None && !on_loopback {
-            return Err(invalid(
-                "AUTH_MODE",
-                "is none, which is for the local stack only (the Lambda runtime API is not on loopback); use jwt or iam"
-                    .to_owned(),
-            ));
+        if mode == Mode::None {
+            if let Err(not_local) = chat_runtime::aws::local_stack(env) {
+                return Err(invalid(
+                    "AUTH_MODE",
+                    format!("is none, which is for the local stack only ({not_local}); use jwt or iam"),
+                ));
+            }
         }
         let jwt = match mode {
             Mode::Jwt => {
@@ -316,15 +316,45 @@ mod tests {
         Env::from_fn(move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
 
+    /// What `cargo lambda watch` gives a function of the local stack.
+    const LOCAL: [(&str, &str); 3] = [
+        ("AUTH_MODE", "none"),
+        ("CHAT_LOCAL_STACK", "1"),
+        ("AWS_LAMBDA_RUNTIME_API", "http://127.0.0.1:9000/.rt/ingest"),
+    ];
+
+    /// What Lambda gives a deployed function, with `AUTH_MODE=none` set by its deployer.
+    const ON_LAMBDA: [(&str, &str); 8] = [
+        ("AUTH_MODE", "none"),
+        ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand"),
+        ("_HANDLER", "bootstrap"),
+        ("LAMBDA_TASK_ROOT", "/var/task"),
+        ("AWS_LAMBDA_FUNCTION_NAME", "chat-IngestFunction-x"),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/x"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+
     #[test]
-    fn none_is_refused_off_loopback_and_modes_are_named() {
-        assert!(AuthConfig::from_env(&env(&[])).is_err(), "AUTH_MODE must be set");
-        let err =
-            AuthConfig::from_env(&env(&[("AUTH_MODE", "none"), ("AWS_LAMBDA_RUNTIME_API", "10.0.0.1:9001")]))
-                .unwrap_err();
+    fn none_is_refused_on_real_lambda_even_with_the_local_signal_copied_into_it() {
+        let err = AuthConfig::from_env(&env(&ON_LAMBDA)).unwrap_err();
+        assert_eq!(err.variable, "AUTH_MODE");
         assert!(err.problem.contains("local stack only"), "{err}");
-        let local = [("AUTH_MODE", "none"), ("AWS_LAMBDA_RUNTIME_API", "http://127.0.0.1:9000/.rt/ingest")];
-        assert_eq!(AuthConfig::from_env(&env(&local)).unwrap().mode, Mode::None);
+        let mut copied = ON_LAMBDA.to_vec();
+        copied.push(("CHAT_LOCAL_STACK", "1"));
+        let err = AuthConfig::from_env(&env(&copied)).unwrap_err();
+        assert!(err.problem.contains("AWS_LAMBDA_INITIALIZATION_TYPE"), "names what decided: {err}");
+        assert_eq!(AuthConfig::from_env(&env(&LOCAL)).unwrap().mode, Mode::None);
+        let unsignalled: Vec<_> = LOCAL.into_iter().filter(|(k, _)| *k != "CHAT_LOCAL_STACK").collect();
+        assert!(AuthConfig::from_env(&env(&unsignalled)).unwrap_err().problem.contains("CHAT_LOCAL_STACK"));
+        let mut bare = LOCAL.to_vec();
+        bare[2].1 = "127.0.0.1:9001";
+        assert!(AuthConfig::from_env(&env(&bare)).is_err(), "Lambda's runtime API is not the emulator's");
+    }
+
+    #[test]
+    fn modes_are_named_and_jwt_needs_its_settings() {
+        assert!(AuthConfig::from_env(&env(&[])).is_err(), "AUTH_MODE must be set");
         assert!(AuthConfig::from_env(&env(&[("AUTH_MODE", "basic")])).is_err());
         let err =
             AuthConfig::from_env(&env(&[("AUTH_MODE", "jwt"), ("JWT_ISSUER", "https://i")])).unwrap_err();
