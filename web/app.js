@@ -11,11 +11,13 @@ const el = (tag, cls) => {
   return node;
 };
 
-// The API's base URL: this page's own origin, or `?api=` (the ingest Function URL when the page
-// is served by the stream function), remembered for later visits.
-const params = new URLSearchParams(location.search);
-if (params.get("api")) localStorage.setItem("chat.api", params.get("api").replace(/\/+$/, ""));
-const API = localStorage.getItem("chat.api") || "";
+// Where the page's requests go, as the server that served it says, never the page's URL or
+// storage (which anyone who sends a link controls): the API is this page's own origin, and the
+// stream's origin is the one the server wrote into the page (and into its CSP, which allows no
+// other). An origin an earlier version of the page remembered is forgotten.
+const API = "";
+const STREAM = document.querySelector('meta[name="chat-stream"]')?.content || "";
+localStorage.removeItem("chat.api");
 const IN_FLIGHT = new Set(["user_writing", "user_committed", "ai_generating"]);
 
 const state = {
@@ -302,9 +304,9 @@ function closeStream() {
 
 /// Follows `turn` of `session` into `bubble` from the start (or after `lastId`): the stream replays
 /// what was written, then relays live, so a reload shows the whole reply, once.
-function follow(session, turn, streamUrl, bubble, lastId) {
+function follow(session, turn, bubble, lastId) {
   closeStream();
-  const url = new URL(streamUrl || API + "/sessions/" + encodeURIComponent(session) + "/stream?turn=" + turn, location.href);
+  const url = new URL(STREAM + "/sessions/" + encodeURIComponent(session) + "/stream?turn=" + turn, location.href);
   if (state.token) url.searchParams.set("access_token", state.token);
   if (lastId) url.searchParams.set("last_event_id", lastId);
   const source = new EventSource(url);
@@ -359,7 +361,7 @@ function follow(session, turn, streamUrl, bubble, lastId) {
       connection("Reconnecting…");
     } else if (state.stream === stream) {
       connection("Disconnected");
-      notice("The connection to the reply was lost.", () => follow(session, turn, null, bubble, stream.lastId));
+      notice("The connection to the reply was lost.", () => follow(session, turn, bubble, stream.lastId));
       generating(false);
     }
   });
@@ -450,7 +452,7 @@ async function openSession(id, older) {
   if (IN_FLIGHT.has(session.state) && !answered) {
     // A reply is on its way (or this page was reloaded mid-reply): follow it from the start.
     pending = assistantBubble(latest);
-    follow(session.id, latest, null, pending);
+    follow(session.id, latest, pending);
   } else if (!answered && (session.state === "error" || session.state === "timeout") && latest > 0) {
     const li = assistantBubble(latest);
     setReply(li, "", "failed", session.error || "The assistant could not answer this message.");
@@ -485,7 +487,7 @@ async function send(text, key) {
   userBubble(text, accepted.turn);
   const bubble = assistantBubble(accepted.turn);
   scrollDown();
-  follow(accepted.session_id, accepted.turn, accepted.stream_url, bubble);
+  follow(accepted.session_id, accepted.turn, bubble);
 }
 
 /// Sends the last message again as a new turn (after the assistant failed to answer it).

@@ -1,8 +1,9 @@
 //! The ingest function: accepts a user's message for a session (claim the turn, store the
-//! message, enqueue generation) and serves reads, cancel and delete. Every route of the ingest
-//! contract in ARCHITECTURE.md lives in [`App::handle`].
+//! message, enqueue generation) and serves reads, cancel and delete, and the chat page
+//! ([`web`]). Every route of the ingest contract in ARCHITECTURE.md lives in [`App::handle`].
 
 mod api;
+pub mod web;
 
 pub use api::ApiError;
 
@@ -71,6 +72,8 @@ pub struct App {
     queue: Queue,
     /// Base of the `stream_url` in answers (`STREAM_URL_BASE`); a relative URL when unset.
     stream_url_base: String,
+    /// The chat page, which talks to this origin and the stream's.
+    page: web::Page,
     limits: UserLimits,
     /// A message must fit the generator's prompt budget alone (`MEMORY_MAX_TOKENS` less the
     /// system prompt `LLM_SYSTEM_PROMPT` and framing).
@@ -92,9 +95,8 @@ impl App {
         let aws = chat_runtime::aws::load_config().await;
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
         let queue = Queue::new(chat_runtime::queue::sqs(&aws), queue_url);
-        let mut app = App::new(store, auth, queue, common.limits, budget)?;
-        app.stream_url_base = stream_url_base.trim_end_matches('/').to_owned();
-        Ok(app)
+        let app = App::new(store, auth, queue, common.limits, budget)?;
+        Ok(app.with_stream_url_base(&stream_url_base))
     }
 
     /// An app over explicit parts; `stream_url` answers are relative.
@@ -110,7 +112,23 @@ impl App {
             variable: "MEMORY_MAX_TOKENS".to_owned(),
             problem: format!("is {tokens}: the system prompt alone does not fit it"),
         })?;
-        Ok(App { store, auth, queue, stream_url_base: String::new(), limits, budget })
+        Ok(App {
+            store,
+            auth,
+            queue,
+            stream_url_base: String::new(),
+            page: web::Page::new(""),
+            limits,
+            budget,
+        })
+    }
+
+    /// The same app answering with absolute `stream_url`s under `base` (`STREAM_URL_BASE`), and
+    /// serving the chat page that streams from its origin.
+    pub fn with_stream_url_base(mut self, base: &str) -> App {
+        self.stream_url_base = base.trim_end_matches('/').to_owned();
+        self.page = web::Page::new(&self.stream_url_base);
+        self
     }
 
     /// Serves one request; every outcome, errors included, is a JSON response.
@@ -138,6 +156,12 @@ impl App {
     }
 
     async fn route(&self, request: &Request, request_id: &str) -> Result<Response<Body>, ApiError> {
+        // The chat page is public: signing in happens on it.
+        if matches!(*request.method(), Method::GET | Method::HEAD) {
+            if let Some(page) = self.page.response(request.uri().path()) {
+                return Ok(page);
+            }
+        }
         let path = request.uri().path().trim_end_matches('/').to_owned();
         // Segments arrive percent-encoded (`alice%40example.com`); ids are matched decoded.
         let decoded = path

@@ -6,7 +6,6 @@
 //! a `retry:` hint, and stops reading as soon as the client is gone.
 
 pub mod sse;
-pub mod web;
 
 use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
@@ -183,9 +182,6 @@ impl Relay {
 
     /// Answers `GET /sessions/{id}/stream`: an SSE stream, or a JSON error.
     pub async fn handle(&self, request: Request) -> Response<SseBody> {
-        if let Some(page) = page(&request) {
-            return page;
-        }
         match self.start(&request).await {
             Ok((position, session)) => {
                 let (tx, rx) = mpsc::channel::<String>(64);
@@ -420,26 +416,6 @@ impl Relay {
         info!(tokens = next_index, "turn over; stream closed");
         Ok(())
     }
-}
-
-/// The chat page's files for `GET` (or `HEAD`) of their paths.
-fn page(request: &Request) -> Option<Response<SseBody>> {
-    use lambda_http::http::Method;
-    if !matches!(*request.method(), Method::GET | Method::HEAD) {
-        return None;
-    }
-    let (content_type, text) = web::asset(request.uri().path())?;
-    let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from_static(text.as_bytes()))) });
-    let response = Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header(header::CONTENT_SECURITY_POLICY, web::CONTENT_SECURITY_POLICY)
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-        .header(header::REFERRER_POLICY, "no-referrer")
-        .body(StreamBody::new(frames.boxed()))
-        .expect("valid response");
-    Some(response)
 }
 
 /// Sends the chunk's tokens from `next_index` on, as `token` events with ids `{turn}:{index}`;

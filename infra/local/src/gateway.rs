@@ -124,7 +124,7 @@ pub fn start(
 pub fn function_for(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match segments.as_slice() {
-        ["sessions", _, "stream"] | [] | ["index.html" | "app.js" | "app.css"] => "stream",
+        ["sessions", _, "stream"] => "stream",
         _ => "ingest",
     }
 }
@@ -330,9 +330,9 @@ mod tests {
         assert_eq!(function_for("/sessions/abc"), "ingest");
         assert_eq!(function_for("/sessions/alice/messages"), "ingest");
         assert_eq!(function_for("/health"), "ingest");
-        // The chat page's files.
+        // The chat page's files: ingest serves them, so the page's API is its own origin.
         for page in ["/", "/index.html", "/app.js", "/app.css"] {
-            assert_eq!(function_for(page), "stream", "{page}");
+            assert_eq!(function_for(page), "ingest", "{page}");
         }
         assert_eq!(function_for("/other.js"), "ingest");
     }

@@ -318,24 +318,34 @@ fn each_function_reserves_its_own_concurrency_and_the_queue_stays_within_the_gen
     assert!(scaling.contains("GeneratorReservedConcurrency"), "{scaling}");
 }
 
-/// CORS comes from a configured origin list, empty by default, and is never `*`.
+/// CORS comes from a configured origin list, empty by default. The one `*` is the stream's in
+/// jwt mode: a stream needs its bearer token and no ambient credential rides along, and pinning
+/// it to ingest's origin would be a dependency cycle (ingest names the stream's URL).
 #[test]
-fn cors_allows_only_configured_origins() {
+fn cors_allows_only_configured_origins_and_a_stream_only_with_its_token() {
     let template = template();
     let origins = &template["Parameters"]["AllowedOrigins"];
     assert_eq!(origins["Default"].as_str(), Some(""));
-    for logical in ["IngestFunction", "StreamFunction"] {
-        let cors = format!("{:?}", resource(&template, logical)["Properties"]["FunctionUrlConfig"]["Cors"]);
-        assert!(cors.contains("HasOrigins") && cors.contains("AllowedOrigins"), "{logical}: {cors}");
-        assert!(!cors.contains("\"*\""), "{logical}: {cors}");
-    }
-    // The chat page is served by the stream URL: ingest always allows that origin.
-    let ingest =
-        format!("{:?}", resource(&template, "IngestFunction")["Properties"]["FunctionUrlConfig"]["Cors"]);
-    assert!(ingest.contains("StreamFunctionUrl.FunctionUrl"), "{ingest}");
-    let page = format!("{:?}", template["Outputs"]["ChatPageUrl"]["Value"]);
-    assert!(
-        page.contains("StreamFunctionUrl") && page.contains("?api=") && page.contains("IngestFunctionUrl"),
-        "{page}"
-    );
+    let cors =
+        |logical: &str| resource(&template, logical)["Properties"]["FunctionUrlConfig"]["Cors"].clone();
+    let ingest = format!("{:?}", cors("IngestFunction"));
+    assert!(ingest.contains("HasOrigins") && ingest.contains("AllowedOrigins"), "{ingest}");
+    assert!(!ingest.contains("\"*\"") && !ingest.contains("StreamFunctionUrl"), "{ingest}");
+    let Value::Tagged(stream) = cors("StreamFunction") else { panic!("the stream's CORS is an !If") };
+    let branches = stream.value.as_sequence().unwrap();
+    assert_eq!((stream.tag.to_string().as_str(), branches[0].as_str()), ("!If", Some("IsJwt")));
+    assert_eq!(strings(&branches[1]["AllowOrigins"]), ["*"], "jwt: any page, with its token");
+    assert_eq!(branches[1]["AllowCredentials"], false, "never with credentials");
+    let iam = format!("{:?}", branches[2]);
+    assert!(iam.contains("HasOrigins") && iam.contains("AllowedOrigins") && !iam.contains("\"*\""), "{iam}");
+}
+
+/// The chat page is served by ingest, so its API is the origin that served it; its address
+/// names nothing else (no `?api=`, which once let a link send the token anywhere).
+#[test]
+fn the_chat_page_is_ingests_own_url_with_nothing_added() {
+    let template = template();
+    let page = &template["Outputs"]["ChatPageUrl"]["Value"];
+    assert_eq!(page, &serde_norway::from_str::<Value>("!GetAtt IngestFunctionUrl.FunctionUrl").unwrap());
+    assert!(!format!("{page:?}").contains("?api="), "{page:?}");
 }
