@@ -20,10 +20,12 @@ pub fn json(status: StatusCode, body: Value) -> Response<Body> {
 pub enum ApiError {
     /// 400: the request is malformed; `message` says what to fix.
     BadRequest { code: &'static str, message: String },
-    /// 401: no valid token; `message` says what to send.
-    Unauthorized { code: &'static str, message: String },
-    /// 403: the path names another user than the caller.
-    Forbidden { message: String },
+    /// 401: no valid credential; `message` says what to send, `challenge` how
+    /// (`WWW-Authenticate`).
+    Unauthorized { code: &'static str, message: String, challenge: &'static str },
+    /// 403: the path names another user than the caller's (`forbidden`), or the caller may not
+    /// use the API at all (`caller_not_allowed`).
+    Forbidden { code: &'static str, message: String },
     /// 404: no such session or route.
     NotFound { code: &'static str, message: String },
     /// 405: the path exists with other methods.
@@ -60,6 +62,7 @@ impl ApiError {
     /// The path names a user the caller may not act as.
     pub fn forbidden(user: &chat_core::UserId) -> ApiError {
         ApiError::Forbidden {
+            code: "forbidden",
             message: format!("you are not signed in as {:?}; use your own user id", user.as_str()),
         }
     }
@@ -78,14 +81,14 @@ impl ApiError {
         let (status, code, message, extra) = match self {
             ApiError::BadRequest { code, message } => (StatusCode::BAD_REQUEST, code, message, None),
             ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, code, message, None),
-            ApiError::Unauthorized { code, message } => {
+            ApiError::Unauthorized { code, message, challenge } => {
                 let mut response = json(StatusCode::UNAUTHORIZED, http_error::body(code, &message, None));
                 response
                     .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
                 return response;
             }
-            ApiError::Forbidden { message } => (StatusCode::FORBIDDEN, "forbidden", message, None),
+            ApiError::Forbidden { code, message } => (StatusCode::FORBIDDEN, code, message, None),
             ApiError::MethodNotAllowed { allow } => {
                 let message = format!("use {allow} on this path");
                 let body = http_error::body("method_not_allowed", &message, None);
@@ -212,14 +215,15 @@ impl SendBody {
 
 impl From<chat_auth::AuthError> for ApiError {
     fn from(err: chat_auth::AuthError) -> ApiError {
-        use chat_auth::AuthError;
-        match err {
-            AuthError::Missing | AuthError::Invalid(_) => {
-                let (_, code) = err.status_and_code();
-                ApiError::Unauthorized { code, message: err.to_string() }
+        let (status, code) = err.status_and_code();
+        let message = err.to_string();
+        match (status, err.challenge()) {
+            (401, challenge) => {
+                ApiError::Unauthorized { code, message, challenge: challenge.unwrap_or("Bearer") }
             }
-            AuthError::BadUserHeader(_) => ApiError::bad_request("invalid_user_id", err.to_string()),
-            AuthError::KeysUnavailable => ApiError::unavailable("auth_unavailable", err.to_string()),
+            (403, _) => ApiError::Forbidden { code, message },
+            (503, _) => ApiError::unavailable(code, message),
+            _ => ApiError::bad_request(code, message),
         }
     }
 }

@@ -182,7 +182,8 @@ impl App {
                 _ => Err(ApiError::method_not_allowed("GET")),
             };
         }
-        let caller = self.auth.caller(request.headers(), None).await?;
+        let iam = chat_auth::iam_identity(request);
+        let caller = self.auth.authenticate(request.headers(), None, iam.as_ref()).await?.caller;
         let caller = &caller;
         match (segments.as_slice(), &method) {
             (["sessions", user, "messages"], &Method::POST) => {

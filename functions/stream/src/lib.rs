@@ -123,8 +123,10 @@ impl StreamError {
             .body(StreamBody::new(frames.boxed()))
             .expect("valid response");
         let headers = response.headers_mut();
-        if status == StatusCode::UNAUTHORIZED {
-            headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        if let StreamError::Auth(err) = &self {
+            if let Some(challenge) = err.challenge() {
+                headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
+            }
         }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             headers.insert(header::ALLOW, header::HeaderValue::from_static("GET"));
@@ -215,11 +217,13 @@ impl Relay {
         }
         let query = request.query_string_parameters_ref();
         // EventSource cannot set headers: the token may come as `?access_token=`.
-        let caller = self
+        let iam = chat_auth::iam_identity(request);
+        let identified = self
             .auth
-            .caller(request.headers(), query.and_then(|q| q.first("access_token")))
+            .authenticate(request.headers(), query.and_then(|q| q.first("access_token")), iam.as_ref())
             .await
             .map_err(StreamError::Auth)?;
+        let caller = identified.caller;
         let not_found = || StreamError::SessionNotFound(raw_id.to_owned());
         let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
         let last_event_id = request

@@ -279,6 +279,8 @@ fn auth_mode_sets_the_function_urls_and_the_functions_together() {
     let template = template();
     let allowed = strings(&template["Parameters"]["AuthMode"]["AllowedValues"]);
     assert_eq!(allowed, ["jwt", "iam"], "none is for the local stack only");
+    assert_eq!(template["Parameters"]["IamAllowedCallers"]["Type"], "CommaDelimitedList");
+    assert_eq!(template["Parameters"]["IamAllowedCallers"]["Default"], "");
     for logical in ["IngestFunction", "StreamFunction"] {
         let properties = &resource(&template, logical)["Properties"];
         let url_auth = format!("{:?}", properties["FunctionUrlConfig"]["AuthType"]);
@@ -291,6 +293,9 @@ fn auth_mode_sets_the_function_urls_and_the_functions_together() {
         for var in ["JWT_ISSUER", "JWT_AUDIENCE"] {
             assert!(format!("{:?}", variables[var]).contains("IsJwt"), "{logical} sets {var} only for jwt");
         }
+        // iam: the principals that may call, from the parameter.
+        let allowed = format!("{:?}", variables["IAM_ALLOWED_CALLERS"]);
+        assert!(allowed.contains("IsJwt") && allowed.contains("IamAllowedCallers"), "{logical}: {allowed}");
     }
 }
 

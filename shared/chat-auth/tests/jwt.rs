@@ -36,6 +36,7 @@ fn authenticator(issuer: &str, jwks_url: String, min_refresh: Duration) -> Authe
             min_refresh,
             max_age: Duration::from_secs(3600),
         }),
+        iam_allowed_callers: Vec::new(),
     })
     .unwrap()
 }
