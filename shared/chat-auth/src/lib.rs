@@ -47,7 +47,8 @@ pub enum Mode {
 /// Token checks (`JWT_ISSUER`, `JWT_AUDIENCE`, `JWT_JWKS_URL`).
 #[derive(Debug, Clone)]
 pub struct JwtSettings {
-    /// The exact `iss` tokens must carry.
+    /// The `iss` tokens must carry, exactly (`verify` also takes it with its trailing `/`
+    /// added or removed: the same issuer, as Auth0's `https://TENANT.auth0.com/` shows).
     pub issuer: String,
     /// Accepted `aud` (ID tokens) or `client_id` (Cognito access tokens) values.
     pub audiences: Vec<String>,
@@ -96,7 +97,8 @@ impl AuthConfig {
         }
         let jwt = match mode {
             Mode::Jwt => {
-                let issuer = env.required("JWT_ISSUER")?.trim_end_matches('/').to_owned();
+                // Verbatim: Auth0's `iss` ends in `/`, Cognito's does not.
+                let issuer = env.required("JWT_ISSUER")?;
                 let audiences: Vec<String> = env
                     .required("JWT_AUDIENCE")?
                     .split(',')
@@ -106,8 +108,9 @@ impl AuthConfig {
                 if audiences.is_empty() {
                     return Err(invalid("JWT_AUDIENCE", "names no audience".to_owned()));
                 }
-                let jwks_url =
-                    env.optional("JWT_JWKS_URL").unwrap_or_else(|| format!("{issuer}/.well-known/jwks.json"));
+                let jwks_url = env
+                    .optional("JWT_JWKS_URL")
+                    .unwrap_or_else(|| format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')));
                 Some(JwtSettings {
                     issuer,
                     audiences,
@@ -261,6 +264,8 @@ struct Claims {
     #[serde(default)]
     aud: Option<OneOrMany>,
     client_id: Option<String>,
+    /// Cognito's kind of token: `id` or `access` (never a `refresh` token).
+    token_use: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -393,7 +398,7 @@ impl Authenticator {
             )));
         }
         let mut validation = Validation::new(key.algorithm);
-        validation.set_issuer(&[settings.issuer.as_str()]);
+        validation.set_issuer(&issuers(&settings.issuer));
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         validation.validate_nbf = true;
         validation.validate_aud = false; // checked below: `aud`, or Cognito's `client_id`
@@ -413,11 +418,24 @@ impl Authenticator {
         if !accepted {
             return Err(AuthError::Invalid("the token is for another audience".into()));
         }
+        if let Some(kind) = claims.token_use.as_deref().filter(|k| !matches!(*k, "id" | "access")) {
+            return Err(AuthError::Invalid(format!("it is a {kind:?} token, not an ID or access token")));
+        }
         let sub = claims.sub.ok_or_else(|| AuthError::Invalid("the token has no subject (sub)".into()))?;
         let user = UserId::parse(&sub)
             .map_err(|e| AuthError::Invalid(format!("its subject is not a user id ({e})")))?;
         Ok((user, claims.exp.map(|exp| exp.saturating_add(settings.leeway.as_secs()))))
     }
+}
+
+/// The issuer as configured, and with its trailing `/` toggled: the same authority, written
+/// the way some issuers (Auth0) put it in `iss` and operators may not.
+fn issuers(issuer: &str) -> [String; 2] {
+    let toggled = match issuer.strip_suffix('/') {
+        Some(bare) => bare.to_owned(),
+        None => format!("{issuer}/"),
+    };
+    [issuer.to_owned(), toggled]
 }
 
 fn describe(err: &jsonwebtoken::errors::Error) -> String {
@@ -491,8 +509,11 @@ mod tests {
         ]))
         .unwrap();
         let settings = jwt.jwt.unwrap();
+        assert_eq!(settings.issuer, "https://issuer.example/pool/", "kept verbatim");
         assert_eq!(settings.jwks_url, "https://issuer.example/pool/.well-known/jwks.json");
         assert_eq!(settings.audiences, ["app", "web"]);
+        assert_eq!(issuers("https://t.auth0.com/"), ["https://t.auth0.com/", "https://t.auth0.com"]);
+        assert_eq!(issuers("https://cognito/p"), ["https://cognito/p", "https://cognito/p/"]);
     }
 
     fn iam(allowed: &[&str]) -> Authenticator {
