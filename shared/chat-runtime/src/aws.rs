@@ -15,21 +15,42 @@ pub fn dynamodb(config: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
 
 /// Sets up structured logs: JSON on Lambda (one object per line, with span fields such as the
 /// request id, session and turn), human-readable elsewhere; `LOG_FORMAT` (`json` or `text`)
-/// overrides either. `RUST_LOG` sets the level.
+/// overrides either. `RUST_LOG` sets the level, except for what [`NEVER_LOGGED`] names.
 pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let json = match std::env::var("LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
         _ => std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    if json {
-        builder.json().with_current_span(true).without_time().init();
-    } else {
-        builder.init();
-    }
+    subscriber(&filter, json, std::io::stdout).init();
+}
+
+/// Log events that no `RUST_LOG` turns on (their targets, at TRACE): lambda_runtime logs every
+/// raw invocation event there, which carries `Authorization`, `?access_token=` and the caller's
+/// IAM context; the AWS SDK logs every request it sends with its body (messages, prompts).
+pub const NEVER_LOGGED: [&str; 2] =
+    ["lambda_runtime::layers::api_response", "aws_smithy_runtime::client::orchestrator"];
+
+/// The subscriber [`init_tracing`] installs, writing to `writer`: `filter` as `RUST_LOG` reads,
+/// and [`NEVER_LOGGED`] refused whatever `filter` says (span-scoped directives included).
+pub fn subscriber<W>(filter: &str, json: bool, writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{fmt, EnvFilter, Layer};
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let never = tracing_subscriber::filter::filter_fn(|metadata| {
+        let secret = *metadata.level() == tracing::Level::TRACE
+            && NEVER_LOGGED.iter().any(|target| metadata.target().starts_with(target));
+        !secret
+    });
+    let output = fmt::layer().with_target(false).with_writer(writer);
+    let output =
+        if json { output.json().with_current_span(true).without_time().boxed() } else { output.boxed() };
+    tracing_subscriber::registry().with(filter).with(never).with(output)
 }
 
 /// A function's start-up: a configuration error is logged in words (the runtime would print only
@@ -147,6 +168,70 @@ pub fn apply_local_concurrency() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log sink the test can read.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'w self) -> Captured {
+            self.clone()
+        }
+    }
+
+    fn logged(filter: &str, json: bool, emit: impl FnOnce()) -> String {
+        let sink = Captured::default();
+        tracing::subscriber::with_default(subscriber(filter, json, sink.clone()), emit);
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn no_log_level_prints_the_raw_event_or_its_credentials() {
+        let filters = [
+            "trace",
+            "lambda_runtime=trace",
+            "lambda_runtime::layers::api_response=trace",
+            "[{requestId}]=trace",
+        ];
+        for filter in filters {
+            assert!(tracing_subscriber::EnvFilter::try_new(filter).is_ok(), "{filter} is a directive");
+            for json in [false, true] {
+                let text = logged(filter, json, || {
+                    let span = tracing::info_span!("Lambda runtime invoke", requestId = "r1");
+                    let _inside = span.enter();
+                    tracing::trace!(
+                        target: "lambda_runtime::layers::api_response",
+                        body = r#"{"headers":{"authorization":"Bearer SECRET-TOKEN"}}"#,
+                        "raw JSON event received from Lambda"
+                    );
+                    tracing::trace!(target: "aws_smithy_runtime::client::orchestrator", body = "SECRET-ITEM", "transmitting request");
+                    tracing::trace!(target: "chat::other", "still traced");
+                });
+                assert!(!text.contains("SECRET"), "{filter} (json {json}): {text}");
+                if filter == "trace" {
+                    assert!(text.contains("still traced"), "other TRACE events are kept: {text}");
+                }
+            }
+        }
+        let text = logged(
+            "debug",
+            false,
+            || tracing::debug!(target: "lambda_runtime::layers::api_response", "kept"),
+        );
+        assert!(text.contains("kept"), "only TRACE is refused there: {text}");
+    }
 
     fn env(vars: &[(&str, &str)]) -> Env<impl Fn(&str) -> Option<String>> {
         let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
