@@ -318,10 +318,13 @@ impl Stack {
             max_wait: settings.max_wait,
         };
         let mut origins = vec![api.clone(), api.replace("127.0.0.1", "localhost")];
+        let hosts: Vec<String> =
+            origins.iter().map(|origin| origin.trim_start_matches("http://").to_owned()).collect();
         origins.extend(settings.cors_origins.iter().map(|o| o.trim_end_matches('/').to_owned()));
         let (front, gateway_task) = gateway::start(
             api_listener,
             functions.clone(),
+            hosts,
             limits,
             issuer.clone(),
             origins,
