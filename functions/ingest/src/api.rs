@@ -114,7 +114,13 @@ impl ApiError {
             ApiError::UnsupportedMediaType { found } => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                format!("the body is declared as {found:?}; send JSON with content-type: application/json"),
+                match found.as_str() {
+                    "" => "the body's type is not declared; send JSON with content-type: application/json"
+                        .to_owned(),
+                    found => format!(
+                        "the body is declared as {found:?}; send JSON with content-type: application/json"
+                    ),
+                },
                 None,
             ),
             ApiError::MessageTooLong { tokens, limit } => (
@@ -228,10 +234,12 @@ impl From<chat_auth::AuthError> for ApiError {
     }
 }
 
-/// A body must be declared as JSON when its type is declared at all: a `text/plain` or form POST
-/// is what another web page can send without a CORS preflight.
+/// A body must be declared as JSON: a `text/plain` or form POST, or a `fetch` of a Blob without a
+/// type (no `content-type` at all), is what another web page can send without a CORS preflight.
 pub fn require_json(headers: &lambda_http::http::HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::UnsupportedMediaType { found: String::new() });
+    };
     let declared = value.to_str().unwrap_or("").to_ascii_lowercase();
     let media = declared.split(';').next().unwrap_or("").trim();
     let json = media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"));

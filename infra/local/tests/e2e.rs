@@ -477,7 +477,7 @@ async fn a_request_for_another_host_name_is_a_421_before_anything_runs() {
 }
 
 #[tokio::test]
-async fn a_body_declared_as_anything_but_json_is_a_415() {
+async fn a_body_not_declared_as_json_is_a_415() {
     let url = format!("{}/sessions/{}/messages", api(), user());
     for declared in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
         let response = http()
@@ -491,6 +491,20 @@ async fn a_body_declared_as_anything_but_json_is_a_415() {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "unsupported_media_type");
     }
+    // No type at all (a fetch with a Blob body needs no preflight either): 415, nothing stored.
+    let user = user();
+    let response = http()
+        .post(format!("{}/sessions/{user}/messages", api()))
+        .body(r#"{"message": "hi"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 415, "no content-type");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unsupported_media_type");
+    assert!(body["error"]["message"].as_str().unwrap().contains("application/json"), "{body}");
+    let listed = request(reqwest::Method::GET, format!("{}/users/{user}/sessions", api()), None).await;
+    assert_eq!(listed.body["sessions"], json!([]), "nothing was stored");
     let response = http()
         .post(&url)
         .header("content-type", "application/json; charset=utf-8")
