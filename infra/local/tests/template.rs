@@ -354,3 +354,29 @@ fn the_chat_page_is_ingests_own_url_with_nothing_added() {
     assert_eq!(page, &serde_norway::from_str::<Value>("!GetAtt IngestFunctionUrl.FunctionUrl").unwrap());
     assert!(!format!("{page:?}").contains("?api="), "{page:?}");
 }
+
+/// The Cognito pool the stack creates admits only users an administrator creates, unless
+/// `SelfSignUp` says otherwise (its app client's id is public), and never tells a caller whether
+/// an account exists.
+#[test]
+fn the_user_pool_is_admin_only_by_default_and_hides_which_users_exist() {
+    let template = template();
+    let sign_up = &template["Parameters"]["SelfSignUp"];
+    assert_eq!(
+        (sign_up["Default"].as_str(), strings(&sign_up["AllowedValues"])),
+        (Some("false"), vec!["false".to_owned(), "true".to_owned()])
+    );
+    let condition = serde_norway::to_string(&template["Conditions"]["AllowSelfSignUp"]).unwrap();
+    assert!(condition.contains("SelfSignUp") && condition.contains("true"), "{condition}");
+    let only_admin =
+        &resource(&template, "UserPool")["Properties"]["AdminCreateUserConfig"]["AllowAdminCreateUserOnly"];
+    let Value::Tagged(choice) = only_admin else { panic!("follows AllowSelfSignUp: {only_admin:?}") };
+    let branches = choice.value.as_sequence().unwrap();
+    assert_eq!(choice.tag.to_string(), "!If");
+    assert_eq!(
+        (branches[0].as_str(), &branches[1], &branches[2]),
+        (Some("AllowSelfSignUp"), &Value::Bool(false), &Value::Bool(true))
+    );
+    let client = &resource(&template, "UserPoolClient")["Properties"];
+    assert_eq!(client["PreventUserExistenceErrors"], "ENABLED");
+}
