@@ -82,6 +82,9 @@ enum StreamError {
     /// 429: the user has their most streams open.
     #[error("you have {max} streams open, the most allowed; close one and reconnect")]
     TooManyStreams { max: u32, retry_after: Duration },
+    /// 429: the turn has its most streams open (one turn may not hold all of a user's).
+    #[error("this turn has {max} streams open, the most allowed; close one and reconnect")]
+    TooManyStreamsOfTurn { max: u32, retry_after: Duration },
     /// 503: DynamoDB failed (logged where it happened).
     #[error("the session store is unavailable; try again")]
     StoreUnavailable,
@@ -100,7 +103,9 @@ impl StreamError {
             StreamError::TurnNotFound(_) => (StatusCode::NOT_FOUND, "turn_not_found"),
             StreamError::InvalidLastEventId(_) => (StatusCode::BAD_REQUEST, "invalid_last_event_id"),
             StreamError::InvalidTurn(_) => (StatusCode::BAD_REQUEST, "invalid_turn"),
-            StreamError::TooManyStreams { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
+            StreamError::TooManyStreams { .. } | StreamError::TooManyStreamsOfTurn { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_streams")
+            }
             StreamError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         }
     }
@@ -109,7 +114,8 @@ impl StreamError {
     fn into_response(self) -> Response<SseBody> {
         let (status, code) = self.status_and_code();
         let retry_after = match &self {
-            StreamError::TooManyStreams { retry_after, .. } => {
+            StreamError::TooManyStreams { retry_after, .. }
+            | StreamError::TooManyStreamsOfTurn { retry_after, .. } => {
                 Some(http_error::retry_after_seconds(*retry_after))
             }
             _ => None,
@@ -144,6 +150,8 @@ pub struct Relay {
     store: Store,
     auth: Authenticator,
     settings: Arc<RelaySettings>,
+    /// Streams one turn may have open at once (`MAX_STREAMS_PER_TURN`; 0: no limit).
+    streams_per_turn: u32,
 }
 
 /// Where a relay starts.
@@ -163,23 +171,31 @@ impl Relay {
     pub async fn from_env() -> Result<Relay, ConfigError> {
         let env = Env::process();
         let table = env.required("TABLE_NAME")?;
+        let limits = chat_core::UserLimits::from_env(&env)?;
         let settings = RelaySettings {
             poll_fast: env.millis_or("STREAM_POLL_FAST_MS", Duration::from_millis(50))?,
             poll_slow: env.millis_or("STREAM_POLL_SLOW_MS", Duration::from_millis(500))?,
             keepalive: env.millis_or("STREAM_KEEPALIVE_MS", Duration::from_secs(15))?,
             max_duration: env.millis_or("STREAM_MAX_DURATION_MS", Duration::from_secs(600))?,
             retry: env.millis_or("STREAM_RETRY_MS", Duration::from_secs(1))?,
-            max_open_streams: chat_core::UserLimits::from_env(&env)?.open_streams,
+            max_open_streams: limits.open_streams,
         };
         let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
         let aws = chat_runtime::aws::load_config().await;
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), table, Default::default());
-        Ok(Relay::new(store, settings, auth))
+        Ok(Relay::new(store, settings, auth).with_streams_per_turn(limits.streams_per_turn))
     }
 
-    /// A relay over explicit parts.
+    /// A relay over explicit parts, with the default streams per turn.
     pub fn new(store: Store, settings: RelaySettings, auth: Authenticator) -> Relay {
-        Relay { store, auth, settings: Arc::new(settings) }
+        let streams_per_turn = chat_core::UserLimits::default().streams_per_turn;
+        Relay { store, auth, settings: Arc::new(settings), streams_per_turn }
+    }
+
+    /// The same relay letting one turn have at most `max` streams open (0: no limit).
+    pub fn with_streams_per_turn(mut self, max: u32) -> Relay {
+        self.streams_per_turn = max;
+        self
     }
 
     /// Answers `GET /sessions/{id}/stream`: an SSE stream, or a JSON error.
@@ -258,13 +274,24 @@ impl Relay {
         let after_index = resume.filter(|(t, _)| *t == u64::from(turn.get())).map(|(_, i)| i);
         // The slot outlives the longest stream, in case this one dies without giving it back.
         let stream_id = uuid::Uuid::new_v4().simple().to_string();
-        let max = self.settings.max_open_streams;
         let hold = self.settings.max_duration + Duration::from_secs(60);
-        match self.store.open_stream(&session.user_id, &stream_id, max, hold).await.map_err(unavailable)? {
+        // The turn's slot first, then the user's: a turn cannot take every stream of its user.
+        let per_turn = self.streams_per_turn;
+        match self.store.open_turn_stream(id, turn, &stream_id, per_turn, hold).await.map_err(unavailable)? {
             Admission::Admitted => {}
             Admission::Limited { retry_after } => {
-                return Err(StreamError::TooManyStreams { max, retry_after })
+                return Err(StreamError::TooManyStreamsOfTurn { max: per_turn, retry_after })
             }
+        }
+        let max = self.settings.max_open_streams;
+        let user_slot = self.store.open_stream(&session.user_id, &stream_id, max, hold).await;
+        if !matches!(user_slot, Ok(Admission::Admitted)) {
+            if let Err(err) = self.store.close_turn_stream(id, turn, &stream_id).await {
+                warn!(error = %err, "could not give back the turn's stream slot; it lapses on its own");
+            }
+        }
+        if let Admission::Limited { retry_after } = user_slot.map_err(unavailable)? {
+            return Err(StreamError::TooManyStreams { max, retry_after });
         }
         let owner = session.user_id.clone();
         Ok((Position { session: id, owner, stream_id, turn, after_index }, session))
@@ -272,10 +299,16 @@ impl Relay {
 
     async fn relay(&self, position: Position, first_read: Session, tx: mpsc::Sender<String>) {
         let followed = self.follow(&position, first_read, &tx).await;
-        // Give the slot back before the last frames go out, so a client that reconnects at once
-        // finds it free.
+        // Give the slots back before the last frames go out, so a client that reconnects at once
+        // finds them free.
         if let Err(err) = self.store.close_stream(&position.owner, &position.stream_id).await {
             warn!(error = %err, "could not give back the stream slot; it lapses on its own");
+        }
+        if self.streams_per_turn > 0 {
+            let (session, turn) = (position.session, position.turn);
+            if let Err(err) = self.store.close_turn_stream(session, turn, &position.stream_id).await {
+                warn!(error = %err, "could not give back the turn's stream slot; it lapses on its own");
+            }
         }
         match followed {
             Ok(()) => {}

@@ -1,5 +1,6 @@
 //! Per-user limits, end to end through the local stack: the turn rate, the session cap, open
-//! streams, the prompt budget at ingest and the reply size cap. Each over-limit answer is a 429
+//! streams (per user and per turn), the prompt budget at ingest and the reply size cap. Each
+//! over-limit answer is a 429
 //! (or 413) with a JSON error and, for 429, `Retry-After`; it changes nothing, and other users
 //! are not affected.
 
@@ -19,6 +20,7 @@ fn api() -> &'static str {
         ("TURNS_PER_MINUTE", TURNS_PER_MINUTE.to_string()),
         ("MAX_SESSIONS_PER_USER", MAX_SESSIONS.to_string()),
         ("MAX_OPEN_STREAMS", MAX_STREAMS.to_string()),
+        ("MAX_STREAMS_PER_TURN", "1".to_owned()),
         // 300 tokens of prompt, 293 of them for the message with no system prompt.
         ("MEMORY_MAX_TOKENS", "300".to_owned()),
         ("REPLY_MAX_BYTES", "3000".to_owned()),
@@ -109,21 +111,32 @@ async fn a_message_over_the_prompt_budget_is_413_before_anything_is_stored() {
 }
 
 #[tokio::test]
-async fn streams_beyond_the_limit_get_429_until_one_closes() {
+async fn streams_beyond_the_turns_or_the_users_limit_get_429_until_one_closes() {
     let user = user();
-    // A turn of 150 tokens at 20 ms: about 3 s of streaming.
-    let (status, _, body) = post(&user, json!({"message": "[[reply-tokens:150]] talk a while"})).await;
-    assert_eq!(status, 202, "{body}");
-    let id = body["session_id"].as_str().unwrap().to_owned();
-    let url = format!("{}/sessions/{id}/stream", api());
-    let mut open = Vec::new();
-    for _ in 0..MAX_STREAMS {
-        let (status, reader) = SseReader::open(&url, None).await;
-        assert_eq!(status, 200);
-        open.push(reader);
+    // Three turns of 150 tokens at 20 ms, in three sessions: about 3 s of streaming each.
+    let mut urls = Vec::new();
+    for i in 0..3 {
+        let (status, _, body) =
+            post(&user, json!({"message": format!("[[reply-tokens:150]] talk a while {i}")})).await;
+        assert_eq!(status, 202, "{body}");
+        urls.push(format!("{}/sessions/{}/stream", api(), body["session_id"].as_str().unwrap()));
     }
-    let (status, retry_after, body) = call(Method::GET, url.clone(), None).await;
+    let (status, first) = SseReader::open(&urls[0], None).await;
+    assert_eq!(status, 200);
+    // One stream per turn here (MAX_STREAMS_PER_TURN=1): a second on the same turn is refused,
+    // so one turn cannot hold all of its user's streams.
+    let (status, retry_after, body) = call(Method::GET, urls[0].clone(), None).await;
     assert_eq!((status, body["error"]["code"].as_str()), (429, Some("too_many_streams")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("this turn"), "{body}");
+    assert!(retry_after.is_some_and(|s| s >= 1));
+    let (status, second) = SseReader::open(&urls[1], None).await;
+    assert_eq!(status, 200, "another turn has its own slot");
+    let open = vec![first, second];
+    assert_eq!(open.len(), MAX_STREAMS);
+    // The user's limit: a third stream, on a third turn, is refused.
+    let (status, retry_after, body) = call(Method::GET, urls[2].clone(), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("too_many_streams")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("you have 2 streams open"), "{body}");
     assert!(retry_after.is_some_and(|s| s >= 1));
     // Another user's streams are their own.
     let (other_status, _, other) = post(&common::user(), json!({"message": "hi"})).await;
@@ -137,7 +150,7 @@ async fn streams_beyond_the_limit_get_429_until_one_closes() {
         let events = reader.rest().await;
         assert_eq!(events.last().map(|e| e.event.as_str()), Some("commit_done"));
     }
-    let (status, mut reader) = SseReader::open(&url, None).await;
+    let (status, mut reader) = SseReader::open(&urls[0], None).await;
     assert_eq!(status, 200, "a slot is free once a stream has ended");
     let events = reader.rest().await;
     assert_eq!(indexes_of(&events), (0..150).collect::<Vec<u64>>(), "a full replay");

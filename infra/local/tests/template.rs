@@ -380,3 +380,18 @@ fn the_user_pool_is_admin_only_by_default_and_hides_which_users_exist() {
     let client = &resource(&template, "UserPoolClient")["Properties"];
     assert_eq!(client["PreventUserExistenceErrors"], "ENABLED");
 }
+
+/// The spend and fairness limits are parameters that reach the functions that enforce them.
+#[test]
+fn the_spend_limits_reach_the_functions_that_enforce_them() {
+    let template = template();
+    for (parameter, variable, functions, default) in
+        [("MaxStreamsPerTurn", "MAX_STREAMS_PER_TURN", &["StreamFunction"][..], 2)]
+    {
+        assert_eq!(template["Parameters"][parameter]["Default"].as_u64(), Some(default), "{parameter}");
+        for function in functions {
+            let value = &resource(&template, function)["Properties"]["Environment"]["Variables"][variable];
+            assert_eq!(value, &resource_ref(parameter), "{function} {variable}");
+        }
+    }
+}

@@ -99,7 +99,8 @@ pub struct CommonConfig {
     pub lease: Duration,
     /// Generation attempts per turn before it ends in timeout (`MAX_ATTEMPTS`, default 3).
     pub max_generation_attempts: u32,
-    /// Per-user limits (`TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_SESSIONS_PER_USER`).
+    /// Per-user limits (`TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
+    /// `MAX_SESSIONS_PER_USER`).
     pub limits: crate::UserLimits,
 }
 

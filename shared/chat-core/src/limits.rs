@@ -1,12 +1,20 @@
 //! Per-user limits, kept in the table so every instance of every function sees the same count:
-//! a turn rate (a token bucket), open streams (leased slots) and, in the store's send path,
-//! sessions per user (a counter moved in the same transactions that create and delete sessions).
+//! a turn rate (a token bucket), open streams per user and per turn (leased slots) and, in the
+//! store's send path, sessions per user (a counter moved in the same transactions that create
+//! and delete sessions).
 //!
 //! Each check is a conditional write, so two instances racing for the last unit cannot both win.
+//!
+//! | item | `pk` | `sk` |
+//! |---|---|---|
+//! | a user's turn bucket | `U#{user}` | `LIMIT#turns` |
+//! | a user's open streams | `U#{user}` | `LIMIT#streams` |
+//! | a user's session count | `U#{user}` | `LIMIT#sessions` |
+//! | a turn's open streams | `S#{session}` | `STREAMS#{turn:08}` (deleted with its session) |
 
 use crate::config::{ConfigError, Env};
 use crate::error::StoreError;
-use crate::ids::UserId;
+use crate::ids::{SessionId, Turn, UserId};
 use crate::model::Item;
 use crate::store::{key, number, Store, Written};
 use crate::table::{self, TTL_ATTRIBUTE};
@@ -21,26 +29,32 @@ pub struct UserLimits {
     pub turns_per_minute: u32,
     /// Streams a user may hold open at once (`MAX_OPEN_STREAMS`).
     pub open_streams: u32,
+    /// Streams one turn may have open at once (`MAX_STREAMS_PER_TURN`), so one turn cannot hold
+    /// all of its user's.
+    pub streams_per_turn: u32,
     /// Sessions a user may have (`MAX_SESSIONS_PER_USER`); deleting one frees its place.
     pub sessions: u32,
 }
 
 impl Default for UserLimits {
     fn default() -> Self {
-        UserLimits { turns_per_minute: 30, open_streams: 10, sessions: 1000 }
+        UserLimits { turns_per_minute: 30, open_streams: 10, streams_per_turn: 2, sessions: 1000 }
     }
 }
 
 impl UserLimits {
     /// No limits at all.
-    pub const OFF: UserLimits = UserLimits { turns_per_minute: 0, open_streams: 0, sessions: 0 };
+    pub const OFF: UserLimits =
+        UserLimits { turns_per_minute: 0, open_streams: 0, streams_per_turn: 0, sessions: 0 };
 
-    /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS` and `MAX_SESSIONS_PER_USER`.
+    /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN` and
+    /// `MAX_SESSIONS_PER_USER`.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let defaults = UserLimits::default();
         Ok(UserLimits {
             turns_per_minute: env.parse_or("TURNS_PER_MINUTE", defaults.turns_per_minute)?,
             open_streams: env.parse_or("MAX_OPEN_STREAMS", defaults.open_streams)?,
+            streams_per_turn: env.parse_or("MAX_STREAMS_PER_TURN", defaults.streams_per_turn)?,
             sessions: env.parse_or("MAX_SESSIONS_PER_USER", defaults.sessions)?,
         })
     }
@@ -64,6 +78,26 @@ pub const TURN_RATE_SK: &str = "LIMIT#turns";
 pub const STREAM_SLOTS_SK: &str = "LIMIT#streams";
 /// Sort key of a user's session counter.
 pub const SESSION_COUNT_SK: &str = "LIMIT#sessions";
+/// Sort key of one turn's open-stream slots (partition `S#{session}`, so they go with it).
+pub fn turn_stream_slots_sk(turn: Turn) -> String {
+    format!("STREAMS#{:08}", turn.get())
+}
+
+/// Whose streams a slot counts against.
+#[derive(Debug, Clone, Copy)]
+enum SlotsOf<'a> {
+    User(&'a UserId),
+    Turn(SessionId, Turn),
+}
+
+impl SlotsOf<'_> {
+    fn key(&self) -> Item {
+        match self {
+            SlotsOf::User(user) => key(table::user_pk(user), STREAM_SLOTS_SK),
+            SlotsOf::Turn(session, turn) => key(table::session_pk(*session), turn_stream_slots_sk(*turn)),
+        }
+    }
+}
 
 /// The theoretical arrival time of the bucket (epoch ms): it is full when this is in the past.
 const TAT: &str = "tat";
@@ -186,10 +220,6 @@ impl Store {
 
     /// Takes one of the user's `max` stream slots (0: no limit) for the stream `stream_id`, held
     /// for at most `hold` in case the stream dies without [`Store::close_stream`].
-    ///
-    /// Usually one write, conditioned on the count of slots: no read, and racing openers do not
-    /// make each other retry. Only when the slots look full are lapsed ones pruned, by
-    /// compare-and-set on the item's version.
     pub async fn open_stream(
         &self,
         user: &UserId,
@@ -197,10 +227,55 @@ impl Store {
         max: u32,
         hold: Duration,
     ) -> Result<Admission, StoreError> {
+        self.open_slot(SlotsOf::User(user), stream_id, max, hold).await
+    }
+
+    /// Takes one of a turn's `max` stream slots (0: no limit) for the stream `stream_id`, held
+    /// for at most `hold` in case the stream dies without [`Store::close_turn_stream`].
+    pub async fn open_turn_stream(
+        &self,
+        session: SessionId,
+        turn: Turn,
+        stream_id: &str,
+        max: u32,
+        hold: Duration,
+    ) -> Result<Admission, StoreError> {
+        self.open_slot(SlotsOf::Turn(session, turn), stream_id, max, hold).await
+    }
+
+    /// Gives back the user's slot of `stream_id`; a slot already gone (lapsed, or limits off) is
+    /// fine.
+    pub async fn close_stream(&self, user: &UserId, stream_id: &str) -> Result<(), StoreError> {
+        self.close_slot(SlotsOf::User(user), stream_id).await
+    }
+
+    /// Gives back the turn's slot of `stream_id`; a slot already gone is fine, and a deleted
+    /// session's slots are not written back.
+    pub async fn close_turn_stream(
+        &self,
+        session: SessionId,
+        turn: Turn,
+        stream_id: &str,
+    ) -> Result<(), StoreError> {
+        self.close_slot(SlotsOf::Turn(session, turn), stream_id).await
+    }
+
+    /// Takes one of `max` slots (0: no limit) for `stream_id`, held for at most `hold`.
+    ///
+    /// Usually one write, conditioned on the count of slots: no read, and racing openers do not
+    /// make each other retry. Only when the slots look full are lapsed ones pruned, by
+    /// compare-and-set on the item's version.
+    async fn open_slot(
+        &self,
+        slots_of: SlotsOf<'_>,
+        stream_id: &str,
+        max: u32,
+        hold: Duration,
+    ) -> Result<Admission, StoreError> {
         if max == 0 {
             return Ok(Admission::Admitted);
         }
-        let slots_key = || key(table::user_pk(user), STREAM_SLOTS_SK);
+        let slots_key = || slots_of.key();
         for _ in 0..self.options().max_write_attempts {
             let now = self.now_ms();
             let expires = now + hold.as_millis() as u64;
@@ -265,13 +340,12 @@ impl Store {
         Err(StoreError::Contention { attempts: self.options().max_write_attempts })
     }
 
-    /// Gives back the slot of `stream_id`; a slot already gone (lapsed, or limits off) is fine.
-    pub async fn close_stream(&self, user: &UserId, stream_id: &str) -> Result<(), StoreError> {
+    async fn close_slot(&self, slots_of: SlotsOf<'_>, stream_id: &str) -> Result<(), StoreError> {
         let request = self
             .client()
             .update_item()
             .table_name(self.table())
-            .set_key(Some(key(table::user_pk(user), STREAM_SLOTS_SK)))
+            .set_key(Some(slots_of.key()))
             // The version moves too, so an opener that read the slot still taken retries.
             .update_expression("REMOVE #holders.#id ADD #v :one")
             .condition_expression("attribute_exists(#holders.#id)")
@@ -322,7 +396,8 @@ mod tests {
             _ => None,
         });
         let limits = UserLimits::from_env(&env).unwrap();
-        assert_eq!(limits, UserLimits { turns_per_minute: 5, open_streams: 0, sessions: 1000 });
+        assert_eq!(limits, UserLimits { turns_per_minute: 5, open_streams: 0, ..UserLimits::default() });
+        assert_eq!(limits.streams_per_turn, 2, "default");
         let bad = Env::from_fn(|name| (name == "MAX_SESSIONS_PER_USER").then(|| "many".to_owned()));
         assert_eq!(UserLimits::from_env(&bad).unwrap_err().variable, "MAX_SESSIONS_PER_USER");
     }

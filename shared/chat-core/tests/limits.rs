@@ -218,3 +218,33 @@ async fn a_burst_within_the_limits_is_all_admitted() {
         assert!(streams.iter().all(|s| matches!(s, Ok(Admission::Admitted))), "round {round}: {streams:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_streams_of_one_turn_get_exactly_its_slots() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let hold = Duration::from_secs(660);
+    let (session, turn) = (SessionId::new(), Turn::FIRST);
+    let answers =
+        race(5, |i| {
+            let store = store.clone();
+            async move {
+                (i, store.open_turn_stream(session, turn, &format!("s{i}"), 2, hold).await.expect("open"))
+            }
+        })
+        .await;
+    let winners: Vec<usize> =
+        answers.iter().filter(|(_, a)| *a == Admission::Admitted).map(|(i, _)| *i).collect();
+    assert_eq!(winners.len(), 2, "{answers:?}");
+    // Another turn, and the same turn once a stream closes, have room again.
+    assert_eq!(
+        store.open_turn_stream(session, turn.next(), "other", 2, hold).await.unwrap(),
+        Admission::Admitted
+    );
+    store.close_turn_stream(session, turn, &format!("s{}", winners[0])).await.unwrap();
+    assert_eq!(store.open_turn_stream(session, turn, "late", 2, hold).await.unwrap(), Admission::Admitted);
+    assert!(matches!(
+        store.open_turn_stream(session, turn, "over", 2, hold).await.unwrap(),
+        Admission::Limited { .. }
+    ));
+}
