@@ -14,8 +14,8 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::model::EVENT_MARK;
 use chat_core::queue::{Job, TurnMessage};
 use chat_core::{
-    AppendOutcome, ClaimOutcome, Conflict, Event, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State,
-    StopReason, Store, StoreError, Turn,
+    AppendOutcome, ClaimOutcome, Conflict, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State, StopReason,
+    Store, StoreError, Turn,
 };
 use futures::StreamExt;
 use memory::{MemoryLimits, TokenCounter};
@@ -261,12 +261,21 @@ impl Generator {
                 if current.version != lease.version {
                     return Ok(());
                 }
-                self.store.end_turn(&current, Event::GenerationFailed, reason, &lease.owner).await?
+                self.store.fail_generation(&lease, &current, reason).await?
             }
         };
         match outcome {
             Outcome::Applied(_) => {
-                info!(tokens = writer.next_index, chunks = writer.next_seq, "turn finished")
+                let usage = lease.usage;
+                info!(
+                    tokens = writer.next_index,
+                    chunks = writer.next_seq,
+                    input = usage.input,
+                    output = usage.output,
+                    cache_read = usage.cache_read,
+                    cache_write = usage.cache_write,
+                    "turn finished"
+                )
             }
             Outcome::Conflict(Conflict { current: None }) => return self.clear_if_deleted(&lease).await,
             Outcome::Conflict(conflict) => warn!(?conflict, "the turn moved on before it could be finished"),
@@ -306,22 +315,33 @@ impl Generator {
             self.settings.memory,
             self.counter,
         );
-        let mut tokens = self.routes.summarizer().stream(prompt);
+        let mut tokens = self.routes.summarizer().stream(prompt.clone());
         let mut text = String::new();
+        let mut spent = Spent::default();
         while let Some(token) = tokens.next().await {
             match token {
                 Ok(Output::Token(token)) if text.len() + token.len() > memory::SUMMARY_MAX_BYTES => break,
                 Ok(Output::Token(token)) => text.push_str(&token),
                 Ok(Output::ToolCall(_)) => {}
+                Ok(Output::Usage(usage)) => spent.reported(usage),
                 Err(err) => {
                     warn!(error = %err, "the model failed to summarise; the sweeper will ask again");
                     return Ok(());
                 }
             }
         }
+        spent.streamed.push_str(&text);
+        let usage = spent.usage(&prompt, self.counter);
         let text = text.trim();
         match self.store.save_summary(&session, text, session.turn).await? {
-            Outcome::Applied(()) => info!(bytes = text.len(), through = %session.turn, "summary stored"),
+            Outcome::Applied(()) => {
+                info!(bytes = text.len(), through = %session.turn, "summary stored");
+                // Summaries are spent on the user's behalf; counted once per summary.
+                let marker = format!("summary#{}#{}", session.id, session.turn);
+                if let Err(err) = self.store.charge_once(&session.user_id, &marker, usage.total()).await {
+                    warn!(error = %err, "could not count the summary's tokens against the user's day");
+                }
+            }
             Outcome::Conflict(_) => info!("a newer summary is already stored"),
         }
         Ok(())
@@ -437,7 +457,9 @@ impl Generator {
     }
 
     /// One model call of the turn: its tokens go to the writer; it ends the turn, or asks for
-    /// tools.
+    /// tools. What it consumed goes to the lease's usage, however it ends: as the provider
+    /// reported it, or estimated when it reported nothing (a provider that does not, or a call
+    /// cut short).
     async fn stream_step(
         &self,
         lease: &mut Lease,
@@ -445,6 +467,21 @@ impl Generator {
         model: &Model,
         prompt: &Prompt,
         crash_after: Option<usize>,
+    ) -> Result<Step, RetryLater> {
+        let mut spent = Spent::default();
+        let step = self.stream_step_spending(lease, writer, model, prompt, crash_after, &mut spent).await;
+        lease.usage += spent.usage(prompt, self.counter);
+        step
+    }
+
+    async fn stream_step_spending(
+        &self,
+        lease: &mut Lease,
+        writer: &mut ChunkWriter,
+        model: &Model,
+        prompt: &Prompt,
+        crash_after: Option<usize>,
+        spent: &mut Spent,
     ) -> Result<Step, RetryLater> {
         let mut tokens = model.stream(prompt.clone());
         let mut text = prompt.resumed.concat();
@@ -477,6 +514,7 @@ impl Generator {
                         return Ok(Step::Ended(self.flush(lease, writer).await?.unwrap_or(Ending::Capped)));
                     }
                     text.push_str(&token);
+                    spent.streamed.push_str(&token);
                     writer.push(token);
                     // The first token goes out at once: time to first token is what users feel;
                     // later tokens are batched by time and size.
@@ -487,7 +525,11 @@ impl Generator {
                         }
                     }
                 }
-                Some(Ok(Output::ToolCall(call))) => calls.push(call),
+                Some(Ok(Output::ToolCall(call))) => {
+                    spent.streamed.push_str(&call.arguments);
+                    calls.push(call)
+                }
+                Some(Ok(Output::Usage(usage))) => spent.reported(usage),
                 Some(Err(err)) => {
                     warn!(error = %err, "the model failed");
                     if let Some(ending) = self.flush(lease, writer).await? {
@@ -525,6 +567,34 @@ impl Generator {
             LeaseStatus::Held { cancel_requested: true } => Some(Ending::Stopped),
             LeaseStatus::Held { cancel_requested: false } => None,
         })
+    }
+}
+
+/// What one model call consumed: what its provider reported, and what it streamed (for an
+/// estimate when it reported nothing).
+#[derive(Debug, Default)]
+struct Spent {
+    reported: Option<chat_core::Usage>,
+    streamed: String,
+}
+
+impl Spent {
+    fn reported(&mut self, usage: chat_core::Usage) {
+        *self.reported.get_or_insert_with(Default::default) += usage;
+    }
+
+    /// The reported usage, or an estimate with `o200k_base`: the prompt, and what was streamed.
+    fn usage(&self, prompt: &Prompt, counter: TokenCounter) -> chat_core::Usage {
+        if let Some(usage) = self.reported {
+            return usage;
+        }
+        let usage = chat_core::Usage {
+            input: model::prompt_tokens(prompt, counter),
+            output: counter.count(&self.streamed) as u64,
+            ..Default::default()
+        };
+        info!(input = usage.input, output = usage.output, "the model reported no usage; estimated");
+        usage
     }
 }
 

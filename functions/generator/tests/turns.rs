@@ -36,6 +36,7 @@ fn openai_model(server: &FakeLlm, name: &str) -> Model {
         max_tokens: 256,
         max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
+        stream_usage: true,
     })
     .unwrap();
     let policy = RetryPolicy {

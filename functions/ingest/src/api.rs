@@ -38,9 +38,16 @@ pub enum ApiError {
     TooLarge,
     /// 413: the message has more tokens than the model's prompt budget leaves for it.
     MessageTooLong { tokens: usize, limit: usize },
-    /// 429: a per-user limit; `Retry-After` says when to try again.
-    TooManyRequests { code: &'static str, message: String, retry_after: std::time::Duration },
-    /// 415: the body is declared as something other than JSON.
+    /// 429: a limit; `Retry-After` says when to try again, `details` (an object) what the limit
+    /// is.
+    TooManyRequests {
+        code: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+        details: Option<Value>,
+    },
+    /// 415: the body is not declared as JSON (`found`: what it is declared as; empty when it is
+    /// not declared at all).
     UnsupportedMediaType { found: String },
     /// 503: a dependency failed; nothing was half-written.
     Unavailable { code: &'static str, message: String },
@@ -131,9 +138,13 @@ impl ApiError {
                 ),
                 Some(json!({"tokens": tokens, "limit": limit})),
             ),
-            ApiError::TooManyRequests { code, message, retry_after } => {
+            ApiError::TooManyRequests { code, message, retry_after, details } => {
                 let seconds = http_error::retry_after_seconds(retry_after);
-                let body = http_error::body(code, &message, Some(json!({ "retry_after": seconds })));
+                let mut fields = json!({ "retry_after": seconds });
+                if let (Some(Value::Object(more)), Value::Object(fields)) = (details, &mut fields) {
+                    fields.extend(more);
+                }
+                let body = http_error::body(code, &message, Some(fields));
                 let mut response = json(StatusCode::TOO_MANY_REQUESTS, body);
                 response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
                 return response;

@@ -14,8 +14,9 @@ use chat_core::queue::TurnMessage;
 use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
 use chat_core::{
-    Admission, CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome,
-    Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId, UserLimits,
+    Admission, BudgetSpent, CancelOutcome, ClientMessageId, DeleteOutcome, Event, GlobalLimits, NewMessage,
+    Outcome, Role, SendOutcome, Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId,
+    UserLimits,
 };
 use chat_runtime::queue::Queue;
 use chat_tokens::MessageBudget;
@@ -75,6 +76,8 @@ pub struct App {
     /// The chat page, which talks to this origin and the stream's.
     page: web::Page,
     limits: UserLimits,
+    /// Limits over every user (`GLOBAL_TURNS_PER_MINUTE`).
+    global: GlobalLimits,
     /// A message must fit the generator's prompt budget alone (`MEMORY_MAX_TOKENS` less the
     /// system prompt `LLM_SYSTEM_PROMPT` and framing).
     budget: MessageBudget,
@@ -96,7 +99,7 @@ impl App {
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
         let queue = Queue::new(chat_runtime::queue::sqs(&aws), queue_url);
         let app = App::new(store, auth, queue, common.limits, budget)?;
-        Ok(app.with_stream_url_base(&stream_url_base))
+        Ok(app.with_stream_url_base(&stream_url_base).with_global_limits(common.global))
     }
 
     /// An app over explicit parts; `stream_url` answers are relative.
@@ -119,8 +122,15 @@ impl App {
             stream_url_base: String::new(),
             page: web::Page::new(""),
             limits,
+            global: GlobalLimits::default(),
             budget,
         })
+    }
+
+    /// The same app holding every user together to `global`.
+    pub fn with_global_limits(mut self, global: GlobalLimits) -> App {
+        self.global = global;
+        self
     }
 
     /// The same app answering with absolute `stream_url`s under `base` (`STREAM_URL_BASE`), and
@@ -233,16 +243,7 @@ impl App {
         if let Some((tokens, limit)) = self.budget.over(&body.message) {
             return Err(ApiError::MessageTooLong { tokens, limit });
         }
-        let per_minute = self.limits.turns_per_minute;
-        let admission =
-            self.store.take_turn(&user, per_minute).await.map_err(|e| ApiError::store_unavailable(&e))?;
-        if let Admission::Limited { retry_after } = admission {
-            return Err(ApiError::TooManyRequests {
-                code: "turn_rate_limited",
-                message: format!("you may start {per_minute} turns a minute; wait and send again"),
-                retry_after,
-            });
-        }
+        self.take_turn(&user).await?;
         let outcome = self
             .store
             .send_message(NewMessage {
@@ -255,10 +256,8 @@ impl App {
             .await
             .map_err(|e| ApiError::store_unavailable(&e))?;
         if !matches!(outcome, SendOutcome::Accepted(_)) {
-            // No turn started: the send does not count against the rate.
-            if let Err(err) = self.store.return_turn(&user, per_minute).await {
-                warn!(error = %err, "could not give back an unused turn");
-            }
+            // No turn started: the send does not count against the rates.
+            self.return_turn(&user).await;
         }
         match outcome {
             SendOutcome::Accepted(ticket) => {
@@ -277,7 +276,57 @@ impl App {
                 code: "session_limit",
                 message: format!("you have {limit} sessions, the most allowed; delete one to start another"),
                 retry_after: std::time::Duration::from_secs(60),
+                details: None,
             }),
+            SendOutcome::BudgetExhausted(spent) => Err(budget_exhausted(spent, self.store.now_ms())),
+        }
+    }
+
+    /// Takes a turn from the user's bucket, then from everyone's; a refusal by either is a 429
+    /// and leaves both as they were.
+    async fn take_turn(&self, user: &UserId) -> Result<(), ApiError> {
+        let per_minute = self.limits.turns_per_minute;
+        let admission =
+            self.store.take_turn(user, per_minute).await.map_err(|e| ApiError::store_unavailable(&e))?;
+        if let Admission::Limited { retry_after } = admission {
+            return Err(ApiError::TooManyRequests {
+                code: "turn_rate_limited",
+                message: format!("you may start {per_minute} turns a minute; wait and send again"),
+                retry_after,
+                details: Some(json!({"scope": "user"})),
+            });
+        }
+        let everyone = self.global.turns_per_minute;
+        let admission = match self.store.take_global_turn(everyone).await {
+            Ok(admission) => admission,
+            Err(err) => {
+                self.return_user_turn(user).await;
+                return Err(ApiError::store_unavailable(&err));
+            }
+        };
+        if let Admission::Limited { retry_after } = admission {
+            self.return_user_turn(user).await;
+            return Err(ApiError::TooManyRequests {
+                code: "turn_rate_limited",
+                message: "the service is at its turns-per-minute ceiling; wait and send again".to_owned(),
+                retry_after,
+                details: Some(json!({"scope": "global"})),
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives back the turn [`App::take_turn`] took from both buckets (the send started none).
+    async fn return_turn(&self, user: &UserId) {
+        self.return_user_turn(user).await;
+        if let Err(err) = self.store.return_global_turn(self.global.turns_per_minute).await {
+            warn!(error = %err, "could not give back an unused turn to the global bucket");
+        }
+    }
+
+    async fn return_user_turn(&self, user: &UserId) {
+        if let Err(err) = self.store.return_turn(user, self.limits.turns_per_minute).await {
+            warn!(error = %err, "could not give back an unused turn");
         }
     }
 
@@ -550,6 +599,22 @@ impl App {
             }
             DeleteOutcome::NotFound => Err(ApiError::session_not_found()),
         }
+    }
+}
+
+/// `429 daily_budget_exhausted`: the user's turns used today's tokens; the budget resets at the
+/// next 00:00 UTC, which `Retry-After` and `resets_at` say.
+fn budget_exhausted(spent: BudgetSpent, now_ms: u64) -> ApiError {
+    let wait = std::time::Duration::from_millis(spent.resets_at.saturating_sub(now_ms));
+    let resets_at = rfc3339_ms(spent.resets_at);
+    ApiError::TooManyRequests {
+        code: "daily_budget_exhausted",
+        message: format!(
+            "your turns used {} of today's {} tokens; the budget resets at {resets_at}",
+            spent.used, spent.limit
+        ),
+        retry_after: wait,
+        details: Some(json!({"resets_at": resets_at, "used": spent.used, "limit": spent.limit})),
     }
 }
 

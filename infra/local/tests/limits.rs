@@ -1,6 +1,6 @@
 //! Per-user limits, end to end through the local stack: the turn rate, the session cap, open
-//! streams (per user and per turn), the prompt budget at ingest and the reply size cap. Each
-//! over-limit answer is a 429
+//! streams (per user and per turn), the daily token budget, the prompt budget at ingest and the
+//! reply size cap. Each over-limit answer is a 429
 //! (or 413) with a JSON error and, for 429, `Retry-After`; it changes nothing, and other users
 //! are not affected.
 
@@ -14,6 +14,8 @@ use std::time::Duration;
 const TURNS_PER_MINUTE: u64 = 4;
 const MAX_SESSIONS: u64 = 3;
 const MAX_STREAMS: usize = 2;
+/// Tokens a user's turns may use a day: a few short turns fit, a long reply or two do not.
+const DAILY_TOKENS: u64 = 1000;
 
 fn api() -> &'static str {
     let env = [
@@ -21,6 +23,7 @@ fn api() -> &'static str {
         ("MAX_SESSIONS_PER_USER", MAX_SESSIONS.to_string()),
         ("MAX_OPEN_STREAMS", MAX_STREAMS.to_string()),
         ("MAX_STREAMS_PER_TURN", "1".to_owned()),
+        ("DAILY_TOKEN_BUDGET", DAILY_TOKENS.to_string()),
         // 300 tokens of prompt, 293 of them for the message with no system prompt.
         ("MEMORY_MAX_TOKENS", "300".to_owned()),
         ("REPLY_MAX_BYTES", "3000".to_owned()),
@@ -154,6 +157,43 @@ async fn streams_beyond_the_turns_or_the_users_limit_get_429_until_one_closes() 
     assert_eq!(status, 200, "a slot is free once a stream has ended");
     let events = reader.rest().await;
     assert_eq!(indexes_of(&events), (0..150).collect::<Vec<u64>>(), "a full replay");
+}
+
+#[tokio::test]
+async fn a_user_past_the_daily_token_budget_gets_429_until_midnight_utc_and_nothing_changes() {
+    let user = user();
+    // Long replies (to the 3000-byte cap: several hundred tokens each) use the budget up.
+    let (status, _, body) = post(&user, json!({"message": "[[reply-tokens:2000]] spend"})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["session_id"].as_str().unwrap().to_owned();
+    let mut refused = None;
+    for turn in 2..=3 {
+        wait_idle(&id).await;
+        let (status, retry_after, body) =
+            post(&user, json!({"message": "[[reply-tokens:2000]] more", "session_id": id})).await;
+        if status == 429 {
+            refused = Some((turn, retry_after, body));
+            break;
+        }
+        assert_eq!(status, 202, "{body}");
+    }
+    let (turn, retry_after, body) = refused.expect("the budget ran out within three long turns");
+    assert_eq!(body["error"]["code"], "daily_budget_exhausted", "{body}");
+    assert_eq!(body["error"]["limit"], DAILY_TOKENS);
+    assert!(body["error"]["used"].as_u64().unwrap() >= DAILY_TOKENS, "{body}");
+    let resets_at = body["error"]["resets_at"].as_str().unwrap();
+    assert!(resets_at.ends_with("T00:00:00.000Z"), "midnight UTC: {resets_at}");
+    let wait = retry_after.expect("Retry-After");
+    assert!((1..=86_400).contains(&wait), "Retry-After {wait}");
+    assert_eq!(body["error"]["retry_after"], json!(wait));
+    let session = wait_idle(&id).await;
+    assert_eq!(session["turn"], turn - 1, "the refused send started no turn: {session}");
+    // A new session is refused too; another user is not.
+    let (status, _, body) = post(&user, json!({"message": "elsewhere"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("daily_budget_exhausted")), "{body}");
+    assert_eq!(sessions_of(&user).await.len(), 1);
+    let (status, _, body) = post(&common::user(), json!({"message": "hello"})).await;
+    assert_eq!(status, 202, "{body}");
 }
 
 #[tokio::test]

@@ -385,9 +385,11 @@ fn the_user_pool_is_admin_only_by_default_and_hides_which_users_exist() {
 #[test]
 fn the_spend_limits_reach_the_functions_that_enforce_them() {
     let template = template();
-    for (parameter, variable, functions, default) in
-        [("MaxStreamsPerTurn", "MAX_STREAMS_PER_TURN", &["StreamFunction"][..], 2)]
-    {
+    for (parameter, variable, functions, default) in [
+        ("DailyTokenBudget", "DAILY_TOKEN_BUDGET", &["IngestFunction", "GeneratorFunction"][..], 0),
+        ("GlobalTurnsPerMinute", "GLOBAL_TURNS_PER_MINUTE", &["IngestFunction"][..], 0),
+        ("MaxStreamsPerTurn", "MAX_STREAMS_PER_TURN", &["StreamFunction"][..], 2),
+    ] {
         assert_eq!(template["Parameters"][parameter]["Default"].as_u64(), Some(default), "{parameter}");
         for function in functions {
             let value = &resource(&template, function)["Properties"]["Environment"]["Variables"][variable];
