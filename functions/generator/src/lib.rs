@@ -56,6 +56,13 @@ pub struct GenerationSettings {
 /// stay under DynamoDB's 400 KB.
 pub const REPLY_MAX_BYTES_CEILING: usize = 380_000;
 
+/// Tool calls and results are written in chunks of at most about this much.
+const EVENT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The most tool calls of one step that are read at all (OpenAI's stream refuses call indexes
+/// past 64 too).
+const MAX_CALLS_SEEN: usize = 64;
+
 /// The generator function's dependencies, built once per cold start.
 pub struct Generator {
     store: Store,
@@ -423,37 +430,140 @@ impl Generator {
                 model = main;
                 lease.routing = Some(routing);
             }
+            // Which calls run is decided before anything is stored: past the step's cap, or with
+            // over-long arguments, a call is answered with an error, unrun, and stored without
+            // its arguments; so are calls past the turn's tool bytes or its deadline.
+            let planned = self.plan_calls(calls);
+            let calls: Vec<ToolCall> = planned.iter().map(|(call, _)| call.clone()).collect();
             for call in &calls {
-                writer.push_event(tools::call_event(call));
+                if let Some(ending) = self.push_event(lease, writer, tools::call_event(call)).await? {
+                    return Ok(ending);
+                }
             }
             if let Some(ending) = self.flush(lease, writer).await? {
                 return Ok(ending);
             }
-            prompt.exchanges.push(Exchange::Assistant { text, calls: calls.clone() });
-            for call in &calls {
-                let answer = if prompt.tools.iter().any(|t| t.name == call.name) {
-                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                    tokio::time::timeout(left, self.tools.call(call)).await.unwrap_or_else(|_| {
-                        tools::ToolAnswer { content: "the tool ran out of time".to_owned(), is_error: true }
-                    })
-                } else {
-                    tools::ToolAnswer { content: format!("{} is not offered now", call.name), is_error: true }
+            prompt.exchanges.push(Exchange::Assistant { text, calls });
+            for (call, refusal) in planned {
+                let answer = match refusal {
+                    Some(refusal) => tools::ToolAnswer { content: refusal, is_error: true },
+                    None if prompt.tools.iter().any(|t| t.name == call.name) => {
+                        self.run_tool(lease, &call, deadline).await
+                    }
+                    None => tools::ToolAnswer {
+                        content: format!("{} is not offered now", call.name),
+                        is_error: true,
+                    },
                 };
                 info!(tool = %call.name, is_error = answer.is_error, "tool called");
-                writer.push_event(tools::result_event(call, &answer));
-                lease.tool_uses.push(tools::tool_use(call, &answer));
+                lease.tool_uses.push(tools::tool_use(&call, &answer));
+                let event = tools::result_event(&call, &answer);
                 prompt.exchanges.push(Exchange::ToolResult {
-                    call_id: call.id.clone(),
-                    name: call.name.clone(),
+                    call_id: call.id,
+                    name: call.name,
                     content: answer.content,
                     is_error: answer.is_error,
                 });
+                if let Some(ending) = self.push_event(lease, writer, event).await? {
+                    return Ok(ending);
+                }
             }
             if let Some(ending) = self.flush(lease, writer).await? {
                 return Ok(ending);
             }
             prompt.resumed.clear();
         }
+    }
+
+    /// The calls of a step, each with why it is not run (if it is not): calls past
+    /// `TOOL_MAX_CALLS_PER_STEP`, or with arguments over [`tools::MAX_ARGUMENT_BYTES`], are
+    /// answered with an error and keep no arguments; past [`MAX_CALLS_SEEN`] they are dropped.
+    fn plan_calls(&self, calls: Vec<ToolCall>) -> Vec<(ToolCall, Option<String>)> {
+        if calls.len() > MAX_CALLS_SEEN {
+            warn!(
+                calls = calls.len(),
+                "the model called more tools in one step than are read; dropping the rest"
+            );
+        }
+        let most = self.tools.max_calls_per_step;
+        calls
+            .into_iter()
+            .take(MAX_CALLS_SEEN)
+            .enumerate()
+            .map(|(index, mut call)| {
+                let refusal = if index >= most {
+                    Some(format!("too many tool calls in one step: at most {most} run; call fewer at once"))
+                } else if call.arguments.len() > tools::MAX_ARGUMENT_BYTES {
+                    Some(format!(
+                        "the arguments are over {} bytes; send shorter ones",
+                        tools::MAX_ARGUMENT_BYTES
+                    ))
+                } else {
+                    None
+                };
+                if refusal.is_some() {
+                    call.arguments = "{}".to_owned();
+                }
+                (call, refusal)
+            })
+            .collect()
+    }
+
+    /// Runs a call within what is left of the turn's tool bytes (`TOOL_MAX_BYTES_PER_TURN`,
+    /// counted over the calls and answers the turn stored, so a takeover keeps the count) and
+    /// its tool deadline; a call with neither left is answered with an error, unrun.
+    async fn run_tool(&self, lease: &Lease, call: &ToolCall, deadline: Instant) -> tools::ToolAnswer {
+        let refused = |content: String| tools::ToolAnswer { content, is_error: true };
+        let budget = self.tools.max_bytes_per_turn;
+        let used: usize = lease.tool_uses.iter().map(|u| u.arguments.len() + u.result.len()).sum();
+        let Some(room) = budget.checked_sub(used + call.arguments.len()).filter(|room| *room > 0) else {
+            return refused(format!(
+                "this turn's tools have used their {budget} bytes; answer with what you have"
+            ));
+        };
+        let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+        else {
+            return refused("the tool ran out of time".to_owned());
+        };
+        let mut answer = tokio::time::timeout(left, self.tools.call(call))
+            .await
+            .unwrap_or_else(|_| refused("the tool ran out of time".to_owned()));
+        if answer.content.len() > room {
+            const CUT: &str = "\n[cut: the turn's tool budget is spent]";
+            let mut end = room.saturating_sub(CUT.len());
+            while !answer.content.is_char_boundary(end) {
+                end -= 1;
+            }
+            answer.content.truncate(end);
+            answer.content.push_str(CUT);
+        }
+        answer
+    }
+
+    /// Buffers a tool call or result, flushing first when the buffer would grow past
+    /// [`EVENT_CHUNK_BYTES`] (a chunk item stays far under DynamoDB's 400 KB), and ending the
+    /// reply at `REPLY_MAX_BYTES`, which counts the tool steps too.
+    async fn push_event(
+        &self,
+        lease: &mut Lease,
+        writer: &mut ChunkWriter,
+        event: ReplyEvent,
+    ) -> Result<Option<Ending>, RetryLater> {
+        let size = event.encode().len();
+        if writer.bytes() + size > self.settings.reply_max_bytes {
+            warn!(
+                bytes = writer.bytes(),
+                "the reply and its tool steps reached REPLY_MAX_BYTES; stopping there"
+            );
+            return Ok(Some(self.flush(lease, writer).await?.unwrap_or(Ending::Capped)));
+        }
+        if writer.buffered_bytes() + size > EVENT_CHUNK_BYTES {
+            if let Some(ending) = self.flush(lease, writer).await? {
+                return Ok(Some(ending));
+            }
+        }
+        writer.push_event(event);
+        Ok(None)
     }
 
     /// One model call of the turn: its tokens go to the writer; it ends the turn, or asks for
@@ -609,6 +719,8 @@ struct ChunkWriter {
     next_index: u64,
     /// Everything written so far: the reply if it ends now.
     text: String,
+    /// Bytes of the tool calls and results written so far (stored with the reply too).
+    event_bytes: usize,
 }
 
 impl ChunkWriter {
@@ -620,6 +732,12 @@ impl ChunkWriter {
             first_seq: lease.next_seq,
             next_index: lease.resumed_tokens.len() as u64,
             text: lease.resumed_tokens.iter().filter(|t| ReplyEvent::decode(t).is_none()).cloned().collect(),
+            event_bytes: lease
+                .resumed_tokens
+                .iter()
+                .filter(|t| t.starts_with(EVENT_MARK))
+                .map(String::len)
+                .sum(),
         }
     }
 
@@ -645,7 +763,12 @@ impl ChunkWriter {
     /// Bytes of the reply so far, buffered tokens included (tool events count too: they are
     /// stored with it).
     fn bytes(&self) -> usize {
-        self.text.len() + self.buffer.iter().map(String::len).sum::<usize>()
+        self.text.len() + self.event_bytes + self.buffered_bytes()
+    }
+
+    /// Bytes waiting to be written.
+    fn buffered_bytes(&self) -> usize {
+        self.buffer.iter().map(String::len).sum()
     }
 
     /// Whether nothing has been written yet in this attempt.
@@ -657,7 +780,9 @@ impl ChunkWriter {
         self.next_seq += 1;
         self.next_index += self.buffer.len() as u64;
         for token in self.buffer.drain(..) {
-            if !token.starts_with(EVENT_MARK) {
+            if token.starts_with(EVENT_MARK) {
+                self.event_bytes += token.len();
+            } else {
                 self.text.push_str(&token);
             }
         }
