@@ -164,6 +164,8 @@ struct Position {
     turn: Turn,
     /// Index of the last token the client has; tokens after it are sent.
     after_index: Option<u64>,
+    /// When the caller's token stops being accepted, epoch ms: the stream ends there.
+    until: Option<u64>,
 }
 
 impl Relay {
@@ -239,7 +241,7 @@ impl Relay {
             .authenticate(request.headers(), query.and_then(|q| q.first("access_token")), iam.as_ref())
             .await
             .map_err(StreamError::Auth)?;
-        let caller = identified.caller;
+        let (caller, until) = (identified.caller, identified.expires_at.map(|s| s.saturating_mul(1000)));
         let not_found = || StreamError::SessionNotFound(raw_id.to_owned());
         let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
         let last_event_id = request
@@ -294,7 +296,7 @@ impl Relay {
             return Err(StreamError::TooManyStreams { max, retry_after });
         }
         let owner = session.user_id.clone();
-        Ok((Position { session: id, owner, stream_id, turn, after_index }, session))
+        Ok((Position { session: id, owner, stream_id, turn, after_index, until }, session))
     }
 
     async fn relay(&self, position: Position, first_read: Session, tx: mpsc::Sender<String>) {
@@ -333,6 +335,7 @@ impl Relay {
         let mut last_seq: Option<u32> = None;
         let mut next_index = position.after_index.map_or(0, |i| i + 1);
         let mut generating = first_read.state == State::AiGenerating;
+        let mut state = first_read.state;
         // Waiting for a generator: poll fast at first (pickup is usually quick), then back off.
         let mut interval = settings.poll_fast;
         let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
@@ -344,6 +347,15 @@ impl Relay {
         loop {
             if tx.is_closed() {
                 info!(sent_tokens, "client went away");
+                return Ok(());
+            }
+            // A stream lasts no longer than the token it was opened with: the client signs in
+            // again and reconnects (no `retry:` first, since reconnecting with it would fail).
+            if position.until.is_some_and(|until| self.store.now_ms() >= until) {
+                let data = json!({"code": "token_expired", "message": "your sign-in expired; sign in again and reconnect",
+                    "state": state, "turn": position.turn});
+                send(sse::event("error", None, &data.to_string())).await;
+                info!(sent_tokens, "the caller's token expired; stream closed");
                 return Ok(());
             }
             let chunks = self.store.read_chunks(position.session, position.turn, last_seq, false).await?;
@@ -375,6 +387,7 @@ impl Relay {
                     Some(current) => current,
                 };
                 generating = session.state == State::AiGenerating;
+                state = session.state;
                 let turn_over = session.turn > position.turn || session.state.turn_ended();
                 if turn_over {
                     return self.finish(position, &session, last_seq, next_index, tx).await;

@@ -390,6 +390,32 @@ async fn a_page_opened_with_another_api_in_its_address_sends_nothing_there() {
 }
 
 #[tokio::test]
+async fn hostile_text_renders_in_linear_time() {
+    let browser = browser().await;
+    browser.open_page().await;
+    browser
+        .until("the page's script", "return typeof renderMarkdown === 'function'", Duration::from_secs(10))
+        .await;
+    // Each used to take seconds (every `[` scanned to the end of the text), and a reply was
+    // rendered again on every frame.
+    let timings = browser
+        .js("const time = (text) => {
+               const start = performance.now();
+               renderMarkdown(text, document.createElement('div'));
+               return performance.now() - start;
+             };
+             return {brackets: time('['.repeat(40000)), links: time('[a](http://'.repeat(4000)),
+                     ticks: time('`'.repeat(40000)), open_bold: time('**' + 'a'.repeat(40000))};")
+        .await;
+    for (case, ms) in timings.as_object().unwrap() {
+        let ms = ms.as_f64().unwrap();
+        eprintln!("renderMarkdown {case}: {ms:.1} ms");
+        assert!(ms < 300.0, "{case} took {ms:.0} ms: {timings}");
+    }
+    browser.close().await;
+}
+
+#[tokio::test]
 async fn a_reply_containing_markup_runs_no_script() {
     let browser = browser().await;
     let user = format!("xss-{}", uuid::Uuid::new_v4().simple());
