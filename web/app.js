@@ -11,11 +11,13 @@ const el = (tag, cls) => {
   return node;
 };
 
-// The API's base URL: this page's own origin, or `?api=` (the ingest Function URL when the page
-// is served by the stream function), remembered for later visits.
-const params = new URLSearchParams(location.search);
-if (params.get("api")) localStorage.setItem("chat.api", params.get("api").replace(/\/+$/, ""));
-const API = localStorage.getItem("chat.api") || "";
+// Where the page's requests go, as the server that served it says, never the page's URL or
+// storage (which anyone who sends a link controls): the API is this page's own origin, and the
+// stream's origin is the one the server wrote into the page (and into its CSP, which allows no
+// other). An origin an earlier version of the page remembered is forgotten.
+const API = "";
+const STREAM = document.querySelector('meta[name="chat-stream"]')?.content || "";
+localStorage.removeItem("chat.api");
 const IN_FLIGHT = new Set(["user_writing", "user_committed", "ai_generating"]);
 
 const state = {
@@ -174,8 +176,12 @@ function renderMarkdown(text, into) {
   flush();
 }
 
+// Every part of the pattern is bounded and none can start inside another's failed attempt, so a
+// line of text is scanned in linear time whatever it holds (40,000 `[` used to take seconds):
+// a code span is 1-3 backticks around at most 2000 others; a link's label cannot contain a `[`
+// and its URL stops at a bracket.
 function inline(text, into) {
-  const pattern = /(`+)([\s\S]*?)\1|\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g;
+  const pattern = /(`{1,3})([^`]{1,2000}?)\1(?!`)|\*\*([^*]{1,2000})\*\*|\*([^*\s][^*]{0,2000})\*|\[([^[\]\n]{1,500})\]\((https?:\/\/[^\s()[\]<>]{1,2048})\)/g;
   let last = 0;
   for (let m; (m = pattern.exec(text)); ) {
     if (m.index > last) plain(text.slice(last, m.index), into);
@@ -294,7 +300,10 @@ function generating(on) {
 // ----- the stream --------------------------------------------------------------------------
 
 function closeStream() {
-  if (state.stream) state.stream.source.close();
+  if (state.stream) {
+    state.stream.source.close();
+    state.stream.stopPainting?.();
+  }
   state.stream = null;
   connection("");
   generating(false);
@@ -302,9 +311,9 @@ function closeStream() {
 
 /// Follows `turn` of `session` into `bubble` from the start (or after `lastId`): the stream replays
 /// what was written, then relays live, so a reload shows the whole reply, once.
-function follow(session, turn, streamUrl, bubble, lastId) {
+function follow(session, turn, bubble, lastId) {
   closeStream();
-  const url = new URL(streamUrl || API + "/sessions/" + encodeURIComponent(session) + "/stream?turn=" + turn, location.href);
+  const url = new URL(STREAM + "/sessions/" + encodeURIComponent(session) + "/stream?turn=" + turn, location.href);
   if (state.token) url.searchParams.set("access_token", state.token);
   if (lastId) url.searchParams.set("last_event_id", lastId);
   const source = new EventSource(url);
@@ -312,17 +321,20 @@ function follow(session, turn, streamUrl, bubble, lastId) {
   state.stream = stream;
   generating(true);
   bubble.dataset.state = "streaming";
-  let frame = 0;
+  // The reply is rendered again as it grows, at most every 100 ms, and less often as it gets
+  // long (rendering is linear, but a long reply re-rendered every frame is not).
+  let timer = 0;
   const paint = () => {
-    frame = 0;
+    timer = 0;
     setReply(bubble, stream.text, "streaming");
     scrollDown();
   };
+  stream.stopPainting = () => clearTimeout(timer);
   source.onopen = () => connection("");
   source.addEventListener("token", (e) => {
     stream.text += e.data;
     stream.lastId = e.lastEventId;
-    if (!frame) frame = requestAnimationFrame(paint);
+    if (!timer) timer = setTimeout(paint, Math.max(100, Math.min(2000, stream.text.length / 100)));
   });
   source.addEventListener("tool_call", (e) => {
     stream.lastId = e.lastEventId;
@@ -339,15 +351,19 @@ function follow(session, turn, streamUrl, bubble, lastId) {
     stream.stopped = end.stopped ? end.reason || "cancelled" : null;
   });
   source.addEventListener("commit_done", () => {
-    if (frame) cancelAnimationFrame(frame);
+    stream.stopPainting();
     setReply(bubble, stream.text, stream.stopped ? "stopped" : "done", stopDetail(stream.stopped));
     closeStream();
     loadSessions();
   });
   source.addEventListener("error", (e) => {
     if (e.data) {
-      // The turn ended without a reply: the server says why.
       const error = JSON.parse(e.data);
+      if (error.code === "token_expired") {
+        // The stream outlived the sign-in it was opened with: sign in again to go on.
+        return signOut("Your sign-in has expired. Sign in again.");
+      }
+      // The turn ended without a reply: the server says why.
       setReply(bubble, stream.text, "failed", error.message || "The reply failed.");
       closeStream();
       notice("The assistant could not answer: " + (error.message || error.code), () => retryLast());
@@ -359,7 +375,7 @@ function follow(session, turn, streamUrl, bubble, lastId) {
       connection("Reconnecting…");
     } else if (state.stream === stream) {
       connection("Disconnected");
-      notice("The connection to the reply was lost.", () => follow(session, turn, null, bubble, stream.lastId));
+      notice("The connection to the reply was lost.", () => follow(session, turn, bubble, stream.lastId));
       generating(false);
     }
   });
@@ -450,7 +466,7 @@ async function openSession(id, older) {
   if (IN_FLIGHT.has(session.state) && !answered) {
     // A reply is on its way (or this page was reloaded mid-reply): follow it from the start.
     pending = assistantBubble(latest);
-    follow(session.id, latest, null, pending);
+    follow(session.id, latest, pending);
   } else if (!answered && (session.state === "error" || session.state === "timeout") && latest > 0) {
     const li = assistantBubble(latest);
     setReply(li, "", "failed", session.error || "The assistant could not answer this message.");
@@ -485,7 +501,7 @@ async function send(text, key) {
   userBubble(text, accepted.turn);
   const bubble = assistantBubble(accepted.turn);
   scrollDown();
-  follow(accepted.session_id, accepted.turn, accepted.stream_url, bubble);
+  follow(accepted.session_id, accepted.turn, bubble);
 }
 
 /// Sends the last message again as a new turn (after the assistant failed to answer it).

@@ -115,6 +115,7 @@ impl ModelConfig {
                             }
                         },
                         connect_timeout: env.millis_or("LLM_CONNECT_TIMEOUT_MS", Duration::from_secs(10))?,
+                        stream_usage: env.parse_or("OPENAI_STREAM_USAGE", true)?,
                     },
                     api_key_secret,
                 }

@@ -14,8 +14,8 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::model::EVENT_MARK;
 use chat_core::queue::{Job, TurnMessage};
 use chat_core::{
-    AppendOutcome, ClaimOutcome, Conflict, Event, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State,
-    StopReason, Store, StoreError, Turn,
+    AppendOutcome, ClaimOutcome, Conflict, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State, StopReason,
+    Store, StoreError, Turn,
 };
 use chat_runtime::metrics::{self, Dimension};
 use futures::StreamExt;
@@ -57,6 +57,13 @@ pub struct GenerationSettings {
 /// stay under DynamoDB's 400 KB.
 pub const REPLY_MAX_BYTES_CEILING: usize = 380_000;
 
+/// Tool calls and results are written in chunks of at most about this much.
+const EVENT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The most tool calls of one step that are read at all (OpenAI's stream refuses call indexes
+/// past 64 too).
+const MAX_CALLS_SEEN: usize = 64;
+
 /// The generator function's dependencies, built once per cold start.
 pub struct Generator {
     store: Store,
@@ -73,11 +80,9 @@ struct RetryLater(#[from] StoreError);
 
 /// The prompt for a turn, or why there can be none (the turn then ends in `error`).
 enum PromptOutcome {
-    /// The prompt, with its size in tokens (as the budget counts them) and when the turn's
-    /// message was accepted (epoch ms).
+    /// The prompt, and when the turn's message was accepted (epoch ms).
     Ready {
         prompt: Prompt,
-        tokens: usize,
         accepted_at: Option<u64>,
     },
     Unanswerable(String),
@@ -262,9 +267,8 @@ impl Generator {
             Ending::Stopped
         } else {
             match self.prompt(&lease, exchanges, text_after).await? {
-                PromptOutcome::Ready { prompt, tokens, accepted_at } => {
+                PromptOutcome::Ready { prompt, accepted_at } => {
                     writer.accepted_at = accepted_at.filter(|_| lease.next_seq == 0);
-                    writer.prompt_tokens = tokens;
                     self.stream_reply(&mut lease, &mut writer, prompt).await?
                 }
                 PromptOutcome::Unanswerable(reason) => Ending::Failed(Failure::Prompt, reason),
@@ -290,13 +294,22 @@ impl Generator {
                 if current.version != lease.version {
                     return Ok(());
                 }
-                self.store.end_turn(&current, Event::GenerationFailed, reason, &lease.owner).await?
+                self.store.fail_generation(&lease, &current, reason).await?
             }
         };
         match outcome {
             Outcome::Applied(_) => {
-                info!(tokens = writer.next_index, chunks = writer.next_seq, "turn finished");
-                turn_metrics(&ending, &lease, &writer);
+                let usage = lease.usage;
+                info!(
+                    tokens = writer.next_index,
+                    chunks = writer.next_seq,
+                    input = usage.input,
+                    output = usage.output,
+                    cache_read = usage.cache_read,
+                    cache_write = usage.cache_write,
+                    "turn finished"
+                );
+                turn_metrics(&ending, &lease);
             }
             Outcome::Conflict(Conflict { current: None }) => return self.clear_if_deleted(&lease).await,
             Outcome::Conflict(conflict) => warn!(?conflict, "the turn moved on before it could be finished"),
@@ -336,22 +349,33 @@ impl Generator {
             self.settings.memory,
             self.counter,
         );
-        let mut tokens = self.routes.summarizer().stream(prompt);
+        let mut tokens = self.routes.summarizer().stream(prompt.clone());
         let mut text = String::new();
+        let mut spent = Spent::default();
         while let Some(token) = tokens.next().await {
             match token {
                 Ok(Output::Token(token)) if text.len() + token.len() > memory::SUMMARY_MAX_BYTES => break,
                 Ok(Output::Token(token)) => text.push_str(&token),
                 Ok(Output::ToolCall(_)) => {}
+                Ok(Output::Usage(usage)) => spent.reported(usage),
                 Err(err) => {
                     warn!(error = %err, "the model failed to summarise; the sweeper will ask again");
                     return Ok(());
                 }
             }
         }
+        spent.streamed.push_str(&text);
+        let usage = spent.usage(&prompt, self.counter);
         let text = text.trim();
         match self.store.save_summary(&session, text, session.turn).await? {
-            Outcome::Applied(()) => info!(bytes = text.len(), through = %session.turn, "summary stored"),
+            Outcome::Applied(()) => {
+                info!(bytes = text.len(), through = %session.turn, "summary stored");
+                // Summaries are spent on the user's behalf; counted once per summary.
+                let marker = format!("summary#{}#{}", session.id, session.turn);
+                if let Err(err) = self.store.charge_once(&session.user_id, &marker, usage.total()).await {
+                    warn!(error = %err, "could not count the summary's tokens against the user's day");
+                }
+            }
             Outcome::Conflict(_) => info!("a newer summary is already stored"),
         }
         Ok(())
@@ -376,17 +400,16 @@ impl Generator {
         let accepted_at =
             messages.iter().find(|m| m.id.turn == lease.turn && m.id.role == Role::User).map(|m| m.timestamp);
         let limits = self.settings.memory;
-        let (selected, tokens) =
-            match memory::select_counted(messages, lease.turn, system.as_deref(), limits, self.counter) {
-                Ok(selected) => selected,
-                Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
-            };
+        let selected = match memory::select(messages, lease.turn, system.as_deref(), limits, self.counter) {
+            Ok(selected) => selected,
+            Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
+        };
         if !matches!(selected.last(), Some((Role::User, _))) {
             return Ok(PromptOutcome::Unanswerable("the turn's message is missing".to_owned()));
         }
         let prompt =
             Prompt { system, messages: selected, exchanges, resumed, tools: Vec::new(), must_answer: false };
-        Ok(PromptOutcome::Ready { prompt, tokens, accepted_at })
+        Ok(PromptOutcome::Ready { prompt, accepted_at })
     }
 
     /// The model → tool → model loop: each step streams the model's reply; when it calls tools,
@@ -430,32 +453,44 @@ impl Generator {
                 model = main;
                 lease.routing = Some(routing);
             }
+            // Which calls run is decided before anything is stored: past the step's cap, or with
+            // over-long arguments, a call is answered with an error, unrun, and stored without
+            // its arguments; so are calls past the turn's tool bytes or its deadline.
+            let planned = self.plan_calls(calls);
+            let calls: Vec<ToolCall> = planned.iter().map(|(call, _)| call.clone()).collect();
             for call in &calls {
-                writer.push_event(tools::call_event(call));
+                if let Some(ending) = self.push_event(lease, writer, tools::call_event(call)).await? {
+                    return Ok(ending);
+                }
             }
             if let Some(ending) = self.flush(lease, writer, LeaseCheck::Now).await? {
                 return Ok(ending);
             }
-            prompt.exchanges.push(Exchange::Assistant { text, calls: calls.clone() });
-            for call in &calls {
-                let answer = if prompt.tools.iter().any(|t| t.name == call.name) {
-                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                    tokio::time::timeout(left, self.tools.call(call)).await.unwrap_or_else(|_| {
-                        tools::ToolAnswer { content: "the tool ran out of time".to_owned(), is_error: true }
-                    })
-                } else {
-                    tools::ToolAnswer { content: format!("{} is not offered now", call.name), is_error: true }
+            prompt.exchanges.push(Exchange::Assistant { text, calls });
+            for (call, refusal) in planned {
+                let answer = match refusal {
+                    Some(refusal) => tools::ToolAnswer { content: refusal, is_error: true },
+                    None if prompt.tools.iter().any(|t| t.name == call.name) => {
+                        self.run_tool(lease, &call, deadline).await
+                    }
+                    None => tools::ToolAnswer {
+                        content: format!("{} is not offered now", call.name),
+                        is_error: true,
+                    },
                 };
                 info!(tool = %call.name, is_error = answer.is_error, "tool called");
                 metrics::count(metrics::name::TOOL_CALLS, 1, &[Dimension::Tool(&call.name)]);
-                writer.push_event(tools::result_event(call, &answer));
-                lease.tool_uses.push(tools::tool_use(call, &answer));
+                lease.tool_uses.push(tools::tool_use(&call, &answer));
+                let event = tools::result_event(&call, &answer);
                 prompt.exchanges.push(Exchange::ToolResult {
-                    call_id: call.id.clone(),
-                    name: call.name.clone(),
+                    call_id: call.id,
+                    name: call.name,
                     content: answer.content,
                     is_error: answer.is_error,
                 });
+                if let Some(ending) = self.push_event(lease, writer, event).await? {
+                    return Ok(ending);
+                }
             }
             if let Some(ending) = self.flush(lease, writer, LeaseCheck::Now).await? {
                 return Ok(ending);
@@ -464,8 +499,101 @@ impl Generator {
         }
     }
 
+    /// The calls of a step, each with why it is not run (if it is not): calls past
+    /// `TOOL_MAX_CALLS_PER_STEP`, or with arguments over [`tools::MAX_ARGUMENT_BYTES`], are
+    /// answered with an error and keep no arguments; past [`MAX_CALLS_SEEN`] they are dropped.
+    fn plan_calls(&self, calls: Vec<ToolCall>) -> Vec<(ToolCall, Option<String>)> {
+        if calls.len() > MAX_CALLS_SEEN {
+            warn!(
+                calls = calls.len(),
+                "the model called more tools in one step than are read; dropping the rest"
+            );
+        }
+        let most = self.tools.max_calls_per_step;
+        calls
+            .into_iter()
+            .take(MAX_CALLS_SEEN)
+            .enumerate()
+            .map(|(index, mut call)| {
+                let refusal = if index >= most {
+                    Some(format!("too many tool calls in one step: at most {most} run; call fewer at once"))
+                } else if call.arguments.len() > tools::MAX_ARGUMENT_BYTES {
+                    Some(format!(
+                        "the arguments are over {} bytes; send shorter ones",
+                        tools::MAX_ARGUMENT_BYTES
+                    ))
+                } else {
+                    None
+                };
+                if refusal.is_some() {
+                    call.arguments = "{}".to_owned();
+                }
+                (call, refusal)
+            })
+            .collect()
+    }
+
+    /// Runs a call within what is left of the turn's tool bytes (`TOOL_MAX_BYTES_PER_TURN`,
+    /// counted over the calls and answers the turn stored, so a takeover keeps the count) and
+    /// its tool deadline; a call with neither left is answered with an error, unrun.
+    async fn run_tool(&self, lease: &Lease, call: &ToolCall, deadline: Instant) -> tools::ToolAnswer {
+        let refused = |content: String| tools::ToolAnswer { content, is_error: true };
+        let budget = self.tools.max_bytes_per_turn;
+        let used: usize = lease.tool_uses.iter().map(|u| u.arguments.len() + u.result.len()).sum();
+        let Some(room) = budget.checked_sub(used + call.arguments.len()).filter(|room| *room > 0) else {
+            return refused(format!(
+                "this turn's tools have used their {budget} bytes; answer with what you have"
+            ));
+        };
+        let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+        else {
+            return refused("the tool ran out of time".to_owned());
+        };
+        let mut answer = tokio::time::timeout(left, self.tools.call(call))
+            .await
+            .unwrap_or_else(|_| refused("the tool ran out of time".to_owned()));
+        if answer.content.len() > room {
+            const CUT: &str = "\n[cut: the turn's tool budget is spent]";
+            let mut end = room.saturating_sub(CUT.len());
+            while !answer.content.is_char_boundary(end) {
+                end -= 1;
+            }
+            answer.content.truncate(end);
+            answer.content.push_str(CUT);
+        }
+        answer
+    }
+
+    /// Buffers a tool call or result, flushing first when the buffer would grow past
+    /// [`EVENT_CHUNK_BYTES`] (a chunk item stays far under DynamoDB's 400 KB), and ending the
+    /// reply at `REPLY_MAX_BYTES`, which counts the tool steps too.
+    async fn push_event(
+        &self,
+        lease: &mut Lease,
+        writer: &mut ChunkWriter,
+        event: ReplyEvent,
+    ) -> Result<Option<Ending>, RetryLater> {
+        let size = event.encode().len();
+        if writer.bytes() + size > self.settings.reply_max_bytes {
+            warn!(
+                bytes = writer.bytes(),
+                "the reply and its tool steps reached REPLY_MAX_BYTES; stopping there"
+            );
+            return Ok(Some(self.flush(lease, writer, LeaseCheck::Now).await?.unwrap_or(Ending::Capped)));
+        }
+        if writer.buffered_bytes() + size > EVENT_CHUNK_BYTES {
+            if let Some(ending) = self.flush(lease, writer, LeaseCheck::Now).await? {
+                return Ok(Some(ending));
+            }
+        }
+        writer.push_event(event);
+        Ok(None)
+    }
+
     /// One model call of the turn: its tokens go to the writer; it ends the turn, or asks for
-    /// tools.
+    /// tools. What it consumed goes to the lease's usage, however it ends: as the provider
+    /// reported it, or estimated when it reported nothing (a provider that does not, or a call
+    /// cut short).
     async fn stream_step(
         &self,
         lease: &mut Lease,
@@ -473,6 +601,21 @@ impl Generator {
         model: &Model,
         prompt: &Prompt,
         crash_after: Option<usize>,
+    ) -> Result<Step, RetryLater> {
+        let mut spent = Spent::default();
+        let step = self.stream_step_spending(lease, writer, model, prompt, crash_after, &mut spent).await;
+        lease.usage += spent.usage(prompt, self.counter);
+        step
+    }
+
+    async fn stream_step_spending(
+        &self,
+        lease: &mut Lease,
+        writer: &mut ChunkWriter,
+        model: &Model,
+        prompt: &Prompt,
+        crash_after: Option<usize>,
+        spent: &mut Spent,
     ) -> Result<Step, RetryLater> {
         let model_name = lease.routing.as_ref().map_or("model", |r| r.model.as_str()).to_owned();
         let asked = Instant::now();
@@ -518,6 +661,7 @@ impl Generator {
                         ));
                     }
                     text.push_str(&token);
+                    spent.streamed.push_str(&token);
                     writer.push(token);
                     // The first token goes out at once: time to first token is what users feel;
                     // later tokens are batched by time and size.
@@ -528,7 +672,11 @@ impl Generator {
                         }
                     }
                 }
-                Some(Ok(Output::ToolCall(call))) => calls.push(call),
+                Some(Ok(Output::ToolCall(call))) => {
+                    spent.streamed.push_str(&call.arguments);
+                    calls.push(call)
+                }
+                Some(Ok(Output::Usage(usage))) => spent.reported(usage),
                 Some(Err(err)) => {
                     warn!(error = %err, "the model failed");
                     metrics::count(metrics::name::MODEL_ERRORS, 1, &[Dimension::Model(&model_name)]);
@@ -598,7 +746,7 @@ impl Generator {
 }
 
 /// A finished turn's metrics: how it ended, and the tokens it took, by model and by route.
-fn turn_metrics(ending: &Ending, lease: &Lease, writer: &ChunkWriter) {
+fn turn_metrics(ending: &Ending, lease: &Lease) {
     use metrics::name;
     match ending {
         Ending::Complete | Ending::Capped => metrics::count(name::TURNS_COMMITTED, 1, &[]),
@@ -613,8 +761,8 @@ fn turn_metrics(ending: &Ending, lease: &Lease, writer: &ChunkWriter) {
     }
     if let Some(routing) = &lease.routing {
         let by = [Dimension::Model(&routing.model), Dimension::Route(&routing.route)];
-        metrics::count(name::INPUT_TOKENS, writer.prompt_tokens as u64, &by);
-        metrics::count(name::OUTPUT_TOKENS, writer.text_tokens as u64, &by);
+        metrics::count(name::INPUT_TOKENS, lease.usage.input, &by);
+        metrics::count(name::OUTPUT_TOKENS, lease.usage.output, &by);
     }
 }
 
@@ -633,15 +781,39 @@ enum LeaseCheck {
     WhenDue,
 }
 
+/// What one model call consumed: what its provider reported, and what it streamed (for an
+/// estimate when it reported nothing).
+#[derive(Debug, Default)]
+struct Spent {
+    reported: Option<chat_core::Usage>,
+    streamed: String,
+}
+
+impl Spent {
+    fn reported(&mut self, usage: chat_core::Usage) {
+        *self.reported.get_or_insert_with(Default::default) += usage;
+    }
+
+    /// The reported usage, or an estimate with `o200k_base`: the prompt, and what was streamed.
+    fn usage(&self, prompt: &Prompt, counter: TokenCounter) -> chat_core::Usage {
+        if let Some(usage) = self.reported {
+            return usage;
+        }
+        let usage = chat_core::Usage {
+            input: model::prompt_tokens(prompt, counter),
+            output: counter.count(&self.streamed) as u64,
+            ..Default::default()
+        };
+        info!(input = usage.input, output = usage.output, "the model reported no usage; estimated");
+        usage
+    }
+}
+
 /// Buffers tokens and tracks where the next chunk goes.
 struct ChunkWriter {
     /// When the turn's message was accepted (epoch ms), until its first chunk is written; only
     /// for a turn's first attempt (a takeover's first chunk is not the reply's).
     accepted_at: Option<u64>,
-    /// The prompt's size in tokens, as the memory budget counts them.
-    prompt_tokens: usize,
-    /// Text tokens the model streamed in this attempt.
-    text_tokens: usize,
     /// When the lease was last read back or extended.
     lease_read: Option<Instant>,
     /// When the last token arrived, and how long after the one before it.
@@ -656,14 +828,14 @@ struct ChunkWriter {
     next_index: u64,
     /// Everything written so far: the reply if it ends now.
     text: String,
+    /// Bytes of the tool calls and results written so far (stored with the reply too).
+    event_bytes: usize,
 }
 
 impl ChunkWriter {
     fn new(lease: &Lease) -> ChunkWriter {
         ChunkWriter {
             accepted_at: None,
-            prompt_tokens: 0,
-            text_tokens: 0,
             lease_read: None,
             last_token: None,
             token_gap: None,
@@ -673,6 +845,12 @@ impl ChunkWriter {
             first_seq: lease.next_seq,
             next_index: lease.resumed_tokens.len() as u64,
             text: lease.resumed_tokens.iter().filter(|t| ReplyEvent::decode(t).is_none()).cloned().collect(),
+            event_bytes: lease
+                .resumed_tokens
+                .iter()
+                .filter(|t| t.starts_with(EVENT_MARK))
+                .map(String::len)
+                .sum(),
         }
     }
 
@@ -685,7 +863,6 @@ impl ChunkWriter {
         if token.starts_with(EVENT_MARK) {
             token.replace_range(..EVENT_MARK.len_utf8(), "\u{fffd}");
         }
-        self.text_tokens += 1;
         let now = Instant::now();
         if let Some(previous) = self.last_token {
             self.token_gap = Some(now - previous);
@@ -714,7 +891,12 @@ impl ChunkWriter {
     /// Bytes of the reply so far, buffered tokens included (tool events count too: they are
     /// stored with it).
     fn bytes(&self) -> usize {
-        self.text.len() + self.buffer.iter().map(String::len).sum::<usize>()
+        self.text.len() + self.event_bytes + self.buffered_bytes()
+    }
+
+    /// Bytes waiting to be written.
+    fn buffered_bytes(&self) -> usize {
+        self.buffer.iter().map(String::len).sum()
     }
 
     /// Whether nothing has been written yet in this attempt.
@@ -726,7 +908,9 @@ impl ChunkWriter {
         self.next_seq += 1;
         self.next_index += self.buffer.len() as u64;
         for token in self.buffer.drain(..) {
-            if !token.starts_with(EVENT_MARK) {
+            if token.starts_with(EVENT_MARK) {
+                self.event_bytes += token.len();
+            } else {
                 self.text.push_str(&token);
             }
         }

@@ -41,17 +41,6 @@ pub fn select(
     limits: MemoryLimits,
     counter: TokenCounter,
 ) -> Result<Vec<(Role, String)>, OverBudget> {
-    select_counted(messages, turn, system, limits, counter).map(|(kept, _)| kept)
-}
-
-/// [`select`], with the prompt's size in tokens as counted against the budget.
-pub fn select_counted(
-    messages: Vec<Message>,
-    turn: Turn,
-    system: Option<&str>,
-    limits: MemoryLimits,
-    counter: TokenCounter,
-) -> Result<(Vec<(Role, String)>, usize), OverBudget> {
     let mut used = counter.base(system);
     let mut turns: Vec<Vec<Message>> = Vec::new();
     for message in messages {
@@ -78,7 +67,7 @@ pub fn select_counted(
         used += cost;
         kept.push(group);
     }
-    Ok((kept.into_iter().rev().flatten().map(|m| (m.id.role, m.content)).collect(), used))
+    Ok(kept.into_iter().rev().flatten().map(|m| (m.id.role, m.content)).collect())
 }
 
 /// The most a stored summary may hold: it lives on the session item, which every read carries.

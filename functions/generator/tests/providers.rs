@@ -41,6 +41,7 @@ fn openai(server: &FakeLlm) -> Model {
         max_tokens: 256,
         max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
+        stream_usage: true,
     })
     .unwrap();
     Model::new(Arc::new(provider), policy())
@@ -72,16 +73,18 @@ fn prompt(text: &str) -> Prompt {
     }
 }
 
-/// The text a model streams (a test here offers no tools, so a tool call is a failure).
+/// The text a model streams, without its usage (a test here offers no tools, so a tool call is
+/// a failure).
 async fn collect(model: &Model, text: &str) -> Vec<Result<String, ModelError>> {
     let outputs: Vec<_> = model.stream(prompt(text)).collect().await;
-    outputs.into_iter().map(|o| o.map(text_of)).collect()
+    outputs.into_iter().filter(|o| !matches!(o, Ok(Output::Usage(_)))).map(|o| o.map(text_of)).collect()
 }
 
 fn text_of(output: Output) -> String {
     match output {
         Output::Token(token) => token,
         Output::ToolCall(call) => panic!("unexpected tool call {call:?}"),
+        Output::Usage(usage) => panic!("usage is not text: {usage:?}"),
     }
 }
 
@@ -210,6 +213,7 @@ async fn openai_unreachable_is_retried_then_reported() {
                 max_tokens: 8,
                 max_tokens_field: "max_tokens",
                 connect_timeout: Duration::from_secs(1),
+                stream_usage: true,
             })
             .unwrap(),
         ),
@@ -551,6 +555,7 @@ async fn a_rejected_key_is_reloaded_from_its_secret_and_the_request_retried() {
         max_tokens: 16,
         max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
+        stream_usage: true,
     })
     .unwrap()
     .with_key_loader(Arc::new(move || {
@@ -683,4 +688,52 @@ async fn bedrock_tool_use_arrives_whole_and_the_steps_go_back_as_content_blocks(
         ]})
     );
     assert_eq!(messages.as_array().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn each_provider_reports_what_a_call_consumed_and_openai_is_asked_to() {
+    let server =
+        FakeLlm::start(vec![fake_llm::openai_reply(&["a", "b", "c"], Duration::ZERO)]).await.unwrap();
+    let out: Vec<Output> = openai(&server).stream(prompt("hi")).map(Result::unwrap).collect().await;
+    let expected = chat_core::Usage { input: fake_llm::FAKE_PROMPT_TOKENS, output: 3, ..Default::default() };
+    assert_eq!(out.last(), Some(&Output::Usage(expected)));
+    assert_eq!(server.requests()[0].json()["stream_options"], json!({"include_usage": true}));
+
+    let server =
+        FakeLlm::start(vec![fake_llm::bedrock_stream(fake_llm::bedrock_frames(&["a", "b"]))]).await.unwrap();
+    let out: Vec<Output> = bedrock(&server).await.stream(prompt("hi")).map(Result::unwrap).collect().await;
+    assert_eq!(
+        out.last(),
+        Some(&Output::Usage(chat_core::Usage { input: 5, output: 2, ..Default::default() }))
+    );
+}
+
+/// A harness whose store counts each user's tokens against a daily budget.
+async fn budgeted_harness(model: Model) -> Harness {
+    let dynamo = chat_testkit::LocalDynamo::start(0, "providers").await.unwrap();
+    let options = StoreOptions { daily_token_budget: 1_000_000, ..StoreOptions::default() };
+    let store = dynamo.store("providers", options);
+    let generator = generator::Generator::new(store.clone(), model, settings());
+    Harness { _dynamo: dynamo, store, generator }
+}
+
+#[tokio::test]
+async fn a_turns_reported_usage_is_charged_to_its_user_and_an_unreported_one_is_estimated() {
+    let server =
+        FakeLlm::start(vec![fake_llm::openai_reply(&["one ", "two"], Duration::ZERO)]).await.unwrap();
+    let h = budgeted_harness(openai(&server)).await;
+    let user = UserId::parse(TESTER).unwrap();
+    h.turn(None, "count me").await;
+    assert_eq!(h.store.tokens_used_today(&user).await.unwrap(), fake_llm::FAKE_PROMPT_TOKENS + 2);
+
+    // A server that reports no usage: the prompt and the reply are counted with o200k_base.
+    let mut parts = vec![(Duration::ZERO, fake_llm::openai_chunk("three words here"))];
+    let finish = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).to_string();
+    parts.push((Duration::ZERO, fake_llm::sse_data(&finish)));
+    parts.push((Duration::ZERO, fake_llm::sse_data("[DONE]")));
+    server.script(vec![fake_llm::Reply::Stream { content_type: "text/event-stream".to_owned(), parts }]);
+    h.turn(None, "and me").await;
+    let used = h.store.tokens_used_today(&user).await.unwrap() - (fake_llm::FAKE_PROMPT_TOKENS + 2);
+    // "three words here" is 3 tokens; the prompt is the message and its framing.
+    assert!((3 + 5..=3 + 20).contains(&used), "estimated {used}");
 }

@@ -19,6 +19,7 @@ fn openai(base_url: String) -> Model {
         max_tokens: 16,
         max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
+        stream_usage: true,
     };
     let policy = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
     Model::new(Arc::new(OpenAi::new(settings).expect("client")), policy)
@@ -55,7 +56,8 @@ async fn https_endpoints_are_trusted_through_the_system_roots_and_nothing_else()
     assert!(good.url.starts_with("https://"));
     let out: Vec<_> = openai(format!("{}/v1", good.url)).stream(prompt()).collect().await;
     let tokens = |t: &str| Ok(generator::model::Output::Token(t.to_owned()));
-    assert_eq!(out, vec![tokens("secure"), tokens(" ✓")]);
+    assert_eq!(out[..2], [tokens("secure"), tokens(" ✓")]);
+    assert!(matches!(out[2..], [Ok(generator::model::Output::Usage(_))]), "{out:?}");
     assert_eq!(good.requests()[0].header("authorization"), Some("Bearer sk-tls"));
 
     // A server whose certificate no trusted root signed is refused before any request is sent.

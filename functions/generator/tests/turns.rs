@@ -36,6 +36,7 @@ fn openai_model(server: &FakeLlm, name: &str) -> Model {
         max_tokens: 256,
         max_tokens_field: "max_tokens",
         connect_timeout: Duration::from_secs(2),
+        stream_usage: true,
     })
     .unwrap();
     let policy = RetryPolicy {
@@ -49,6 +50,16 @@ fn openai_model(server: &FakeLlm, name: &str) -> Model {
 
 /// A harness whose main model is `big-model`, routing short messages to `small-model` by `small`.
 async fn harness_routed(server: &FakeLlm, small: Option<RouteRule>, tools: Tools) -> Harness {
+    harness_with(server, small, tools, Duration::from_secs(60)).await
+}
+
+/// [`harness_routed`], with no tool running past `tool_deadline` into a turn.
+async fn harness_with(
+    server: &FakeLlm,
+    small: Option<RouteRule>,
+    tools: Tools,
+    tool_deadline: Duration,
+) -> Harness {
     let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
     let store = dynamo.store("turns", StoreOptions::default());
     let routes = Routes {
@@ -66,7 +77,7 @@ async fn harness_routed(server: &FakeLlm, small: Option<RouteRule>, tools: Tools
         system_prompt: Some("Be brief.".to_owned()),
         memory: Default::default(),
         reply_max_bytes: 300_000,
-        tool_deadline: Duration::from_secs(60),
+        tool_deadline,
     };
     let generator = Arc::new(generator::Generator::new(store.clone(), routes, settings).with_tools(tools));
     Harness { _dynamo: dynamo, store, generator }
@@ -358,4 +369,76 @@ async fn a_short_message_that_needs_a_tool_is_handed_from_the_small_model_to_the
     let routing = reply.routing.clone().unwrap();
     assert_eq!((routing.route.as_str(), routing.model.as_str()), ("escalated", "big-model"));
     assert_eq!(reply.content, "42.");
+}
+
+#[tokio::test]
+async fn a_flood_of_tool_calls_runs_only_the_steps_cap_and_every_stored_item_fits() {
+    // A step of 40 calls of 3 KB each, then a step of 40 calls of 10 KB each: 400 KB of calls,
+    // which once went into one chunk item, over DynamoDB's 400 KB, and failed the turn.
+    let small = format!("{{\"expression\":\"1+1\",\"note\":\"{}\"}}", "x".repeat(3_000));
+    let big = format!("{{\"expression\":\"2+2\",\"note\":\"{}\"}}", "y".repeat(10_000));
+    let ids: Vec<String> = (0..80).map(|i| format!("call_{i}")).collect();
+    let step = |ids: &[String], arguments: &str| -> Vec<(String, String, String)> {
+        ids.iter().map(|id| (id.clone(), "calculator".to_owned(), arguments.to_owned())).collect()
+    };
+    let (first, second) = (step(&ids[..40], &small), step(&ids[40..], &big));
+    fn borrow(calls: &[(String, String, String)]) -> Vec<(&str, &str, &str)> {
+        calls.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect()
+    }
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_tool_calls("Many. ", &borrow(&first)),
+        fake_llm::openai_tool_calls("Huge. ", &borrow(&second)),
+        fake_llm::openai_reply(&["Done."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let h = harness_routed(&server, None, Tools::builtin()).await;
+    let (session, turn) = h.turn(None, "Calculate a lot.").await;
+    let (stored, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::AiCommitted, "{stored:?}");
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, "Many. Huge. Done.");
+    assert_eq!(reply.tool_uses.len(), 80, "every call is answered");
+    let ran: Vec<&ToolUse> = reply.tool_uses.iter().filter(|u| !u.is_error).collect();
+    assert_eq!(ran.len(), 8, "TOOL_MAX_CALLS_PER_STEP (8) of the first step ran, none of the second");
+    assert!(ran.iter().all(|u| u.result == "2" && u.arguments == small));
+    for refused in &reply.tool_uses[8..40] {
+        assert!(refused.result.contains("too many tool calls") && refused.arguments == "{}", "{refused:?}");
+    }
+    for refused in &reply.tool_uses[40..48] {
+        assert!(refused.result.contains("over 4096 bytes") && refused.arguments == "{}", "{refused:?}");
+    }
+    for refused in &reply.tool_uses[48..] {
+        assert!(refused.result.contains("too many tool calls") && refused.arguments == "{}", "{refused:?}");
+    }
+    let chunks = h.store.read_chunks(session, turn, None, true).await.unwrap();
+    let largest = chunks.iter().map(|c| c.tokens.iter().map(String::len).sum::<usize>()).max().unwrap();
+    assert!(largest < 100_000, "a chunk of {largest} bytes");
+    // The model was told, in its own format, which calls ran and which did not.
+    let messages = server.requests()[1].json()["messages"].clone();
+    let answers: Vec<&serde_json::Value> =
+        messages.as_array().unwrap().iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(answers.len(), 40);
+    assert_eq!(answers[0]["content"], "2");
+    assert!(answers[39]["content"].as_str().unwrap().contains("too many tool calls"));
+}
+
+#[tokio::test]
+async fn no_tool_runs_past_the_turns_tool_deadline() {
+    // The model takes longer than the turn's tool deadline to ask for the calculator.
+    let mut slow =
+        fake_llm::openai_tool_calls("Let me see. ", &[("c1", "calculator", r#"{"expression":"6*7"}"#)]);
+    if let fake_llm::Reply::Stream { parts, .. } = &mut slow {
+        parts[0].0 = Duration::from_millis(600);
+    }
+    let server =
+        FakeLlm::start(vec![slow, fake_llm::openai_reply(&["Out of time."], Duration::ZERO)]).await.unwrap();
+    let h = harness_with(&server, None, Tools::builtin(), Duration::from_millis(300)).await;
+    let (session, turn) = h.turn(None, "What is six times seven?").await;
+    let (_, messages) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.tool_uses.len(), 1);
+    let answer = &reply.tool_uses[0];
+    assert!(answer.is_error && answer.result.contains("ran out of time"), "the tool did not run: {answer:?}");
+    assert_eq!(server.requests()[1].json()["tool_choice"], "none", "and the model must answer");
 }

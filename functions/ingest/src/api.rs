@@ -20,10 +20,12 @@ pub fn json(status: StatusCode, body: Value) -> Response<Body> {
 pub enum ApiError {
     /// 400: the request is malformed; `message` says what to fix.
     BadRequest { code: &'static str, message: String },
-    /// 401: no valid token; `message` says what to send.
-    Unauthorized { code: &'static str, message: String },
-    /// 403: the path names another user than the caller.
-    Forbidden { message: String },
+    /// 401: no valid credential; `message` says what to send, `challenge` how
+    /// (`WWW-Authenticate`).
+    Unauthorized { code: &'static str, message: String, challenge: &'static str },
+    /// 403: the path names another user than the caller's (`forbidden`), or the caller may not
+    /// use the API at all (`caller_not_allowed`).
+    Forbidden { code: &'static str, message: String },
     /// 404: no such session or route.
     NotFound { code: &'static str, message: String },
     /// 405: the path exists with other methods.
@@ -36,9 +38,16 @@ pub enum ApiError {
     TooLarge,
     /// 413: the message has more tokens than the model's prompt budget leaves for it.
     MessageTooLong { tokens: usize, limit: usize },
-    /// 429: a per-user limit; `Retry-After` says when to try again.
-    TooManyRequests { code: &'static str, message: String, retry_after: std::time::Duration },
-    /// 415: the body is declared as something other than JSON.
+    /// 429: a limit; `Retry-After` says when to try again, `details` (an object) what the limit
+    /// is.
+    TooManyRequests {
+        code: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+        details: Option<Value>,
+    },
+    /// 415: the body is not declared as JSON (`found`: what it is declared as; empty when it is
+    /// not declared at all).
     UnsupportedMediaType { found: String },
     /// 503: a dependency failed; nothing was half-written.
     Unavailable { code: &'static str, message: String },
@@ -78,6 +87,7 @@ impl ApiError {
     /// The path names a user the caller may not act as.
     pub fn forbidden(user: &chat_core::UserId) -> ApiError {
         ApiError::Forbidden {
+            code: "forbidden",
             message: format!("you are not signed in as {:?}; use your own user id", user.as_str()),
         }
     }
@@ -96,14 +106,14 @@ impl ApiError {
         let (status, code, message, extra) = match self {
             ApiError::BadRequest { code, message } => (StatusCode::BAD_REQUEST, code, message, None),
             ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, code, message, None),
-            ApiError::Unauthorized { code, message } => {
+            ApiError::Unauthorized { code, message, challenge } => {
                 let mut response = json(StatusCode::UNAUTHORIZED, http_error::body(code, &message, None));
                 response
                     .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
                 return response;
             }
-            ApiError::Forbidden { message } => (StatusCode::FORBIDDEN, "forbidden", message, None),
+            ApiError::Forbidden { code, message } => (StatusCode::FORBIDDEN, code, message, None),
             ApiError::MethodNotAllowed { allow } => {
                 let message = format!("use {allow} on this path");
                 let body = http_error::body("method_not_allowed", &message, None);
@@ -129,7 +139,13 @@ impl ApiError {
             ApiError::UnsupportedMediaType { found } => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                format!("the body is declared as {found:?}; send JSON with content-type: application/json"),
+                match found.as_str() {
+                    "" => "the body's type is not declared; send JSON with content-type: application/json"
+                        .to_owned(),
+                    found => format!(
+                        "the body is declared as {found:?}; send JSON with content-type: application/json"
+                    ),
+                },
                 None,
             ),
             ApiError::MessageTooLong { tokens, limit } => (
@@ -140,9 +156,13 @@ impl ApiError {
                 ),
                 Some(json!({"tokens": tokens, "limit": limit})),
             ),
-            ApiError::TooManyRequests { code, message, retry_after } => {
+            ApiError::TooManyRequests { code, message, retry_after, details } => {
                 let seconds = http_error::retry_after_seconds(retry_after);
-                let body = http_error::body(code, &message, Some(json!({ "retry_after": seconds })));
+                let mut fields = json!({ "retry_after": seconds });
+                if let (Some(Value::Object(more)), Value::Object(fields)) = (details, &mut fields) {
+                    fields.extend(more);
+                }
+                let body = http_error::body(code, &message, Some(fields));
                 let mut response = json(StatusCode::TOO_MANY_REQUESTS, body);
                 response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
                 return response;
@@ -230,22 +250,25 @@ impl SendBody {
 
 impl From<chat_auth::AuthError> for ApiError {
     fn from(err: chat_auth::AuthError) -> ApiError {
-        use chat_auth::AuthError;
-        match err {
-            AuthError::Missing | AuthError::Invalid(_) => {
-                let (_, code) = err.status_and_code();
-                ApiError::Unauthorized { code, message: err.to_string() }
+        let (status, code) = err.status_and_code();
+        let message = err.to_string();
+        match (status, err.challenge()) {
+            (401, challenge) => {
+                ApiError::Unauthorized { code, message, challenge: challenge.unwrap_or("Bearer") }
             }
-            AuthError::BadUserHeader(_) => ApiError::bad_request("invalid_user_id", err.to_string()),
-            AuthError::KeysUnavailable => ApiError::unavailable("auth_unavailable", err.to_string()),
+            (403, _) => ApiError::Forbidden { code, message },
+            (503, _) => ApiError::unavailable(code, message),
+            _ => ApiError::bad_request(code, message),
         }
     }
 }
 
-/// A body must be declared as JSON when its type is declared at all: a `text/plain` or form POST
-/// is what another web page can send without a CORS preflight.
+/// A body must be declared as JSON: a `text/plain` or form POST, or a `fetch` of a Blob without a
+/// type (no `content-type` at all), is what another web page can send without a CORS preflight.
 pub fn require_json(headers: &lambda_http::http::HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::UnsupportedMediaType { found: String::new() });
+    };
     let declared = value.to_str().unwrap_or("").to_ascii_lowercase();
     let media = declared.split(';').next().unwrap_or("").trim();
     let json = media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"));

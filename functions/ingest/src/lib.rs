@@ -1,8 +1,9 @@
 //! The ingest function: accepts a user's message for a session (claim the turn, store the
-//! message, enqueue generation) and serves reads, cancel and delete. Every route of the ingest
-//! contract in ARCHITECTURE.md lives in [`App::handle`].
+//! message, enqueue generation) and serves reads, cancel and delete, and the chat page
+//! ([`web`]). Every route of the ingest contract in ARCHITECTURE.md lives in [`App::handle`].
 
 mod api;
+pub mod web;
 
 pub use api::ApiError;
 
@@ -13,8 +14,9 @@ use chat_core::queue::TurnMessage;
 use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
 use chat_core::{
-    Admission, CancelOutcome, ClientMessageId, DeleteOutcome, Event, NewMessage, Outcome, Role, SendOutcome,
-    Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId, UserLimits,
+    Admission, BudgetSpent, CancelOutcome, ClientMessageId, DeleteOutcome, Event, GlobalLimits, NewMessage,
+    Outcome, Role, SendOutcome, Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId,
+    UserLimits,
 };
 use chat_runtime::metrics;
 use chat_runtime::queue::Queue;
@@ -72,7 +74,11 @@ pub struct App {
     queue: Queue,
     /// Base of the `stream_url` in answers (`STREAM_URL_BASE`); a relative URL when unset.
     stream_url_base: String,
+    /// The chat page, which talks to this origin and the stream's.
+    page: web::Page,
     limits: UserLimits,
+    /// Limits over every user (`GLOBAL_TURNS_PER_MINUTE`).
+    global: GlobalLimits,
     /// A message must fit the generator's prompt budget alone (`MEMORY_MAX_TOKENS` less the
     /// system prompt `LLM_SYSTEM_PROMPT` and framing).
     budget: MessageBudget,
@@ -93,9 +99,8 @@ impl App {
         let aws = chat_runtime::aws::load_config().await;
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
         let queue = Queue::new(chat_runtime::queue::sqs(&aws), queue_url);
-        let mut app = App::new(store, auth, queue, common.limits, budget)?;
-        app.stream_url_base = stream_url_base.trim_end_matches('/').to_owned();
-        Ok(app)
+        let app = App::new(store, auth, queue, common.limits, budget)?;
+        Ok(app.with_stream_url_base(&stream_url_base).with_global_limits(common.global))
     }
 
     /// An app over explicit parts; `stream_url` answers are relative.
@@ -111,7 +116,30 @@ impl App {
             variable: "MEMORY_MAX_TOKENS".to_owned(),
             problem: format!("is {tokens}: the system prompt alone does not fit it"),
         })?;
-        Ok(App { store, auth, queue, stream_url_base: String::new(), limits, budget })
+        Ok(App {
+            store,
+            auth,
+            queue,
+            stream_url_base: String::new(),
+            page: web::Page::new(""),
+            limits,
+            global: GlobalLimits::default(),
+            budget,
+        })
+    }
+
+    /// The same app holding every user together to `global`.
+    pub fn with_global_limits(mut self, global: GlobalLimits) -> App {
+        self.global = global;
+        self
+    }
+
+    /// The same app answering with absolute `stream_url`s under `base` (`STREAM_URL_BASE`), and
+    /// serving the chat page that streams from its origin.
+    pub fn with_stream_url_base(mut self, base: &str) -> App {
+        self.stream_url_base = base.trim_end_matches('/').to_owned();
+        self.page = web::Page::new(&self.stream_url_base);
+        self
     }
 
     /// Serves one request; every outcome, errors included, is a JSON response.
@@ -144,6 +172,12 @@ impl App {
     }
 
     async fn route(&self, request: &Request, request_id: &str) -> Result<Response<Body>, ApiError> {
+        // The chat page is public: signing in happens on it.
+        if matches!(*request.method(), Method::GET | Method::HEAD) {
+            if let Some(page) = self.page.response(request.uri().path()) {
+                return Ok(page);
+            }
+        }
         let path = request.uri().path().trim_end_matches('/').to_owned();
         // Segments arrive percent-encoded (`alice%40example.com`); ids are matched decoded.
         let decoded = path
@@ -164,7 +198,8 @@ impl App {
                 _ => Err(ApiError::method_not_allowed("GET")),
             };
         }
-        let caller = self.auth.caller(request.headers(), None).await?;
+        let iam = chat_auth::iam_identity(request);
+        let caller = self.auth.authenticate(request.headers(), None, iam.as_ref()).await?.caller;
         let caller = &caller;
         match (segments.as_slice(), &method) {
             (["sessions", user, "messages"], &Method::POST) => {
@@ -214,16 +249,7 @@ impl App {
         if let Some((tokens, limit)) = self.budget.over(&body.message) {
             return Err(ApiError::MessageTooLong { tokens, limit });
         }
-        let per_minute = self.limits.turns_per_minute;
-        let admission =
-            self.store.take_turn(&user, per_minute).await.map_err(|e| ApiError::store_unavailable(&e))?;
-        if let Admission::Limited { retry_after } = admission {
-            return Err(ApiError::TooManyRequests {
-                code: "turn_rate_limited",
-                message: format!("you may start {per_minute} turns a minute; wait and send again"),
-                retry_after,
-            });
-        }
+        self.take_turn(&user).await?;
         let outcome = self
             .store
             .send_message(NewMessage {
@@ -236,10 +262,8 @@ impl App {
             .await
             .map_err(|e| ApiError::store_unavailable(&e))?;
         if !matches!(outcome, SendOutcome::Accepted(_)) {
-            // No turn started: the send does not count against the rate.
-            if let Err(err) = self.store.return_turn(&user, per_minute).await {
-                warn!(error = %err, "could not give back an unused turn");
-            }
+            // No turn started: the send does not count against the rates.
+            self.return_turn(&user).await;
         }
         match outcome {
             SendOutcome::Accepted(ticket) => {
@@ -259,7 +283,57 @@ impl App {
                 code: "session_limit",
                 message: format!("you have {limit} sessions, the most allowed; delete one to start another"),
                 retry_after: std::time::Duration::from_secs(60),
+                details: None,
             }),
+            SendOutcome::BudgetExhausted(spent) => Err(budget_exhausted(spent, self.store.now_ms())),
+        }
+    }
+
+    /// Takes a turn from the user's bucket, then from everyone's; a refusal by either is a 429
+    /// and leaves both as they were.
+    async fn take_turn(&self, user: &UserId) -> Result<(), ApiError> {
+        let per_minute = self.limits.turns_per_minute;
+        let admission =
+            self.store.take_turn(user, per_minute).await.map_err(|e| ApiError::store_unavailable(&e))?;
+        if let Admission::Limited { retry_after } = admission {
+            return Err(ApiError::TooManyRequests {
+                code: "turn_rate_limited",
+                message: format!("you may start {per_minute} turns a minute; wait and send again"),
+                retry_after,
+                details: Some(json!({"scope": "user"})),
+            });
+        }
+        let everyone = self.global.turns_per_minute;
+        let admission = match self.store.take_global_turn(everyone).await {
+            Ok(admission) => admission,
+            Err(err) => {
+                self.return_user_turn(user).await;
+                return Err(ApiError::store_unavailable(&err));
+            }
+        };
+        if let Admission::Limited { retry_after } = admission {
+            self.return_user_turn(user).await;
+            return Err(ApiError::TooManyRequests {
+                code: "turn_rate_limited",
+                message: "the service is at its turns-per-minute ceiling; wait and send again".to_owned(),
+                retry_after,
+                details: Some(json!({"scope": "global"})),
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives back the turn [`App::take_turn`] took from both buckets (the send started none).
+    async fn return_turn(&self, user: &UserId) {
+        self.return_user_turn(user).await;
+        if let Err(err) = self.store.return_global_turn(self.global.turns_per_minute).await {
+            warn!(error = %err, "could not give back an unused turn to the global bucket");
+        }
+    }
+
+    async fn return_user_turn(&self, user: &UserId) {
+        if let Err(err) = self.store.return_turn(user, self.limits.turns_per_minute).await {
+            warn!(error = %err, "could not give back an unused turn");
         }
     }
 
@@ -537,6 +611,22 @@ impl App {
             }
             DeleteOutcome::NotFound => Err(ApiError::session_not_found()),
         }
+    }
+}
+
+/// `429 daily_budget_exhausted`: the user's turns used today's tokens; the budget resets at the
+/// next 00:00 UTC, which `Retry-After` and `resets_at` say.
+fn budget_exhausted(spent: BudgetSpent, now_ms: u64) -> ApiError {
+    let wait = std::time::Duration::from_millis(spent.resets_at.saturating_sub(now_ms));
+    let resets_at = rfc3339_ms(spent.resets_at);
+    ApiError::TooManyRequests {
+        code: "daily_budget_exhausted",
+        message: format!(
+            "your turns used {} of today's {} tokens; the budget resets at {resets_at}",
+            spent.used, spent.limit
+        ),
+        retry_after: wait,
+        details: Some(json!({"resets_at": resets_at, "used": spent.used, "limit": spent.limit})),
     }
 }
 

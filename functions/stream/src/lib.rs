@@ -6,7 +6,6 @@
 //! a `retry:` hint, and stops reading as soon as the client is gone.
 
 pub mod sse;
-pub mod web;
 
 use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
@@ -100,6 +99,9 @@ enum StreamError {
     /// 429: the user has their most streams open.
     #[error("you have {max} streams open, the most allowed; close one and reconnect")]
     TooManyStreams { max: u32, retry_after: Duration },
+    /// 429: the turn has its most streams open (one turn may not hold all of a user's).
+    #[error("this turn has {max} streams open, the most allowed; close one and reconnect")]
+    TooManyStreamsOfTurn { max: u32, retry_after: Duration },
     /// 503: DynamoDB failed (logged where it happened).
     #[error("the session store is unavailable; try again")]
     StoreUnavailable,
@@ -118,7 +120,9 @@ impl StreamError {
             StreamError::TurnNotFound(_) => (StatusCode::NOT_FOUND, "turn_not_found"),
             StreamError::InvalidLastEventId(_) => (StatusCode::BAD_REQUEST, "invalid_last_event_id"),
             StreamError::InvalidTurn(_) => (StatusCode::BAD_REQUEST, "invalid_turn"),
-            StreamError::TooManyStreams { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
+            StreamError::TooManyStreams { .. } | StreamError::TooManyStreamsOfTurn { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_streams")
+            }
             StreamError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         }
     }
@@ -127,7 +131,8 @@ impl StreamError {
     fn into_response(self) -> Response<SseBody> {
         let (status, code) = self.status_and_code();
         let retry_after = match &self {
-            StreamError::TooManyStreams { retry_after, .. } => {
+            StreamError::TooManyStreams { retry_after, .. }
+            | StreamError::TooManyStreamsOfTurn { retry_after, .. } => {
                 Some(http_error::retry_after_seconds(*retry_after))
             }
             _ => None,
@@ -141,8 +146,10 @@ impl StreamError {
             .body(StreamBody::new(frames.boxed()))
             .expect("valid response");
         let headers = response.headers_mut();
-        if status == StatusCode::UNAUTHORIZED {
-            headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        if let StreamError::Auth(err) = &self {
+            if let Some(challenge) = err.challenge() {
+                headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
+            }
         }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             headers.insert(header::ALLOW, header::HeaderValue::from_static("GET"));
@@ -160,6 +167,8 @@ pub struct Relay {
     store: Store,
     auth: Authenticator,
     settings: Arc<RelaySettings>,
+    /// Streams one turn may have open at once (`MAX_STREAMS_PER_TURN`; 0: no limit).
+    streams_per_turn: u32,
 }
 
 /// Where a relay starts.
@@ -172,6 +181,8 @@ struct Position {
     turn: Turn,
     /// Index of the last token the client has; tokens after it are sent.
     after_index: Option<u64>,
+    /// When the caller's token stops being accepted, epoch ms: the stream ends there.
+    until: Option<u64>,
 }
 
 impl Relay {
@@ -179,30 +190,35 @@ impl Relay {
     pub async fn from_env() -> Result<Relay, ConfigError> {
         let env = Env::process();
         let table = env.required("TABLE_NAME")?;
+        let limits = chat_core::UserLimits::from_env(&env)?;
         let settings = RelaySettings {
             poll_fast: env.millis_or("STREAM_POLL_FAST_MS", Duration::from_millis(50))?,
             poll_slow: env.millis_or("STREAM_POLL_SLOW_MS", Duration::from_millis(500))?,
             keepalive: env.millis_or("STREAM_KEEPALIVE_MS", Duration::from_secs(15))?,
             max_duration: env.millis_or("STREAM_MAX_DURATION_MS", Duration::from_secs(600))?,
             retry: env.millis_or("STREAM_RETRY_MS", Duration::from_secs(1))?,
-            max_open_streams: chat_core::UserLimits::from_env(&env)?.open_streams,
+            max_open_streams: limits.open_streams,
         };
         let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
         let aws = chat_runtime::aws::load_config().await;
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), table, Default::default());
-        Ok(Relay::new(store, settings, auth))
+        Ok(Relay::new(store, settings, auth).with_streams_per_turn(limits.streams_per_turn))
     }
 
-    /// A relay over explicit parts.
+    /// A relay over explicit parts, with the default streams per turn.
     pub fn new(store: Store, settings: RelaySettings, auth: Authenticator) -> Relay {
-        Relay { store, auth, settings: Arc::new(settings) }
+        let streams_per_turn = chat_core::UserLimits::default().streams_per_turn;
+        Relay { store, auth, settings: Arc::new(settings), streams_per_turn }
+    }
+
+    /// The same relay letting one turn have at most `max` streams open (0: no limit).
+    pub fn with_streams_per_turn(mut self, max: u32) -> Relay {
+        self.streams_per_turn = max;
+        self
     }
 
     /// Answers `GET /sessions/{id}/stream`: an SSE stream, or a JSON error.
     pub async fn handle(&self, request: Request) -> Response<SseBody> {
-        if let Some(page) = page(&request) {
-            return page;
-        }
         match self.start(&request).await {
             Ok((position, session)) => {
                 let (tx, rx) = mpsc::channel::<String>(64);
@@ -240,11 +256,13 @@ impl Relay {
         }
         let query = request.query_string_parameters_ref();
         // EventSource cannot set headers: the token may come as `?access_token=`.
-        let caller = self
+        let iam = chat_auth::iam_identity(request);
+        let identified = self
             .auth
-            .caller(request.headers(), query.and_then(|q| q.first("access_token")))
+            .authenticate(request.headers(), query.and_then(|q| q.first("access_token")), iam.as_ref())
             .await
             .map_err(StreamError::Auth)?;
+        let (caller, until) = (identified.caller, identified.expires_at.map(|s| s.saturating_mul(1000)));
         let not_found = || StreamError::SessionNotFound(raw_id.to_owned());
         let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
         let last_event_id = request
@@ -279,26 +297,43 @@ impl Relay {
         let after_index = resume.filter(|(t, _)| *t == u64::from(turn.get())).map(|(_, i)| i);
         // The slot outlives the longest stream, in case this one dies without giving it back.
         let stream_id = uuid::Uuid::new_v4().simple().to_string();
-        let max = self.settings.max_open_streams;
         let hold = self.settings.max_duration + Duration::from_secs(60);
-        match self.store.open_stream(&session.user_id, &stream_id, max, hold).await.map_err(unavailable)? {
+        // The turn's slot first, then the user's: a turn cannot take every stream of its user.
+        let per_turn = self.streams_per_turn;
+        match self.store.open_turn_stream(id, turn, &stream_id, per_turn, hold).await.map_err(unavailable)? {
             Admission::Admitted => {}
             Admission::Limited { retry_after } => {
-                return Err(StreamError::TooManyStreams { max, retry_after })
+                return Err(StreamError::TooManyStreamsOfTurn { max: per_turn, retry_after })
             }
         }
+        let max = self.settings.max_open_streams;
+        let user_slot = self.store.open_stream(&session.user_id, &stream_id, max, hold).await;
+        if !matches!(user_slot, Ok(Admission::Admitted)) {
+            if let Err(err) = self.store.close_turn_stream(id, turn, &stream_id).await {
+                warn!(error = %err, "could not give back the turn's stream slot; it lapses on its own");
+            }
+        }
+        if let Admission::Limited { retry_after } = user_slot.map_err(unavailable)? {
+            return Err(StreamError::TooManyStreams { max, retry_after });
+        }
         let owner = session.user_id.clone();
-        Ok((Position { session: id, owner, stream_id, turn, after_index }, session))
+        Ok((Position { session: id, owner, stream_id, turn, after_index, until }, session))
     }
 
     async fn relay(&self, position: Position, first_read: Session, tx: mpsc::Sender<String>) {
         let mut lags = Vec::new();
         let followed = self.follow(&position, first_read, &tx, &mut lags).await;
         metrics::millis(metrics::name::RELAY_LAG, &lags, &[]);
-        // Give the slot back before the last frames go out, so a client that reconnects at once
-        // finds it free.
+        // Give the slots back before the last frames go out, so a client that reconnects at once
+        // finds them free.
         if let Err(err) = self.store.close_stream(&position.owner, &position.stream_id).await {
             warn!(error = %err, "could not give back the stream slot; it lapses on its own");
+        }
+        if self.streams_per_turn > 0 {
+            let (session, turn) = (position.session, position.turn);
+            if let Err(err) = self.store.close_turn_stream(session, turn, &position.stream_id).await {
+                warn!(error = %err, "could not give back the turn's stream slot; it lapses on its own");
+            }
         }
         match followed {
             Ok(()) => {}
@@ -327,6 +362,7 @@ impl Relay {
         let mut next_index = position.after_index.map_or(0, |i| i + 1);
         let mut generating = first_read.state == State::AiGenerating;
         let mut empty_polls = 0u32;
+        let mut state = first_read.state;
         let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
         let mut sent_tokens = 0usize;
         let send = |text: String| async move { tx.send(text).await.is_ok() };
@@ -336,6 +372,15 @@ impl Relay {
         loop {
             if tx.is_closed() {
                 info!(sent_tokens, "client went away");
+                return Ok(());
+            }
+            // A stream lasts no longer than the token it was opened with: the client signs in
+            // again and reconnects (no `retry:` first, since reconnecting with it would fail).
+            if position.until.is_some_and(|until| self.store.now_ms() >= until) {
+                let data = json!({"code": "token_expired", "message": "your sign-in expired; sign in again and reconnect",
+                    "state": state, "turn": position.turn});
+                send(sse::event("error", None, &data.to_string())).await;
+                info!(sent_tokens, "the caller's token expired; stream closed");
                 return Ok(());
             }
             let chunks = self.store.read_chunks(position.session, position.turn, last_seq, false).await?;
@@ -372,6 +417,7 @@ impl Relay {
                     Some(current) => current,
                 };
                 generating = session.state == State::AiGenerating;
+                state = session.state;
                 let turn_over = session.turn > position.turn || session.state.turn_ended();
                 if turn_over {
                     return self.finish(position, &session, last_seq, next_index, tx).await;
@@ -477,26 +523,6 @@ impl Relay {
         info!(tokens = next_index, "turn over; stream closed");
         Ok(())
     }
-}
-
-/// The chat page's files for `GET` (or `HEAD`) of their paths.
-fn page(request: &Request) -> Option<Response<SseBody>> {
-    use lambda_http::http::Method;
-    if !matches!(*request.method(), Method::GET | Method::HEAD) {
-        return None;
-    }
-    let (content_type, text) = web::asset(request.uri().path())?;
-    let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from_static(text.as_bytes()))) });
-    let response = Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header(header::CONTENT_SECURITY_POLICY, web::CONTENT_SECURITY_POLICY)
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-        .header(header::REFERRER_POLICY, "no-referrer")
-        .body(StreamBody::new(frames.boxed()))
-        .expect("valid response");
-    Some(response)
 }
 
 /// Sends the chunk's tokens from `next_index` on, as `token` events with ids `{turn}:{index}`;

@@ -13,6 +13,10 @@
 //! answers on AWS. A slot is held until the function's response starts: a buffered answer is
 //! then complete, and a streaming one no longer occupies the instance.
 //!
+//! It answers only to its own host names (`Host: 127.0.0.1:PORT` or `localhost:PORT`): a page on
+//! another name that resolves to loopback (DNS rebinding) would otherwise be same-origin with it
+//! and, with `AUTH_MODE=none`, read anyone's sessions; it gets `421` before anything else.
+//!
 //! With a local token issuer it also stands in for the identity provider: it publishes the
 //! issuer's keys (`/.well-known/jwks.json`) and mints tokens (`POST /dev/token {"sub": "alice"}`).
 
@@ -64,6 +68,8 @@ struct Lane {
 
 struct Gateway {
     upstream: String,
+    /// The `Host` values it answers to: its own address by IP and by `localhost`.
+    hosts: Vec<String>,
     /// Origins whose pages may call the API.
     origins: Vec<String>,
     issuer: Option<Arc<DevIssuer>>,
@@ -82,10 +88,12 @@ pub struct Running {
     pub counters: Arc<Counters>,
 }
 
-/// Serves the one-origin API on `listener`, forwarding to `upstream` (`cargo lambda watch`).
+/// Serves the one-origin API on `listener`, forwarding to `upstream` (`cargo lambda watch`);
+/// it answers to the `Host` names `hosts` (`127.0.0.1:PORT`, `localhost:PORT`) only.
 pub fn start(
     listener: tokio::net::TcpListener,
     upstream: String,
+    hosts: Vec<String>,
     limits: Limits,
     issuer: Option<Arc<DevIssuer>>,
     origins: Vec<String>,
@@ -96,6 +104,7 @@ pub fn start(
     let counters = Arc::new(Counters::default());
     let gateway = Arc::new(Gateway {
         upstream,
+        hosts,
         origins,
         issuer,
         http: reqwest::Client::builder()
@@ -124,7 +133,7 @@ pub fn start(
 pub fn function_for(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match segments.as_slice() {
-        ["sessions", _, "stream"] | [] | ["index.html" | "app.js" | "app.css"] => "stream",
+        ["sessions", _, "stream"] => "stream",
         _ => "ingest",
     }
 }
@@ -134,6 +143,15 @@ pub fn function_for(path: &str) -> &'static str {
 /// POST needs no preflight, so leaving it to the browser would let it through); clients that
 /// are not browsers send no `Origin` and are not affected.
 async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    let host = host.or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if !host.is_some_and(|host| gateway.hosts.iter().any(|ours| ours.eq_ignore_ascii_case(host))) {
+        let body = json!({"error": {
+            "code": "misdirected_request",
+            "message": format!("this API answers as {} only", gateway.hosts.join(" or ")),
+        }});
+        return json_response(StatusCode::MISDIRECTED_REQUEST, body, None);
+    }
     let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let Some(origin) = origin else { return serve(&gateway, request).await };
     if !gateway.origins.contains(&origin) {
@@ -330,9 +348,9 @@ mod tests {
         assert_eq!(function_for("/sessions/abc"), "ingest");
         assert_eq!(function_for("/sessions/alice/messages"), "ingest");
         assert_eq!(function_for("/health"), "ingest");
-        // The chat page's files.
+        // The chat page's files: ingest serves them, so the page's API is its own origin.
         for page in ["/", "/index.html", "/app.js", "/app.css"] {
-            assert_eq!(function_for(page), "stream", "{page}");
+            assert_eq!(function_for(page), "ingest", "{page}");
         }
         assert_eq!(function_for("/other.js"), "ingest");
     }

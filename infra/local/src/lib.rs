@@ -301,6 +301,9 @@ impl Stack {
             // CORS is the gateway's, from an origin list; the watcher's own allows any origin.
             .arg("--disable-cors")
             .args((!settings.reload_on_change).then_some("--ignore-changes"))
+            // The functions' proof that they run here, not on Lambda (`AUTH_MODE=none`, local
+            // concurrency); never in `[metadata.lambda.env]`, which a deploy would carry.
+            .env(chat_runtime::aws::LOCAL_STACK, "1")
             .env(
                 chat_runtime::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
                 settings.invocations_per_instance.to_string(),
@@ -357,10 +360,13 @@ impl Stack {
             max_wait: settings.max_wait,
         };
         let mut origins = vec![api.clone(), api.replace("127.0.0.1", "localhost")];
+        let hosts: Vec<String> =
+            origins.iter().map(|origin| origin.trim_start_matches("http://").to_owned()).collect();
         origins.extend(settings.cors_origins.iter().map(|o| o.trim_end_matches('/').to_owned()));
         let (front, gateway_task) = gateway::start(
             api_listener,
             functions.clone(),
+            hosts,
             limits,
             issuer.clone(),
             origins,

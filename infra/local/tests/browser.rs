@@ -333,6 +333,88 @@ async fn two_users_do_not_see_each_others_sessions() {
     browser.close().await;
 }
 
+/// A listener on loopback that counts the connections made to it.
+async fn counting_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    (port, hits)
+}
+
+#[tokio::test]
+async fn a_page_opened_with_another_api_in_its_address_sends_nothing_there() {
+    let (port, hits) = counting_listener().await;
+    let elsewhere = format!("http://127.0.0.1:{port}");
+    let browser = browser().await;
+    let user = format!("link-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    // A link someone sent: the page with `?api=` naming their server, opened while signed in.
+    browser.client.goto(&format!("{}/?api={elsewhere}", api())).await.unwrap();
+    browser.client.refresh().await.unwrap();
+    let check = format!("return document.getElementById('whoami').textContent.includes({})", json!(user));
+    browser.until("signed in", &check, Duration::from_secs(10)).await;
+    browser.send("hello after a link").await;
+    browser.until_reply("done").await;
+    // An origin an earlier version of the page stored is not used either.
+    browser.js(&format!("localStorage.setItem('chat.api', {}); return true", json!(elsewhere))).await;
+    browser.client.refresh().await.unwrap();
+    browser
+        .until(
+            "the sessions listed by the real API",
+            "return document.querySelectorAll('#sessions a').length === 1",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.send("and again").await;
+    browser
+        .until(
+            "the second reply",
+            "const all = document.querySelectorAll('#messages li.assistant');
+             return all.length === 2 && all[1].dataset.state === 'done'",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing went to {elsewhere}");
+    assert_eq!(browser.js("return localStorage.getItem('chat.api')").await, Value::Null);
+    let stored = browser.js("return JSON.stringify(localStorage)").await;
+    assert!(!stored.as_str().unwrap().contains(&port.to_string()), "{stored}");
+    browser.screenshot("api-link-ignored").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn hostile_text_renders_in_linear_time() {
+    let browser = browser().await;
+    browser.open_page().await;
+    browser
+        .until("the page's script", "return typeof renderMarkdown === 'function'", Duration::from_secs(10))
+        .await;
+    // Each used to take seconds (every `[` scanned to the end of the text), and a reply was
+    // rendered again on every frame.
+    let timings = browser
+        .js("const time = (text) => {
+               const start = performance.now();
+               renderMarkdown(text, document.createElement('div'));
+               return performance.now() - start;
+             };
+             return {brackets: time('['.repeat(40000)), links: time('[a](http://'.repeat(4000)),
+                     ticks: time('`'.repeat(40000)), open_bold: time('**' + 'a'.repeat(40000))};")
+        .await;
+    for (case, ms) in timings.as_object().unwrap() {
+        let ms = ms.as_f64().unwrap();
+        eprintln!("renderMarkdown {case}: {ms:.1} ms");
+        assert!(ms < 300.0, "{case} took {ms:.0} ms: {timings}");
+    }
+    browser.close().await;
+}
+
 #[tokio::test]
 async fn a_reply_containing_markup_runs_no_script() {
     let browser = browser().await;

@@ -461,7 +461,23 @@ async fn a_last_event_id_of_turn_zero_or_past_any_reply_is_a_400_not_a_replay() 
 }
 
 #[tokio::test]
-async fn a_body_declared_as_anything_but_json_is_a_415() {
+async fn a_request_for_another_host_name_is_a_421_before_anything_runs() {
+    let port = api().rsplit(':').next().unwrap().to_owned();
+    // A page on a name that resolves to loopback (DNS rebinding) is same-origin with the API.
+    for host in [format!("evil.test:{port}"), "127.0.0.1".to_owned(), format!("127.0.0.1.evil.test:{port}")] {
+        let response = http().get(format!("{}/health", api())).header("host", &host).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 421, "Host: {host}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "misdirected_request");
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("LOCALHOST:{port}")] {
+        let response = http().get(format!("{}/health", api())).header("host", &host).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "Host: {host}");
+    }
+}
+
+#[tokio::test]
+async fn a_body_not_declared_as_json_is_a_415() {
     let url = format!("{}/sessions/{}/messages", api(), user());
     for declared in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
         let response = http()
@@ -475,6 +491,20 @@ async fn a_body_declared_as_anything_but_json_is_a_415() {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "unsupported_media_type");
     }
+    // No type at all (a fetch with a Blob body needs no preflight either): 415, nothing stored.
+    let user = user();
+    let response = http()
+        .post(format!("{}/sessions/{user}/messages", api()))
+        .body(r#"{"message": "hi"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 415, "no content-type");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unsupported_media_type");
+    assert!(body["error"]["message"].as_str().unwrap().contains("application/json"), "{body}");
+    let listed = request(reqwest::Method::GET, format!("{}/users/{user}/sessions", api()), None).await;
+    assert_eq!(listed.body["sessions"], json!([]), "nothing was stored");
     let response = http()
         .post(&url)
         .header("content-type", "application/json; charset=utf-8")

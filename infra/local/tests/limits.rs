@@ -1,5 +1,6 @@
 //! Per-user limits, end to end through the local stack: the turn rate, the session cap, open
-//! streams, the prompt budget at ingest and the reply size cap. Each over-limit answer is a 429
+//! streams (per user and per turn), the daily token budget, the prompt budget at ingest and the
+//! reply size cap. Each over-limit answer is a 429
 //! (or 413) with a JSON error and, for 429, `Retry-After`; it changes nothing, and other users
 //! are not affected.
 
@@ -13,12 +14,16 @@ use std::time::Duration;
 const TURNS_PER_MINUTE: u64 = 4;
 const MAX_SESSIONS: u64 = 3;
 const MAX_STREAMS: usize = 2;
+/// Tokens a user's turns may use a day: a few short turns fit, a long reply or two do not.
+const DAILY_TOKENS: u64 = 1000;
 
 fn api() -> &'static str {
     let env = [
         ("TURNS_PER_MINUTE", TURNS_PER_MINUTE.to_string()),
         ("MAX_SESSIONS_PER_USER", MAX_SESSIONS.to_string()),
         ("MAX_OPEN_STREAMS", MAX_STREAMS.to_string()),
+        ("MAX_STREAMS_PER_TURN", "1".to_owned()),
+        ("DAILY_TOKEN_BUDGET", DAILY_TOKENS.to_string()),
         // 300 tokens of prompt, 293 of them for the message with no system prompt.
         ("MEMORY_MAX_TOKENS", "300".to_owned()),
         ("REPLY_MAX_BYTES", "3000".to_owned()),
@@ -109,21 +114,32 @@ async fn a_message_over_the_prompt_budget_is_413_before_anything_is_stored() {
 }
 
 #[tokio::test]
-async fn streams_beyond_the_limit_get_429_until_one_closes() {
+async fn streams_beyond_the_turns_or_the_users_limit_get_429_until_one_closes() {
     let user = user();
-    // A turn of 150 tokens at 20 ms: about 3 s of streaming.
-    let (status, _, body) = post(&user, json!({"message": "[[reply-tokens:150]] talk a while"})).await;
-    assert_eq!(status, 202, "{body}");
-    let id = body["session_id"].as_str().unwrap().to_owned();
-    let url = format!("{}/sessions/{id}/stream", api());
-    let mut open = Vec::new();
-    for _ in 0..MAX_STREAMS {
-        let (status, reader) = SseReader::open(&url, None).await;
-        assert_eq!(status, 200);
-        open.push(reader);
+    // Three turns of 150 tokens at 20 ms, in three sessions: about 3 s of streaming each.
+    let mut urls = Vec::new();
+    for i in 0..3 {
+        let (status, _, body) =
+            post(&user, json!({"message": format!("[[reply-tokens:150]] talk a while {i}")})).await;
+        assert_eq!(status, 202, "{body}");
+        urls.push(format!("{}/sessions/{}/stream", api(), body["session_id"].as_str().unwrap()));
     }
-    let (status, retry_after, body) = call(Method::GET, url.clone(), None).await;
+    let (status, first) = SseReader::open(&urls[0], None).await;
+    assert_eq!(status, 200);
+    // One stream per turn here (MAX_STREAMS_PER_TURN=1): a second on the same turn is refused,
+    // so one turn cannot hold all of its user's streams.
+    let (status, retry_after, body) = call(Method::GET, urls[0].clone(), None).await;
     assert_eq!((status, body["error"]["code"].as_str()), (429, Some("too_many_streams")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("this turn"), "{body}");
+    assert!(retry_after.is_some_and(|s| s >= 1));
+    let (status, second) = SseReader::open(&urls[1], None).await;
+    assert_eq!(status, 200, "another turn has its own slot");
+    let open = vec![first, second];
+    assert_eq!(open.len(), MAX_STREAMS);
+    // The user's limit: a third stream, on a third turn, is refused.
+    let (status, retry_after, body) = call(Method::GET, urls[2].clone(), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("too_many_streams")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("you have 2 streams open"), "{body}");
     assert!(retry_after.is_some_and(|s| s >= 1));
     // Another user's streams are their own.
     let (other_status, _, other) = post(&common::user(), json!({"message": "hi"})).await;
@@ -137,10 +153,47 @@ async fn streams_beyond_the_limit_get_429_until_one_closes() {
         let events = reader.rest().await;
         assert_eq!(events.last().map(|e| e.event.as_str()), Some("commit_done"));
     }
-    let (status, mut reader) = SseReader::open(&url, None).await;
+    let (status, mut reader) = SseReader::open(&urls[0], None).await;
     assert_eq!(status, 200, "a slot is free once a stream has ended");
     let events = reader.rest().await;
     assert_eq!(indexes_of(&events), (0..150).collect::<Vec<u64>>(), "a full replay");
+}
+
+#[tokio::test]
+async fn a_user_past_the_daily_token_budget_gets_429_until_midnight_utc_and_nothing_changes() {
+    let user = user();
+    // Long replies (to the 3000-byte cap: several hundred tokens each) use the budget up.
+    let (status, _, body) = post(&user, json!({"message": "[[reply-tokens:2000]] spend"})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["session_id"].as_str().unwrap().to_owned();
+    let mut refused = None;
+    for turn in 2..=3 {
+        wait_idle(&id).await;
+        let (status, retry_after, body) =
+            post(&user, json!({"message": "[[reply-tokens:2000]] more", "session_id": id})).await;
+        if status == 429 {
+            refused = Some((turn, retry_after, body));
+            break;
+        }
+        assert_eq!(status, 202, "{body}");
+    }
+    let (turn, retry_after, body) = refused.expect("the budget ran out within three long turns");
+    assert_eq!(body["error"]["code"], "daily_budget_exhausted", "{body}");
+    assert_eq!(body["error"]["limit"], DAILY_TOKENS);
+    assert!(body["error"]["used"].as_u64().unwrap() >= DAILY_TOKENS, "{body}");
+    let resets_at = body["error"]["resets_at"].as_str().unwrap();
+    assert!(resets_at.ends_with("T00:00:00.000Z"), "midnight UTC: {resets_at}");
+    let wait = retry_after.expect("Retry-After");
+    assert!((1..=86_400).contains(&wait), "Retry-After {wait}");
+    assert_eq!(body["error"]["retry_after"], json!(wait));
+    let session = wait_idle(&id).await;
+    assert_eq!(session["turn"], turn - 1, "the refused send started no turn: {session}");
+    // A new session is refused too; another user is not.
+    let (status, _, body) = post(&user, json!({"message": "elsewhere"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("daily_budget_exhausted")), "{body}");
+    assert_eq!(sessions_of(&user).await.len(), 1);
+    let (status, _, body) = post(&common::user(), json!({"message": "hello"})).await;
+    assert_eq!(status, 202, "{body}");
 }
 
 #[tokio::test]

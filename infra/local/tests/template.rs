@@ -279,6 +279,8 @@ fn auth_mode_sets_the_function_urls_and_the_functions_together() {
     let template = template();
     let allowed = strings(&template["Parameters"]["AuthMode"]["AllowedValues"]);
     assert_eq!(allowed, ["jwt", "iam"], "none is for the local stack only");
+    assert_eq!(template["Parameters"]["IamAllowedCallers"]["Type"], "CommaDelimitedList");
+    assert_eq!(template["Parameters"]["IamAllowedCallers"]["Default"], "");
     for logical in ["IngestFunction", "StreamFunction"] {
         let properties = &resource(&template, logical)["Properties"];
         let url_auth = format!("{:?}", properties["FunctionUrlConfig"]["AuthType"]);
@@ -291,6 +293,9 @@ fn auth_mode_sets_the_function_urls_and_the_functions_together() {
         for var in ["JWT_ISSUER", "JWT_AUDIENCE"] {
             assert!(format!("{:?}", variables[var]).contains("IsJwt"), "{logical} sets {var} only for jwt");
         }
+        // iam: the principals that may call, from the parameter.
+        let allowed = format!("{:?}", variables["IAM_ALLOWED_CALLERS"]);
+        assert!(allowed.contains("IsJwt") && allowed.contains("IamAllowedCallers"), "{logical}: {allowed}");
     }
 }
 
@@ -318,26 +323,79 @@ fn each_function_reserves_its_own_concurrency_and_the_queue_stays_within_the_gen
     assert!(scaling.contains("GeneratorReservedConcurrency"), "{scaling}");
 }
 
-/// CORS comes from a configured origin list, empty by default, and is never `*`.
+/// CORS comes from a configured origin list, empty by default. The one `*` is the stream's in
+/// jwt mode: a stream needs its bearer token and no ambient credential rides along, and pinning
+/// it to ingest's origin would be a dependency cycle (ingest names the stream's URL).
 #[test]
-fn cors_allows_only_configured_origins() {
+fn cors_allows_only_configured_origins_and_a_stream_only_with_its_token() {
     let template = template();
     let origins = &template["Parameters"]["AllowedOrigins"];
     assert_eq!(origins["Default"].as_str(), Some(""));
-    for logical in ["IngestFunction", "StreamFunction"] {
-        let cors = format!("{:?}", resource(&template, logical)["Properties"]["FunctionUrlConfig"]["Cors"]);
-        assert!(cors.contains("HasOrigins") && cors.contains("AllowedOrigins"), "{logical}: {cors}");
-        assert!(!cors.contains("\"*\""), "{logical}: {cors}");
-    }
-    // The chat page is served by the stream URL: ingest always allows that origin.
-    let ingest =
-        format!("{:?}", resource(&template, "IngestFunction")["Properties"]["FunctionUrlConfig"]["Cors"]);
-    assert!(ingest.contains("StreamFunctionUrl.FunctionUrl"), "{ingest}");
-    let page = format!("{:?}", template["Outputs"]["ChatPageUrl"]["Value"]);
-    assert!(
-        page.contains("StreamFunctionUrl") && page.contains("?api=") && page.contains("IngestFunctionUrl"),
-        "{page}"
+    let cors =
+        |logical: &str| resource(&template, logical)["Properties"]["FunctionUrlConfig"]["Cors"].clone();
+    let ingest = format!("{:?}", cors("IngestFunction"));
+    assert!(ingest.contains("HasOrigins") && ingest.contains("AllowedOrigins"), "{ingest}");
+    assert!(!ingest.contains("\"*\"") && !ingest.contains("StreamFunctionUrl"), "{ingest}");
+    let Value::Tagged(stream) = cors("StreamFunction") else { panic!("the stream's CORS is an !If") };
+    let branches = stream.value.as_sequence().unwrap();
+    assert_eq!((stream.tag.to_string().as_str(), branches[0].as_str()), ("!If", Some("IsJwt")));
+    assert_eq!(strings(&branches[1]["AllowOrigins"]), ["*"], "jwt: any page, with its token");
+    assert_eq!(branches[1]["AllowCredentials"], false, "never with credentials");
+    let iam = format!("{:?}", branches[2]);
+    assert!(iam.contains("HasOrigins") && iam.contains("AllowedOrigins") && !iam.contains("\"*\""), "{iam}");
+}
+
+/// The chat page is served by ingest, so its API is the origin that served it; its address
+/// names nothing else (no `?api=`, which once let a link send the token anywhere).
+#[test]
+fn the_chat_page_is_ingests_own_url_with_nothing_added() {
+    let template = template();
+    let page = &template["Outputs"]["ChatPageUrl"]["Value"];
+    assert_eq!(page, &serde_norway::from_str::<Value>("!GetAtt IngestFunctionUrl.FunctionUrl").unwrap());
+    assert!(!format!("{page:?}").contains("?api="), "{page:?}");
+}
+
+/// The Cognito pool the stack creates admits only users an administrator creates, unless
+/// `SelfSignUp` says otherwise (its app client's id is public), and never tells a caller whether
+/// an account exists.
+#[test]
+fn the_user_pool_is_admin_only_by_default_and_hides_which_users_exist() {
+    let template = template();
+    let sign_up = &template["Parameters"]["SelfSignUp"];
+    assert_eq!(
+        (sign_up["Default"].as_str(), strings(&sign_up["AllowedValues"])),
+        (Some("false"), vec!["false".to_owned(), "true".to_owned()])
     );
+    let condition = serde_norway::to_string(&template["Conditions"]["AllowSelfSignUp"]).unwrap();
+    assert!(condition.contains("SelfSignUp") && condition.contains("true"), "{condition}");
+    let only_admin =
+        &resource(&template, "UserPool")["Properties"]["AdminCreateUserConfig"]["AllowAdminCreateUserOnly"];
+    let Value::Tagged(choice) = only_admin else { panic!("follows AllowSelfSignUp: {only_admin:?}") };
+    let branches = choice.value.as_sequence().unwrap();
+    assert_eq!(choice.tag.to_string(), "!If");
+    assert_eq!(
+        (branches[0].as_str(), &branches[1], &branches[2]),
+        (Some("AllowSelfSignUp"), &Value::Bool(false), &Value::Bool(true))
+    );
+    let client = &resource(&template, "UserPoolClient")["Properties"];
+    assert_eq!(client["PreventUserExistenceErrors"], "ENABLED");
+}
+
+/// The spend and fairness limits are parameters that reach the functions that enforce them.
+#[test]
+fn the_spend_limits_reach_the_functions_that_enforce_them() {
+    let template = template();
+    for (parameter, variable, functions, default) in [
+        ("DailyTokenBudget", "DAILY_TOKEN_BUDGET", &["IngestFunction", "GeneratorFunction"][..], 0),
+        ("GlobalTurnsPerMinute", "GLOBAL_TURNS_PER_MINUTE", &["IngestFunction"][..], 0),
+        ("MaxStreamsPerTurn", "MAX_STREAMS_PER_TURN", &["StreamFunction"][..], 2),
+    ] {
+        assert_eq!(template["Parameters"][parameter]["Default"].as_u64(), Some(default), "{parameter}");
+        for function in functions {
+            let value = &resource(&template, function)["Properties"]["Environment"]["Variables"][variable];
+            assert_eq!(value, &resource_ref(parameter), "{function} {variable}");
+        }
+    }
 }
 
 /// Every metric of the stack's own namespace that an alarm or the dashboard names is one the

@@ -6,14 +6,23 @@
 //!   as `EventSource` cannot set headers) verified against an OIDC issuer's published keys
 //!   (Cognito user pools, Auth0 and the like): signature, `iss`, `aud` or `client_id`, `exp`,
 //!   `nbf`. The user is the token's `sub`.
-//! - `iam`: the Function URL's `AWS_IAM` auth admitted a trusted backend; it acts as the user the
-//!   path names, or as the user in an `X-User-Id` header when it sends one.
-//! - `none`: as `iam`, with nothing in front: refused unless the Lambda runtime API is on
-//!   loopback, so only the local stack can run this way.
+//! - `iam`: the Function URL's `AWS_IAM` auth admitted a signed caller, a trusted backend. The
+//!   request must carry that IAM identity (its `requestContext.authorizer.iam`; a URL whose auth
+//!   drifted to `NONE` delivers none, and is refused), from an allowed principal when
+//!   `IAM_ALLOWED_CALLERS` names some, and must name the user it acts for in `X-User-Id`, on
+//!   every route: there is no caller that owns every session.
+//! - `none`: as `iam`, with nothing in front: refused unless the process is a function of the
+//!   local stack (`chat_runtime::aws::local_stack`: its own signal, no variable only Lambda sets,
+//!   the emulator's runtime API), so a deployed function can never run this way.
 
 #[cfg(feature = "dev-issuer")]
 pub mod dev_issuer;
 mod jwks;
+#[cfg(feature = "lambda-http")]
+mod lambda;
+
+#[cfg(feature = "lambda-http")]
+pub use lambda::iam_identity;
 
 use chat_core::config::{ConfigError, Env};
 use chat_core::UserId;
@@ -38,7 +47,8 @@ pub enum Mode {
 /// Token checks (`JWT_ISSUER`, `JWT_AUDIENCE`, `JWT_JWKS_URL`).
 #[derive(Debug, Clone)]
 pub struct JwtSettings {
-    /// The exact `iss` tokens must carry.
+    /// The `iss` tokens must carry, exactly (`verify` also takes it with its trailing `/`
+    /// added or removed: the same issuer, as Auth0's `https://TENANT.auth0.com/` shows).
     pub issuer: String,
     /// Accepted `aud` (ID tokens) or `client_id` (Cognito access tokens) values.
     pub audiences: Vec<String>,
@@ -59,11 +69,15 @@ pub struct AuthConfig {
     pub mode: Mode,
     /// The token checks, in `jwt` mode.
     pub jwt: Option<JwtSettings>,
+    /// In `iam` mode, the principals that may call (`IAM_ALLOWED_CALLERS`): exact ARNs, or
+    /// prefixes ending in `/*` (`arn:aws:sts::123456789012:assumed-role/ChatBackend/*`). Empty:
+    /// every principal the Function URL's policy admits.
+    pub iam_allowed_callers: Vec<String>,
 }
 
 impl AuthConfig {
     /// Reads `AUTH_MODE` and, for `jwt`, `JWT_ISSUER`, `JWT_AUDIENCE` (comma-separated) and
-    /// `JWT_JWKS_URL`.
+    /// `JWT_JWKS_URL`; for `iam`, `IAM_ALLOWED_CALLERS` (comma-separated).
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<AuthConfig, ConfigError> {
         let invalid =
             |variable: &str, problem: String| ConfigError { variable: variable.to_owned(), problem };
@@ -73,18 +87,18 @@ impl AuthConfig {
             "none" => Mode::None,
             other => return Err(invalid("AUTH_MODE", format!("is {other:?}; use jwt, iam or none"))),
         };
-        let on_loopback =
-            chat_runtime::aws::runtime_api_on_loopback(env.optional("AWS_LAMBDA_RUNTIME_API").as_deref());
-        if mode == Mode::None && !on_loopback {
-            return Err(invalid(
-                "AUTH_MODE",
-                "is none, which is for the local stack only (the Lambda runtime API is not on loopback); use jwt or iam"
-                    .to_owned(),
-            ));
+        if mode == Mode::None {
+            if let Err(not_local) = chat_runtime::aws::local_stack(env) {
+                return Err(invalid(
+                    "AUTH_MODE",
+                    format!("is none, which is for the local stack only ({not_local}); use jwt or iam"),
+                ));
+            }
         }
         let jwt = match mode {
             Mode::Jwt => {
-                let issuer = env.required("JWT_ISSUER")?.trim_end_matches('/').to_owned();
+                // Verbatim: Auth0's `iss` ends in `/`, Cognito's does not.
+                let issuer = env.required("JWT_ISSUER")?;
                 let audiences: Vec<String> = env
                     .required("JWT_AUDIENCE")?
                     .split(',')
@@ -94,8 +108,9 @@ impl AuthConfig {
                 if audiences.is_empty() {
                     return Err(invalid("JWT_AUDIENCE", "names no audience".to_owned()));
                 }
-                let jwks_url =
-                    env.optional("JWT_JWKS_URL").unwrap_or_else(|| format!("{issuer}/.well-known/jwks.json"));
+                let jwks_url = env
+                    .optional("JWT_JWKS_URL")
+                    .unwrap_or_else(|| format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')));
                 Some(JwtSettings {
                     issuer,
                     audiences,
@@ -107,8 +122,40 @@ impl AuthConfig {
             }
             Mode::Iam | Mode::None => None,
         };
-        Ok(AuthConfig { mode, jwt })
+        let iam_allowed_callers = match mode {
+            Mode::Iam => allowed_callers(env.optional("IAM_ALLOWED_CALLERS").as_deref().unwrap_or(""))
+                .map_err(|problem| invalid("IAM_ALLOWED_CALLERS", problem))?,
+            Mode::Jwt | Mode::None => Vec::new(),
+        };
+        Ok(AuthConfig { mode, jwt, iam_allowed_callers })
     }
+}
+
+/// `IAM_ALLOWED_CALLERS`: ARNs, each exact or a prefix ending in `/*`.
+fn allowed_callers(raw: &str) -> Result<Vec<String>, String> {
+    let entries: Vec<String> =
+        raw.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect();
+    for entry in &entries {
+        let wildcard_only_at_end =
+            entry.find('*').is_none_or(|at| at + 1 == entry.len() && entry.ends_with("/*"));
+        if !entry.starts_with("arn:") || !wildcard_only_at_end {
+            return Err(format!(
+                "names {entry:?}; use ARNs, exact or ending in /* (arn:aws:sts::123456789012:assumed-role/Role/*)"
+            ));
+        }
+    }
+    Ok(entries)
+}
+
+/// The IAM principal that signed a request, as the Function URL's `AWS_IAM` auth reports it
+/// (`requestContext.authorizer.iam`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IamIdentity {
+    /// `userArn`: `arn:aws:iam::123456789012:user/x`, or
+    /// `arn:aws:sts::123456789012:assumed-role/Role/session`.
+    pub user_arn: String,
+    /// `accountId`.
+    pub account_id: Option<String>,
 }
 
 /// Who a request comes from.
@@ -116,8 +163,20 @@ impl AuthConfig {
 pub enum Caller {
     /// A verified user: every route is scoped to them.
     User(UserId),
-    /// A trusted caller (`iam`, `none`), acting as the named user when it names one.
+    /// A trusted caller acting as the user it names (`iam`, where it must name one; `none`). Only
+    /// the local stack's `none` may name nobody, and then acts as anyone.
     Trusted(Option<UserId>),
+}
+
+/// A request's caller, and until when its credential holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identified {
+    /// Who is calling.
+    pub caller: Caller,
+    /// When a bearer token stops being accepted (its `exp` plus the allowed clock skew), epoch
+    /// seconds (`jwt`); `None` for credentials that do not lapse while a request runs. A long
+    /// request (a stream) ends there.
+    pub expires_at: Option<u64>,
 }
 
 impl Caller {
@@ -155,6 +214,18 @@ pub enum AuthError {
     /// 400: an `X-User-Id` that is not a user id.
     #[error("X-User-Id is not a valid user id: {0}")]
     BadUserHeader(String),
+    /// 400: `iam` mode, and the request names no user (`X-User-Id`).
+    #[error("name the user this request acts for in the X-User-Id header")]
+    MissingUserHeader,
+    /// 401: `iam` mode, and the request carries no IAM identity: it was not signed, or the
+    /// Function URL does not check signatures (its AuthType is not AWS_IAM).
+    #[error(
+        "sign the request with SigV4 for the lambda service: this API takes IAM-authenticated callers only"
+    )]
+    IamRequired,
+    /// 403: `iam` mode, and the signing principal is not in `IAM_ALLOWED_CALLERS`.
+    #[error("the caller {0} may not use this API")]
+    CallerNotAllowed(String),
     /// 503: the issuer's keys could not be fetched.
     #[error("the token issuer's keys are unavailable; try again")]
     KeysUnavailable,
@@ -167,7 +238,19 @@ impl AuthError {
             AuthError::Missing => (401, "missing_token"),
             AuthError::Invalid(_) => (401, "invalid_token"),
             AuthError::BadUserHeader(_) => (400, "invalid_user_id"),
+            AuthError::MissingUserHeader => (400, "missing_user_id"),
+            AuthError::IamRequired => (401, "iam_required"),
+            AuthError::CallerNotAllowed(_) => (403, "caller_not_allowed"),
             AuthError::KeysUnavailable => (503, "auth_unavailable"),
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401: how to authenticate instead.
+    pub fn challenge(&self) -> Option<&'static str> {
+        match self {
+            AuthError::Missing | AuthError::Invalid(_) => Some("Bearer"),
+            AuthError::IamRequired => Some("AWS4-HMAC-SHA256"),
+            _ => None,
         }
     }
 }
@@ -176,9 +259,13 @@ impl AuthError {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Checked by the decoder; kept so a long request (a stream) can end when it passes.
+    exp: Option<u64>,
     #[serde(default)]
     aud: Option<OneOrMany>,
     client_id: Option<String>,
+    /// Cognito's kind of token: `id` or `access` (never a `refresh` token).
+    token_use: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +280,24 @@ enum OneOrMany {
 pub struct Authenticator {
     mode: Mode,
     jwt: Option<Arc<(JwtSettings, KeySource)>>,
+    iam_allowed_callers: Arc<[String]>,
+}
+
+/// The user an `X-User-Id` header names, if it names one.
+fn named_user(headers: &http::HeaderMap) -> Result<Option<UserId>, AuthError> {
+    let named = headers.get("x-user-id").map(|v| {
+        let raw = v.to_str().map_err(|_| AuthError::BadUserHeader("not text".into()))?;
+        UserId::parse(raw).map_err(|e| AuthError::BadUserHeader(e.to_string()))
+    });
+    named.transpose()
+}
+
+/// Whether `arn` is on the allow list: an exact entry, or under an entry ending in `/*`.
+fn allowed(list: &[String], arn: &str) -> bool {
+    list.iter().any(|entry| match entry.strip_suffix('*') {
+        Some(prefix) => arn.starts_with(prefix) && arn.len() > prefix.len(),
+        None => arn == entry,
+    })
 }
 
 impl Authenticator {
@@ -208,13 +313,13 @@ impl Authenticator {
             }
             None => None,
         };
-        Ok(Authenticator { mode: config.mode, jwt })
+        Ok(Authenticator { mode: config.mode, jwt, iam_allowed_callers: config.iam_allowed_callers.into() })
     }
 
-    /// A trusted caller's authenticator (`iam`), for tests and benchmarks that build a function
-    /// from parts.
+    /// The local stack's authenticator (`none`: callers are trusted, and name a user when they
+    /// want one scope), for tests and benchmarks that build a function from parts.
     pub fn trusted() -> Authenticator {
-        Authenticator { mode: Mode::Iam, jwt: None }
+        Authenticator { mode: Mode::None, jwt: None, iam_allowed_callers: Arc::from([]) }
     }
 
     /// The mode.
@@ -228,12 +333,25 @@ impl Authenticator {
     }
 
     /// The caller of a request with `headers`; `query_token` is an `access_token` query
-    /// parameter, for clients that cannot set headers.
+    /// parameter, for clients that cannot set headers. A request that may carry an IAM
+    /// identity goes through [`Authenticator::authenticate`].
     pub async fn caller(
         &self,
         headers: &http::HeaderMap,
         query_token: Option<&str>,
     ) -> Result<Caller, AuthError> {
+        self.authenticate(headers, query_token, None).await.map(|identified| identified.caller)
+    }
+
+    /// Who is calling, and until when: a bearer token (`jwt`: the header, or `query_token` for
+    /// clients that cannot set headers), the IAM principal that signed the request and the user
+    /// it names (`iam`), or whoever the local stack's caller names (`none`).
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        query_token: Option<&str>,
+        iam: Option<&IamIdentity>,
+    ) -> Result<Identified, AuthError> {
         match (&self.jwt, self.mode) {
             (Some(jwt), Mode::Jwt) => {
                 let bearer = headers
@@ -242,15 +360,25 @@ impl Authenticator {
                     .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
                 let token = bearer.or(query_token).map(str::trim).filter(|t| !t.is_empty());
                 let token = token.ok_or(AuthError::Missing)?;
-                self.verify(&jwt.0, &jwt.1, token).await.map(Caller::User)
+                let (user, expires_at) = self.verify(&jwt.0, &jwt.1, token).await?;
+                Ok(Identified { caller: Caller::User(user), expires_at })
             }
-            _ => {
-                let named = headers.get("x-user-id").map(|v| {
-                    let raw = v.to_str().map_err(|_| AuthError::BadUserHeader("not text".into()))?;
-                    UserId::parse(raw).map_err(|e| AuthError::BadUserHeader(e.to_string()))
-                });
-                Ok(Caller::Trusted(named.transpose()?))
+            (_, Mode::Iam) => {
+                let Some(iam) = iam else {
+                    tracing::error!(
+                        "AUTH_MODE is iam, but the request carries no IAM identity: is the Function URL's AuthType AWS_IAM?"
+                    );
+                    return Err(AuthError::IamRequired);
+                };
+                if !self.iam_allowed_callers.is_empty() && !allowed(&self.iam_allowed_callers, &iam.user_arn)
+                {
+                    tracing::warn!(caller = %iam.user_arn, "a caller outside IAM_ALLOWED_CALLERS was refused");
+                    return Err(AuthError::CallerNotAllowed(iam.user_arn.clone()));
+                }
+                let user = named_user(headers)?.ok_or(AuthError::MissingUserHeader)?;
+                Ok(Identified { caller: Caller::Trusted(Some(user)), expires_at: None })
             }
+            _ => Ok(Identified { caller: Caller::Trusted(named_user(headers)?), expires_at: None }),
         }
     }
 
@@ -259,7 +387,7 @@ impl Authenticator {
         settings: &JwtSettings,
         keys: &KeySource,
         token: &str,
-    ) -> Result<UserId, AuthError> {
+    ) -> Result<(UserId, Option<u64>), AuthError> {
         let header = decode_header(token).map_err(|e| AuthError::Invalid(format!("not a JWT ({e})")))?;
         let kid = header.kid.ok_or_else(|| AuthError::Invalid("the token names no key id (kid)".into()))?;
         let key = keys.key(&kid).await?;
@@ -270,7 +398,7 @@ impl Authenticator {
             )));
         }
         let mut validation = Validation::new(key.algorithm);
-        validation.set_issuer(&[settings.issuer.as_str()]);
+        validation.set_issuer(&issuers(&settings.issuer));
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         validation.validate_nbf = true;
         validation.validate_aud = false; // checked below: `aud`, or Cognito's `client_id`
@@ -290,9 +418,24 @@ impl Authenticator {
         if !accepted {
             return Err(AuthError::Invalid("the token is for another audience".into()));
         }
+        if let Some(kind) = claims.token_use.as_deref().filter(|k| !matches!(*k, "id" | "access")) {
+            return Err(AuthError::Invalid(format!("it is a {kind:?} token, not an ID or access token")));
+        }
         let sub = claims.sub.ok_or_else(|| AuthError::Invalid("the token has no subject (sub)".into()))?;
-        UserId::parse(&sub).map_err(|e| AuthError::Invalid(format!("its subject is not a user id ({e})")))
+        let user = UserId::parse(&sub)
+            .map_err(|e| AuthError::Invalid(format!("its subject is not a user id ({e})")))?;
+        Ok((user, claims.exp.map(|exp| exp.saturating_add(settings.leeway.as_secs()))))
     }
+}
+
+/// The issuer as configured, and with its trailing `/` toggled: the same authority, written
+/// the way some issuers (Auth0) put it in `iss` and operators may not.
+fn issuers(issuer: &str) -> [String; 2] {
+    let toggled = match issuer.strip_suffix('/') {
+        Some(bare) => bare.to_owned(),
+        None => format!("{issuer}/"),
+    };
+    [issuer.to_owned(), toggled]
 }
 
 fn describe(err: &jsonwebtoken::errors::Error) -> String {
@@ -316,15 +459,45 @@ mod tests {
         Env::from_fn(move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
 
+    /// What `cargo lambda watch` gives a function of the local stack.
+    const LOCAL: [(&str, &str); 3] = [
+        ("AUTH_MODE", "none"),
+        ("CHAT_LOCAL_STACK", "1"),
+        ("AWS_LAMBDA_RUNTIME_API", "http://127.0.0.1:9000/.rt/ingest"),
+    ];
+
+    /// What Lambda gives a deployed function, with `AUTH_MODE=none` set by its deployer.
+    const ON_LAMBDA: [(&str, &str); 8] = [
+        ("AUTH_MODE", "none"),
+        ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand"),
+        ("_HANDLER", "bootstrap"),
+        ("LAMBDA_TASK_ROOT", "/var/task"),
+        ("AWS_LAMBDA_FUNCTION_NAME", "chat-IngestFunction-x"),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/x"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+
     #[test]
-    fn none_is_refused_off_loopback_and_modes_are_named() {
-        assert!(AuthConfig::from_env(&env(&[])).is_err(), "AUTH_MODE must be set");
-        let err =
-            AuthConfig::from_env(&env(&[("AUTH_MODE", "none"), ("AWS_LAMBDA_RUNTIME_API", "10.0.0.1:9001")]))
-                .unwrap_err();
+    fn none_is_refused_on_real_lambda_even_with_the_local_signal_copied_into_it() {
+        let err = AuthConfig::from_env(&env(&ON_LAMBDA)).unwrap_err();
+        assert_eq!(err.variable, "AUTH_MODE");
         assert!(err.problem.contains("local stack only"), "{err}");
-        let local = [("AUTH_MODE", "none"), ("AWS_LAMBDA_RUNTIME_API", "http://127.0.0.1:9000/.rt/ingest")];
-        assert_eq!(AuthConfig::from_env(&env(&local)).unwrap().mode, Mode::None);
+        let mut copied = ON_LAMBDA.to_vec();
+        copied.push(("CHAT_LOCAL_STACK", "1"));
+        let err = AuthConfig::from_env(&env(&copied)).unwrap_err();
+        assert!(err.problem.contains("AWS_LAMBDA_INITIALIZATION_TYPE"), "names what decided: {err}");
+        assert_eq!(AuthConfig::from_env(&env(&LOCAL)).unwrap().mode, Mode::None);
+        let unsignalled: Vec<_> = LOCAL.into_iter().filter(|(k, _)| *k != "CHAT_LOCAL_STACK").collect();
+        assert!(AuthConfig::from_env(&env(&unsignalled)).unwrap_err().problem.contains("CHAT_LOCAL_STACK"));
+        let mut bare = LOCAL.to_vec();
+        bare[2].1 = "127.0.0.1:9001";
+        assert!(AuthConfig::from_env(&env(&bare)).is_err(), "Lambda's runtime API is not the emulator's");
+    }
+
+    #[test]
+    fn modes_are_named_and_jwt_needs_its_settings() {
+        assert!(AuthConfig::from_env(&env(&[])).is_err(), "AUTH_MODE must be set");
         assert!(AuthConfig::from_env(&env(&[("AUTH_MODE", "basic")])).is_err());
         let err =
             AuthConfig::from_env(&env(&[("AUTH_MODE", "jwt"), ("JWT_ISSUER", "https://i")])).unwrap_err();
@@ -336,8 +509,98 @@ mod tests {
         ]))
         .unwrap();
         let settings = jwt.jwt.unwrap();
+        assert_eq!(settings.issuer, "https://issuer.example/pool/", "kept verbatim");
         assert_eq!(settings.jwks_url, "https://issuer.example/pool/.well-known/jwks.json");
         assert_eq!(settings.audiences, ["app", "web"]);
+        assert_eq!(issuers("https://t.auth0.com/"), ["https://t.auth0.com/", "https://t.auth0.com"]);
+        assert_eq!(issuers("https://cognito/p"), ["https://cognito/p", "https://cognito/p/"]);
+    }
+
+    fn iam(allowed: &[&str]) -> Authenticator {
+        let config = AuthConfig {
+            mode: Mode::Iam,
+            jwt: None,
+            iam_allowed_callers: allowed.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        Authenticator::new(config).unwrap()
+    }
+
+    fn headers(user: Option<&str>) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        if let Some(user) = user {
+            headers.insert("x-user-id", user.parse().unwrap());
+        }
+        headers
+    }
+
+    fn signed_by(arn: &str) -> IamIdentity {
+        IamIdentity { user_arn: arn.to_owned(), account_id: Some("123456789012".to_owned()) }
+    }
+
+    const BACKEND: &str = "arn:aws:sts::123456789012:assumed-role/ChatBackend/worker-1";
+
+    #[tokio::test]
+    async fn iam_needs_the_signers_identity_and_a_named_user_on_every_request() {
+        let auth = iam(&[]);
+        let alice = UserId::parse("alice").unwrap();
+        let unsigned = auth.authenticate(&headers(Some("alice")), None, None).await;
+        assert!(matches!(unsigned, Err(AuthError::IamRequired)), "{unsigned:?}");
+        assert_eq!(AuthError::IamRequired.status_and_code(), (401, "iam_required"));
+        let nameless = auth.authenticate(&headers(None), None, Some(&signed_by(BACKEND))).await;
+        assert!(matches!(nameless, Err(AuthError::MissingUserHeader)), "{nameless:?}");
+        assert_eq!(AuthError::MissingUserHeader.status_and_code(), (400, "missing_user_id"));
+        let named =
+            auth.authenticate(&headers(Some("alice")), None, Some(&signed_by(BACKEND))).await.unwrap();
+        assert_eq!(named, Identified { caller: Caller::Trusted(Some(alice)), expires_at: None });
+        // The convenience form has no identity to offer: refused, never all-powerful.
+        assert!(matches!(auth.caller(&headers(None), None).await, Err(AuthError::IamRequired)));
+    }
+
+    #[tokio::test]
+    async fn iam_callers_are_held_to_the_allow_list_exactly_or_by_prefix() {
+        let auth = iam(&[
+            "arn:aws:sts::123456789012:assumed-role/ChatBackend/*",
+            "arn:aws:iam::123456789012:user/ops",
+        ]);
+        let ok = |arn: &'static str| {
+            let auth = auth.clone();
+            async move { auth.authenticate(&headers(Some("alice")), None, Some(&signed_by(arn))).await }
+        };
+        assert!(ok(BACKEND).await.is_ok());
+        assert!(ok("arn:aws:iam::123456789012:user/ops").await.is_ok());
+        for refused in [
+            "arn:aws:iam::123456789012:user/ops2",
+            "arn:aws:sts::123456789012:assumed-role/ChatBackendX/s",
+            "arn:aws:sts::123456789012:assumed-role/ChatBackend/",
+            "arn:aws:sts::999999999999:assumed-role/ChatBackend/s",
+        ] {
+            let err = ok(refused).await.unwrap_err();
+            assert!(matches!(&err, AuthError::CallerNotAllowed(arn) if arn == refused), "{refused}: {err:?}");
+            assert_eq!(err.status_and_code(), (403, "caller_not_allowed"));
+        }
+    }
+
+    #[test]
+    fn the_allow_list_is_read_and_checked_in_iam_mode() {
+        let read =
+            |list: &str| AuthConfig::from_env(&env(&[("AUTH_MODE", "iam"), ("IAM_ALLOWED_CALLERS", list)]));
+        assert_eq!(read("").unwrap().iam_allowed_callers, Vec::<String>::new());
+        let list =
+            read(" arn:aws:iam::1:user/a , arn:aws:sts::1:assumed-role/R/* ").unwrap().iam_allowed_callers;
+        assert_eq!(list, ["arn:aws:iam::1:user/a", "arn:aws:sts::1:assumed-role/R/*"]);
+        for bad in ["*", "ChatBackend", "arn:aws:iam::*:user/a", "arn:aws:sts::1:assumed-role/R*"] {
+            assert_eq!(read(bad).unwrap_err().variable, "IAM_ALLOWED_CALLERS", "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_local_stacks_caller_may_name_nobody() {
+        let local = Authenticator::trusted();
+        assert_eq!(local.mode(), Mode::None);
+        assert_eq!(local.caller(&headers(None), None).await.unwrap(), Caller::Trusted(None));
+        let bob = UserId::parse("bob").unwrap();
+        assert_eq!(local.caller(&headers(Some("bob")), None).await.unwrap(), Caller::Trusted(Some(bob)));
+        assert!(matches!(local.caller(&headers(Some("a/b")), None).await, Err(AuthError::BadUserHeader(_))));
     }
 
     #[test]

@@ -36,8 +36,69 @@ fn authenticator(issuer: &str, jwks_url: String, min_refresh: Duration) -> Authe
             min_refresh,
             max_age: Duration::from_secs(3600),
         }),
+        iam_allowed_callers: Vec::new(),
     })
     .unwrap()
+}
+
+/// An authenticator configured as a deployment is: through `AUTH_MODE`, `JWT_ISSUER`,
+/// `JWT_AUDIENCE` and `JWT_JWKS_URL`.
+fn configured(issuer: &str, jwks_url: &str) -> Authenticator {
+    let vars = [
+        ("AUTH_MODE", "jwt".to_owned()),
+        ("JWT_ISSUER", issuer.to_owned()),
+        ("JWT_AUDIENCE", AUDIENCE.to_owned()),
+        ("JWT_JWKS_URL", jwks_url.to_owned()),
+    ];
+    let env = chat_core::config::Env::from_fn(move |name| {
+        vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+    });
+    Authenticator::new(AuthConfig::from_env(&env).unwrap()).unwrap()
+}
+
+fn user(id: &str) -> Caller {
+    Caller::User(UserId::parse(id).unwrap())
+}
+
+#[tokio::test]
+async fn auth0_tokens_with_their_trailing_slash_issuer_and_piped_subjects_are_accepted() {
+    let tenant = "https://tenant.auth0.test/";
+    let issuer = DevIssuer::new(tenant, AUDIENCE);
+    let url = jwks_server(Arc::new(RwLock::new(issuer.jwks()))).await;
+    let auth = configured(tenant, &url);
+    let audience = json!([AUDIENCE, "https://tenant.auth0.test/userinfo"]);
+    for sub in ["auth0|64f1c2", "google-oauth2|1098", "abc@clients"] {
+        let token = issuer.sign(json!({"iss": tenant, "sub": sub, "aud": audience, "exp": now() + 60}));
+        assert_eq!(auth.caller(&bearer(&token), None).await.unwrap(), user(sub), "{sub}");
+    }
+    // The operator wrote the issuer without its slash: the same issuer.
+    let auth = configured("https://tenant.auth0.test", &url);
+    let token = issuer.sign(json!({"iss": tenant, "sub": "auth0|x", "aud": AUDIENCE, "exp": now() + 60}));
+    assert_eq!(auth.caller(&bearer(&token), None).await.unwrap(), user("auth0|x"));
+    // Another tenant is still another issuer.
+    let other = issuer.sign(
+        json!({"iss": "https://other.auth0.test/", "sub": "auth0|x", "aud": AUDIENCE, "exp": now() + 60}),
+    );
+    assert!(refused(auth.caller(&bearer(&other), None).await).contains("another issuer"));
+}
+
+#[tokio::test]
+async fn cognito_id_and_access_tokens_are_accepted_and_refresh_tokens_are_not() {
+    let pool = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbC";
+    let issuer = DevIssuer::new(pool, AUDIENCE);
+    let url = jwks_server(Arc::new(RwLock::new(issuer.jwks()))).await;
+    let auth = configured(pool, &url);
+    let sub = "7d3c5c1e-6f1a-4b8e-9a3e-2b1f0c9d8e7f";
+    let access = issuer.sign(
+        json!({"iss": pool, "sub": sub, "token_use": "access", "client_id": AUDIENCE, "scope": "aws.cognito.signin.user.admin", "exp": now() + 60}),
+    );
+    assert_eq!(auth.caller(&bearer(&access), None).await.unwrap(), user(sub));
+    let id =
+        issuer.sign(json!({"iss": pool, "sub": sub, "token_use": "id", "aud": AUDIENCE, "exp": now() + 60}));
+    assert_eq!(auth.caller(&bearer(&id), None).await.unwrap(), user(sub));
+    let refresh = issuer
+        .sign(json!({"iss": pool, "sub": sub, "token_use": "refresh", "aud": AUDIENCE, "exp": now() + 60}));
+    assert!(refused(auth.caller(&bearer(&refresh), None).await).contains("refresh"));
 }
 
 fn bearer(token: &str) -> http::HeaderMap {

@@ -99,8 +99,11 @@ pub struct CommonConfig {
     pub lease: Duration,
     /// Generation attempts per turn before it ends in timeout (`MAX_ATTEMPTS`, default 3).
     pub max_generation_attempts: u32,
-    /// Per-user limits (`TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_SESSIONS_PER_USER`).
+    /// Per-user limits (`TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
+    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET`).
     pub limits: crate::UserLimits,
+    /// Limits over every user (`GLOBAL_TURNS_PER_MINUTE`).
+    pub global: crate::GlobalLimits,
 }
 
 impl CommonConfig {
@@ -112,6 +115,7 @@ impl CommonConfig {
             writing_timeout: env.millis_or("WRITING_TIMEOUT_MS", defaults.writing_timeout)?,
             pickup_timeout: env.millis_or("PICKUP_TIMEOUT_MS", defaults.pickup_timeout)?,
             max_sessions_per_user: limits.sessions,
+            daily_token_budget: limits.daily_tokens,
             retention: match env
                 .parse_or("SESSION_TTL_DAYS", defaults.retention.map_or(0, |d| d.as_secs() / 86_400))?
             {
@@ -127,6 +131,7 @@ impl CommonConfig {
             lease: env.millis_or("LEASE_MS", Duration::from_secs(30))?,
             max_generation_attempts: env.parse_or("MAX_ATTEMPTS", 3)?,
             limits,
+            global: crate::GlobalLimits::from_env(env)?,
         })
     }
 }

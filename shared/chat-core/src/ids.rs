@@ -53,9 +53,11 @@ impl From<SessionId> for String {
     }
 }
 
-/// Characters allowed in user ids and idempotency keys: URL-path safe and key-separator free.
+/// Characters allowed in user ids and idempotency keys: free of the key separator (`#`) and of
+/// path separators. `|` is in identity providers' subjects (Auth0's `auth0|64f1c2…`,
+/// `google-oauth2|1098…`); a client percent-encodes it in a path.
 fn is_key_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+' | '=')
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+' | '=' | '|')
 }
 
 fn parse_key(kind: &str, raw: &str, max: usize) -> Result<String, InvalidId> {
@@ -66,7 +68,7 @@ fn parse_key(kind: &str, raw: &str, max: usize) -> Result<String, InvalidId> {
         return Err(InvalidId(format!("{kind} is longer than {max} characters")));
     }
     if let Some(bad) = raw.chars().find(|c| !is_key_char(*c)) {
-        return Err(InvalidId(format!("{kind} contains {bad:?}; use letters, digits and - _ . @ + =")));
+        return Err(InvalidId(format!("{kind} contains {bad:?}; use letters, digits and - _ . @ + = |")));
     }
     Ok(raw.to_owned())
 }
@@ -235,6 +237,16 @@ mod tests {
         assert!(UserId::parse("a/b").is_err());
         assert!(UserId::parse(&"x".repeat(129)).is_err());
         assert!(UserId::parse(&"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn identity_providers_subjects_are_user_ids() {
+        for sub in ["auth0|64f1c2", "google-oauth2|1098", "samlp|corp|user@corp.example", "abc@clients"] {
+            assert_eq!(UserId::parse(sub).map(|u| u.as_str().to_owned()), Ok(sub.to_owned()));
+        }
+        for bad in ["a#b", "a/b", "a b", "a%7Cb", "a?b"] {
+            assert!(UserId::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

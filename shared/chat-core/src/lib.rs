@@ -16,9 +16,10 @@ pub mod time;
 pub use error::StoreError;
 pub use fsm::{Event, State};
 pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
-pub use limits::{Admission, UserLimits};
+pub use limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
 pub use model::{
     Chunk, LeaseInfo, Message, ReplyEvent, Routing, Session, StopReason, Summary, ToolUse, TransitionRecord,
+    Usage,
 };
 pub use store::{
     AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,

@@ -1,16 +1,29 @@
-//! Per-user limits, kept in the table so every instance of every function sees the same count:
-//! a turn rate (a token bucket), open streams (leased slots) and, in the store's send path,
-//! sessions per user (a counter moved in the same transactions that create and delete sessions).
+//! Limits, kept in the table so every instance of every function sees the same count: a turn
+//! rate per user and, optionally, for everyone (token buckets), open streams per user and per
+//! turn (leased slots) and, in the store's send path, sessions per user (a counter moved in the
+//! same transactions that create and delete sessions) and a daily token budget per user (checked
+//! in the transaction that claims a turn, charged in the one that ends it).
 //!
 //! Each check is a conditional write, so two instances racing for the last unit cannot both win.
+//!
+//! | item | `pk` | `sk` |
+//! |---|---|---|
+//! | a user's turn bucket | `U#{user}` | `LIMIT#turns` |
+//! | a user's open streams | `U#{user}` | `LIMIT#streams` |
+//! | a user's session count | `U#{user}` | `LIMIT#sessions` |
+//! | a user's tokens of a UTC day | `U#{user}` | `LIMIT#tokens#{YYYY-MM-DD}` (TTL: 2 days after it) |
+//! | a turn's open streams | `S#{session}` | `STREAMS#{turn:08}` (deleted with its session) |
+//! | everyone's turn bucket | `LIMIT` | `TURNS` |
 
 use crate::config::{ConfigError, Env};
 use crate::error::StoreError;
-use crate::ids::UserId;
+use crate::ids::{SessionId, Turn, UserId};
 use crate::model::Item;
 use crate::store::{key, number, Store, Written};
 use crate::table::{self, TTL_ATTRIBUTE};
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ConditionCheck, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -21,28 +34,64 @@ pub struct UserLimits {
     pub turns_per_minute: u32,
     /// Streams a user may hold open at once (`MAX_OPEN_STREAMS`).
     pub open_streams: u32,
+    /// Streams one turn may have open at once (`MAX_STREAMS_PER_TURN`), so one turn cannot hold
+    /// all of its user's.
+    pub streams_per_turn: u32,
     /// Sessions a user may have (`MAX_SESSIONS_PER_USER`); deleting one frees its place.
     pub sessions: u32,
+    /// Tokens a user's turns may consume per UTC day, as the model reports them
+    /// (`DAILY_TOKEN_BUDGET`).
+    pub daily_tokens: u64,
 }
 
 impl Default for UserLimits {
     fn default() -> Self {
-        UserLimits { turns_per_minute: 30, open_streams: 10, sessions: 1000 }
+        UserLimits {
+            turns_per_minute: 30,
+            open_streams: 10,
+            streams_per_turn: 2,
+            sessions: 1000,
+            daily_tokens: 0,
+        }
     }
 }
 
 impl UserLimits {
     /// No limits at all.
-    pub const OFF: UserLimits = UserLimits { turns_per_minute: 0, open_streams: 0, sessions: 0 };
+    pub const OFF: UserLimits = UserLimits {
+        turns_per_minute: 0,
+        open_streams: 0,
+        streams_per_turn: 0,
+        sessions: 0,
+        daily_tokens: 0,
+    };
 
-    /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS` and `MAX_SESSIONS_PER_USER`.
+    /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
+    /// `MAX_SESSIONS_PER_USER` and `DAILY_TOKEN_BUDGET`.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let defaults = UserLimits::default();
         Ok(UserLimits {
             turns_per_minute: env.parse_or("TURNS_PER_MINUTE", defaults.turns_per_minute)?,
             open_streams: env.parse_or("MAX_OPEN_STREAMS", defaults.open_streams)?,
+            streams_per_turn: env.parse_or("MAX_STREAMS_PER_TURN", defaults.streams_per_turn)?,
             sessions: env.parse_or("MAX_SESSIONS_PER_USER", defaults.sessions)?,
+            daily_tokens: env.parse_or("DAILY_TOKEN_BUDGET", defaults.daily_tokens)?,
         })
+    }
+}
+
+/// Limits over every user together; 0 turns a limit off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GlobalLimits {
+    /// Turns everyone together may start per minute (`GLOBAL_TURNS_PER_MINUTE`): a ceiling on
+    /// spend however many accounts there are.
+    pub turns_per_minute: u32,
+}
+
+impl GlobalLimits {
+    /// Reads `GLOBAL_TURNS_PER_MINUTE`.
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        Ok(GlobalLimits { turns_per_minute: env.parse_or("GLOBAL_TURNS_PER_MINUTE", 0)? })
     }
 }
 
@@ -64,6 +113,71 @@ pub const TURN_RATE_SK: &str = "LIMIT#turns";
 pub const STREAM_SLOTS_SK: &str = "LIMIT#streams";
 /// Sort key of a user's session counter.
 pub const SESSION_COUNT_SK: &str = "LIMIT#sessions";
+/// Sort key prefix of a user's token count of one UTC day (`LIMIT#tokens#2026-12-01`).
+pub const DAILY_TOKENS_PREFIX: &str = "LIMIT#tokens#";
+/// Partition key of the limits over every user.
+pub const GLOBAL_PK: &str = "LIMIT";
+/// Sort key of everyone's turn bucket.
+pub const GLOBAL_TURN_RATE_SK: &str = "TURNS";
+
+/// Sort key of one turn's open-stream slots (partition `S#{session}`, so they go with it).
+pub fn turn_stream_slots_sk(turn: Turn) -> String {
+    format!("STREAMS#{:08}", turn.get())
+}
+
+/// Tokens used that day.
+const USED: &str = "used";
+/// The day item outlives its day by this much, for late reads.
+const DAY_ITEM_KEPT_MS: u64 = 2 * 86_400_000;
+
+/// The UTC day of `now_ms` (`YYYY-MM-DD`) and when it ends, epoch ms.
+fn utc_day(now_ms: u64) -> (String, u64) {
+    let start = now_ms - now_ms % 86_400_000;
+    (crate::time::rfc3339_ms(start)[..10].to_owned(), start + 86_400_000)
+}
+
+/// Over the daily token budget: how much was used, and when the day ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetSpent {
+    /// Tokens used today, as charged.
+    pub used: u64,
+    /// The budget (`DAILY_TOKEN_BUDGET`).
+    pub limit: u64,
+    /// When the budget resets: the next 00:00 UTC, epoch ms.
+    pub resets_at: u64,
+}
+
+/// Whose streams a slot counts against.
+#[derive(Debug, Clone, Copy)]
+enum SlotsOf<'a> {
+    User(&'a UserId),
+    Turn(SessionId, Turn),
+}
+
+impl SlotsOf<'_> {
+    fn key(&self) -> Item {
+        match self {
+            SlotsOf::User(user) => key(table::user_pk(user), STREAM_SLOTS_SK),
+            SlotsOf::Turn(session, turn) => key(table::session_pk(*session), turn_stream_slots_sk(*turn)),
+        }
+    }
+}
+
+/// Whose turn bucket.
+#[derive(Debug, Clone, Copy)]
+enum BucketOf<'a> {
+    User(&'a UserId),
+    Everyone,
+}
+
+impl BucketOf<'_> {
+    fn key(&self) -> Item {
+        match self {
+            BucketOf::User(user) => key(table::user_pk(user), TURN_RATE_SK),
+            BucketOf::Everyone => key(GLOBAL_PK.to_owned(), GLOBAL_TURN_RATE_SK),
+        }
+    }
+}
 
 /// The theoretical arrival time of the bucket (epoch ms): it is full when this is in the past.
 const TAT: &str = "tat";
@@ -111,11 +225,32 @@ fn retry_after(ms: u64) -> Duration {
 
 impl Store {
     /// Takes one turn from the user's bucket of `per_minute` turns (0: no limit).
+    pub async fn take_turn(&self, user: &UserId, per_minute: u32) -> Result<Admission, StoreError> {
+        self.take_from(BucketOf::User(user), per_minute).await
+    }
+
+    /// Takes one turn from everyone's bucket of `per_minute` turns (0: no limit).
+    pub async fn take_global_turn(&self, per_minute: u32) -> Result<Admission, StoreError> {
+        self.take_from(BucketOf::Everyone, per_minute).await
+    }
+
+    /// Gives back a turn taken by [`Store::take_turn`] that did not start one (the send was a
+    /// repeat, or refused). Best effort: a lost refund only delays the user's next turn.
+    pub async fn return_turn(&self, user: &UserId, per_minute: u32) -> Result<(), StoreError> {
+        self.return_to(BucketOf::User(user), per_minute).await
+    }
+
+    /// Gives back a turn taken by [`Store::take_global_turn`] that did not start one.
+    pub async fn return_global_turn(&self, per_minute: u32) -> Result<(), StoreError> {
+        self.return_to(BucketOf::Everyone, per_minute).await
+    }
+
+    /// Takes one turn from a bucket of `per_minute` turns (0: no limit).
     ///
     /// Neither write needs the exact value it read, so racing callers do not make each other
     /// retry: a bucket with room moves by `+ interval` under a condition DynamoDB checks against
     /// the value at write time, and a full (refilled) bucket restarts from now.
-    pub async fn take_turn(&self, user: &UserId, per_minute: u32) -> Result<Admission, StoreError> {
+    async fn take_from(&self, bucket_of: BucketOf<'_>, per_minute: u32) -> Result<Admission, StoreError> {
         if per_minute == 0 {
             return Ok(Admission::Admitted);
         }
@@ -128,7 +263,7 @@ impl Store {
                 .client()
                 .update_item()
                 .table_name(self.table())
-                .set_key(Some(key(table::user_pk(user), TURN_RATE_SK)))
+                .set_key(Some(bucket_of.key()))
                 .expression_attribute_names("#tat", TAT)
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
                 .expression_attribute_values(":now", number(now))
@@ -162,9 +297,7 @@ impl Store {
         Err(StoreError::Contention { attempts: self.options().max_write_attempts })
     }
 
-    /// Gives back a turn taken by [`Store::take_turn`] that did not start one (the send was a
-    /// repeat, or refused). Best effort: a lost refund only delays the user's next turn.
-    pub async fn return_turn(&self, user: &UserId, per_minute: u32) -> Result<(), StoreError> {
+    async fn return_to(&self, bucket_of: BucketOf<'_>, per_minute: u32) -> Result<(), StoreError> {
         if per_minute == 0 {
             return Ok(());
         }
@@ -174,7 +307,7 @@ impl Store {
             .client()
             .update_item()
             .table_name(self.table())
-            .set_key(Some(key(table::user_pk(user), TURN_RATE_SK)))
+            .set_key(Some(bucket_of.key()))
             .update_expression("SET #tat = #tat - :interval")
             // Only while the refund still matters: never rewind the bucket past full.
             .condition_expression("#tat >= :floor")
@@ -186,10 +319,6 @@ impl Store {
 
     /// Takes one of the user's `max` stream slots (0: no limit) for the stream `stream_id`, held
     /// for at most `hold` in case the stream dies without [`Store::close_stream`].
-    ///
-    /// Usually one write, conditioned on the count of slots: no read, and racing openers do not
-    /// make each other retry. Only when the slots look full are lapsed ones pruned, by
-    /// compare-and-set on the item's version.
     pub async fn open_stream(
         &self,
         user: &UserId,
@@ -197,10 +326,55 @@ impl Store {
         max: u32,
         hold: Duration,
     ) -> Result<Admission, StoreError> {
+        self.open_slot(SlotsOf::User(user), stream_id, max, hold).await
+    }
+
+    /// Takes one of a turn's `max` stream slots (0: no limit) for the stream `stream_id`, held
+    /// for at most `hold` in case the stream dies without [`Store::close_turn_stream`].
+    pub async fn open_turn_stream(
+        &self,
+        session: SessionId,
+        turn: Turn,
+        stream_id: &str,
+        max: u32,
+        hold: Duration,
+    ) -> Result<Admission, StoreError> {
+        self.open_slot(SlotsOf::Turn(session, turn), stream_id, max, hold).await
+    }
+
+    /// Gives back the user's slot of `stream_id`; a slot already gone (lapsed, or limits off) is
+    /// fine.
+    pub async fn close_stream(&self, user: &UserId, stream_id: &str) -> Result<(), StoreError> {
+        self.close_slot(SlotsOf::User(user), stream_id).await
+    }
+
+    /// Gives back the turn's slot of `stream_id`; a slot already gone is fine, and a deleted
+    /// session's slots are not written back.
+    pub async fn close_turn_stream(
+        &self,
+        session: SessionId,
+        turn: Turn,
+        stream_id: &str,
+    ) -> Result<(), StoreError> {
+        self.close_slot(SlotsOf::Turn(session, turn), stream_id).await
+    }
+
+    /// Takes one of `max` slots (0: no limit) for `stream_id`, held for at most `hold`.
+    ///
+    /// Usually one write, conditioned on the count of slots: no read, and racing openers do not
+    /// make each other retry. Only when the slots look full are lapsed ones pruned, by
+    /// compare-and-set on the item's version.
+    async fn open_slot(
+        &self,
+        slots_of: SlotsOf<'_>,
+        stream_id: &str,
+        max: u32,
+        hold: Duration,
+    ) -> Result<Admission, StoreError> {
         if max == 0 {
             return Ok(Admission::Admitted);
         }
-        let slots_key = || key(table::user_pk(user), STREAM_SLOTS_SK);
+        let slots_key = || slots_of.key();
         for _ in 0..self.options().max_write_attempts {
             let now = self.now_ms();
             let expires = now + hold.as_millis() as u64;
@@ -265,13 +439,12 @@ impl Store {
         Err(StoreError::Contention { attempts: self.options().max_write_attempts })
     }
 
-    /// Gives back the slot of `stream_id`; a slot already gone (lapsed, or limits off) is fine.
-    pub async fn close_stream(&self, user: &UserId, stream_id: &str) -> Result<(), StoreError> {
+    async fn close_slot(&self, slots_of: SlotsOf<'_>, stream_id: &str) -> Result<(), StoreError> {
         let request = self
             .client()
             .update_item()
             .table_name(self.table())
-            .set_key(Some(key(table::user_pk(user), STREAM_SLOTS_SK)))
+            .set_key(Some(slots_of.key()))
             // The version moves too, so an opener that read the slot still taken retries.
             .update_expression("REMOVE #holders.#id ADD #v :one")
             .condition_expression("attribute_exists(#holders.#id)")
@@ -280,6 +453,89 @@ impl Store {
             .expression_attribute_names("#v", SLOTS_VERSION)
             .expression_attribute_values(":one", number(1));
         self.send_conditional(request).await.map(|_| ())
+    }
+
+    /// The key of the user's token count on the day of `now_ms`.
+    fn daily_tokens_key(&self, user: &UserId, now_ms: u64) -> Item {
+        let (day, _) = utc_day(now_ms);
+        key(table::user_pk(user), format!("{DAILY_TOKENS_PREFIX}{day}"))
+    }
+
+    /// The condition a turn's claim carries when a daily budget is set: the user has used less
+    /// than `budget` tokens today. DynamoDB checks it at write time, in the claim's transaction;
+    /// refused, it returns the day's item, to say how much was used.
+    pub(crate) fn budget_check(&self, user: &UserId, budget: u64) -> TransactWriteItem {
+        let check = ConditionCheck::builder()
+            .table_name(self.table())
+            .set_key(Some(self.daily_tokens_key(user, self.now_ms())))
+            .condition_expression("attribute_not_exists(#used) OR #used < :budget")
+            .expression_attribute_names("#used", USED)
+            .expression_attribute_values(":budget", number(budget))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .expect("condition check fields are set");
+        TransactWriteItem::builder().condition_check(check).build()
+    }
+
+    /// What a refused [`Store::budget_check`] means, from the day's item it returned.
+    pub(crate) fn budget_spent(&self, item: Option<&Item>, budget: u64) -> BudgetSpent {
+        let used = item.and_then(|item| number_field(item, USED)).unwrap_or(budget);
+        BudgetSpent { used, limit: budget, resets_at: utc_day(self.now_ms()).1 }
+    }
+
+    /// Adds `tokens` to the user's count of today, in the transaction that ends the turn that
+    /// spent them (so a retried or fenced write never counts twice); `None` when there is
+    /// nothing to count or no budget to count against.
+    pub(crate) fn charge(&self, user: &UserId, tokens: u64) -> Option<TransactWriteItem> {
+        if tokens == 0 || self.options().daily_token_budget == 0 {
+            return None;
+        }
+        let update = self.charge_update(user, tokens).build().expect("update fields are set");
+        Some(TransactWriteItem::builder().update(update).build())
+    }
+
+    fn charge_update(&self, user: &UserId, tokens: u64) -> aws_sdk_dynamodb::types::builders::UpdateBuilder {
+        let now = self.now_ms();
+        let (_, day_ends) = utc_day(now);
+        Update::builder()
+            .table_name(self.table())
+            .set_key(Some(self.daily_tokens_key(user, now)))
+            .update_expression("ADD #used :tokens SET #ttl = :ttl")
+            .expression_attribute_names("#used", USED)
+            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+            .expression_attribute_values(":tokens", number(tokens))
+            .expression_attribute_values(":ttl", number((day_ends + DAY_ITEM_KEPT_MS) / 1000))
+    }
+
+    /// Adds `tokens` to the user's count of today once for `marker` (e.g. a session's summary
+    /// through a turn): a second call with the same marker, or a retry of this one, counts
+    /// nothing. For spend that ends no turn. Whether it counted.
+    pub async fn charge_once(&self, user: &UserId, marker: &str, tokens: u64) -> Result<bool, StoreError> {
+        if tokens == 0 || self.options().daily_token_budget == 0 {
+            return Ok(false);
+        }
+        let now = self.now_ms();
+        let (_, day_ends) = utc_day(now);
+        let request = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(self.daily_tokens_key(user, now)))
+            .update_expression("ADD #used :tokens SET #ttl = :ttl, #marker = :yes")
+            .condition_expression("attribute_not_exists(#marker)")
+            .expression_attribute_names("#used", USED)
+            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+            .expression_attribute_names("#marker", format!("charged:{marker}"))
+            .expression_attribute_values(":tokens", number(tokens))
+            .expression_attribute_values(":ttl", number((day_ends + DAY_ITEM_KEPT_MS) / 1000))
+            .expression_attribute_values(":yes", AttributeValue::Bool(true));
+        Ok(matches!(self.send_conditional(request).await?, Written::Applied(_)))
+    }
+
+    /// Tokens the user was charged for today.
+    pub async fn tokens_used_today(&self, user: &UserId) -> Result<u64, StoreError> {
+        let item = self.get_item(self.daily_tokens_key(user, self.now_ms())).await?;
+        Ok(item.as_ref().and_then(|i| number_field(i, USED)).unwrap_or(0))
     }
 
     /// How many sessions the user has, as counted by the send and delete transactions.
@@ -322,8 +578,23 @@ mod tests {
             _ => None,
         });
         let limits = UserLimits::from_env(&env).unwrap();
-        assert_eq!(limits, UserLimits { turns_per_minute: 5, open_streams: 0, sessions: 1000 });
+        assert_eq!(limits, UserLimits { turns_per_minute: 5, open_streams: 0, ..UserLimits::default() });
+        assert_eq!((limits.streams_per_turn, limits.daily_tokens), (2, 0), "defaults");
         let bad = Env::from_fn(|name| (name == "MAX_SESSIONS_PER_USER").then(|| "many".to_owned()));
         assert_eq!(UserLimits::from_env(&bad).unwrap_err().variable, "MAX_SESSIONS_PER_USER");
+        let budget = Env::from_fn(|name| (name == "DAILY_TOKEN_BUDGET").then(|| "50000".to_owned()));
+        assert_eq!(UserLimits::from_env(&budget).unwrap().daily_tokens, 50_000);
+        let global = Env::from_fn(|name| (name == "GLOBAL_TURNS_PER_MINUTE").then(|| "600".to_owned()));
+        assert_eq!(GlobalLimits::from_env(&global).unwrap().turns_per_minute, 600);
+    }
+
+    #[test]
+    fn a_day_is_a_utc_calendar_day() {
+        // 2027-01-15T08:00:00Z
+        let (day, ends) = utc_day(1_800_000_000_000);
+        assert_eq!(day, "2027-01-15");
+        assert_eq!(crate::time::rfc3339_ms(ends), "2027-01-16T00:00:00.000Z");
+        assert_eq!(utc_day(ends).0, "2027-01-16", "midnight starts the next day");
+        assert_eq!(utc_day(ends - 1).0, "2027-01-15");
     }
 }

@@ -137,6 +137,39 @@ pub struct Routing {
     pub model: String,
 }
 
+/// Tokens a model consumed, as its provider reports them (or as estimated when it reports
+/// none): what a turn costs. Kept by kind, since providers price them differently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Prompt tokens read fresh (not from a prompt cache).
+    pub input: u64,
+    /// Tokens the model generated.
+    pub output: u64,
+    /// Prompt tokens read from the provider's prompt cache.
+    pub cache_read: u64,
+    /// Prompt tokens written to the provider's prompt cache.
+    pub cache_write: u64,
+}
+
+impl Usage {
+    /// Every token the model processed: what the daily token budget counts.
+    pub fn total(&self) -> u64 {
+        self.input
+            .saturating_add(self.output)
+            .saturating_add(self.cache_read)
+            .saturating_add(self.cache_write)
+    }
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, other: Usage) {
+        self.input = self.input.saturating_add(other.input);
+        self.output = self.output.saturating_add(other.output);
+        self.cache_read = self.cache_read.saturating_add(other.cache_read);
+        self.cache_write = self.cache_write.saturating_add(other.cache_write);
+    }
+}
+
 /// Why a reply ended before the model finished it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

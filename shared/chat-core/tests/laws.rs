@@ -120,6 +120,8 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
         summary: None,
         routing: None,
         tool_uses: vec![],
+        user: current.user_id.clone(),
+        usage: Default::default(),
     };
     match event {
         Event::UserSend => {

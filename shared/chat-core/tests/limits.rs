@@ -218,3 +218,141 @@ async fn a_burst_within_the_limits_is_all_admitted() {
         assert!(streams.iter().all(|s| matches!(s, Ok(Admission::Admitted))), "round {round}: {streams:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_streams_of_one_turn_get_exactly_its_slots() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let hold = Duration::from_secs(660);
+    let (session, turn) = (SessionId::new(), Turn::FIRST);
+    let answers =
+        race(5, |i| {
+            let store = store.clone();
+            async move {
+                (i, store.open_turn_stream(session, turn, &format!("s{i}"), 2, hold).await.expect("open"))
+            }
+        })
+        .await;
+    let winners: Vec<usize> =
+        answers.iter().filter(|(_, a)| *a == Admission::Admitted).map(|(i, _)| *i).collect();
+    assert_eq!(winners.len(), 2, "{answers:?}");
+    // Another turn, and the same turn once a stream closes, have room again.
+    assert_eq!(
+        store.open_turn_stream(session, turn.next(), "other", 2, hold).await.unwrap(),
+        Admission::Admitted
+    );
+    store.close_turn_stream(session, turn, &format!("s{}", winners[0])).await.unwrap();
+    assert_eq!(store.open_turn_stream(session, turn, "late", 2, hold).await.unwrap(), Admission::Admitted);
+    assert!(matches!(
+        store.open_turn_stream(session, turn, "over", 2, hold).await.unwrap(),
+        Admission::Limited { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_turns_take_exactly_the_global_bucket_and_a_refund_gives_one_back() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let answers = race(10, |_| {
+        let store = store.clone();
+        async move { store.take_global_turn(4).await.expect("take") }
+    })
+    .await;
+    assert_eq!(admitted(&answers), 4, "{answers:?}");
+    // Every user draws on the one bucket; a refund (the send started no turn) gives one back.
+    assert!(matches!(store.take_global_turn(4).await.unwrap(), Admission::Limited { .. }));
+    store.return_global_turn(4).await.unwrap();
+    assert_eq!(store.take_global_turn(4).await.unwrap(), Admission::Admitted);
+    assert_eq!(store.take_global_turn(0).await.unwrap(), Admission::Admitted, "0 is no ceiling");
+    db.advance_ms(15_000);
+    assert_eq!(store.take_global_turn(4).await.unwrap(), Admission::Admitted, "it refills");
+}
+
+/// A store with a daily budget of `budget` tokens per user, on the test clock.
+fn budgeted(db: &TestDb, budget: u64) -> Store {
+    let options = StoreOptions { daily_token_budget: budget, ..StoreOptions::default() };
+    Store::new(db.client(), common::TABLE, options).with_clock(Clock::Manual(db.clock.clone()))
+}
+
+/// Sends `text` as `user` (continuing `session`), commits it and claims it for generation.
+async fn claimed_turn(store: &Store, user: &UserId, session: Option<SessionId>, owner: &str) -> Lease {
+    let msg = NewMessage { user, session, content: "hello", client_message_id: None, by: "t" };
+    let SendOutcome::Accepted(ticket) = store.send_message(msg).await.unwrap() else { panic!("refused") };
+    let Outcome::Applied(ticket) = store.commit_user_message(&ticket, "t").await.unwrap() else { panic!() };
+    let claim = store
+        .claim_generation(ticket.session_id, ticket.turn, owner, Duration::from_secs(30), 3)
+        .await
+        .unwrap();
+    let ClaimOutcome::Claimed(lease) = claim else { panic!("{claim:?}") };
+    lease
+}
+
+fn spent(tokens: u64) -> Usage {
+    Usage { input: tokens / 2, output: tokens - tokens / 2, ..Usage::default() }
+}
+
+#[tokio::test]
+async fn a_user_over_the_daily_token_budget_is_refused_a_turn_until_the_day_ends() {
+    let db = TestDb::start().await;
+    let store = budgeted(&db, 100);
+    let user = new_user();
+    let mut lease = claimed_turn(&store, &user, None, "gen-1").await;
+    assert_eq!(lease.user, user);
+    lease.usage = spent(90);
+    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    assert_eq!(store.tokens_used_today(&user).await.unwrap(), 90);
+    // 90 of 100: the next turn is admitted, and it spends 20 more.
+    let session = lease.session_id;
+    let mut lease = claimed_turn(&store, &user, Some(session), "gen-2").await;
+    lease.usage = spent(20);
+    let current = store.get_session(session, true).await.unwrap().unwrap();
+    assert!(matches!(
+        store.fail_generation(&lease, &current, "the model failed").await.unwrap(),
+        Outcome::Applied(_)
+    ));
+    assert_eq!(store.tokens_used_today(&user).await.unwrap(), 110, "a failed turn's spend counts too");
+    // Over it: refused, and nothing is written (no turn, no session, no message).
+    let before = store.get_session(session, true).await.unwrap().unwrap();
+    let again =
+        NewMessage { user: &user, session: Some(session), content: "more", client_message_id: None, by: "t" };
+    let SendOutcome::BudgetExhausted(over) = store.send_message(again.clone()).await.unwrap() else {
+        panic!("admitted")
+    };
+    assert_eq!((over.used, over.limit), (110, 100));
+    assert_eq!(chat_core::time::rfc3339_ms(over.resets_at), "2027-01-16T00:00:00.000Z", "the next 00:00 UTC");
+    assert_eq!(store.get_session(session, true).await.unwrap().unwrap(), before);
+    let fresh = NewMessage { session: None, ..again.clone() };
+    assert!(matches!(store.send_message(fresh).await.unwrap(), SendOutcome::BudgetExhausted(_)));
+    assert_eq!(store.list_user_sessions(&user, 10, None).await.unwrap().sessions.len(), 1, "no new session");
+    // Other users have their own budget; the next UTC day starts from zero.
+    let other = new_user();
+    let msg = NewMessage { user: &other, session: None, content: "hi", client_message_id: None, by: "t" };
+    assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::Accepted(_)));
+    db.advance_ms(over.resets_at - db.clock.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(store.tokens_used_today(&user).await.unwrap(), 0);
+    assert!(matches!(store.send_message(again).await.unwrap(), SendOutcome::Accepted(_)));
+}
+
+#[tokio::test]
+async fn a_turns_spend_is_charged_once_however_its_commit_is_retried_or_fenced() {
+    let db = TestDb::start().await;
+    let store = budgeted(&db, 1_000);
+    let user = new_user();
+    let mut lease = claimed_turn(&store, &user, None, "gen-1").await;
+    lease.usage = spent(40);
+    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    // The same commit again (a redelivery, a retry after a lost answer): refused, nothing counted.
+    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Conflict(_)));
+    assert_eq!(store.tokens_used_today(&user).await.unwrap(), 40);
+    // A summary is counted once per marker.
+    assert!(store.charge_once(&user, "summary#s#1", 7).await.unwrap());
+    assert!(!store.charge_once(&user, "summary#s#1", 7).await.unwrap());
+    assert_eq!(store.tokens_used_today(&user).await.unwrap(), 47);
+    // Without a budget nothing is counted (and nothing costs a write).
+    let free = budgeted(&db, 0);
+    let other = new_user();
+    let mut lease = claimed_turn(&free, &other, None, "gen-2").await;
+    lease.usage = spent(40);
+    assert!(matches!(free.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    assert_eq!(free.tokens_used_today(&other).await.unwrap(), 0);
+}

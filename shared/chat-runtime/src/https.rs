@@ -2,7 +2,7 @@
 //! keys): rustls over the aws-lc-rs the AWS SDK already links, trusting the system's roots. The
 //! SDK links these crates too, so this adds nothing to a binary.
 
-use hyper_rustls::HttpsConnector;
+pub use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,16 @@ pub enum TlsSetupError {
     /// The crypto provider refused the protocol versions.
     #[error("cannot set up TLS: {0}")]
     Protocols(rustls::Error),
+}
+
+/// HTTPS only (no plain `http`), over `http`: a TCP connector of the caller's, e.g. one whose
+/// resolver refuses some addresses. Trusts the system's roots.
+pub fn https_only<H>(http: H) -> Result<HttpsConnector<H>, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(provider)
+        .map_err(TlsSetupError::Roots)?;
+    Ok(tls.https_only().enable_http1().wrap_connector(http))
 }
 
 /// A connector with `connect_timeout`. A machine without root certificates can still reach a

@@ -226,8 +226,12 @@ pub fn openai_chunk(content: &str) -> Vec<u8> {
     )
 }
 
+/// The prompt tokens the fake OpenAI server reports in a reply's usage.
+pub const FAKE_PROMPT_TOKENS: u64 = 7;
+
 /// A whole OpenAI-style streamed reply of `tokens`, `pause` apart: a role chunk, one chunk per
-/// token, a `finish_reason`, a usage chunk and `[DONE]`.
+/// token, a `finish_reason`, a usage chunk ([`FAKE_PROMPT_TOKENS`] in, one token out per token)
+/// and `[DONE]`.
 pub fn openai_reply(tokens: &[&str], pause: Duration) -> Reply {
     let mut parts = vec![(
         Duration::ZERO,
@@ -240,7 +244,9 @@ pub fn openai_reply(tokens: &[&str], pause: Duration) -> Reply {
         Duration::ZERO,
         sse_data(&json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).to_string()),
     ));
-    parts.push((Duration::ZERO, sse_data(&json!({"choices": [], "usage": {"total_tokens": 9}}).to_string())));
+    let usage = json!({"prompt_tokens": FAKE_PROMPT_TOKENS, "completion_tokens": tokens.len(),
+        "total_tokens": FAKE_PROMPT_TOKENS + tokens.len() as u64});
+    parts.push((Duration::ZERO, sse_data(&json!({"choices": [], "usage": usage}).to_string())));
     parts.push((Duration::ZERO, sse_data("[DONE]")));
     Reply::Stream { content_type: "text/event-stream".to_owned(), parts }
 }

@@ -291,11 +291,20 @@ impl Reading {
                 }
                 Ok(Some(ConverseStreamOutput::Metadata(event))) => {
                     if let Some(usage) = event.usage {
+                        let count = |n: i32| u64::try_from(n).unwrap_or(0);
+                        let usage = chat_core::Usage {
+                            input: count(usage.input_tokens),
+                            output: count(usage.output_tokens),
+                            cache_read: usage.cache_read_input_tokens.map_or(0, count),
+                            cache_write: usage.cache_write_input_tokens.map_or(0, count),
+                        };
                         info!(
-                            input_tokens = usage.input_tokens,
-                            output_tokens = usage.output_tokens,
+                            input = usage.input,
+                            output = usage.output,
+                            cache_read = usage.cache_read,
                             "model usage"
                         );
+                        return Some((Ok(Output::Usage(usage)), self));
                     }
                 }
                 Ok(Some(_)) => {}

@@ -1,6 +1,6 @@
 //! The built-in demo model: deterministic, offline, with test directives.
 
-use super::{Exchange, ModelError, ModelProvider, Output, Prompt, TokenStream, ToolCall};
+use super::{prompt_tokens, Exchange, ModelError, ModelProvider, Output, Prompt, TokenStream, ToolCall};
 use chat_core::Role;
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The built-in model: deterministic, no network. Its reply quotes the user's message verbatim,
-/// then fills up to `reply_tokens` tokens, one every `token_delay`.
+/// then fills up to `reply_tokens` tokens, one every `token_delay`; a call that completes ends
+/// with its usage, counted with `o200k_base` (the prompt as [`super::prompt_tokens`] counts it,
+/// and the text it streamed).
 #[derive(Debug, Clone)]
 pub struct DemoModel {
     /// Tokens in a reply (at least those quoting the message).
@@ -108,22 +110,39 @@ fn calculator_call(prompt: &Prompt) -> Option<ToolCall> {
 impl ModelProvider for DemoModel {
     /// Resumes after the tokens an earlier attempt streamed: the reply is deterministic.
     fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
+        let counter = chat_tokens::TokenCounter::load();
+        let usage = |output: String| {
+            let input = prompt_tokens(&prompt, counter);
+            Output::Usage(chat_core::Usage {
+                input,
+                output: counter.count(&output) as u64,
+                ..Default::default()
+            })
+        };
         if let Some(call) = calculator_call(&prompt).filter(|_| crate::FAULTS_BUILT && self.faults) {
-            let items = vec![Ok(Output::Token("Let me calculate. ".to_owned())), Ok(Output::ToolCall(call))];
-            let stream = stream::iter(items.into_iter().skip(prompt.resumed.len())).boxed();
+            let text = "Let me calculate. ";
+            let spent = usage(format!("{text}{}", call.arguments));
+            let items = vec![Output::Token(text.to_owned()), Output::ToolCall(call)];
+            let items: Vec<_> = items.into_iter().skip(prompt.resumed.len()).chain([spent]).map(Ok).collect();
+            let stream = stream::iter(items).boxed();
             return Box::pin(async move { Ok(stream) });
         }
-        let tokens = self.reply(&prompt);
+        let tokens: Vec<String> = self.reply(&prompt).into_iter().skip(prompt.resumed.len()).collect();
+        let spent = usage(tokens.concat());
         let fail_after = self.fail_after(&prompt);
         let delay = self.token_delay;
-        let stream = stream::iter(tokens.into_iter().enumerate().skip(prompt.resumed.len()))
-            .then(move |(index, token)| async move {
+        let first = prompt.resumed.len();
+        let stream = stream::iter(tokens.into_iter().enumerate())
+            .then(move |(offset, token)| async move {
                 tokio::time::sleep(delay).await;
                 match fail_after {
-                    Some(n) if index >= n => Err(ModelError::fatal("the demo model was told to fail")),
+                    Some(n) if first + offset >= n => {
+                        Err(ModelError::fatal("the demo model was told to fail"))
+                    }
                     _ => Ok(Output::Token(token)),
                 }
             })
+            .chain(stream::once(async move { Ok(spent) }))
             .boxed();
         Box::pin(async move { Ok(stream) })
     }
@@ -141,10 +160,11 @@ mod tests {
         let outputs: Vec<_> = model.open(Arc::new(prompt)).await.unwrap().collect().await;
         outputs
             .into_iter()
-            .map(|o| match o {
-                Ok(Output::Token(t)) => Ok(t),
+            .filter_map(|o| match o {
+                Ok(Output::Token(t)) => Some(Ok(t)),
                 Ok(Output::ToolCall(c)) => panic!("unexpected tool call {c:?}"),
-                Err(e) => Err(e),
+                Ok(Output::Usage(_)) => None,
+                Err(e) => Some(Err(e)),
             })
             .collect()
     }
@@ -178,6 +198,18 @@ mod tests {
         let resumed = Prompt { resumed: all[..7].to_vec(), ..user("resume me") };
         let rest: Vec<String> = collect(&model, resumed).await.into_iter().map(Result::unwrap).collect();
         assert_eq!(all[7..], rest[..]);
+    }
+
+    #[tokio::test]
+    async fn a_completed_reply_ends_with_its_usage_counted_with_o200k() {
+        let prompt = user("count me");
+        let outputs: Vec<_> = demo(12).open(Arc::new(prompt.clone())).await.unwrap().collect().await;
+        let Some(Ok(Output::Usage(usage))) = outputs.last() else { panic!("{outputs:?}") };
+        let counter = chat_tokens::TokenCounter::load();
+        let text: String = demo(12).reply(&prompt).concat();
+        assert_eq!(usage.input, prompt_tokens(&prompt, counter));
+        assert_eq!(usage.output, counter.count(&text) as u64);
+        assert!(usage.input > 0 && usage.output > 0);
     }
 
     #[tokio::test]

@@ -41,14 +41,39 @@ impl ModelError {
     }
 }
 
-/// What a model streams: reply text, or a call of one of the offered tools (emitted whole, once
-/// its arguments are complete).
+/// What a model streams: reply text, a call of one of the offered tools (emitted whole, once
+/// its arguments are complete), and what the call consumed (usually last).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// A piece of the reply's text.
     Token(String),
     /// The model asks for a tool.
     ToolCall(ToolCall),
+    /// The tokens this call consumed, as the provider reports them.
+    Usage(chat_core::Usage),
+}
+
+/// What a prompt costs as input, counted with `o200k_base` and OpenAI's framing: what the demo
+/// model reports, and the estimate for a provider that reports nothing.
+pub fn prompt_tokens(prompt: &Prompt, counter: chat_tokens::TokenCounter) -> u64 {
+    let mut tokens = counter.base(prompt.system.as_deref());
+    tokens += prompt.messages.iter().map(|(_, text)| counter.message(text)).sum::<usize>();
+    for exchange in &prompt.exchanges {
+        tokens += match exchange {
+            Exchange::Assistant { text, calls } => {
+                counter.message(text)
+                    + calls
+                        .iter()
+                        .map(|c| counter.count(&c.name) + counter.count(&c.arguments))
+                        .sum::<usize>()
+            }
+            Exchange::ToolResult { content, .. } => counter.message(content),
+        };
+    }
+    if let Some(resumed) = prompt.resumed_text() {
+        tokens += counter.message(&resumed);
+    }
+    tokens as u64
 }
 
 /// A stream of reply text and tool calls.

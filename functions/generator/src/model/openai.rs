@@ -34,6 +34,9 @@ pub struct OpenAiSettings {
     pub max_tokens_field: &'static str,
     /// Connecting (TCP and TLS) may take this long.
     pub connect_timeout: Duration,
+    /// Ask for the call's token usage (`stream_options.include_usage`; `OPENAI_STREAM_USAGE`):
+    /// OpenAI reports none on a stream otherwise. Off for servers that refuse the field.
+    pub stream_usage: bool,
 }
 
 impl std::fmt::Debug for OpenAiSettings {
@@ -44,6 +47,7 @@ impl std::fmt::Debug for OpenAiSettings {
             .field("model", &self.model)
             .field("temperature", &self.temperature)
             .field("max_tokens", &self.max_tokens)
+            .field("stream_usage", &self.stream_usage)
             .finish()
     }
 }
@@ -199,6 +203,9 @@ impl OpenAi {
             }
         }
         body[self.settings.max_tokens_field] = json!(self.settings.max_tokens);
+        if self.settings.stream_usage {
+            body["stream_options"] = json!({"include_usage": true});
+        }
         if let Some(temperature) = self.settings.temperature {
             body["temperature"] = json!(temperature);
         }
@@ -416,17 +423,23 @@ impl Reading {
             }));
             return;
         }
-        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-            info!(
-                prompt_tokens = usage["prompt_tokens"].as_u64(),
-                completion_tokens = usage["completion_tokens"].as_u64(),
-                "model usage"
-            );
-        }
         let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
             self.pending.push_back(Err(ModelError::fatal("the model provider sent a malformed chunk")));
             return;
         };
+        // The call's usage comes in a chunk of its own, without choices (servers that also put
+        // running totals on every chunk put the final one there too).
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object() && choices.is_empty()) {
+            if let Some(usage) = usage_of(usage) {
+                info!(
+                    input = usage.input,
+                    output = usage.output,
+                    cache_read = usage.cache_read,
+                    "model usage"
+                );
+                self.pending.push_back(Ok(Output::Usage(usage)));
+            }
+        }
         // Usage-only chunks have no choices; only the first choice is the reply.
         let Some(choice) = choices.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
         else {
@@ -472,6 +485,26 @@ impl Reading {
             }
         }
     }
+}
+
+/// An OpenAI `usage` object: `prompt_tokens` (of which `prompt_tokens_details.cached_tokens`
+/// came from the prompt cache) and `completion_tokens`; a server that gives only `total_tokens`
+/// has it counted as input. `None` when it counts nothing.
+fn usage_of(usage: &Value) -> Option<chat_core::Usage> {
+    let field = |pointer: &str| usage.pointer(pointer).and_then(Value::as_u64);
+    let (prompt, completion) = (field("/prompt_tokens"), field("/completion_tokens"));
+    let prompt = match (prompt, completion) {
+        (None, None) => field("/total_tokens").unwrap_or(0),
+        (prompt, _) => prompt.unwrap_or(0),
+    };
+    let cached = field("/prompt_tokens_details/cached_tokens").unwrap_or(0).min(prompt);
+    let usage = chat_core::Usage {
+        input: prompt - cached,
+        output: completion.unwrap_or(0),
+        cache_read: cached,
+        cache_write: 0,
+    };
+    (usage.total() > 0).then_some(usage)
 }
 
 /// Splits a `text/event-stream` body into the data of its events.
@@ -560,6 +593,16 @@ mod tests {
     }
 
     #[test]
+    fn usage_is_read_by_kind_with_cached_prompt_tokens_apart() {
+        let usage = usage_of(&json!({"prompt_tokens": 120, "completion_tokens": 30,
+            "prompt_tokens_details": {"cached_tokens": 100}, "total_tokens": 150}));
+        assert_eq!(usage, Some(chat_core::Usage { input: 20, output: 30, cache_read: 100, cache_write: 0 }));
+        assert_eq!(usage_of(&json!({"total_tokens": 9})).map(|u| u.total()), Some(9));
+        assert_eq!(usage_of(&json!({"prompt_tokens": 0, "completion_tokens": 0})), None);
+        assert_eq!(usage_of(&json!({})), None);
+    }
+
+    #[test]
     fn statuses_map_to_clear_errors() {
         assert!(status_error(429).retryable);
         assert!(status_error(503).retryable);
@@ -578,6 +621,7 @@ mod tests {
             max_tokens: 64,
             max_tokens_field: "max_tokens",
             connect_timeout: Duration::from_secs(1),
+            stream_usage: true,
         })
         .unwrap();
         assert_eq!(provider.url.to_string(), "http://127.0.0.1:1/v1/chat/completions");
@@ -597,6 +641,11 @@ mod tests {
             ])
         );
         assert_eq!(body["stream"], json!(true));
+        assert_eq!(
+            body["stream_options"],
+            json!({"include_usage": true}),
+            "OpenAI reports usage only when asked"
+        );
         assert_eq!(body["max_tokens"], json!(64));
         assert_eq!(body["temperature"], json!(0.5));
         let mut reasoning = provider.clone();
@@ -607,6 +656,11 @@ mod tests {
         let body = reasoning.request_body(&prompt);
         assert_eq!((body.get("max_tokens"), &body["max_completion_tokens"]), (None, &json!(64)));
         assert!(!format!("{:?}", provider.settings).contains("sk-secret"));
+        let quiet = OpenAi {
+            settings: Arc::new(OpenAiSettings { stream_usage: false, ..(*provider.settings).clone() }),
+            ..provider.clone()
+        };
+        assert_eq!(quiet.request_body(&prompt).get("stream_options"), None, "OPENAI_STREAM_USAGE=false");
         let detail = provider.upstream_detail(b"{\"error\":{\"message\":\"bad key sk-secret\"}}");
         assert!(detail.contains("bad key [redacted]"), "{detail}");
     }

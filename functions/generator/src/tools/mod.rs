@@ -3,11 +3,16 @@
 //! - `calculator`: arithmetic on decimal numbers (`+ - * / % ^`, parentheses, `sqrt`, `abs`, `ln`,
 //!   `log10`, `sin`, `cos`, `tan`, `round`, `floor`, `ceil`, `pi`, `e`);
 //! - `current_time`: the date and time now, in UTC or at a given UTC offset;
-//! - `http_get`: a GET of a URL whose host is on the allow list (`TOOLS_HTTP_ALLOW`), answered with
-//!   its status and the start of its body.
+//! - `http_get`: a GET of an `https` URL whose host is on the allow list (`TOOLS_HTTP_ALLOW`) and
+//!   resolves to public addresses only (the connection goes to the address checked, so a name
+//!   that rebinds to loopback, a private network or the instance's own services is refused),
+//!   answered with its status and the start of its body.
 //!
 //! `TOOLS` names the enabled ones (default `calculator,current_time`; `none` for none). A tool's
-//! failure is its answer (`is_error`), for the model to read, never a failed turn.
+//! failure is its answer (`is_error`), for the model to read, never a failed turn. A step runs
+//! at most `TOOL_MAX_CALLS_PER_STEP` calls, and a turn's calls and answers carry at most
+//! `TOOL_MAX_BYTES_PER_TURN` bytes (each call's arguments at most [`MAX_ARGUMENT_BYTES`]), so
+//! what a turn stores always fits DynamoDB's item limit.
 
 mod calculator;
 mod sequence;
@@ -18,10 +23,14 @@ pub use sequence::{call_event, replay, result_event, steps, tool_use, Replayed};
 use crate::model::{ToolCall, ToolSpec};
 use bytes::Bytes;
 use chat_core::config::{ConfigError, Env};
+use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 /// What a tool answered.
@@ -48,10 +57,14 @@ const HTTP_MAX_BYTES: usize = 16 * 1024;
 /// The longest an HTTP tool call may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
-type HttpClient = Client<chat_runtime::https::Connector, Empty<Bytes>>;
+type HttpClient = Client<chat_runtime::https::HttpsConnector<HttpConnector<PublicOnly>>, Empty<Bytes>>;
+
+/// The longest arguments a call may have; a longer one is answered with an error, unrun, and
+/// stored without them.
+pub const MAX_ARGUMENT_BYTES: usize = 4 * 1024;
 
 /// The enabled tools.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Tools {
     calculator: bool,
     current_time: bool,
@@ -59,6 +72,25 @@ pub struct Tools {
     http: Option<HttpTool>,
     /// Most tool steps in one turn (`TOOL_MAX_STEPS`); after them the model must answer.
     pub max_steps: u32,
+    /// Most calls run in one step (`TOOL_MAX_CALLS_PER_STEP`); the rest are answered with an
+    /// error, unrun.
+    pub max_calls_per_step: usize,
+    /// Most bytes a turn's tool calls and answers carry (`TOOL_MAX_BYTES_PER_TURN`); once spent,
+    /// calls are answered with an error, unrun.
+    pub max_bytes_per_turn: usize,
+}
+
+impl Default for Tools {
+    fn default() -> Self {
+        Tools {
+            calculator: false,
+            current_time: false,
+            http: None,
+            max_steps: 0,
+            max_calls_per_step: 8,
+            max_bytes_per_turn: 64 * 1024,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -76,15 +108,22 @@ impl Tools {
 
     /// The calculator and the clock, as by default.
     pub fn builtin() -> Tools {
-        Tools { calculator: true, current_time: true, http: None, max_steps: 4 }
+        Tools { calculator: true, current_time: true, max_steps: 4, ..Tools::default() }
     }
 
-    /// Reads `TOOLS`, `TOOLS_HTTP_ALLOW` and `TOOL_MAX_STEPS`.
+    /// Reads `TOOLS`, `TOOLS_HTTP_ALLOW`, `TOOL_MAX_STEPS`, `TOOL_MAX_CALLS_PER_STEP` and
+    /// `TOOL_MAX_BYTES_PER_TURN`.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Tools, ConfigError> {
         let invalid =
             |variable: &str, problem: String| ConfigError { variable: variable.to_owned(), problem };
         let names = env.optional("TOOLS").unwrap_or_else(|| "calculator,current_time".to_owned());
-        let mut tools = Tools { max_steps: env.parse_or("TOOL_MAX_STEPS", 4)?, ..Tools::default() };
+        let defaults = Tools::default();
+        let mut tools = Tools {
+            max_steps: env.parse_or("TOOL_MAX_STEPS", 4)?,
+            max_calls_per_step: env.parse_or("TOOL_MAX_CALLS_PER_STEP", defaults.max_calls_per_step)?,
+            max_bytes_per_turn: env.parse_or("TOOL_MAX_BYTES_PER_TURN", defaults.max_bytes_per_turn)?,
+            ..defaults
+        };
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty() && *n != "none") {
             match name {
                 "calculator" => tools.calculator = true,
@@ -130,6 +169,14 @@ impl Tools {
         self
     }
 
+    /// The same tools, running at most `calls` calls per step and carrying at most `bytes` of
+    /// calls and answers per turn.
+    pub fn with_caps(mut self, calls: usize, bytes: usize) -> Tools {
+        self.max_calls_per_step = calls;
+        self.max_bytes_per_turn = bytes;
+        self
+    }
+
     /// Whether any tool is enabled.
     pub fn any(&self) -> bool {
         !self.specs().is_empty()
@@ -171,7 +218,7 @@ impl Tools {
                 ),
                 parameters: json!({
                     "type": "object",
-                    "properties": {"url": {"type": "string", "description": "an https:// URL on an allowed host"}},
+                    "properties": {"url": {"type": "string", "description": "an https:// URL (port 443) on an allowed host"}},
                     "required": ["url"],
                 }),
             });
@@ -212,8 +259,12 @@ impl Tools {
 
 impl HttpTool {
     fn new(allow: Vec<String>) -> Result<HttpTool, String> {
-        let https =
-            chat_runtime::https::connector(Duration::from_secs(5), true).map_err(|e| e.to_string())?;
+        // The connector connects to exactly the addresses the resolver checked; IP literals,
+        // which skip the resolver, are refused before a request is made.
+        let mut http = HttpConnector::new_with_resolver(PublicOnly(GaiResolver::new()));
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let https = chat_runtime::https::https_only(http).map_err(|e| e.to_string())?;
         Ok(HttpTool { client: Client::builder(TokioExecutor::new()).build(https), allow })
     }
 
@@ -227,10 +278,20 @@ impl HttpTool {
 
     async fn get(&self, url: &str) -> ToolAnswer {
         let Ok(uri) = url.parse::<http::Uri>() else { return ToolAnswer::error("the url is not valid") };
-        if !matches!(uri.scheme_str(), Some("https" | "http")) {
-            return ToolAnswer::error("only http and https URLs can be fetched");
+        if uri.scheme_str() != Some("https") {
+            return ToolAnswer::error("only https URLs can be fetched (https only)");
         }
-        let Some(host) = uri.host() else { return ToolAnswer::error("the url has no host") };
+        let Some(authority) = uri.authority() else { return ToolAnswer::error("the url has no host") };
+        if authority.as_str().contains('@') {
+            return ToolAnswer::error("the url may not carry credentials");
+        }
+        let host = authority.host();
+        if uri.port_u16().is_some_and(|port| port != 443) {
+            return ToolAnswer::error("only the https port (443) can be fetched");
+        }
+        if host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok() {
+            return ToolAnswer::error("the url must name a host, not an address");
+        }
         if !self.allowed(host) {
             return ToolAnswer::error(format!("{host} is not on the allow list ({})", self.allow.join(", ")));
         }
@@ -242,8 +303,10 @@ impl HttpTool {
             Err(_) => return ToolAnswer::error("the url cannot be requested"),
         };
         let fetch = async {
-            let response =
-                self.client.request(request).await.map_err(|_| format!("could not reach {host}"))?;
+            let response = self.client.request(request).await.map_err(|err| match refused_address(&err) {
+                Some(refused) => refused.to_string(),
+                None => format!("could not reach {host}"),
+            })?;
             let status = response.status();
             let mut body = Vec::new();
             let mut incoming = response.into_body();
@@ -265,6 +328,112 @@ impl HttpTool {
             Ok(Ok((_, text))) => ToolAnswer::error(text),
             Ok(Err(err)) => ToolAnswer::error(err),
             Err(_) => ToolAnswer::error(format!("{host} did not answer in {} s", HTTP_TIMEOUT.as_secs())),
+        }
+    }
+}
+
+/// A name that resolves to an address that is not public (loopback, private, link-local, …).
+#[derive(Debug, thiserror::Error)]
+#[error("{name} resolves to {address}, not a public address: http_get fetches public hosts only")]
+struct NotPublic {
+    name: String,
+    address: IpAddr,
+}
+
+/// The resolver `http_get` connects through: the system's, refusing a name when any of its
+/// addresses is not public, so neither a name that points inward nor one that rebinds between
+/// lookups can reach the instance's own services or a private network.
+#[derive(Clone)]
+struct PublicOnly(GaiResolver);
+
+impl tower_service::Service<Name> for PublicOnly {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let resolving = self.0.call(name.clone());
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> = resolving.await?.collect();
+            if let Some(inward) = addresses.iter().find(|a| !is_public(a.ip())) {
+                let refused = NotPublic { name: name.as_str().to_owned(), address: inward.ip() };
+                return Err(std::io::Error::other(refused));
+            }
+            Ok(addresses.into_iter())
+        })
+    }
+}
+
+/// The refusal of a non-public address somewhere in a request's error chain.
+fn refused_address<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e NotPublic> {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(refused) = err.downcast_ref::<NotPublic>() {
+            return Some(refused);
+        }
+        // An io::Error shows its inner error's source, not the inner error itself.
+        let inner = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if let Some(refused) = inner.and_then(|inner| inner.downcast_ref::<NotPublic>()) {
+            return Some(refused);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// Whether `ip` is an address of the public internet: not loopback, unspecified, private,
+/// shared (CGNAT), link-local, multicast, broadcast, documentation, benchmarking or reserved, and
+/// for IPv6 also not unique-local, and not an IPv4 address in disguise (mapped, NAT64, 6to4) that
+/// is not public itself.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    let inward = a == 0
+        || a == 10
+        || a == 127
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 169 && b == 254)
+        || (a == 172 && (16..32).contains(&b))
+        || (a == 192 && b == 168)
+        || (a == 192 && b == 0 && (c == 0 || c == 2))
+        || (a == 192 && b == 88 && c == 99)
+        || (a == 198 && (b == 18 || b == 19))
+        || (a == 198 && b == 51 && c == 100)
+        || (a == 203 && b == 0 && c == 113)
+        || a >= 224;
+    !inward
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    let segments = ip.segments();
+    let embedded = |high: u16, low: u16| Ipv4Addr::from((u32::from(high) << 16) | u32::from(low));
+    match segments {
+        // Unspecified, loopback, and the deprecated IPv4-compatible form.
+        [0, 0, 0, 0, 0, 0, _, _] => false,
+        // IPv4-mapped, and NAT64's well-known prefix: as public as the IPv4 address they carry.
+        [0, 0, 0, 0, 0, 0xffff, high, low] | [0x64, 0xff9b, 0, 0, 0, 0, high, low] => {
+            is_public_v4(embedded(high, low))
+        }
+        // 6to4 carries an IPv4 address in its second and third segments.
+        [0x2002, high, low, ..] => is_public_v4(embedded(high, low)),
+        // Discard-only, Teredo, benchmarking, documentation.
+        [0x100, 0, 0, 0, ..] | [0x2001, 0, ..] | [0x2001, 0x2, 0, ..] | [0x2001, 0xdb8, ..] => false,
+        // Unique local (fc00::/7), link-local (fe80::/10), site-local (fec0::/10), multicast.
+        [first, ..] => {
+            (first & 0xfe00) != 0xfc00
+                && (first & 0xffc0) != 0xfe80
+                && (first & 0xffc0) != 0xfec0
+                && (first & 0xff00) != 0xff00
         }
     }
 }
@@ -340,5 +509,75 @@ mod tests {
         let refused = tools.call(&call("https://evil.net/x")).await;
         assert!(refused.is_error && refused.content.contains("not on the allow list"), "{refused:?}");
         assert!(tools.call(&call("file:///etc/passwd")).await.is_error);
+    }
+
+    #[tokio::test]
+    async fn the_http_tool_fetches_only_https_on_443_from_public_addresses() {
+        // An allowed name that resolves to loopback (as a rebinding name would): refused at the
+        // resolver, before any connection, whatever the port.
+        let tools = Tools::none().with_http(&["localhost", "api.test"]);
+        let call = |url: &str| ToolCall {
+            id: "c".to_owned(),
+            name: "http_get".to_owned(),
+            arguments: json!({ "url": url }).to_string(),
+        };
+        let inward = tools.call(&call("https://localhost/")).await;
+        assert!(inward.is_error && inward.content.contains("not a public address"), "{inward:?}");
+        let port = tools.call(&call("https://localhost:9001/2018-06-01/runtime/invocation/next")).await;
+        assert!(port.is_error && port.content.contains("443"), "{port:?}");
+        let plain = tools.call(&call("http://api.test/")).await;
+        assert!(plain.is_error && plain.content.contains("https only"), "{plain:?}");
+        let other_port = tools.call(&call("https://api.test:8443/")).await;
+        assert!(other_port.is_error && other_port.content.contains("443"), "{other_port:?}");
+        for literal in ["https://127.0.0.1/", "https://[::1]/", "https://169.254.169.254/latest/meta-data/"] {
+            let answer = tools.call(&call(literal)).await;
+            assert!(answer.is_error && answer.content.contains("not an address"), "{literal}: {answer:?}");
+        }
+        let creds = tools.call(&call("https://user:pw@api.test/")).await;
+        assert!(creds.is_error && creds.content.contains("credentials"), "{creds:?}");
+    }
+
+    #[test]
+    fn public_addresses_are_told_from_inward_ones() {
+        let public =
+            ["1.1.1.1", "8.8.8.8", "100.63.255.255", "172.32.0.1", "2606:4700::1111", "2a00:1450::1"];
+        for ip in public {
+            assert!(is_public(ip.parse().unwrap()), "{ip} is public");
+        }
+        let inward = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.1.2.3",
+            "100.64.0.1",
+            "169.254.169.254",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.18.0.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::127.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            "2001:db8::1",
+            "100::1",
+        ];
+        for ip in inward {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} is not public");
+        }
+        assert!(is_public("::ffff:8.8.8.8".parse().unwrap()), "a mapped public address is public");
     }
 }

@@ -88,6 +88,8 @@ impl Store {
                 summary: current.summary.clone(),
                 routing: None,
                 tool_uses: Vec::new(),
+                user: current.user_id.clone(),
+                usage: Default::default(),
             };
             if event == Event::LeaseTakeover {
                 match self.fence(&mut lease).await? {
@@ -291,7 +293,9 @@ impl Store {
         })
     }
 
-    /// `ReplyCommitted`: stores the assistant message, only while `lease` still holds the turn.
+    /// `ReplyCommitted`: stores the assistant message, only while `lease` still holds the turn,
+    /// and charges what the lease's model calls consumed to its user's day, in the same
+    /// transaction.
     pub async fn commit_reply(
         &self,
         lease: &Lease,
@@ -321,9 +325,24 @@ impl Store {
                 "#lease_owner = :owner AND #turn = :turn",
                 vec![(":owner", string(lease.owner.clone())), (":turn", number(lease.turn.get()))],
             )),
-            extra_items: vec![self.put_new(message)],
+            extra_items: [self.put_new(message)]
+                .into_iter()
+                .chain(self.charge(&lease.user, lease.usage.total()))
+                .collect(),
         };
         self.outcome(write).await
+    }
+
+    /// `GenerationFailed`: ends the turn of `current` (as `lease` left it) in `error` with
+    /// `reason`, charging what the lease's model calls consumed in the same transaction.
+    pub async fn fail_generation(
+        &self,
+        lease: &Lease,
+        current: &Session,
+        reason: &str,
+    ) -> Result<Outcome<u64>, StoreError> {
+        let charge = self.charge(&lease.user, lease.usage.total()).into_iter().collect();
+        self.end_turn_with(current, Event::GenerationFailed, reason, &lease.owner, charge).await
     }
 }
 

@@ -42,11 +42,6 @@ impl Store {
         by: &str,
         release: Option<(&UserId, &ClientMessageId)>,
     ) -> Result<Outcome<u64>, StoreError> {
-        let illegal = StoreError::IllegalTransition { from: Some(current.state), event };
-        match fsm::transition(Some(current.state), event) {
-            Some(State::Error | State::Timeout) => {}
-            _ => return Err(illegal),
-        }
         let extra_items = release
             .map(|(user, idem)| {
                 let delete = Delete::builder()
@@ -58,6 +53,23 @@ impl Store {
             })
             .into_iter()
             .collect();
+        self.end_turn_with(current, event, reason, by, extra_items).await
+    }
+
+    /// [`Store::end_turn`], landing `extra_items` in the same transaction.
+    pub(super) async fn end_turn_with(
+        &self,
+        current: &Session,
+        event: Event,
+        reason: &str,
+        by: &str,
+        extra_items: Vec<TransactWriteItem>,
+    ) -> Result<Outcome<u64>, StoreError> {
+        let illegal = StoreError::IllegalTransition { from: Some(current.state), event };
+        match fsm::transition(Some(current.state), event) {
+            Some(State::Error | State::Timeout) => {}
+            _ => return Err(illegal),
+        }
         let (mut set, remove) = self.turn_ended_deadline(current.id);
         set.push((attr::REASON, string(reason)));
         let write = TransitionWrite {

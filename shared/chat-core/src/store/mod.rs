@@ -61,6 +61,9 @@ pub struct StoreOptions {
     pub max_write_attempts: u32,
     /// Sessions a user may have (0: no limit); counted whether or not it is enforced.
     pub max_sessions_per_user: u32,
+    /// Tokens a user's turns may consume per UTC day (0: no budget, and nothing counted): a new
+    /// turn is refused once today's count reaches it.
+    pub daily_token_budget: u64,
 }
 
 impl Default for StoreOptions {
@@ -74,6 +77,7 @@ impl Default for StoreOptions {
             idle_timeout: Some(Duration::from_secs(30 * 60)),
             max_write_attempts: 8,
             max_sessions_per_user: 0,
+            daily_token_budget: 0,
         }
     }
 }

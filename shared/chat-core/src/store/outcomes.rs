@@ -83,6 +83,8 @@ pub enum SendOutcome {
         /// The limit.
         limit: u32,
     },
+    /// The user's turns have used up today's token budget; nothing was written.
+    BudgetExhausted(crate::limits::BudgetSpent),
 }
 
 /// A generator's claim on a turn: the fencing version and what was already streamed.
@@ -110,6 +112,11 @@ pub struct Lease {
     pub routing: Option<crate::model::Routing>,
     /// The tools called for the turn so far, stored with the reply.
     pub tool_uses: Vec<crate::model::ToolUse>,
+    /// The session's owner, whose daily token count the turn's spend is charged to.
+    pub user: UserId,
+    /// What this holder's model calls consumed so far: charged when the turn ends, in the same
+    /// transaction. (A crashed holder's spend is not charged: at most `MAX_ATTEMPTS` calls.)
+    pub usage: crate::model::Usage,
 }
 
 /// What became of a generation claim.

@@ -108,6 +108,12 @@ impl Store {
             extra_items.push(self.count_sessions(msg.user, 1));
             extra_items.len() - 1
         });
+        // With a daily token budget, the claim holds only while the user is under it.
+        let budget = self.options.daily_token_budget;
+        let budget_index = (budget > 0).then(|| {
+            extra_items.push(self.budget_check(msg.user, budget));
+            extra_items.len() - 1
+        });
         let write = TransitionWrite {
             session: session_id,
             expected: current.map(|c| (c.state, c.version)),
@@ -137,6 +143,10 @@ impl Store {
         }
         if count_index.is_some_and(|i| rejection.extra(i).is_some()) && !rejection.session_failed {
             return Ok(SendOutcome::SessionLimit { limit: self.options.max_sessions_per_user });
+        }
+        if let Some(day) = budget_index.and_then(|i| rejection.extra(i)).filter(|_| !rejection.session_failed)
+        {
+            return Ok(SendOutcome::BudgetExhausted(self.budget_spent(day.as_ref(), budget)));
         }
         Ok(match rejection {
             Rejection { session_failed: true, current: Some(c), .. } if &c.user_id == msg.user => {
