@@ -277,7 +277,7 @@ impl Generator {
         let outcome = match &ending {
             Ending::LeaseLost => {
                 info!("lease lost; leaving the turn to its new holder, if the session still exists");
-                return self.clear_if_deleted(&lease).await;
+                return self.abandon(&lease).await;
             }
             Ending::Complete | Ending::Stopped | Ending::Capped => {
                 let stopped = match ending {
@@ -289,10 +289,10 @@ impl Generator {
             }
             Ending::Failed(_, reason) => {
                 let Some(current) = self.store.get_session(lease.session_id, true).await? else {
-                    return self.clear_if_deleted(&lease).await;
+                    return self.abandon(&lease).await;
                 };
                 if current.version != lease.version {
-                    return Ok(());
+                    return self.abandon(&lease).await;
                 }
                 self.store.fail_generation(&lease, &current, reason).await?
             }
@@ -310,11 +310,40 @@ impl Generator {
                     "turn finished"
                 );
                 turn_metrics(&ending, &lease);
+                self.give_back_turn_slot(&lease).await;
             }
-            Outcome::Conflict(Conflict { current: None }) => return self.clear_if_deleted(&lease).await,
-            Outcome::Conflict(conflict) => warn!(?conflict, "the turn moved on before it could be finished"),
+            Outcome::Conflict(Conflict { current: None }) => return self.abandon(&lease).await,
+            Outcome::Conflict(conflict) => {
+                warn!(?conflict, "the turn moved on before it could be finished");
+                return self.abandon(&lease).await;
+            }
         }
         Ok(())
+    }
+
+    /// This lease's turn ended without its transition (the lease was lost, the session deleted
+    /// or moved on): what the model consumed under it is still charged to the user, once for the
+    /// lease, since the transition that would have carried the charge will not happen. Then what
+    /// a deleted session left behind is cleared.
+    async fn abandon(&self, lease: &Lease) -> Result<(), RetryLater> {
+        let marker = format!("{}:{}:{}", lease.session_id, lease.turn, lease.owner);
+        if let Err(err) = self.store.charge_once(&lease.user, &marker, lease.usage.total()).await {
+            warn!(error = %err, "could not charge what an abandoned turn consumed");
+        }
+        // A turn another generator took over is still in flight and keeps its slot; one whose
+        // session is gone does not.
+        if self.store.get_session(lease.session_id, true).await?.is_none() {
+            self.give_back_turn_slot(lease).await;
+        }
+        self.clear_if_deleted(lease).await
+    }
+
+    /// The turn is over: its slot among its user's turns in flight goes back (one that cannot
+    /// lapses on its own).
+    async fn give_back_turn_slot(&self, lease: &Lease) {
+        if let Err(err) = self.store.close_turn_slot(&lease.user, lease.session_id).await {
+            warn!(error = %err, "could not give back the turn's slot; it lapses on its own");
+        }
     }
 
     /// The session was deleted while this turn was being written: a chunk put after the delete

@@ -60,8 +60,19 @@ async fn harness_with(
     tools: Tools,
     tool_deadline: Duration,
 ) -> Harness {
+    harness_with_options(server, small, tools, tool_deadline, StoreOptions::default()).await
+}
+
+/// [`harness_with`] over a store with `options`.
+async fn harness_with_options(
+    server: &FakeLlm,
+    small: Option<RouteRule>,
+    tools: Tools,
+    tool_deadline: Duration,
+    options: StoreOptions,
+) -> Harness {
     let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
-    let store = dynamo.store("turns", StoreOptions::default());
+    let store = dynamo.store("turns", options);
     let routes = Routes {
         main: NamedModel { model: openai_model(server, "big-model"), name: "big-model".to_owned() },
         small: small.map(|rule| {
@@ -178,13 +189,14 @@ async fn an_idle_session_is_summarised_once_and_the_summary_stands_in_for_the_tu
 }
 
 #[tokio::test]
-async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind() {
+async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind_and_is_still_charged() {
     // A slow reply: the delete lands between its chunks.
     let tokens: Vec<String> = (0..40).map(|i| format!("t{i} ")).collect();
     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let server =
         FakeLlm::start(vec![fake_llm::openai_reply(&tokens, Duration::from_millis(25))]).await.unwrap();
-    let h = harness(&server).await;
+    let options = StoreOptions { daily_token_budget: 1_000_000, ..StoreOptions::default() };
+    let h = harness_with_options(&server, None, Tools::none(), Duration::from_secs(60), options).await;
     let (session, turn) = h.send(None, "Tell me a long story.").await;
     let generator = h.generator.clone();
     let running =
@@ -208,6 +220,8 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind() {
     assert_eq!(h.store.clear_if_deleted(session).await.unwrap(), 0, "nothing was left to clear");
     assert!(h.store.read_chunks(session, turn, None, true).await.unwrap().is_empty());
     assert!(h.store.transitions(session).await.unwrap().is_empty());
+    // Deleting the session mid-reply does not make what the model consumed free.
+    assert!(h.store.tokens_used_today(&user).await.unwrap() > 0, "the abandoned turn was charged");
 }
 
 #[tokio::test]

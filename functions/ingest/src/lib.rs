@@ -250,20 +250,40 @@ impl App {
             return Err(ApiError::MessageTooLong { tokens, limit });
         }
         self.take_turn(&user).await?;
-        let outcome = self
-            .store
-            .send_message(NewMessage {
-                user: &user,
-                session: body.session_id,
-                content: &body.message,
-                client_message_id: body.client_message_id.as_ref(),
-                by: request_id,
-            })
-            .await
-            .map_err(|e| ApiError::store_unavailable(&e))?;
-        if !matches!(outcome, SendOutcome::Accepted(_)) {
-            // No turn started: the send does not count against the rates.
+        // The turn's slot among the user's turns in flight, under its session (a new session's
+        // id is chosen here): taken before anything is written, so a refusal changes nothing.
+        let slot = body.session_id.unwrap_or_else(SessionId::new);
+        if let Err(err) = self.take_turn_slot(&user, slot).await {
             self.return_turn(&user).await;
+            return Err(err);
+        }
+        let message = NewMessage {
+            user: &user,
+            session: body.session_id,
+            content: &body.message,
+            client_message_id: body.client_message_id.as_ref(),
+            by: request_id,
+        };
+        let outcome = match self.store.send_message_creating(message, slot).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                self.return_turn(&user).await;
+                self.give_back_turn_slot(&user, slot).await;
+                return Err(ApiError::store_unavailable(&err));
+            }
+        };
+        if !matches!(outcome, SendOutcome::Accepted(_)) {
+            // No turn started: the send does not count against the rates, and the slot goes
+            // back, unless it is the slot of the session's turn already in flight.
+            self.return_turn(&user).await;
+            let held_by_another = match &outcome {
+                SendOutcome::InFlight { .. } => true,
+                SendOutcome::Duplicate { session_id, .. } => *session_id == slot,
+                _ => false,
+            };
+            if !held_by_another {
+                self.give_back_turn_slot(&user, slot).await;
+            }
         }
         match outcome {
             SendOutcome::Accepted(ticket) => {
@@ -286,6 +306,36 @@ impl App {
                 details: None,
             }),
             SendOutcome::BudgetExhausted(spent) => Err(budget_exhausted(spent, self.store.now_ms())),
+        }
+    }
+
+    /// Takes a slot among the user's turns in flight for a turn of `session`; a 429 when they are
+    /// all taken.
+    async fn take_turn_slot(&self, user: &UserId, session: SessionId) -> Result<(), ApiError> {
+        let max = self.limits.turns_in_flight;
+        let admission = self
+            .store
+            .open_turn_slot(user, session, max)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?;
+        match admission {
+            Admission::Admitted => Ok(()),
+            Admission::Limited { retry_after } => Err(ApiError::TooManyRequests {
+                code: "turn_rate_limited",
+                message: format!(
+                    "you have {max} turns being answered, the most at once; wait for one to finish"
+                ),
+                retry_after,
+                details: Some(json!({"scope": "in_flight"})),
+            }),
+        }
+    }
+
+    /// Gives back the user's in-flight slot of `session`; a slot that cannot be given back lapses
+    /// on its own.
+    async fn give_back_turn_slot(&self, user: &UserId, session: SessionId) {
+        if let Err(err) = self.store.close_turn_slot(user, session).await {
+            warn!(error = %err, "could not give back a turn's slot; it lapses on its own");
         }
     }
 
@@ -407,6 +457,7 @@ impl App {
             Ok(Outcome::Applied(_)) => {
                 let why = if event == Event::StoreFailed { "not_stored" } else { "not_queued" };
                 metrics::count(metrics::name::TURNS_FAILED, 1, &[metrics::Dimension::Reason(why)]);
+                self.give_back_turn_slot(&current.user_id, current.id).await;
             }
             Ok(Outcome::Conflict(_)) => {}
             Err(err) => warn!(error = %err, "could not end the failed turn; the sweeper will"),
@@ -607,6 +658,11 @@ impl App {
             .map_err(|e| ApiError::store_unavailable(&e))?
         {
             DeleteOutcome::Deleted { items } => {
+                // A turn the delete cut short holds no slot any more (the local stack's trusted
+                // caller names no user: there the slot lapses).
+                if let Some(user) = caller.scope() {
+                    self.give_back_turn_slot(user, id).await;
+                }
                 Ok(json(StatusCode::OK, json!({"session_id": id, "deleted": true, "items": items})))
             }
             DeleteOutcome::NotFound => Err(ApiError::session_not_found()),

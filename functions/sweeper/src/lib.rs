@@ -195,6 +195,9 @@ impl Sweeper {
         match self.store.end_turn(session, event, reason, "sweeper").await? {
             Outcome::Applied(_) => {
                 info!(session = %session.id, turn = %session.turn, %event, "turn ended");
+                if let Err(err) = self.store.close_turn_slot(&session.user_id, session.id).await {
+                    warn!(session = %session.id, error = %err, "could not give back the turn's slot; it lapses on its own");
+                }
                 let ended = fsm::transition(Some(session.state), event).unwrap_or(State::Error);
                 Ok(Action::Ended(ended))
             }

@@ -126,7 +126,8 @@ fn every_function_is_built_by_cargo_lambda_for_arm64() {
 }
 
 /// The AWS actions each function's code performs, from the store and queue operations it calls.
-/// TransactWriteItems is authorised per item (Put/Update), and BatchGet/BatchWrite by name.
+/// TransactWriteItems is authorised per item (Put, Update, Delete, ConditionCheck →
+/// ConditionCheckItem), and BatchGet/BatchWrite by name.
 #[test]
 fn each_policy_grants_exactly_the_actions_its_function_uses() {
     let expected: [(&str, &[&str]); 4] = [
@@ -135,6 +136,7 @@ fn each_policy_grants_exactly_the_actions_its_function_uses() {
             &[
                 "dynamodb:BatchGetItem",
                 "dynamodb:BatchWriteItem",
+                "dynamodb:ConditionCheckItem",
                 "dynamodb:DeleteItem",
                 "dynamodb:GetItem",
                 "dynamodb:PutItem",

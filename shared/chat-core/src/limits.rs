@@ -42,6 +42,9 @@ pub struct UserLimits {
     /// Tokens a user's turns may consume per UTC day, as the model reports them
     /// (`DAILY_TOKEN_BUDGET`).
     pub daily_tokens: u64,
+    /// Turns one user may have in flight at once, across sessions (`MAX_TURNS_IN_FLIGHT`), so one
+    /// account cannot hold the generators every other user waits for.
+    pub turns_in_flight: u32,
 }
 
 impl Default for UserLimits {
@@ -52,6 +55,7 @@ impl Default for UserLimits {
             streams_per_turn: 2,
             sessions: 1000,
             daily_tokens: 0,
+            turns_in_flight: 4,
         }
     }
 }
@@ -64,10 +68,11 @@ impl UserLimits {
         streams_per_turn: 0,
         sessions: 0,
         daily_tokens: 0,
+        turns_in_flight: 0,
     };
 
     /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
-    /// `MAX_SESSIONS_PER_USER` and `DAILY_TOKEN_BUDGET`.
+    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET` and `MAX_TURNS_IN_FLIGHT`.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let defaults = UserLimits::default();
         Ok(UserLimits {
@@ -76,6 +81,7 @@ impl UserLimits {
             streams_per_turn: env.parse_or("MAX_STREAMS_PER_TURN", defaults.streams_per_turn)?,
             sessions: env.parse_or("MAX_SESSIONS_PER_USER", defaults.sessions)?,
             daily_tokens: env.parse_or("DAILY_TOKEN_BUDGET", defaults.daily_tokens)?,
+            turns_in_flight: env.parse_or("MAX_TURNS_IN_FLIGHT", defaults.turns_in_flight)?,
         })
     }
 }
@@ -111,6 +117,13 @@ pub enum Admission {
 pub const TURN_RATE_SK: &str = "LIMIT#turns";
 /// Sort key of a user's open-stream slots.
 pub const STREAM_SLOTS_SK: &str = "LIMIT#streams";
+/// Sort key of a user's slots of turns in flight, one a session (a session has one turn in
+/// flight at most).
+pub const TURN_SLOTS_SK: &str = "LIMIT#turns_in_flight";
+/// How long a turn's in-flight slot holds if nothing gives it back: past every deadline a turn
+/// can reach (the pickup timeout and the generation lease, with their retries), by which time the
+/// sweeper has ended it.
+pub const TURN_SLOT_HOLD: Duration = Duration::from_secs(15 * 60);
 /// Sort key of a user's session counter.
 pub const SESSION_COUNT_SK: &str = "LIMIT#sessions";
 /// Sort key prefix of a user's token count of one UTC day (`LIMIT#tokens#2026-12-01`).
@@ -152,6 +165,7 @@ pub struct BudgetSpent {
 enum SlotsOf<'a> {
     User(&'a UserId),
     Turn(SessionId, Turn),
+    TurnsOf(&'a UserId),
 }
 
 impl SlotsOf<'_> {
@@ -159,6 +173,7 @@ impl SlotsOf<'_> {
         match self {
             SlotsOf::User(user) => key(table::user_pk(user), STREAM_SLOTS_SK),
             SlotsOf::Turn(session, turn) => key(table::session_pk(*session), turn_stream_slots_sk(*turn)),
+            SlotsOf::TurnsOf(user) => key(table::user_pk(user), TURN_SLOTS_SK),
         }
     }
 }
@@ -359,6 +374,23 @@ impl Store {
         self.close_slot(SlotsOf::Turn(session, turn), stream_id).await
     }
 
+    /// Takes one of the user's `max` slots of turns in flight (0: no limit) for a turn of
+    /// `session`, held until [`Store::close_turn_slot`] or [`TURN_SLOT_HOLD`]. Taking the slot a
+    /// session already holds again is admitted: a session has one turn in flight at most.
+    pub async fn open_turn_slot(
+        &self,
+        user: &UserId,
+        session: SessionId,
+        max: u32,
+    ) -> Result<Admission, StoreError> {
+        self.open_slot(SlotsOf::TurnsOf(user), &session.to_string(), max, TURN_SLOT_HOLD).await
+    }
+
+    /// Gives back the slot a turn of `session` holds; one already gone is fine.
+    pub async fn close_turn_slot(&self, user: &UserId, session: SessionId) -> Result<(), StoreError> {
+        self.close_slot(SlotsOf::TurnsOf(user), &session.to_string()).await
+    }
+
     /// Takes one of `max` slots (0: no limit) for `stream_id`, held for at most `hold`.
     ///
     /// Usually one write, conditioned on the count of slots: no read, and racing openers do not
@@ -409,6 +441,10 @@ impl Store {
                 .unwrap_or_default();
             // Slots whose holder died without giving them back have lapsed.
             holders.retain(|_, lapses| lapses.as_n().ok().and_then(|e| e.parse::<u64>().ok()) > Some(now));
+            if holders.contains_key(stream_id) {
+                // Already held by this id: taken again, not twice.
+                return Ok(Admission::Admitted);
+            }
             if holders.len() >= max as usize {
                 return Ok(Admission::Limited { retry_after: STREAM_RETRY });
             }

@@ -250,6 +250,32 @@ async fn racing_streams_of_one_turn_get_exactly_its_slots() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_turns_of_one_user_get_exactly_their_slots_in_flight_and_a_session_holds_one() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = UserId::parse("busy-user").unwrap();
+    let sessions: Vec<SessionId> = (0..8).map(|_| SessionId::new()).collect();
+    let answers = race(8, |i| {
+        let (store, user, session) = (store.clone(), user.clone(), sessions[i]);
+        async move { (session, store.open_turn_slot(&user, session, 3).await.expect("open")) }
+    })
+    .await;
+    let holders: Vec<SessionId> =
+        answers.iter().filter(|(_, a)| *a == Admission::Admitted).map(|(s, _)| *s).collect();
+    assert_eq!(holders.len(), 3, "{answers:?}");
+    // A session that holds a slot takes it again (its one turn); another session waits.
+    assert_eq!(store.open_turn_slot(&user, holders[0], 3).await.unwrap(), Admission::Admitted);
+    let waiting = answers.iter().find(|(_, a)| *a != Admission::Admitted).map(|(s, _)| *s).unwrap();
+    assert!(matches!(store.open_turn_slot(&user, waiting, 3).await.unwrap(), Admission::Limited { .. }));
+    // Another user is not held back; a turn that ends gives its slot back.
+    let other = UserId::parse("other-user").unwrap();
+    assert_eq!(store.open_turn_slot(&other, waiting, 3).await.unwrap(), Admission::Admitted);
+    store.close_turn_slot(&user, holders[1]).await.unwrap();
+    store.close_turn_slot(&user, holders[1]).await.unwrap();
+    assert_eq!(store.open_turn_slot(&user, waiting, 3).await.unwrap(), Admission::Admitted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_turns_take_exactly_the_global_bucket_and_a_refund_gives_one_back() {
     let db = TestDb::start().await;
     let store = db.store();

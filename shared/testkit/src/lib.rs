@@ -7,5 +7,7 @@ pub mod emulators;
 pub mod fake_llm;
 pub mod requests;
 pub mod sse;
+pub mod stub_sqs;
 
 pub use emulators::{dynamodb_client, local_credentials, sqs_client, LocalDynamo, TableStream};
+pub use stub_sqs::StubSqs;

@@ -1,8 +1,13 @@
 //! `make bench-sweep`: the sweeper at scale. `BENCH_SESSIONS` (10,000) sessions whose last turn
-//! ended and whose idle deadline has passed, on the embedded DynamoDB emulator and a moto SQS:
-//! how long the sweeper's own handler takes to expire them all and queue their summary jobs, in
-//! how many sweeps (the schedule runs one a minute on AWS, each within a 40 s budget); then what
-//! a sweep costs when nothing is due.
+//! ended and whose idle deadline has passed, on the embedded DynamoDB emulator: how long the
+//! sweeper's own handler takes to expire them all and queue their summary jobs, in how many
+//! sweeps (the schedule runs one a minute on AWS, each within a 40 s budget); then what a sweep
+//! costs when nothing is due.
+//!
+//! The queue is a stand-in that accepts every `SendMessageBatch` and counts the jobs
+//! (`BENCH_SQS=stub`, the default), or the local stack's moto (`BENCH_SQS=moto`), whose
+//! `SendMessage` costs time in proportion to the messages waiting (SQS's does not), so at this
+//! scale it measures moto.
 
 use chat_core::config::Env;
 use chat_core::{ClaimOutcome, Clock, NewMessage, Outcome, SendOutcome, State, StoreOptions, UserId};
@@ -22,10 +27,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sessions: usize = env.parse_or("BENCH_SESSIONS", 10_000)?;
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dynamo = LocalDynamo::start(0, TABLE).await?;
-    let sqs = LocalSqs::start(&root, 0, Stdio::null(), Stdio::null()).await?;
-    let mut settings = StackSettings::new(&root);
-    settings.queue = "bench-sweep".to_owned();
-    let (queue_url, _) = sqs.create_queues(&settings).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let use_moto = env.optional("BENCH_SQS").as_deref() == Some("moto");
+    let (sqs_endpoint, queue_url, _moto) = if use_moto {
+        let sqs = LocalSqs::start(&root, 0, Stdio::null(), Stdio::null()).await?;
+        let mut settings = StackSettings::new(&root);
+        settings.queue = "bench-sweep".to_owned();
+        let (queue_url, _) = sqs.create_queues(&settings).await?;
+        // The generator's side: every job taken off as it arrives, and counted.
+        tokio::spawn(drain(chat_local::sqs_client(&sqs.endpoint), queue_url.clone(), received.clone()));
+        (sqs.endpoint.clone(), queue_url, Some(sqs))
+    } else {
+        let stub = chat_testkit::StubSqs::start().await?;
+        let queue_url = format!("{}/000000000000/bench-sweep", stub.endpoint);
+        let endpoint = stub.endpoint.clone();
+        let (counted, received) = (stub.summaries.clone(), received.clone());
+        tokio::spawn(async move {
+            // The stand-in counts the summary jobs it took; it lives as long as the benchmark.
+            let _stub = stub;
+            loop {
+                received.store(counted.load(Ordering::SeqCst), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        (endpoint, queue_url, None)
+    };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     let clock = Arc::new(AtomicU64::new(now));
     let store = dynamo.store(TABLE, StoreOptions::default()).with_clock(Clock::Manual(clock.clone()));
@@ -79,14 +105,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Every one of them is now past its idle deadline.
     let idle = store.options().idle_timeout.ok_or("SESSION_IDLE_TIMEOUT is off")?;
     clock.fetch_add((idle + Duration::from_secs(1)).as_millis() as u64, Ordering::SeqCst);
-    let queue = Queue::new(chat_local::sqs_client(&sqs.endpoint), queue_url.clone());
+    let queue = Queue::new(chat_local::sqs_client(&sqs_endpoint), queue_url.clone());
     let sweeper = sweeper::Sweeper::new(store.clone(), queue, 3, 3);
-
-    // The generator's side of the queue: every job taken off as it arrives, and counted (moto
-    // spends time on every send in proportion to the messages waiting, which SQS does not).
-    let received = Arc::new(AtomicU64::new(0));
-    let drain =
-        tokio::spawn(drain(chat_local::sqs_client(&sqs.endpoint), queue_url.clone(), received.clone()));
 
     let started = Instant::now();
     let mut sweeps = Vec::new();
@@ -94,6 +114,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while idled < sessions && sweeps.len() < 10 {
         let sweep = Instant::now();
         let report = sweeper.sweep().await.map_err(|e| e.to_string())?;
+        eprintln!("==> sweep {}: {:.1?}, {report:?}", sweeps.len() + 1, sweep.elapsed());
         idled += report.idled;
         sweeps.push((sweep.elapsed(), report));
     }
@@ -103,14 +124,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while (received.load(Ordering::SeqCst) as usize) < idled && waited.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drain.abort();
     let queued = received.load(Ordering::SeqCst) as usize;
 
     let before = store.capacity();
     let quiet = sweeper.sweep().await.map_err(|e| e.to_string())?;
     let read = store.capacity().read_units - before.read_units;
 
-    println!("bench-sweep: {sessions} sessions past their idle deadline\n");
+    let queue_kind = if use_moto { "moto" } else { "a stand-in queue" };
+    println!("bench-sweep: {sessions} sessions past their idle deadline, summaries sent to {queue_kind}\n");
     println!("| sweep | time | checked | expired | summaries queued |");
     println!("|---|---|---|---|---|");
     for (n, (took, report)) in sweeps.iter().enumerate() {

@@ -36,14 +36,23 @@ impl Store {
     /// Claims a new turn (creating the session if asked) and stores the user message with it:
     /// `UserSend`, into `user_writing`. Follow with [`Store::commit_user_message`].
     pub async fn send_message(&self, msg: NewMessage<'_>) -> Result<SendOutcome, StoreError> {
+        self.send_message_creating(msg, SessionId::new()).await
+    }
+
+    /// [`Store::send_message`], where a message that starts a session starts it with the id
+    /// `new_session` (chosen by the caller, which holds a slot under it first).
+    pub async fn send_message_creating(
+        &self,
+        msg: NewMessage<'_>,
+        new_session: SessionId,
+    ) -> Result<SendOutcome, StoreError> {
         if let Some(idem) = msg.client_message_id {
             if let Some((session_id, turn)) = self.find_idempotent(msg.user, idem).await? {
                 return Ok(SendOutcome::Duplicate { session_id, turn });
             }
         }
         let Some(session_id) = msg.session else {
-            let session_id = SessionId::new();
-            return self.claim_turn(&msg, session_id, None).await;
+            return self.claim_turn(&msg, new_session, None).await;
         };
         for _ in 0..self.options.max_write_attempts {
             let current = match self.get_session(session_id, true).await? {
