@@ -13,7 +13,7 @@ use chat_core::{fsm, Outcome, Session, State, Store, StoreError};
 use chat_core::{table, SessionId, UserId};
 use chat_runtime::metrics::{self, Dimension};
 use chat_runtime::queue::Queue;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -86,12 +86,19 @@ impl Sweeper {
             if fresh.is_empty() {
                 break;
             }
-            let actions: Vec<Option<Action>> = futures::stream::iter(fresh)
-                .map(|id| self.settle_due(id, now))
+            // The index is eventually consistent: decide on fresh reads, a hundred to a call.
+            let due: Vec<Session> = self
+                .store
+                .get_sessions(&fresh)
+                .await?
+                .into_iter()
+                .filter(|s| s.due_at.is_some_and(|due| due <= now))
+                .collect();
+            let actions: Vec<Action> = futures::stream::iter(&due)
+                .map(|session| self.settle_due(session, now))
                 .buffer_unordered(CONCURRENCY)
-                .try_collect()
-                .await?;
-            let actions: Vec<Action> = actions.into_iter().flatten().collect();
+                .collect()
+                .await;
             report.checked += actions.len();
             let jobs: Vec<TurnMessage> = actions.iter().filter_map(Action::job).collect();
             let refused: HashSet<SessionId> = self
@@ -142,19 +149,14 @@ impl Sweeper {
         Ok(report)
     }
 
-    /// Settles one session the index says is due: `None` when a fresh read says it is not (the
-    /// index is eventually consistent). One that could not be settled is examined, and left to
-    /// the next sweep.
-    async fn settle_due(&self, id: SessionId, now: u64) -> Result<Option<Action>, StoreError> {
-        let Some(session) = self.store.get_session(id, true).await? else { return Ok(None) };
-        if session.due_at.is_none_or(|due| due > now) {
-            return Ok(None);
-        }
-        match self.settle(&session, now).await {
-            Ok(action) => Ok(Some(action)),
+    /// Settles one due session. One that could not be settled is examined, and left to the next
+    /// sweep.
+    async fn settle_due(&self, session: &Session, now: u64) -> Action {
+        match self.settle(session, now).await {
+            Ok(action) => action,
             Err(err) => {
-                warn!(session = %id, error = %err, "could not settle an overdue session; next sweep retries");
-                Ok(Some(Action::None))
+                warn!(session = %session.id, error = %err, "could not settle an overdue session; next sweep retries");
+                Action::None
             }
         }
     }

@@ -208,6 +208,17 @@ impl Store {
         Ok(SessionPage { sessions, next_cursor })
     }
 
+    /// Reads sessions by id, consistently, a hundred to a `BatchGetItem` call; a session that is
+    /// gone is left out.
+    pub async fn get_sessions(&self, ids: &[SessionId]) -> Result<Vec<Session>, StoreError> {
+        let mut sessions = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(100) {
+            let keys = batch.iter().map(|id| session_key(*id)).collect();
+            sessions.extend(self.batch_get_sessions(keys).await?);
+        }
+        Ok(sessions)
+    }
+
     /// Reads session items by key, in the order given (a session deleted meanwhile is left out).
     async fn batch_get_sessions(&self, keys: Vec<Item>) -> Result<Vec<Session>, StoreError> {
         let mut found: HashMap<String, Session> = HashMap::new();
