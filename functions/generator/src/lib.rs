@@ -176,14 +176,14 @@ impl Generator {
         Ok(Generator::new(store, routes, settings).with_tools(tools))
     }
 
-    /// A generator over explicit parts. Loads the tokenizer (once per process).
+    /// A generator over explicit parts. The tokenizer is decoded only if a turn needs an exact count.
     pub fn new(store: Store, routes: impl Into<Routes>, settings: GenerationSettings) -> Generator {
         Generator {
             store,
             routes: routes.into(),
             tools: tools::Tools::none(),
             settings,
-            counter: TokenCounter::load(),
+            counter: TokenCounter::o200k(),
         }
     }
 

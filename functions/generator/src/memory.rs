@@ -41,7 +41,6 @@ pub fn select(
     limits: MemoryLimits,
     counter: TokenCounter,
 ) -> Result<Vec<(Role, String)>, OverBudget> {
-    let mut used = counter.base(system);
     let mut turns: Vec<Vec<Message>> = Vec::new();
     for message in messages {
         if message.id.turn > turn || (message.id.turn == turn && message.id.role != Role::User) {
@@ -52,6 +51,16 @@ pub fn select(
             _ => turns.push(vec![message]),
         }
     }
+    // The newest turns the turn limit allows: when even their bytes fit the token budget (a
+    // token is at least a byte), they all fit, and nothing needs the encoding.
+    let newest = turns.len().saturating_sub(limits.max_turns.max(1));
+    let bytes = |text: &str| TokenCounter::upper_bound(text) + chat_tokens::PER_MESSAGE;
+    let system_bytes = chat_tokens::PER_PROMPT + system.map_or(0, bytes);
+    let all_bytes: usize = turns[newest..].iter().flatten().map(|m| bytes(&m.content)).sum();
+    if system_bytes + all_bytes <= limits.max_tokens {
+        return Ok(turns.drain(newest..).flatten().map(|m| (m.id.role, m.content)).collect());
+    }
+    let mut used = counter.base(system);
     let mut kept: Vec<Vec<Message>> = Vec::new();
     for group in turns.into_iter().rev() {
         if kept.len() >= limits.max_turns.max(1) {
@@ -163,7 +172,7 @@ mod tests {
 
     #[test]
     fn a_long_conversation_stays_within_budget_keeping_the_newest_whole_turns() {
-        let counter = TokenCounter::load();
+        let counter = TokenCounter::o200k();
         let history = conversation(200, 30);
         let system = Some("You are terse.");
         for budget in [80, 200, 1000, 5000] {
@@ -195,7 +204,7 @@ mod tests {
 
     #[test]
     fn the_turn_limit_counts_the_current_turn() {
-        let counter = TokenCounter::load();
+        let counter = TokenCounter::o200k();
         let limits = MemoryLimits { max_tokens: 1_000_000, max_turns: 3 };
         let kept = select(conversation(10, 3), Turn::new(10).unwrap(), None, limits, counter).unwrap();
         let turns: Vec<&str> = kept.iter().map(|(_, t)| &t[..7]).collect();
@@ -204,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_message_over_the_budget_alone_is_an_error_not_a_cut() {
-        let counter = TokenCounter::load();
+        let counter = TokenCounter::o200k();
         let limits = MemoryLimits { max_tokens: 50, max_turns: 20 };
         let err = select(conversation(2, 100), Turn::new(2).unwrap(), None, limits, counter).unwrap_err();
         assert!(err.needed > 50);

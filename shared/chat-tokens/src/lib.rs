@@ -1,7 +1,7 @@
 //! Token counting for the prompt budget. Ingest and the generator count with the same encoding
 //! and the same framing, so a message ingest accepts is one the generator can fit.
 
-use std::sync::{LazyLock, OnceLock};
+use std::sync::OnceLock;
 use tiktoken_rs::CoreBPE;
 
 mod ranks;
@@ -19,21 +19,36 @@ pub const PER_PROMPT: usize = 3;
 ///
 /// The encoding is built from this crate's compact copy of the ranks (`ranks.rs`), not from the
 /// base64 text tiktoken-rs bundles, which is never linked: a megabyte less in every zip.
-#[derive(Clone, Copy)]
-pub struct TokenCounter {
-    bpe: &'static CoreBPE,
-}
+///
+/// Decoding the encoding costs ~300 ms and ~45 MB, so it happens on the first count, once per
+/// process: a process that never needs an exact count (bytes decide most budgets: a token is at
+/// least one byte) never pays for it, and a cold start never does.
+#[derive(Clone, Copy, Default)]
+pub struct TokenCounter;
+
+/// The encoding, decoded on first use.
+static O200K_BASE: OnceLock<CoreBPE> = OnceLock::new();
 
 impl TokenCounter {
-    /// The counter; the first call loads the encoding (once per process).
-    pub fn load() -> TokenCounter {
-        static O200K_BASE: LazyLock<CoreBPE> = LazyLock::new(ranks::o200k_base);
-        TokenCounter { bpe: &O200K_BASE }
+    /// The counter; nothing is decoded until it counts.
+    pub fn o200k() -> TokenCounter {
+        TokenCounter
+    }
+
+    /// Whether this process has decoded the encoding.
+    pub fn is_loaded() -> bool {
+        O200K_BASE.get().is_some()
     }
 
     /// Tokens in `text`.
     pub fn count(&self, text: &str) -> usize {
-        self.bpe.count_ordinary(text)
+        O200K_BASE.get_or_init(ranks::o200k_base).count_ordinary(text)
+    }
+
+    /// At least as many tokens as `text` has, without counting: its bytes (every token of the
+    /// encoding is at least one byte).
+    pub fn upper_bound(text: &str) -> usize {
+        text.len()
     }
 
     /// Tokens a message costs in a prompt.
@@ -102,7 +117,7 @@ impl MessageBudget {
 
     fn exact(&self) -> &(TokenCounter, usize) {
         self.exact.get_or_init(|| {
-            let counter = TokenCounter::load();
+            let counter = TokenCounter::o200k();
             (counter, counter.message_limit(self.budget, self.system.as_deref()))
         })
     }
@@ -114,14 +129,14 @@ mod tests {
 
     #[test]
     fn the_tokenizer_is_real() {
-        let counter = TokenCounter::load();
+        let counter = TokenCounter::o200k();
         assert_eq!(counter.count("hello world"), 2);
         assert!(counter.count("ünïcode 🦀 text\nwith lines") > 4);
     }
 
     #[test]
     fn a_message_at_the_limit_fits_exactly() {
-        let counter = TokenCounter::load();
+        let counter = TokenCounter::o200k();
         let system = Some("You are terse.");
         let limit = counter.message_limit(100, system);
         // The longest run of words that is within the limit fits the budget exactly…
@@ -144,14 +159,14 @@ mod tests {
         assert_eq!(budget.over("a short message"), None);
         assert!(budget.exact.get().is_none(), "no encoding loaded for a message that surely fits");
         let limit = budget.limit();
-        assert_eq!(limit, TokenCounter::load().message_limit(100, Some("You are terse.")));
+        assert_eq!(limit, TokenCounter::o200k().message_limit(100, Some("You are terse.")));
         assert!(budget.surely_fitting_bytes() <= limit);
         // Many bytes, few tokens: counted, and it fits.
         let dense = "aaaa".repeat(40);
-        assert!(dense.len() > limit && TokenCounter::load().count(&dense) <= limit);
+        assert!(dense.len() > limit && TokenCounter::o200k().count(&dense) <= limit);
         assert_eq!(budget.over(&dense), None);
         let long = "word ".repeat(200);
-        assert_eq!(budget.over(&long), Some((TokenCounter::load().count(&long), limit)));
+        assert_eq!(budget.over(&long), Some((TokenCounter::o200k().count(&long), limit)));
         assert!(MessageBudget::new(5, Some("You are terse.".to_owned())).is_none());
         assert!(
             MessageBudget::new(20, Some("x".repeat(30))).is_some(),

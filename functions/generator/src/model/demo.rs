@@ -1,6 +1,8 @@
 //! The built-in demo model: deterministic, offline, with test directives.
 
-use super::{prompt_tokens, Exchange, ModelError, ModelProvider, Output, Prompt, TokenStream, ToolCall};
+use super::{
+    estimated_prompt_tokens, Exchange, ModelError, ModelProvider, Output, Prompt, TokenStream, ToolCall,
+};
 use chat_core::Role;
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
@@ -9,8 +11,8 @@ use std::time::Duration;
 
 /// The built-in model: deterministic, no network. Its reply quotes the user's message verbatim,
 /// then fills up to `reply_tokens` tokens, one every `token_delay`; a call that completes ends
-/// with its usage, counted with `o200k_base` (the prompt as [`super::prompt_tokens`] counts it,
-/// and the text it streamed).
+/// with its usage, by its own count: the prompt's bytes over four
+/// ([`super::estimated_prompt_tokens`]) and a token per piece it sent.
 #[derive(Debug, Clone)]
 pub struct DemoModel {
     /// Tokens in a reply (at least those quoting the message).
@@ -110,25 +112,22 @@ fn calculator_call(prompt: &Prompt) -> Option<ToolCall> {
 impl ModelProvider for DemoModel {
     /// Resumes after the tokens an earlier attempt streamed: the reply is deterministic.
     fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
-        let counter = chat_tokens::TokenCounter::load();
-        let usage = |output: String| {
-            let input = prompt_tokens(&prompt, counter);
-            Output::Usage(chat_core::Usage {
-                input,
-                output: counter.count(&output) as u64,
-                ..Default::default()
-            })
+        // Its own count, as a provider reports its own: a token per piece it sends, and the
+        // prompt's bytes over four (decoding `o200k_base` would cost a cold start ~300 ms).
+        let input = estimated_prompt_tokens(&prompt);
+        let usage = move |pieces: usize| {
+            Output::Usage(chat_core::Usage { input, output: pieces as u64, ..Default::default() })
         };
         if let Some(call) = calculator_call(&prompt).filter(|_| crate::FAULTS_BUILT && self.faults) {
             let text = "Let me calculate. ";
-            let spent = usage(format!("{text}{}", call.arguments));
+            let spent = usage(2);
             let items = vec![Output::Token(text.to_owned()), Output::ToolCall(call)];
             let items: Vec<_> = items.into_iter().skip(prompt.resumed.len()).chain([spent]).map(Ok).collect();
             let stream = stream::iter(items).boxed();
             return Box::pin(async move { Ok(stream) });
         }
         let tokens: Vec<String> = self.reply(&prompt).into_iter().skip(prompt.resumed.len()).collect();
-        let spent = usage(tokens.concat());
+        let spent = usage(tokens.len());
         let fail_after = self.fail_after(&prompt);
         let delay = self.token_delay;
         let first = prompt.resumed.len();
@@ -201,14 +200,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_completed_reply_ends_with_its_usage_counted_with_o200k() {
+    async fn a_completed_reply_ends_with_its_own_count_of_what_it_used() {
         let prompt = user("count me");
         let outputs: Vec<_> = demo(12).open(Arc::new(prompt.clone())).await.unwrap().collect().await;
         let Some(Ok(Output::Usage(usage))) = outputs.last() else { panic!("{outputs:?}") };
-        let counter = chat_tokens::TokenCounter::load();
-        let text: String = demo(12).reply(&prompt).concat();
-        assert_eq!(usage.input, prompt_tokens(&prompt, counter));
-        assert_eq!(usage.output, counter.count(&text) as u64);
+        assert_eq!(usage.input, estimated_prompt_tokens(&prompt));
+        assert_eq!(usage.output, demo(12).reply(&prompt).len() as u64, "a token per piece sent");
         assert!(usage.input > 0 && usage.output > 0);
     }
 

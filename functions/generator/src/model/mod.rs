@@ -53,8 +53,30 @@ pub enum Output {
     Usage(chat_core::Usage),
 }
 
-/// What a prompt costs as input, counted with `o200k_base` and OpenAI's framing: what the demo
-/// model reports, and the estimate for a provider that reports nothing.
+/// What a prompt costs as input without counting: its bytes over four (about what a byte-pair
+/// encoding makes of English), plus OpenAI's framing. The demo model reports this.
+pub fn estimated_prompt_tokens(prompt: &Prompt) -> u64 {
+    let mut bytes = prompt.system.as_ref().map_or(0, String::len);
+    let mut messages = usize::from(prompt.system.is_some());
+    for (_, text) in &prompt.messages {
+        bytes += text.len();
+        messages += 1;
+    }
+    for exchange in &prompt.exchanges {
+        bytes += match exchange {
+            Exchange::Assistant { text, calls } => {
+                text.len() + calls.iter().map(|c| c.name.len() + c.arguments.len()).sum::<usize>()
+            }
+            Exchange::ToolResult { content, .. } => content.len(),
+        };
+        messages += 1;
+    }
+    bytes += prompt.resumed.iter().map(String::len).sum::<usize>();
+    (bytes.div_ceil(4) + messages * chat_tokens::PER_MESSAGE + chat_tokens::PER_PROMPT) as u64
+}
+
+/// What a prompt costs as input, counted with `o200k_base` and OpenAI's framing: the estimate
+/// for a provider that reports nothing.
 pub fn prompt_tokens(prompt: &Prompt, counter: chat_tokens::TokenCounter) -> u64 {
     let mut tokens = counter.base(prompt.system.as_deref());
     tokens += prompt.messages.iter().map(|(_, text)| counter.message(text)).sum::<usize>();

@@ -35,7 +35,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() {
     let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let started = Instant::now();
-    let counter = TokenCounter::load();
+    let counter = TokenCounter::o200k();
     let load = started.elapsed();
     println!("bench-prompt: {runs} runs per history, o200k_base, debug build with optimised dependencies\n");
     println!("  tokenizer load (once per cold start)   {:.1} ms\n", load.as_secs_f64() * 1000.0);
