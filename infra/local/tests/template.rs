@@ -339,3 +339,55 @@ fn cors_allows_only_configured_origins() {
         "{page}"
     );
 }
+
+/// Each function writes JSON lines to its own log group, which the stack owns with a retention
+/// (`LogRetentionDays`, 30 by default): without one, Lambda creates a group that keeps user ids
+/// forever. The group's name comes from the stack, never from the function it serves.
+#[test]
+fn each_function_logs_json_to_its_own_group_with_a_retention() {
+    let template = template();
+    let retention = &template["Parameters"]["LogRetentionDays"];
+    assert_eq!(retention["Default"].as_u64(), Some(30));
+    let allowed: Vec<u64> =
+        retention["AllowedValues"].as_sequence().unwrap().iter().filter_map(Value::as_u64).collect();
+    assert!(allowed.contains(&30) && !allowed.contains(&0), "{allowed:?}");
+    for name in chat_local::FUNCTIONS {
+        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
+        let group_logical = format!("{}{}LogGroup", name[..1].to_uppercase(), &name[1..]);
+        let logging = &resource(&template, &logical)["Properties"]["LoggingConfig"];
+        assert_eq!(logging["LogFormat"], "JSON", "{logical}");
+        assert_eq!(logging["LogGroup"], resource_ref(&group_logical), "{logical} logs to its own group");
+        let group = resource(&template, &group_logical);
+        assert_eq!(group["Type"], "AWS::Logs::LogGroup", "{group_logical}");
+        assert_eq!(group["Properties"]["RetentionInDays"], resource_ref("LogRetentionDays"));
+        let group_name = format!("{:?}", group["Properties"]["LogGroupName"]);
+        assert!(
+            group_name.contains(&format!("/aws/lambda/${{AWS::StackName}}-{name}")),
+            "{group_logical}: {group_name}"
+        );
+        assert!(!group_name.contains("Function"), "{group_logical} must not depend on its function");
+    }
+    let groups = template["Resources"]
+        .as_mapping()
+        .unwrap()
+        .values()
+        .filter(|r| r["Type"] == "AWS::Logs::LogGroup")
+        .count();
+    assert_eq!(groups, chat_local::FUNCTIONS.len(), "one group per function");
+}
+
+/// X-Ray is one choice for every function: `Tracing` (`PassThrough` unless set to `Active`), in
+/// the globals, which no function overrides. SAM gives each function's role the X-Ray write
+/// permission itself.
+#[test]
+fn tracing_is_one_parameter_for_every_function() {
+    let template = template();
+    let tracing = &template["Parameters"]["Tracing"];
+    assert_eq!(strings(&tracing["AllowedValues"]), ["Active", "PassThrough"]);
+    assert_eq!(tracing["Default"], "PassThrough");
+    assert_eq!(template["Globals"]["Function"]["Tracing"], resource_ref("Tracing"));
+    for name in chat_local::FUNCTIONS {
+        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
+        assert!(resource(&template, &logical)["Properties"].get("Tracing").is_none(), "{logical}");
+    }
+}
