@@ -298,24 +298,121 @@ fn resource_ref(name: &str) -> Value {
     serde_norway::from_str(&format!("!Ref {name}")).unwrap()
 }
 
-/// Every function has its own reserved concurrency (a parameter; 0 leaves it unreserved), so
-/// open streams cannot take the concurrency ingest and the generator need; the generator's
-/// queue never polls beyond its reservation.
+/// Reserved concurrency is off by default, so a first deploy fits any account (AWS keeps 100 of
+/// an account's concurrency unreserved, and new accounts often have 10 to 50): each function's
+/// reservation is a parameter whose default, 0, leaves `ReservedConcurrentExecutions` out. The
+/// generator's queue never polls beyond its reservation, and without one has a cap of its own
+/// (an SQS event source's maximum concurrency is 2 to 1000).
 #[test]
-fn each_function_reserves_its_own_concurrency_and_the_queue_stays_within_the_generators() {
+fn reserved_concurrency_is_off_by_default_and_the_queue_always_has_a_valid_cap() {
     let template = template();
     for name in chat_local::FUNCTIONS {
-        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
-        let parameter = format!("{}{}ReservedConcurrency", name[..1].to_uppercase(), &name[1..]);
+        let capitalised = format!("{}{}", name[..1].to_uppercase(), &name[1..]);
+        let parameter = format!("{capitalised}ReservedConcurrency");
+        let condition = format!("Reserve{capitalised}");
         let reserved =
-            format!("{:?}", resource(&template, &logical)["Properties"]["ReservedConcurrentExecutions"]);
-        assert!(reserved.contains(&parameter) && reserved.contains("NoValue"), "{logical}: {reserved}");
-        let default = template["Parameters"][parameter.as_str()]["Default"].as_u64();
-        assert!(default.is_some_and(|d| d >= 1), "{parameter} is on by default");
+            &resource(&template, &format!("{capitalised}Function"))["Properties"]["ReservedConcurrentExecutions"];
+        let expected: Value = serde_norway::from_str(&format!(
+            "!If [{condition}, !Ref {parameter}, !Ref AWS::NoValue]"
+        ))
+        .unwrap();
+        assert_eq!(reserved, &expected, "{name}");
+        let when: Value = serde_norway::from_str(&format!("!Not [!Equals [!Ref {parameter}, 0]]")).unwrap();
+        assert_eq!(template["Conditions"][condition.as_str()], when, "{condition}");
+        assert_eq!(template["Parameters"][parameter.as_str()]["Default"].as_u64(), Some(0), "{parameter}");
     }
     let turns = &resource(&template, "GeneratorFunction")["Properties"]["Events"]["Turns"]["Properties"];
-    let scaling = format!("{:?}", turns["ScalingConfig"]);
-    assert!(scaling.contains("GeneratorReservedConcurrency"), "{scaling}");
+    let cap: Value = serde_norway::from_str(
+        "!If [ReserveGenerator, !Ref GeneratorReservedConcurrency, !Ref GeneratorMaxConcurrency]",
+    )
+    .unwrap();
+    assert_eq!(turns["ScalingConfig"]["MaximumConcurrency"], cap);
+    let own_cap = &template["Parameters"]["GeneratorMaxConcurrency"];
+    assert!(own_cap["MinValue"].as_u64() >= Some(2) && own_cap["MaxValue"].as_u64() <= Some(1000));
+    assert!((2..=1000).contains(&own_cap["Default"].as_u64().unwrap()));
+    let rule = format!("{:?}", template["Rules"]["GeneratorReserveFeedsItsQueue"]);
+    assert!(rule.contains("GeneratorReservedConcurrency"), "a reservation of 1 is refused: {rule}");
+}
+
+/// `samconfig.toml`: the sections and `key = value` lines it is written in. (It is read as TOML
+/// proper, by the same reader as SAM's, in `infra/test_preflight.py`, which `make test` runs.)
+fn samconfig() -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samconfig.toml");
+    let text = std::fs::read_to_string(path).expect("samconfig.toml is committed");
+    let mut sections = std::collections::BTreeMap::new();
+    let mut section = String::new();
+    for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let (key, value) = line.split_once(" = ").unwrap_or_else(|| panic!("samconfig.toml:{number}: {line}"));
+        let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Some(text) => {
+                assert!(!text.contains(['"', '\\']), "samconfig.toml:{number}: plain strings only");
+                text.to_owned()
+            }
+            None => {
+                assert!(
+                    value == "true" || value == "false" || value.parse::<f64>().is_ok(),
+                    "samconfig.toml:{number}: {value}"
+                );
+                value.to_owned()
+            }
+        };
+        sections.entry(section.clone()).or_insert_with(std::collections::BTreeMap::new).insert(key.to_owned(), value);
+    }
+    sections
+}
+
+/// `make deploy` (ENV=default) and `make deploy ENV=prod` deploy without a question: each
+/// environment names its own stack, lets SAM make its artifact bucket, acknowledges the IAM
+/// roles and skips the change-set prompt. Only prod reserves concurrency (and the reservations
+/// are ones the template accepts); every parameter either sets is one the template has.
+#[test]
+fn samconfig_deploys_default_and_prod_without_questions() {
+    let template = template();
+    let config = samconfig();
+    let mut stacks = BTreeSet::new();
+    for env in ["default", "prod"] {
+        let global = &config[&format!("{env}.global.parameters")];
+        let deploy = &config[&format!("{env}.deploy.parameters")];
+        assert!(stacks.insert(global["stack_name"].clone()), "{env}: a stack of its own");
+        assert_eq!(deploy["confirm_changeset"], "false", "{env}");
+        assert_eq!(deploy["resolve_s3"], "true", "{env}");
+        assert_eq!(deploy["capabilities"], "CAPABILITY_IAM", "{env}");
+        let overrides: std::collections::BTreeMap<&str, &str> = deploy["parameter_overrides"]
+            .split_whitespace()
+            .map(|pair| pair.split_once('=').unwrap_or_else(|| panic!("{env}: {pair}")))
+            .collect();
+        for name in overrides.keys() {
+            assert!(template["Parameters"].get(*name).is_some(), "{env} sets {name}, which the template lacks");
+        }
+        for name in chat_local::FUNCTIONS {
+            let parameter = format!("{}{}ReservedConcurrency", name[..1].to_uppercase(), &name[1..]);
+            let reserved: u64 = overrides[parameter.as_str()].parse().unwrap();
+            match env {
+                "default" => assert_eq!(reserved, 0, "{env}: {parameter}"),
+                _ => assert!(reserved >= 1, "{env}: {parameter}"),
+            }
+            let min = template["Parameters"][parameter.as_str()]["MinValue"].as_u64().unwrap();
+            assert!(reserved >= min, "{env}: {parameter}");
+            if name == "generator" {
+                assert_ne!(reserved, 1, "{env}: an SQS event source's maximum concurrency is at least 2");
+            }
+        }
+    }
+}
+
+/// What `sam build` writes stays out of git.
+#[test]
+fn sam_build_output_is_ignored() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.gitignore");
+    let ignored = std::fs::read_to_string(path).unwrap();
+    assert!(ignored.lines().any(|l| l.trim() == "/.aws-sam/" || l.trim() == ".aws-sam/"), "{ignored}");
 }
 
 /// CORS comes from a configured origin list, empty by default, and is never `*`.
