@@ -488,3 +488,19 @@ fn tracing_is_one_parameter_for_every_function() {
         assert!(resource(&template, &logical)["Properties"].get("Tracing").is_none(), "{logical}");
     }
 }
+
+/// Conversations and users outlive the stack: deleting it, or an update that would replace the
+/// table or the user pool, leaves them in place, and neither can be deleted while its own
+/// deletion protection is on.
+#[test]
+fn the_table_and_the_user_pool_outlive_the_stack() {
+    let template = template();
+    for (logical, protection, on) in
+        [("Table", "DeletionProtectionEnabled", Value::from(true)), ("UserPool", "DeletionProtection", "ACTIVE".into())]
+    {
+        let resource = resource(&template, logical);
+        assert_eq!(resource["DeletionPolicy"], "Retain", "{logical}");
+        assert_eq!(resource["UpdateReplacePolicy"], "Retain", "{logical}");
+        assert_eq!(resource["Properties"][protection], on, "{logical}");
+    }
+}
