@@ -76,13 +76,13 @@ check-arm64:
 
 # Release builds for Lambda (arm64, provided.al2023), zipped; prints each binary's and zip's size
 # and fails when a zip is over 5 MiB (MAX_ZIP_MIB).
-build: check-toolchain $(DEPLOY_VENV)/.installed check-arm64 ## Build arm64 release zips of every function into target/lambda
+build: check-toolchain check-arm64 $(DEPLOY_VENV)/.installed ## Build arm64 release zips of every function into target/lambda
 	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 \
 	  $(DEPLOY_VENV)/bin/cargo-lambda lambda build --release --arm64 --output-format zip $(addprefix --bin ,$(FUNCTIONS))
 	@python3 infra/zip_sizes.py $(FUNCTIONS)
 
 # What sam deploy uploads: sam build's .aws-sam/build, with the same size check.
-sam-build: check-toolchain $(DEPLOY_VENV)/.installed check-arm64 ## sam build (arm64 release binaries into .aws-sam/build), with make build's zip check
+sam-build: check-toolchain check-arm64 $(DEPLOY_VENV)/.installed ## sam build (arm64 release binaries into .aws-sam/build), with make build's zip check
 	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 $(NO_TELEMETRY) $(DEPLOY_VENV)/bin/sam build
 	@python3 infra/zip_sizes.py --sam $(FUNCTIONS)
 

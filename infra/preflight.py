@@ -175,26 +175,27 @@ def check(account: dict, wanted: dict[str, int], held: dict[str, int]) -> tuple[
 
 
 def ask_aws(env: Environment):
-    """The account's settings, the stack's current parameter values (None: no stack yet) and
-    the reservations its functions hold now."""
+    """What `read_account` reads, through boto3 with the environment's profile and region."""
     try:
+        import boto3
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
-        sys.exit("preflight: boto3 is missing; run it with the deploy venv's python (make deploy)")
+        sys.exit("preflight: boto3 is missing; run it with the deploy venv's python (make preflight)")
     try:
-        return _ask_aws(env, ClientError)
+        session = boto3.Session(profile_name=env.profile, region_name=env.region)
+        return read_account(env.stack_name, session.client("lambda"), session.client("cloudformation"))
     except (BotoCoreError, ClientError) as err:
         sys.exit(f"preflight: cannot read the account's concurrency or the stack: {err}")
 
 
-def _ask_aws(env: Environment, ClientError):
-    import boto3
+def read_account(stack_name: str, lambda_client, cloudformation):
+    """The account's settings, the stack's current parameter values (None: no stack yet) and
+    the reservations its functions hold now."""
+    from botocore.exceptions import ClientError
 
-    session = boto3.Session(profile_name=env.profile, region_name=env.region)
-    account = session.client("lambda").get_account_settings()
-    cloudformation = session.client("cloudformation")
+    account = lambda_client.get_account_settings()
     try:
-        stack = cloudformation.describe_stacks(StackName=env.stack_name)["Stacks"][0]
+        stack = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]
     except ClientError as err:
         if "does not exist" in str(err):
             return account, None, {}
@@ -205,15 +206,13 @@ def _ask_aws(env: Environment, ClientError):
     held = {}
     for function in RESERVATIONS:
         try:
-            resource = cloudformation.describe_stack_resource(
-                StackName=env.stack_name, LogicalResourceId=function
-            )["StackResourceDetail"]
-            concurrency = session.client("lambda").get_function_concurrency(
-                FunctionName=resource["PhysicalResourceId"]
+            resource = cloudformation.describe_stack_resource(StackName=stack_name, LogicalResourceId=function)
+            concurrency = lambda_client.get_function_concurrency(
+                FunctionName=resource["StackResourceDetail"]["PhysicalResourceId"]
             )
         except ClientError:
             continue  # not created yet, or already gone
-        held[function] = concurrency.get("ReservedConcurrentExecutions", 0)
+        held[function] = concurrency.get("ReservedConcurrentExecutions") or 0
     return account, current, held
 
 

@@ -11,6 +11,12 @@ from pathlib import Path
 
 import preflight
 
+try:
+    import boto3
+    from botocore.stub import Stubber
+except ImportError:  # make test-infra runs these with the tools venv, which has boto3
+    boto3 = None
+
 ROOT = Path(__file__).resolve().parent.parent
 PROD = {"IngestFunction": 50, "GeneratorFunction": 50, "StreamFunction": 200, "SweeperFunction": 1}
 NONE = {function: 0 for function in preflight.RESERVATIONS}
@@ -122,6 +128,84 @@ class Configuration(unittest.TestCase):
     def test_an_unknown_environment_names_the_known_ones(self):
         with self.assertRaisesRegex(ValueError, "has no environment 'staging'.*default, prod"):
             preflight.environment(self.samconfig, "staging")
+
+
+@unittest.skipUnless(boto3, "boto3 is not installed")
+class ReadAccount(unittest.TestCase):
+    """`read_account` against boto3 clients whose answers are stubbed: botocore checks every
+    request and answer against the services' own models, so the calls are the real ones."""
+
+    def setUp(self):
+        def client(service):
+            return boto3.client(
+                service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+            )
+
+        self.lambda_client, self.cloudformation = client("lambda"), client("cloudformation")
+        self.lambdas, self.stacks = Stubber(self.lambda_client), Stubber(self.cloudformation)
+        self.lambdas.add_response("get_account_settings", account(1000, 699))
+
+    def read(self):
+        with self.lambdas, self.stacks:
+            result = preflight.read_account("chat-fsm-prod", self.lambda_client, self.cloudformation)
+        self.lambdas.assert_no_pending_responses()
+        self.stacks.assert_no_pending_responses()
+        return result
+
+    def test_a_new_stack_holds_nothing(self):
+        self.stacks.add_client_error(
+            "describe_stacks",
+            service_error_code="ValidationError",
+            service_message="Stack with id chat-fsm-prod does not exist",
+            expected_params={"StackName": "chat-fsm-prod"},
+        )
+        self.assertEqual(self.read(), (account(1000, 699), None, {}))
+
+    def test_an_existing_stack_tells_its_parameters_and_what_its_functions_hold(self):
+        self.stacks.add_response(
+            "describe_stacks",
+            {
+                "Stacks": [
+                    {
+                        "StackName": "chat-fsm-prod",
+                        "CreationTime": "2026-12-01T00:00:00Z",
+                        "StackStatus": "UPDATE_COMPLETE",
+                        "Parameters": [
+                            {"ParameterKey": "StreamReservedConcurrency", "ParameterValue": "200"},
+                            {"ParameterKey": "Tracing", "ParameterValue": "Active"},
+                        ],
+                    }
+                ]
+            },
+            {"StackName": "chat-fsm-prod"},
+        )
+        for function, reserved in [("IngestFunction", None), ("GeneratorFunction", 50)]:
+            physical = f"chat-fsm-prod-{function}-X"
+            self.stacks.add_response(
+                "describe_stack_resource",
+                {
+                    "StackResourceDetail": {
+                        "LogicalResourceId": function,
+                        "PhysicalResourceId": physical,
+                        "ResourceType": "AWS::Lambda::Function",
+                        "LastUpdatedTimestamp": "2026-12-01T00:00:00Z",
+                        "ResourceStatus": "UPDATE_COMPLETE",
+                    }
+                },
+                {"StackName": "chat-fsm-prod", "LogicalResourceId": function},
+            )
+            answer = {} if reserved is None else {"ReservedConcurrentExecutions": reserved}
+            self.lambdas.add_response("get_function_concurrency", answer, {"FunctionName": physical})
+        # The stream and sweeper functions were never created (a failed first deploy).
+        for function in ["StreamFunction", "SweeperFunction"]:
+            self.stacks.add_client_error(
+                "describe_stack_resource",
+                service_error_code="ValidationError",
+                service_message=f"Resource {function} does not exist for stack chat-fsm-prod",
+            )
+        _, current, held = self.read()
+        self.assertEqual(current, {"StreamReservedConcurrency": "200", "Tracing": "Active"})
+        self.assertEqual(held, {"IngestFunction": 0, "GeneratorFunction": 50})
 
 
 class Pins(unittest.TestCase):
