@@ -310,12 +310,11 @@ fn reserved_concurrency_is_off_by_default_and_the_queue_always_has_a_valid_cap()
         let capitalised = format!("{}{}", name[..1].to_uppercase(), &name[1..]);
         let parameter = format!("{capitalised}ReservedConcurrency");
         let condition = format!("Reserve{capitalised}");
-        let reserved =
-            &resource(&template, &format!("{capitalised}Function"))["Properties"]["ReservedConcurrentExecutions"];
-        let expected: Value = serde_norway::from_str(&format!(
-            "!If [{condition}, !Ref {parameter}, !Ref AWS::NoValue]"
-        ))
-        .unwrap();
+        let reserved = &resource(&template, &format!("{capitalised}Function"))["Properties"]
+            ["ReservedConcurrentExecutions"];
+        let expected: Value =
+            serde_norway::from_str(&format!("!If [{condition}, !Ref {parameter}, !Ref AWS::NoValue]"))
+                .unwrap();
         assert_eq!(reserved, &expected, "{name}");
         let when: Value = serde_norway::from_str(&format!("!Not [!Equals [!Ref {parameter}, 0]]")).unwrap();
         assert_eq!(template["Conditions"][condition.as_str()], when, "{condition}");
@@ -328,8 +327,9 @@ fn reserved_concurrency_is_off_by_default_and_the_queue_always_has_a_valid_cap()
     .unwrap();
     assert_eq!(turns["ScalingConfig"]["MaximumConcurrency"], cap);
     let own_cap = &template["Parameters"]["GeneratorMaxConcurrency"];
-    assert!(own_cap["MinValue"].as_u64() >= Some(2) && own_cap["MaxValue"].as_u64() <= Some(1000));
-    assert!((2..=1000).contains(&own_cap["Default"].as_u64().unwrap()));
+    let bounds = (own_cap["MinValue"].as_u64().unwrap(), own_cap["MaxValue"].as_u64().unwrap());
+    assert!(bounds.0 >= 2 && bounds.1 <= 1000, "GeneratorMaxConcurrency {bounds:?}");
+    assert!((bounds.0..=bounds.1).contains(&own_cap["Default"].as_u64().unwrap()));
     let rule = format!("{:?}", template["Rules"]["GeneratorReserveFeedsItsQueue"]);
     assert!(rule.contains("GeneratorReservedConcurrency"), "a reservation of 1 is refused: {rule}");
 }
@@ -349,7 +349,8 @@ fn samconfig() -> std::collections::BTreeMap<String, std::collections::BTreeMap<
             section = name.to_owned();
             continue;
         }
-        let (key, value) = line.split_once(" = ").unwrap_or_else(|| panic!("samconfig.toml:{number}: {line}"));
+        let (key, value) =
+            line.split_once(" = ").unwrap_or_else(|| panic!("samconfig.toml:{number}: {line}"));
         let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
             Some(text) => {
                 assert!(!text.contains(['"', '\\']), "samconfig.toml:{number}: plain strings only");
@@ -363,7 +364,10 @@ fn samconfig() -> std::collections::BTreeMap<String, std::collections::BTreeMap<
                 value.to_owned()
             }
         };
-        sections.entry(section.clone()).or_insert_with(std::collections::BTreeMap::new).insert(key.to_owned(), value);
+        sections
+            .entry(section.clone())
+            .or_insert_with(std::collections::BTreeMap::new)
+            .insert(key.to_owned(), value);
     }
     sections
 }
@@ -389,7 +393,10 @@ fn samconfig_deploys_default_and_prod_without_questions() {
             .map(|pair| pair.split_once('=').unwrap_or_else(|| panic!("{env}: {pair}")))
             .collect();
         for name in overrides.keys() {
-            assert!(template["Parameters"].get(*name).is_some(), "{env} sets {name}, which the template lacks");
+            assert!(
+                template["Parameters"].get(*name).is_some(),
+                "{env} sets {name}, which the template lacks"
+            );
         }
         for name in chat_local::FUNCTIONS {
             let parameter = format!("{}{}ReservedConcurrency", name[..1].to_uppercase(), &name[1..]);
@@ -495,9 +502,10 @@ fn tracing_is_one_parameter_for_every_function() {
 #[test]
 fn the_table_and_the_user_pool_outlive_the_stack() {
     let template = template();
-    for (logical, protection, on) in
-        [("Table", "DeletionProtectionEnabled", Value::from(true)), ("UserPool", "DeletionProtection", "ACTIVE".into())]
-    {
+    for (logical, protection, on) in [
+        ("Table", "DeletionProtectionEnabled", Value::from(true)),
+        ("UserPool", "DeletionProtection", "ACTIVE".into()),
+    ] {
         let resource = resource(&template, logical);
         assert_eq!(resource["DeletionPolicy"], "Retain", "{logical}");
         assert_eq!(resource["UpdateReplacePolicy"], "Retain", "{logical}");
