@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools browser functions dev test lint fmt check-toolchain bench-turn bench-prompt bench-load bench-cpu bench-sweep validate build deploy
+.PHONY: help tools browser functions dev test test-infra lint fmt check-toolchain check-arm64 bench-turn bench-prompt bench-load bench-cpu bench-sweep validate build sam-build preflight deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -15,14 +15,15 @@ check-toolchain:
 	@command -v python3 >/dev/null || { echo "python3 not found: it runs the pinned local tools" >&2; exit 1; }
 	@command -v ps >/dev/null || { echo "ps not found: the local stack stops its processes with it (Debian: apt-get install procps)" >&2; exit 1; }
 
-# The pinned Python tools (cargo-lambda, moto) in a project-local venv; reinstalled when the pins change.
+# The pinned Python tools (cargo-lambda, moto, cfn-lint, SAM CLI) in a project-local venv;
+# reinstalled when the pins change.
 $(VENV)/.installed: infra/requirements.txt
-	@echo "==> installing the local tools into $(VENV) (cargo-lambda, moto)"
+	@echo "==> installing the local tools into $(VENV) (cargo-lambda, moto, cfn-lint, SAM CLI)"
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r infra/requirements.txt
 	touch $@
 
-tools: check-toolchain $(VENV)/.installed ## Install the pinned local tools (cargo-lambda, moto)
+tools: check-toolchain $(VENV)/.installed ## Install the pinned local tools (cargo-lambda, moto, cfn-lint, SAM CLI)
 
 # Headless Chromium and its WebDriver from Debian's packages, for the chat page's browser tests;
 # installed once (apt-get, as root or through sudo), then found at these paths.
@@ -45,10 +46,17 @@ functions: check-toolchain ## Build every function the way cargo lambda watch ru
 dev: tools functions ## Run the whole stack locally at http://127.0.0.1:9000 (Ctrl-C stops it)
 	$(CARGO) run --locked -q -p chat-local --bin chat-local
 
-validate: tools ## Lint template.yaml with cfn-lint (part of make test)
-	$(VENV)/bin/cfn-lint template.yaml
+# SAM CLI sends no telemetry from here (nor from make build or make deploy).
+NO_TELEMETRY := SAM_CLI_TELEMETRY=0
 
-test: tools browser functions validate ## Run every test: unit, store laws, template drift, end to end through cargo lambda watch, the page in Chromium
+validate: tools ## Lint template.yaml with cfn-lint and sam validate --lint (part of make test)
+	$(VENV)/bin/cfn-lint template.yaml
+	$(NO_TELEMETRY) $(VENV)/bin/sam validate --lint --template template.yaml --region us-east-1
+
+test-infra: tools ## Unit tests of the deploy preflight, without AWS (part of make test)
+	cd infra && ../$(VENV)/bin/python -m unittest test_preflight
+
+test: tools browser functions validate test-infra ## Run every test: unit, store laws, template drift, end to end through cargo lambda watch, the page in Chromium
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
 	@infra/test-summary.sh target/test-output.log
@@ -60,18 +68,32 @@ $(DEPLOY_VENV)/.installed: infra/requirements-deploy.txt
 	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r infra/requirements-deploy.txt
 	touch $@
 
-# Release builds for Lambda (arm64, provided.al2023), zipped; prints each binary's and zip's size
-# and fails when a zip is over 5 MiB (MAX_ZIP_MIB).
-build: check-toolchain $(DEPLOY_VENV)/.installed ## Build arm64 release zips of every function into target/lambda
+# The arm64 standard library, which cargo-lambda links the functions against. Checked first, as
+# cargo-lambda would otherwise try to install it itself, in the middle of the build.
+check-arm64:
 	@test -d "$$(rustc --print sysroot)/lib/rustlib/aarch64-unknown-linux-gnu" || { \
 	  echo "the aarch64-unknown-linux-gnu standard library is missing: rustup target add aarch64-unknown-linux-gnu" >&2; exit 1; }
+
+# Release builds for Lambda (arm64, provided.al2023), zipped; prints each binary's and zip's size
+# and fails when a zip is over 5 MiB (MAX_ZIP_MIB).
+build: check-toolchain check-arm64 $(DEPLOY_VENV)/.installed ## Build arm64 release zips of every function into target/lambda
 	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 \
 	  $(DEPLOY_VENV)/bin/cargo-lambda lambda build --release --arm64 --output-format zip $(addprefix --bin ,$(FUNCTIONS))
 	@python3 infra/zip_sizes.py $(FUNCTIONS)
 
-deploy: $(DEPLOY_VENV)/.installed ## sam build + sam deploy (guided the first time) to your AWS account
-	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 $(DEPLOY_VENV)/bin/sam build
-	@if [ -f samconfig.toml ]; then $(DEPLOY_VENV)/bin/sam deploy; else $(DEPLOY_VENV)/bin/sam deploy --guided; fi
+# What sam deploy uploads: sam build's .aws-sam/build, with the same size check.
+sam-build: check-toolchain check-arm64 $(DEPLOY_VENV)/.installed ## sam build (arm64 release binaries into .aws-sam/build), with make build's zip check
+	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" AWS_LC_SYS_NO_JITTER_ENTROPY=1 $(NO_TELEMETRY) $(DEPLOY_VENV)/bin/sam build
+	@python3 infra/zip_sizes.py --sam $(FUNCTIONS)
+
+# The samconfig.toml environment that make deploy deploys: default or prod.
+ENV ?= default
+
+preflight: $(DEPLOY_VENV)/.installed ## Check that your AWS account can hold ENV's reserved concurrency (make deploy runs it first)
+	$(DEPLOY_VENV)/bin/python infra/preflight.py --env $(ENV)
+
+deploy: preflight sam-build ## The preflight, sam build and its checks, then sam deploy of ENV (default or prod; samconfig.toml) to your AWS account
+	$(NO_TELEMETRY) $(DEPLOY_VENV)/bin/sam deploy --config-env $(ENV)
 
 bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
 	$(CARGO) run --locked -q -p chat-local --bin bench-turn

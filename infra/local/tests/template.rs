@@ -305,24 +305,128 @@ fn resource_ref(name: &str) -> Value {
     serde_norway::from_str(&format!("!Ref {name}")).unwrap()
 }
 
-/// Every function has its own reserved concurrency (a parameter; 0 leaves it unreserved), so
-/// open streams cannot take the concurrency ingest and the generator need; the generator's
-/// queue never polls beyond its reservation.
+/// Reserved concurrency is off by default, so a first deploy fits any account (AWS keeps 100 of
+/// an account's concurrency unreserved, and new accounts often have 10 to 50): each function's
+/// reservation is a parameter whose default, 0, leaves `ReservedConcurrentExecutions` out. The
+/// generator's queue never polls beyond its reservation, and without one has a cap of its own
+/// (an SQS event source's maximum concurrency is 2 to 1000).
 #[test]
-fn each_function_reserves_its_own_concurrency_and_the_queue_stays_within_the_generators() {
+fn reserved_concurrency_is_off_by_default_and_the_queue_always_has_a_valid_cap() {
     let template = template();
     for name in chat_local::FUNCTIONS {
-        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
-        let parameter = format!("{}{}ReservedConcurrency", name[..1].to_uppercase(), &name[1..]);
-        let reserved =
-            format!("{:?}", resource(&template, &logical)["Properties"]["ReservedConcurrentExecutions"]);
-        assert!(reserved.contains(&parameter) && reserved.contains("NoValue"), "{logical}: {reserved}");
-        let default = template["Parameters"][parameter.as_str()]["Default"].as_u64();
-        assert!(default.is_some_and(|d| d >= 1), "{parameter} is on by default");
+        let capitalised = format!("{}{}", name[..1].to_uppercase(), &name[1..]);
+        let parameter = format!("{capitalised}ReservedConcurrency");
+        let condition = format!("Reserve{capitalised}");
+        let reserved = &resource(&template, &format!("{capitalised}Function"))["Properties"]
+            ["ReservedConcurrentExecutions"];
+        let expected: Value =
+            serde_norway::from_str(&format!("!If [{condition}, !Ref {parameter}, !Ref AWS::NoValue]"))
+                .unwrap();
+        assert_eq!(reserved, &expected, "{name}");
+        let when: Value = serde_norway::from_str(&format!("!Not [!Equals [!Ref {parameter}, 0]]")).unwrap();
+        assert_eq!(template["Conditions"][condition.as_str()], when, "{condition}");
+        assert_eq!(template["Parameters"][parameter.as_str()]["Default"].as_u64(), Some(0), "{parameter}");
     }
     let turns = &resource(&template, "GeneratorFunction")["Properties"]["Events"]["Turns"]["Properties"];
-    let scaling = format!("{:?}", turns["ScalingConfig"]);
-    assert!(scaling.contains("GeneratorReservedConcurrency"), "{scaling}");
+    let cap: Value = serde_norway::from_str(
+        "!If [ReserveGenerator, !Ref GeneratorReservedConcurrency, !Ref GeneratorMaxConcurrency]",
+    )
+    .unwrap();
+    assert_eq!(turns["ScalingConfig"]["MaximumConcurrency"], cap);
+    let own_cap = &template["Parameters"]["GeneratorMaxConcurrency"];
+    let bounds = (own_cap["MinValue"].as_u64().unwrap(), own_cap["MaxValue"].as_u64().unwrap());
+    assert!(bounds.0 >= 2 && bounds.1 <= 1000, "GeneratorMaxConcurrency {bounds:?}");
+    assert!((bounds.0..=bounds.1).contains(&own_cap["Default"].as_u64().unwrap()));
+    let rule = format!("{:?}", template["Rules"]["GeneratorReserveFeedsItsQueue"]);
+    assert!(rule.contains("GeneratorReservedConcurrency"), "a reservation of 1 is refused: {rule}");
+}
+
+/// `samconfig.toml`: the sections and `key = value` lines it is written in. (It is read as TOML
+/// proper, by the same reader as SAM's, in `infra/test_preflight.py`, which `make test` runs.)
+fn samconfig() -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samconfig.toml");
+    let text = std::fs::read_to_string(path).expect("samconfig.toml is committed");
+    let mut sections = std::collections::BTreeMap::new();
+    let mut section = String::new();
+    for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let (key, value) =
+            line.split_once(" = ").unwrap_or_else(|| panic!("samconfig.toml:{number}: {line}"));
+        let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Some(text) => {
+                assert!(!text.contains(['"', '\\']), "samconfig.toml:{number}: plain strings only");
+                text.to_owned()
+            }
+            None => {
+                assert!(
+                    value == "true" || value == "false" || value.parse::<f64>().is_ok(),
+                    "samconfig.toml:{number}: {value}"
+                );
+                value.to_owned()
+            }
+        };
+        sections
+            .entry(section.clone())
+            .or_insert_with(std::collections::BTreeMap::new)
+            .insert(key.to_owned(), value);
+    }
+    sections
+}
+
+/// `make deploy` (ENV=default) and `make deploy ENV=prod` deploy without a question: each
+/// environment names its own stack, lets SAM make its artifact bucket, acknowledges the IAM
+/// roles and skips the change-set prompt. Only prod reserves concurrency (and the reservations
+/// are ones the template accepts); every parameter either sets is one the template has.
+#[test]
+fn samconfig_deploys_default_and_prod_without_questions() {
+    let template = template();
+    let config = samconfig();
+    let mut stacks = BTreeSet::new();
+    for env in ["default", "prod"] {
+        let global = &config[&format!("{env}.global.parameters")];
+        let deploy = &config[&format!("{env}.deploy.parameters")];
+        assert!(stacks.insert(global["stack_name"].clone()), "{env}: a stack of its own");
+        assert_eq!(deploy["confirm_changeset"], "false", "{env}");
+        assert_eq!(deploy["resolve_s3"], "true", "{env}");
+        assert_eq!(deploy["capabilities"], "CAPABILITY_IAM", "{env}");
+        let overrides: std::collections::BTreeMap<&str, &str> = deploy["parameter_overrides"]
+            .split_whitespace()
+            .map(|pair| pair.split_once('=').unwrap_or_else(|| panic!("{env}: {pair}")))
+            .collect();
+        for name in overrides.keys() {
+            assert!(
+                template["Parameters"].get(*name).is_some(),
+                "{env} sets {name}, which the template lacks"
+            );
+        }
+        for name in chat_local::FUNCTIONS {
+            let parameter = format!("{}{}ReservedConcurrency", name[..1].to_uppercase(), &name[1..]);
+            let reserved: u64 = overrides[parameter.as_str()].parse().unwrap();
+            match env {
+                "default" => assert_eq!(reserved, 0, "{env}: {parameter}"),
+                _ => assert!(reserved >= 1, "{env}: {parameter}"),
+            }
+            let min = template["Parameters"][parameter.as_str()]["MinValue"].as_u64().unwrap();
+            assert!(reserved >= min, "{env}: {parameter}");
+            if name == "generator" {
+                assert_ne!(reserved, 1, "{env}: an SQS event source's maximum concurrency is at least 2");
+            }
+        }
+    }
+}
+
+/// What `sam build` writes stays out of git.
+#[test]
+fn sam_build_output_is_ignored() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.gitignore");
+    let ignored = std::fs::read_to_string(path).unwrap();
+    assert!(ignored.lines().any(|l| l.trim() == "/.aws-sam/" || l.trim() == ".aws-sam/"), "{ignored}");
 }
 
 /// CORS comes from a configured origin list, empty by default. The one `*` is the stream's in
@@ -563,4 +667,73 @@ fn the_sweepers_stream_source_retries_by_record_and_keeps_what_it_gives_up_on() 
     assert!(format!("{:?}", source["DestinationConfig"]["OnFailure"]["Destination"])
         .contains("ExpiryFailuresQueue"));
     assert!(source["MaximumRetryAttempts"].as_u64().is_some_and(|n| n > 0));
+}
+
+/// Each function writes JSON lines to its own log group, which the stack owns with a retention
+/// (`LogRetentionDays`, 30 by default): without one, Lambda creates a group that keeps user ids
+/// forever. The group's name comes from the stack, never from the function it serves.
+#[test]
+fn each_function_logs_json_to_its_own_group_with_a_retention() {
+    let template = template();
+    let retention = &template["Parameters"]["LogRetentionDays"];
+    assert_eq!(retention["Default"].as_u64(), Some(30));
+    let allowed: Vec<u64> =
+        retention["AllowedValues"].as_sequence().unwrap().iter().filter_map(Value::as_u64).collect();
+    assert!(allowed.contains(&30) && !allowed.contains(&0), "{allowed:?}");
+    for name in chat_local::FUNCTIONS {
+        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
+        let group_logical = format!("{}{}LogGroup", name[..1].to_uppercase(), &name[1..]);
+        let logging = &resource(&template, &logical)["Properties"]["LoggingConfig"];
+        assert_eq!(logging["LogFormat"], "JSON", "{logical}");
+        assert_eq!(logging["LogGroup"], resource_ref(&group_logical), "{logical} logs to its own group");
+        let group = resource(&template, &group_logical);
+        assert_eq!(group["Type"], "AWS::Logs::LogGroup", "{group_logical}");
+        assert_eq!(group["Properties"]["RetentionInDays"], resource_ref("LogRetentionDays"));
+        let group_name = format!("{:?}", group["Properties"]["LogGroupName"]);
+        assert!(
+            group_name.contains(&format!("/aws/lambda/${{AWS::StackName}}-{name}")),
+            "{group_logical}: {group_name}"
+        );
+        assert!(!group_name.contains("Function"), "{group_logical} must not depend on its function");
+    }
+    let groups = template["Resources"]
+        .as_mapping()
+        .unwrap()
+        .values()
+        .filter(|r| r["Type"] == "AWS::Logs::LogGroup")
+        .count();
+    assert_eq!(groups, chat_local::FUNCTIONS.len(), "one group per function");
+}
+
+/// X-Ray is one choice for every function: `Tracing` (`PassThrough` unless set to `Active`), in
+/// the globals, which no function overrides. SAM gives each function's role the X-Ray write
+/// permission itself.
+#[test]
+fn tracing_is_one_parameter_for_every_function() {
+    let template = template();
+    let tracing = &template["Parameters"]["Tracing"];
+    assert_eq!(strings(&tracing["AllowedValues"]), ["Active", "PassThrough"]);
+    assert_eq!(tracing["Default"], "PassThrough");
+    assert_eq!(template["Globals"]["Function"]["Tracing"], resource_ref("Tracing"));
+    for name in chat_local::FUNCTIONS {
+        let logical = format!("{}{}Function", name[..1].to_uppercase(), &name[1..]);
+        assert!(resource(&template, &logical)["Properties"].get("Tracing").is_none(), "{logical}");
+    }
+}
+
+/// Conversations and users outlive the stack: deleting it, or an update that would replace the
+/// table or the user pool, leaves them in place, and neither can be deleted while its own
+/// deletion protection is on.
+#[test]
+fn the_table_and_the_user_pool_outlive_the_stack() {
+    let template = template();
+    for (logical, protection, on) in [
+        ("Table", "DeletionProtectionEnabled", Value::from(true)),
+        ("UserPool", "DeletionProtection", "ACTIVE".into()),
+    ] {
+        let resource = resource(&template, logical);
+        assert_eq!(resource["DeletionPolicy"], "Retain", "{logical}");
+        assert_eq!(resource["UpdateReplacePolicy"], "Retain", "{logical}");
+        assert_eq!(resource["Properties"][protection], on, "{logical}");
+    }
 }

@@ -13,8 +13,9 @@ pub fn dynamodb(config: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(config)
 }
 
-/// Sets up structured logs: JSON on Lambda (one object per line, with span fields such as the
-/// request id, session and turn), human-readable elsewhere; `LOG_FORMAT` (`json` or `text`)
+/// Sets up structured logs: JSON on Lambda (one object per line, with a `timestamp` and span
+/// fields such as the request id, session and turn: Lambda's JSON `LoggingConfig` keeps such
+/// lines as they are), human-readable elsewhere; `LOG_FORMAT` (`json` or `text`)
 /// overrides either. `RUST_LOG` sets the level, except for what [`NEVER_LOGGED`] names.
 pub fn init_tracing() {
     use tracing_subscriber::util::SubscriberInitExt;
@@ -48,8 +49,7 @@ where
         !secret
     });
     let output = fmt::layer().with_target(false).with_writer(writer);
-    let output =
-        if json { output.json().with_current_span(true).without_time().boxed() } else { output.boxed() };
+    let output = if json { output.json().with_current_span(true).boxed() } else { output.boxed() };
     tracing_subscriber::registry().with(filter).with(never).with(output)
 }
 
@@ -323,5 +323,52 @@ mod tests {
         let mut copied = LAMBDA.to_vec();
         copied.push((LOCAL_STACK, "1"));
         assert_eq!(with(&copied, "16"), None);
+    }
+}
+
+#[cfg(test)]
+mod log_lines {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What the subscriber wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Written {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_json_line_carries_a_utc_timestamp_and_its_span_fields() {
+        let written = Written::default();
+        let writer = written.clone();
+        let subscriber = subscriber("info", true, move || writer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("turn", session_id = "s-1", turn = 3);
+            let _entered = span.enter();
+            tracing::info!(tokens = 7, "reply committed");
+        });
+        let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("one JSON object a line");
+        let timestamp = line["timestamp"].as_str().unwrap_or_else(|| panic!("no timestamp: {line}"));
+        // RFC 3339 in UTC, e.g. 2026-12-01T16:41:07.123456Z.
+        let shape: String =
+            timestamp.chars().map(|c| if c.is_ascii_digit() { '9' } else { c }).take(20).collect();
+        assert_eq!(shape, "9999-99-99T99:99:99.", "{timestamp}");
+        assert!(timestamp.ends_with('Z'), "{timestamp}");
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["fields"]["message"], "reply committed");
+        assert_eq!(line["fields"]["tokens"], 7);
+        assert_eq!(line["span"]["session_id"], "s-1");
+        assert_eq!(line["span"]["turn"], 3);
     }
 }
