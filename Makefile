@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools browser functions dev test test-infra lint fmt check-toolchain check-arm64 bench-turn bench-prompt bench-load bench-cpu bench-sweep validate build sam-build preflight deploy
+.PHONY: help tools browser functions dev test test-infra lint fmt check-toolchain check-arm64 bench-turn bench-prompt bench-load bench-cpu bench-sweep bench-coldstart validate build sam-build preflight deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -106,6 +106,12 @@ bench-cpu: tools functions ## Where a turn's CPU goes: per process and per emula
 
 bench-sweep: tools ## The sweeper at scale: 10,000 idle sessions expired and their summaries queued; a sweep with nothing due
 	$(CARGO) run --locked -q -p chat-local --bin bench-sweep
+
+# Release builds (the deployed profile, for this machine) of every function and of a hello-world
+# yardstick, then each started cold behind a loopback Lambda Runtime API.
+bench-coldstart: check-toolchain ## Init, first invocation and peak memory of every function beside a hello world, and a cold generator's first token
+	$(CARGO) build --locked --release $(addprefix --bin ,$(FUNCTIONS)) --bin hello-lambda
+	$(CARGO) run --locked -q -p chat-local --bin bench-coldstart
 
 bench-prompt: check-toolchain ## Tokenizer load and prompt-building time for histories of several sizes
 	$(CARGO) run --locked -q -p chat-local --bin bench-prompt

@@ -26,6 +26,7 @@ pub mod cpu;
 mod emulators;
 pub mod gateway;
 mod processes;
+pub mod runtime_api;
 mod shim;
 
 pub use chat_testkit::{dynamodb_client, fake_llm, sqs_client, sse, LocalDynamo};
