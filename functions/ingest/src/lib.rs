@@ -1,6 +1,6 @@
 //! The ingest function: accepts a user's message for a session (claim the turn, store the
 //! message, enqueue generation) and serves reads, cancel and delete, and the chat page
-//! ([`web`]). Every route of the ingest contract in ARCHITECTURE.md lives in [`App::handle`].
+//! ([`web`]). Every route of the ingest contract in docs/architecture.md lives in [`App::handle`].
 
 mod api;
 pub mod web;

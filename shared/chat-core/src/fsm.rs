@@ -229,7 +229,7 @@ impl FromStr for Event {
 mod tests {
     use super::*;
 
-    /// The table of ARCHITECTURE.md, written out independently of `transition`.
+    /// The table of docs/architecture.md (The state machine), written out independently of `transition`.
     const EXPECTED: &[(Option<State>, Event, State)] = &[
         (None, Event::UserSend, State::UserWriting),
         (Some(State::Idle), Event::UserSend, State::UserWriting),

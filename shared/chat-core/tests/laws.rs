@@ -1,4 +1,4 @@
-//! The laws of ARCHITECTURE.md, proved against a real DynamoDB emulator with real concurrency.
+//! The laws of docs/architecture.md, proved against a real DynamoDB emulator with real concurrency.
 
 mod common;
 
