@@ -1,4 +1,4 @@
-// The chat page: plain JavaScript, no build step. It talks to the HTTP contract in README.md:
+// The chat page: plain JavaScript, no build step. It talks to the HTTP contract in docs/architecture.md:
 // ingest for sessions and sends, the stream (EventSource) for tokens. Model output is rendered by
 // building DOM nodes with textContent, never by parsing it as HTML, so a reply cannot inject
 // markup or script.

@@ -219,7 +219,7 @@ impl App {
             (["sessions", _], _) => Err(ApiError::method_not_allowed("GET, DELETE")),
             _ => Err(ApiError::NotFound {
                 code: "route_not_found",
-                message: format!("no route for {method} {path}; see the API in README.md"),
+                message: format!("no route for {method} {path}; see the API in docs/architecture.md"),
             }),
         }
     }
