@@ -122,6 +122,11 @@ pub fn start(
         let stopped = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
+        // Server-Sent Events are small writes one after another: with Nagle's algorithm on, each
+        // would wait for the client's delayed ACK of the one before (40 ms on Linux).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "the local gateway stopped");
         }

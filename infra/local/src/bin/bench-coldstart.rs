@@ -12,6 +12,13 @@
 //! For the generator it also times the first token: from spawn, for a turn waiting when the
 //! process starts (what a cold start adds to the turn that caused it), against a warm process's
 //! next turn, from the moment it is handed over to its first chunk stored.
+//!
+//! Lambda gives a function CPU in proportion to its memory (one vCPU at 1,769 MB).
+//! `BENCH_MEMORY_MB=128,256,512` repeats the whole run with each process held to that share by a
+//! CFS quota (a cgroup v1 `cpu` group, so it needs root); `none` in the list, or the variable
+//! unset, runs them unthrottled. Init CPU (every thread's, from `schedstat`) says how much of a
+//! size's quota an init needs: a quota is given per 100 ms period, so an init that needs more
+//! than one period's share waits for the next period.
 
 use chat_core::config::Env;
 use chat_core::queue::TurnMessage;
@@ -22,15 +29,19 @@ use chat_local::runtime_api::RuntimeApi;
 use chat_local::LocalDynamo;
 use chat_testkit::StubSqs;
 use serde_json::{json, Value};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const TABLE: &str = "coldstart";
 const FUNCTIONS: [&str; 4] = ["ingest", "generator", "stream", "sweeper"];
+/// Lambda's memory size for one full vCPU.
+const MB_PER_VCPU: f64 = 1769.0;
 
 #[derive(Default)]
 struct Runs {
     init: Vec<Duration>,
+    init_cpu: Vec<Duration>,
     first: Vec<Duration>,
     rss_trivial: Vec<u64>,
     rss_real: Vec<u64>,
@@ -44,6 +55,19 @@ struct Runs {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let env = Env::process();
     let runs: usize = env.parse_or("BENCH_RUNS", 10)?;
+    let sizes: Vec<Option<u32>> = match env.optional("BENCH_MEMORY_MB") {
+        None => vec![None],
+        Some(list) => {
+            list.split(',')
+                .map(|s| match s.trim() {
+                    "none" => Ok(None),
+                    size => size.parse().map(Some).map_err(|_| {
+                        format!("BENCH_MEMORY_MB: `{size}` is neither a number of MB nor `none`")
+                    }),
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let release = root.join("target/release");
     for binary in FUNCTIONS.iter().chain(&["hello-lambda"]) {
@@ -68,7 +92,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("AWS_SECRET_ACCESS_KEY", "local".to_owned()),
             ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
             ("AWS_LAMBDA_FUNCTION_NAME", name.to_owned()),
-            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256".to_owned()),
+            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769".to_owned()),
             ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".to_owned()),
             ("CHAT_LOCAL_STACK", "1".to_owned()),
             ("AUTH_MODE", "none".to_owned()),
@@ -84,28 +108,80 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect()
     };
 
-    let mut results: Vec<(&str, Runs)> = Vec::new();
-    for name in ["hello-lambda"].into_iter().chain(FUNCTIONS) {
-        eprintln!("==> {name}: {runs} cold starts");
-        let mut measured = Runs::default();
-        for _ in 0..runs {
-            let one = cold_start(&release, name, &environment(name), &store).await?;
-            measured.init.push(one.init);
-            measured.first.push(one.first);
-            measured.rss_trivial.push(one.rss_trivial);
-            measured.rss_real.extend(one.rss_real);
-            measured.ttft_cold.extend(one.ttft_cold);
-            measured.ttft_warm.extend(one.ttft_warm);
+    for size in sizes {
+        let limit = size.map(CpuLimit::new).transpose()?;
+        let mut results: Vec<(&str, Runs)> = Vec::new();
+        for name in ["hello-lambda"].into_iter().chain(FUNCTIONS) {
+            eprintln!(
+                "==> {name}: {runs} cold starts{}",
+                limit.as_ref().map_or(String::new(), CpuLimit::label)
+            );
+            let mut measured = Runs::default();
+            for _ in 0..runs {
+                let one = cold_start(&release, name, &environment(name), &store, limit.as_ref()).await?;
+                measured.init.push(one.init);
+                measured.init_cpu.push(one.init_cpu);
+                measured.first.push(one.first);
+                measured.rss_trivial.push(one.rss_trivial);
+                measured.rss_real.extend(one.rss_real);
+                measured.ttft_cold.extend(one.ttft_cold);
+                measured.ttft_warm.extend(one.ttft_warm);
+            }
+            results.push((name, measured));
         }
-        results.push((name, measured));
+        println!();
+        match &limit {
+            Some(limit) => println!("### {}", limit.label().trim_start_matches(", ")),
+            None => println!("### unthrottled"),
+        }
+        report(&results);
     }
-    report(&results);
     Ok(())
+}
+
+/// A cgroup v1 `cpu` group whose CFS quota gives its processes the CPU share Lambda gives a
+/// function of `memory_mb`; removed on drop.
+struct CpuLimit {
+    dir: PathBuf,
+    memory_mb: u32,
+    share: f64,
+}
+
+impl CpuLimit {
+    fn new(memory_mb: u32) -> Result<CpuLimit, String> {
+        let share = (f64::from(memory_mb) / MB_PER_VCPU).min(1.0);
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/cpu/chat-bench-{}-{memory_mb}", std::process::id()));
+        let period = 100_000u64;
+        let quota = ((period as f64) * share).round().max(1000.0) as u64;
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()))
+            .and_then(|()| std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()))
+            .map_err(|e| {
+                format!("BENCH_MEMORY_MB needs a writable cgroup v1 cpu controller ({}): {e}", dir.display())
+            })?;
+        Ok(CpuLimit { dir, memory_mb, share })
+    }
+
+    fn label(&self) -> String {
+        format!(", {} MB ({:.3} vCPU)", self.memory_mb, self.share)
+    }
+
+    /// Where a process writes `0` to join the group.
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 /// What one cold start of one binary measured.
 struct One {
     init: Duration,
+    init_cpu: Duration,
     first: Duration,
     rss_trivial: u64,
     rss_real: Option<u64>,
@@ -118,47 +194,84 @@ async fn cold_start(
     name: &str,
     env: &[(String, String)],
     store: &Store,
+    limit: Option<&CpuLimit>,
 ) -> Result<One, String> {
     let api = RuntimeApi::start(name).await.map_err(|e| e.to_string())?;
     // The generator's cold turn waits when the process starts, as a scale-out's does.
     let cold_turn = if name == "generator" { Some(committed_turn(store).await?) } else { None };
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(release.join(name))
+    let mut command = tokio::process::Command::new(release.join(name));
+    command
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("AWS_LAMBDA_RUNTIME_API", &api.address)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("starting {name}: {e}"))?;
+        .kill_on_drop(true);
+    if let Some(limit) = limit {
+        command.env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", limit.memory_mb.to_string());
+    }
+    // Opened before the fork, so the child joins the group with one write before it execs and
+    // its whole init runs under the quota.
+    let procs = match limit {
+        Some(limit) => {
+            Some(std::fs::OpenOptions::new().write(true).open(limit.procs()).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    if let Some(procs) = &procs {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(procs);
+        // SAFETY: between fork and exec this calls only write(2), which is async-signal-safe,
+        // on a descriptor the parent keeps open until the spawn returns.
+        unsafe {
+            command.as_std_mut().pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(|e| format!("starting {name}: {e}"))?;
+    drop(procs);
     let pid = child.id().ok_or("the process exited")?;
     let mut one = One {
         init: Duration::ZERO,
+        init_cpu: Duration::ZERO,
         first: Duration::ZERO,
         rss_trivial: 0,
         rss_real: None,
         ttft_cold: None,
         ttft_warm: None,
     };
-    if let Some((session, turn)) = cold_turn {
-        let event = sqs_event(session, turn);
-        let watch = first_chunk(store, session, turn);
-        let (answered, first) = tokio::join!(api.invoke(&event), watch);
-        answered.ok_or("the generator did not answer")?;
-        one.ttft_cold = Some(first?.duration_since(started));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let first_ask = loop {
-        if let Some(at) = api.first_ask() {
-            break at;
+    // The end of init, and the CPU it took (every thread's), read as soon as the process asks
+    // for its first invocation: within a poll (0.2 ms) of it.
+    let init_done = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(at) = api.first_ask() {
+                return Ok((at, cpu_time(pid)));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{name} never asked for an invocation"));
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
         }
-        if Instant::now() > deadline {
-            return Err(format!("{name} never asked for an invocation"));
+    };
+    let (first_ask, init_cpu) = match cold_turn {
+        Some((session, turn)) => {
+            let event = sqs_event(session, turn);
+            let watch = first_chunk(store, session, turn);
+            let (answered, first, init) = tokio::join!(api.invoke(&event), watch, init_done);
+            answered.ok_or("the generator did not answer")?;
+            one.ttft_cold = Some(first?.duration_since(started));
+            init?
         }
-        tokio::time::sleep(Duration::from_micros(200)).await;
+        None => init_done.await?,
     };
     one.init = first_ask.duration_since(started);
+    one.init_cpu = init_cpu;
     let (handed, answer) = api.invoke(&trivial_event(name)).await.ok_or(format!("{name} did not answer"))?;
     if answer.error {
         return Err(format!("{name} failed: {}", String::from_utf8_lossy(&answer.body)));
@@ -303,6 +416,17 @@ async fn answered_turn(store: &Store) -> Result<(SessionId, Turn), String> {
     }
 }
 
+/// CPU time the process has used so far, every thread's (`/proc/PID/task/*/schedstat`, ns).
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .sum();
+    Duration::from_nanos(ns)
+}
+
 /// The process's peak resident set (`VmHWM`), KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -334,9 +458,9 @@ fn report(results: &[(&str, Runs)]) {
     let hello = results.iter().find(|(n, _)| *n == "hello-lambda").and_then(|(_, r)| median(&r.init));
     println!();
     println!(
-        "| binary | init | init ÷ hello world | first invoke | peak RSS, trivial | peak RSS, real turn |"
+        "| binary | init | init ÷ hello world | init CPU | first invoke | peak RSS, trivial | peak RSS, real turn |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (name, runs) in results {
         let init = median(&runs.init);
         let ratio = match (init, hello) {
@@ -346,8 +470,9 @@ fn report(results: &[(&str, Runs)]) {
             _ => "—".to_owned(),
         };
         println!(
-            "| {name} | {} | {ratio} | {} | {} | {} |",
+            "| {name} | {} | {ratio} | {} | {} | {} | {} |",
             ms(init),
+            ms(median(&runs.init_cpu)),
             ms(median(&runs.first)),
             mb(median(&runs.rss_trivial)),
             mb(median(&runs.rss_real)),
