@@ -50,19 +50,28 @@ pub enum KeySourceError {
     /// `jwks_url` does not make a URL.
     #[error("{url:?} is not a URL ({source})")]
     InvalidUrl { url: String, source: http::uri::InvalidUri },
+    /// Plain `http` to a host that is not this machine: anyone on the path could hand out keys
+    /// and so sign tokens for any user.
+    #[error("{url:?} is plain http to another host; an issuer's keys must come over https")]
+    PlainHttp { url: String },
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] chat_runtime::https::TlsSetupError),
 }
 
 impl KeySource {
-    /// A source for `settings.jwks_url`, over HTTPS with the system's roots (or plain HTTP).
+    /// A source for `settings.jwks_url`, over HTTPS with the system's roots; plain HTTP only to a
+    /// loopback host (the local stack's issuer, a test's).
     pub fn new(settings: &JwtSettings) -> Result<KeySource, KeySourceError> {
         let url: http::Uri = settings
             .jwks_url
             .parse()
             .map_err(|source| KeySourceError::InvalidUrl { url: settings.jwks_url.clone(), source })?;
-        let https = chat_runtime::https::connector(FETCH_TIMEOUT, url.scheme_str() == Some("http"))?;
+        let plain_http = url.scheme_str() == Some("http");
+        if plain_http && !url.host().is_some_and(loopback) {
+            return Err(KeySourceError::PlainHttp { url: settings.jwks_url.clone() });
+        }
+        let https = chat_runtime::https::connector(FETCH_TIMEOUT, plain_http)?;
         Ok(KeySource {
             url,
             client: Client::builder(TokioExecutor::new()).build(https),
@@ -170,4 +179,15 @@ impl KeySource {
         }
         Ok(keys)
     }
+}
+
+/// `localhost`, or a loopback address (`127.0.0.0/8`, `[::1]`).
+fn loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

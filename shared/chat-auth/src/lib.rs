@@ -301,17 +301,42 @@ fn allowed(list: &[String], arn: &str) -> bool {
 }
 
 impl Authenticator {
-    /// An authenticator for `config`; in `jwt` mode its keys are fetched on first use.
+    /// An authenticator for `config`; in `jwt` mode its keys are fetched on first use. `jwt`
+    /// without its settings, and `none` off the local stack, are refused here too, so no way of
+    /// building one trusts callers by mistake.
     pub fn new(config: AuthConfig) -> Result<Authenticator, ConfigError> {
-        let jwt = match config.jwt {
-            Some(settings) => {
+        Authenticator::build(config, &Env::process())
+    }
+
+    /// [`Authenticator::new`], with `env` telling whether this is the local stack.
+    fn build<F: Fn(&str) -> Option<String>>(
+        config: AuthConfig,
+        env: &Env<F>,
+    ) -> Result<Authenticator, ConfigError> {
+        let jwt = match (config.mode, config.jwt) {
+            (Mode::Jwt, Some(settings)) => {
                 let keys = KeySource::new(&settings).map_err(|e| ConfigError {
                     variable: "JWT_JWKS_URL".to_owned(),
                     problem: e.to_string(),
                 })?;
                 Some(Arc::new((settings, keys)))
             }
-            None => None,
+            (Mode::Jwt, None) => {
+                return Err(ConfigError {
+                    variable: "JWT_ISSUER".to_owned(),
+                    problem: "is needed with AUTH_MODE=jwt".to_owned(),
+                })
+            }
+            (Mode::None, _) => {
+                if let Err(not_local) = chat_runtime::aws::local_stack(env) {
+                    return Err(ConfigError {
+                        variable: "AUTH_MODE".to_owned(),
+                        problem: format!("is none, which is for the local stack only ({not_local})"),
+                    });
+                }
+                None
+            }
+            (Mode::Iam, _) => None,
         };
         Ok(Authenticator { mode: config.mode, jwt, iam_allowed_callers: config.iam_allowed_callers.into() })
     }
@@ -352,8 +377,10 @@ impl Authenticator {
         query_token: Option<&str>,
         iam: Option<&IamIdentity>,
     ) -> Result<Identified, AuthError> {
-        match (&self.jwt, self.mode) {
-            (Some(jwt), Mode::Jwt) => {
+        match self.mode {
+            Mode::Jwt => {
+                // `new` gives jwt mode its settings; without them, refuse rather than trust.
+                let Some(jwt) = &self.jwt else { return Err(AuthError::Missing) };
                 let bearer = headers
                     .get(http::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
@@ -363,7 +390,7 @@ impl Authenticator {
                 let (user, expires_at) = self.verify(&jwt.0, &jwt.1, token).await?;
                 Ok(Identified { caller: Caller::User(user), expires_at })
             }
-            (_, Mode::Iam) => {
+            Mode::Iam => {
                 let Some(iam) = iam else {
                     tracing::error!(
                         "AUTH_MODE is iam, but the request carries no IAM identity: is the Function URL's AuthType AWS_IAM?"
@@ -378,7 +405,7 @@ impl Authenticator {
                 let user = named_user(headers)?.ok_or(AuthError::MissingUserHeader)?;
                 Ok(Identified { caller: Caller::Trusted(Some(user)), expires_at: None })
             }
-            _ => Ok(Identified { caller: Caller::Trusted(named_user(headers)?), expires_at: None }),
+            Mode::None => Ok(Identified { caller: Caller::Trusted(named_user(headers)?), expires_at: None }),
         }
     }
 
@@ -514,6 +541,45 @@ mod tests {
         assert_eq!(settings.audiences, ["app", "web"]);
         assert_eq!(issuers("https://t.auth0.com/"), ["https://t.auth0.com/", "https://t.auth0.com"]);
         assert_eq!(issuers("https://cognito/p"), ["https://cognito/p", "https://cognito/p/"]);
+    }
+
+    #[tokio::test]
+    async fn an_authenticator_built_wrongly_refuses_rather_than_trusts() {
+        let config = |mode, jwt| AuthConfig { mode, jwt, iam_allowed_callers: Vec::new() };
+        let err = Authenticator::build(config(Mode::Jwt, None), &env(&LOCAL)).err().unwrap();
+        assert_eq!(err.variable, "JWT_ISSUER", "jwt mode without its settings: {err}");
+        let err = Authenticator::build(config(Mode::None, None), &env(&ON_LAMBDA)).err().unwrap();
+        assert_eq!(err.variable, "AUTH_MODE", "none off the local stack: {err}");
+        let local = Authenticator::build(config(Mode::None, None), &env(&LOCAL)).unwrap();
+        assert_eq!(local.mode(), Mode::None);
+        // A jwt authenticator whose settings went missing another way refuses every caller.
+        let broken = Authenticator { mode: Mode::Jwt, jwt: None, iam_allowed_callers: Arc::from([]) };
+        assert!(matches!(broken.caller(&headers(Some("alice")), None).await, Err(AuthError::Missing)));
+    }
+
+    #[test]
+    fn the_keys_come_over_https_or_from_this_machine() {
+        let source = |url: &str| {
+            KeySource::new(&JwtSettings {
+                issuer: "https://issuer.example".to_owned(),
+                audiences: vec!["app".to_owned()],
+                jwks_url: url.to_owned(),
+                leeway: Duration::ZERO,
+                min_refresh: Duration::from_secs(30),
+                max_age: Duration::from_secs(3600),
+            })
+        };
+        let refused = source("http://issuer.example/.well-known/jwks.json").err().unwrap();
+        assert!(matches!(refused, jwks::KeySourceError::PlainHttp { .. }), "{refused}");
+        assert!(matches!(source("http://10.0.0.1/jwks.json"), Err(jwks::KeySourceError::PlainHttp { .. })));
+        for fine in [
+            "https://issuer.example/.well-known/jwks.json",
+            "http://127.0.0.1:4000/jwks.json",
+            "http://localhost:4000/jwks.json",
+            "http://[::1]:4000/jwks.json",
+        ] {
+            assert!(source(fine).is_ok(), "{fine}");
+        }
     }
 
     fn iam(allowed: &[&str]) -> Authenticator {
