@@ -11,8 +11,8 @@ pub mod tools;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chat_core::config::{CommonConfig, ConfigError, Env};
-use chat_core::model::EVENT_MARK;
-use chat_core::queue::{Job, TurnMessage};
+use chat_core::job::{Job, TurnMessage};
+use chat_core::record::EVENT_MARK;
 use chat_core::{
     AppendOutcome, ClaimOutcome, Conflict, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State, StopReason,
     Store, StoreError, Turn,

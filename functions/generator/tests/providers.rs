@@ -3,7 +3,7 @@
 //! generator (embedded DynamoDB) turning their streams into committed replies or error states.
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::{
     NewMessage, Outcome, Role, SendOutcome, SessionId, State, StopReason, Store, StoreOptions, Turn, UserId,
 };

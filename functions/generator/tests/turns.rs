@@ -4,7 +4,7 @@
 //! whose session is deleted while it streams (nothing is left behind).
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::{NewMessage, Outcome, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId};
 use chat_core::{ReplyEvent, Role, ToolUse};
 use chat_testkit::fake_llm::{self, FakeLlm};

@@ -10,7 +10,7 @@ pub use api::ApiError;
 use api::{json, parse_session};
 use chat_auth::{AuthConfig, Authenticator, Caller};
 use chat_core::config::{CommonConfig, ConfigError, Env};
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
 use chat_core::{

@@ -6,9 +6,9 @@ pub mod config;
 pub mod error;
 pub mod fsm;
 pub mod ids;
+pub mod job;
 pub mod limits;
-pub mod model;
-pub mod queue;
+pub mod record;
 pub mod store;
 pub mod table;
 pub mod time;
@@ -17,7 +17,7 @@ pub use error::StoreError;
 pub use fsm::{Event, State};
 pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
 pub use limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
-pub use model::{
+pub use record::{
     Chunk, LeaseInfo, Message, ReplyEvent, Routing, Session, StopReason, Summary, ToolUse, TransitionRecord,
     Usage,
 };

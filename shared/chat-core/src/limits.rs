@@ -18,7 +18,7 @@
 use crate::config::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::ids::{SessionId, Turn, UserId};
-use crate::model::Item;
+use crate::record::Item;
 use crate::store::{key, number, Store, Written};
 use crate::table::{self, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{

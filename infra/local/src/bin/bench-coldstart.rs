@@ -14,7 +14,7 @@
 //! next turn, from the moment it is handed over to its first chunk stored.
 
 use chat_core::config::Env;
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::{
     ClaimOutcome, NewMessage, Outcome, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
 };

@@ -11,7 +11,7 @@
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::{NewMessage, Outcome, Role, SendOutcome, StoreOptions, UserId};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;

@@ -10,7 +10,7 @@ use super::{
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn};
-use crate::model::{attr, Chunk, Session, StopReason};
+use crate::record::{attr, Chunk, Session, StopReason};
 use crate::table::{self, DUE_AT, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use std::time::Duration;

@@ -8,7 +8,7 @@ use super::{
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
-use crate::model::{attr, Fields, Item, Session};
+use crate::record::{attr, Fields, Item, Session};
 use crate::table::{self, DUE_AT, DUE_SHARD, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, DeleteRequest, ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem,

@@ -28,7 +28,7 @@ pub(crate) use request::Written;
 
 use crate::error::StoreError;
 use crate::ids::SessionId;
-use crate::model::Item;
+use crate::record::Item;
 use crate::table::{self, PK, SK};
 use aws_sdk_dynamodb::types::{AttributeValue, ConsumedCapacity};
 use aws_sdk_dynamodb::Client;

@@ -3,7 +3,7 @@
 
 use crate::fsm::State;
 use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
-use crate::model::Session;
+use crate::record::Session;
 
 /// The result of a conditional write: it happened, or the session was not as expected.
 // One is returned per write and consumed at once, never stored in bulk: the session a
@@ -26,7 +26,7 @@ pub struct Conflict {
 
 impl Conflict {
     /// The conflict of a refused session update, from the item it returned as it was.
-    pub(crate) fn of_refused(item: Option<&crate::model::Item>) -> Result<Conflict, crate::StoreError> {
+    pub(crate) fn of_refused(item: Option<&crate::record::Item>) -> Result<Conflict, crate::StoreError> {
         Ok(Conflict { current: item.map(Session::from_item).transpose()? })
     }
 }
@@ -107,16 +107,16 @@ pub struct Lease {
     /// Tokens a previous holder already wrote for this turn (empty on a first claim).
     pub resumed_tokens: Vec<String>,
     /// The session's summary of its earlier turns, if it has one: compact memory.
-    pub summary: Option<crate::model::Summary>,
+    pub summary: Option<crate::record::Summary>,
     /// The route this holder chose for the turn, stored with the reply.
-    pub routing: Option<crate::model::Routing>,
+    pub routing: Option<crate::record::Routing>,
     /// The tools called for the turn so far, stored with the reply.
-    pub tool_uses: Vec<crate::model::ToolUse>,
+    pub tool_uses: Vec<crate::record::ToolUse>,
     /// The session's owner, whose daily token count the turn's spend is charged to.
     pub user: UserId,
     /// What this holder's model calls consumed so far: charged when the turn ends, in the same
     /// transaction. (A crashed holder's spend is not charged: at most `MAX_ATTEMPTS` calls.)
-    pub usage: crate::model::Usage,
+    pub usage: crate::record::Usage,
 }
 
 /// What became of a generation claim.

@@ -4,7 +4,7 @@
 use super::{backoff, key, number, prefix_end, session_key, string, InvalidCursor, SessionPage, Store};
 use crate::error::StoreError;
 use crate::ids::{Role, SessionId, Turn, UserId};
-use crate::model::{Chunk, Fields, Item, Message, Session, TransitionRecord};
+use crate::record::{Chunk, Fields, Item, Message, Session, TransitionRecord};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, SK};
 use aws_sdk_dynamodb::types::KeysAndAttributes;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -8,7 +8,7 @@ use super::{backoff, key, number, session_key, string, Conflict, Outcome, Store}
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn, UserId};
-use crate::model::{attr, Item, Session, StopReason};
+use crate::record::{attr, Item, Session, StopReason};
 use crate::table::{self, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{

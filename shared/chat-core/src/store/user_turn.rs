@@ -9,7 +9,7 @@ use super::{
 use crate::error::StoreError;
 use crate::fsm::{Event, State};
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
-use crate::model::{attr, Fields, Item, Session};
+use crate::record::{attr, Fields, Item, Session};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 
