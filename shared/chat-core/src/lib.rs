@@ -7,7 +7,6 @@ pub mod error;
 pub mod fsm;
 pub mod ids;
 pub mod job;
-pub mod limits;
 pub mod record;
 pub mod store;
 pub mod table;
@@ -16,11 +15,11 @@ pub mod time;
 pub use error::StoreError;
 pub use fsm::{Event, State};
 pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
-pub use limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
 pub use record::{
     Chunk, LeaseInfo, Message, ReplyEvent, Routing, Session, StopReason, Summary, ToolUse, TransitionRecord,
     Usage,
 };
+pub use store::limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
 pub use store::{
     AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,
     Lease, LeaseStatus, NewMessage, Outcome, SendOutcome, SessionPage, Store, StoreOptions, TurnTicket,

@@ -12,10 +12,13 @@
 //! - `transition.rs`: the transition writer and the items written with transitions;
 //! - `user_turn.rs`: a user's send, its commit and cancel;
 //! - `generation.rs`: a generator's claim, lease, chunks and reply;
-//! - `lifecycle.rs`: ending turns, re-drives and deletion.
+//! - `lifecycle.rs`: ending turns, re-drives and deletion;
+//! - `limits.rs`: the limits kept in the table (turn buckets, stream and turn slots, the daily
+//!   token budget, the session count).
 
 mod generation;
 mod lifecycle;
+pub mod limits;
 mod outcomes;
 mod reads;
 mod request;

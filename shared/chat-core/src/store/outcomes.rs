@@ -84,7 +84,7 @@ pub enum SendOutcome {
         limit: u32,
     },
     /// The user's turns have used up today's token budget; nothing was written.
-    BudgetExhausted(crate::limits::BudgetSpent),
+    BudgetExhausted(super::limits::BudgetSpent),
 }
 
 /// A generator's claim on a turn: the fencing version and what was already streamed.

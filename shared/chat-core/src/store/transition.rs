@@ -297,9 +297,9 @@ impl Store {
     pub(super) fn count_sessions(&self, user: &UserId, delta: i64) -> TransactWriteItem {
         let mut update = Update::builder()
             .table_name(&*self.table)
-            .set_key(Some(key(table::user_pk(user), crate::limits::SESSION_COUNT_SK)))
+            .set_key(Some(key(table::user_pk(user), super::limits::SESSION_COUNT_SK)))
             .update_expression("ADD #count :delta")
-            .expression_attribute_names("#count", crate::limits::SESSION_COUNT)
+            .expression_attribute_names("#count", super::limits::SESSION_COUNT)
             .expression_attribute_values(":delta", number(delta));
         let limit = self.options.max_sessions_per_user;
         if delta > 0 && limit > 0 {

@@ -15,11 +15,11 @@
 //! | a turn's open streams | `S#{session}` | `STREAMS#{turn:08}` (deleted with its session) |
 //! | everyone's turn bucket | `LIMIT` | `TURNS` |
 
+use super::{key, number, Store, Written};
 use crate::config::{ConfigError, Env};
 use crate::error::StoreError;
 use crate::ids::{SessionId, Turn, UserId};
 use crate::record::Item;
-use crate::store::{key, number, Store, Written};
 use crate::table::{self, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
     AttributeValue, ConditionCheck, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
