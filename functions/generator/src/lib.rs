@@ -14,8 +14,8 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::job::{Job, TurnMessage};
 use chat_core::record::EVENT_MARK;
 use chat_core::{
-    AppendOutcome, ClaimOutcome, Conflict, Lease, LeaseStatus, Outcome, ReplyEvent, Role, State, StopReason,
-    Store, StoreError, Turn,
+    AppendOutcome, ClaimOutcome, Conflict, Lease, LeaseStatus, Outcome, Read, ReplyEvent, Role, State,
+    StopReason, Store, StoreError, Turn,
 };
 use chat_runtime::metrics::{self, Dimension};
 use futures::StreamExt;
@@ -253,7 +253,8 @@ impl Generator {
     /// every delivery be acknowledged unclaimed, as if the queue had lost them, so the sweeper's
     /// re-drives and its final timeout can be seen end to end.
     async fn delivery_lost(&self, message: &TurnMessage) -> Result<bool, StoreError> {
-        let user = self.store.get_message(message.session_id, message.turn, Role::User, true).await?;
+        let user =
+            self.store.get_message(message.session_id, message.turn, Role::User, Read::Consistent).await?;
         Ok(user.is_some_and(|m| m.content.contains("[[lose-delivery]]")))
     }
 
@@ -288,7 +289,7 @@ impl Generator {
                 self.store.commit_reply(&lease, &writer.text, stopped).await?
             }
             Ending::Failed(_, reason) => {
-                let Some(current) = self.store.get_session(lease.session_id, true).await? else {
+                let Some(current) = self.store.get_session(lease.session_id, Read::Consistent).await? else {
                     return self.abandon(&lease).await;
                 };
                 if current.version != lease.version {
@@ -332,7 +333,7 @@ impl Generator {
         }
         // A turn another generator took over is still in flight and keeps its slot; one whose
         // session is gone does not.
-        if self.store.get_session(lease.session_id, true).await?.is_none() {
+        if self.store.get_session(lease.session_id, Read::Consistent).await?.is_none() {
             self.give_back_turn_slot(lease).await;
         }
         self.clear_if_deleted(lease).await
@@ -361,7 +362,9 @@ impl Generator {
     /// stale job finds nothing pending and does nothing; a model failure leaves the summary
     /// pending, and the sweeper sends the job again after its deadline.
     async fn summarize(&self, message: &TurnMessage) -> Result<(), RetryLater> {
-        let Some(session) = self.store.get_session(message.session_id, true).await? else { return Ok(()) };
+        let Some(session) = self.store.get_session(message.session_id, Read::Consistent).await? else {
+            return Ok(());
+        };
         if !(session.state == State::Timeout && session.summary_pending && session.turn == message.turn) {
             info!(state = %session.state, "no summary pending");
             return Ok(());
@@ -761,7 +764,7 @@ impl Generator {
         let status = if half_gone {
             self.store.extend_lease(lease, self.settings.lease).await?
         } else if check == LeaseCheck::Now || due {
-            self.store.lease_status(lease, false).await?
+            self.store.lease_status(lease, Read::Eventual).await?
         } else {
             return Ok(None);
         };

@@ -15,7 +15,7 @@ use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
 use chat_core::{
     Admission, BudgetSpent, CancelOutcome, ClientMessageId, DeleteOutcome, Event, GlobalLimits, NewMessage,
-    Outcome, Role, SendOutcome, Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId,
+    Outcome, Read, Role, SendOutcome, Session, SessionId, State, Store, StoreError, Turn, TurnTicket, UserId,
     UserLimits,
 };
 use chat_runtime::metrics;
@@ -444,7 +444,7 @@ impl App {
         request_id: &str,
         release: Option<(&UserId, &ClientMessageId)>,
     ) {
-        let current = match self.store.get_session(id, true).await {
+        let current = match self.store.get_session(id, Read::Consistent).await {
             Ok(Some(current)) if current.state == state && current.version == version => current,
             Ok(_) => return,
             Err(err) => return warn!(error = %err, "could not end the failed turn; the sweeper will"),
@@ -478,11 +478,12 @@ impl App {
         let unavailable = |e: StoreError| ApiError::store_unavailable(&e);
         let session = self
             .store
-            .get_session(id, true)
+            .get_session(id, Read::Consistent)
             .await
             .map_err(unavailable)?
             .ok_or_else(ApiError::session_not_found)?;
-        let original = self.store.get_message(id, turn, Role::User, true).await.map_err(unavailable)?;
+        let original =
+            self.store.get_message(id, turn, Role::User, Read::Consistent).await.map_err(unavailable)?;
         let same_message = original.as_ref().is_none_or(|m| m.content == body.message);
         if !same_message || body.session_id.is_some_and(|asked| asked != id) {
             return Err(ApiError::Conflict {
@@ -538,7 +539,7 @@ impl App {
         let unavailable = |e: StoreError| ApiError::store_unavailable(&e);
         let session = self
             .store
-            .get_session(id, true)
+            .get_session(id, Read::Consistent)
             .await
             .map_err(unavailable)?
             .filter(|session| caller.owns(&session.user_id))

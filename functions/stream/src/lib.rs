@@ -11,7 +11,7 @@ use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
 use chat_core::config::{ConfigError, Env};
 use chat_core::{
-    Admission, Chunk, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
+    Admission, Chunk, Read, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
 };
 use chat_runtime::{http_error, metrics};
 use futures::stream::{self, BoxStream, StreamExt};
@@ -284,7 +284,7 @@ impl Relay {
         };
         let session = self
             .store
-            .get_session(id, true)
+            .get_session(id, Read::Consistent)
             .await
             .map_err(unavailable)?
             .filter(|s| caller.owns(&s.user_id))
@@ -383,7 +383,8 @@ impl Relay {
                 info!(sent_tokens, "the caller's token expired; stream closed");
                 return Ok(());
             }
-            let chunks = self.store.read_chunks(position.session, position.turn, last_seq, false).await?;
+            let chunks =
+                self.store.read_chunks(position.session, position.turn, last_seq, Read::Eventual).await?;
             let mut progressed = false;
             let mut next_due = None;
             // An eventually consistent read may miss the newest chunk; stop at any gap and re-poll.
@@ -408,7 +409,7 @@ impl Relay {
                 generating = true;
             } else if session_read.elapsed() >= SESSION_CHECK_EVERY {
                 session_read = Instant::now();
-                let session = match self.store.get_session(position.session, false).await? {
+                let session = match self.store.get_session(position.session, Read::Eventual).await? {
                     None => {
                         let data = json!({"code": "session_deleted", "message": "the session was deleted"});
                         send(sse::event("error", None, &data.to_string())).await;
@@ -481,13 +482,17 @@ impl Relay {
         mut next_index: u64,
         tx: &mpsc::Sender<String>,
     ) -> Result<(), StoreError> {
-        let chunks = self.store.read_chunks(position.session, position.turn, last_seq, true).await?;
+        let chunks =
+            self.store.read_chunks(position.session, position.turn, last_seq, Read::Consistent).await?;
         for chunk in chunks {
             if send_tokens(position.turn, &chunk, &mut next_index, tx).await.is_none() {
                 return Ok(());
             }
         }
-        let reply = self.store.get_message(position.session, position.turn, Role::Assistant, true).await?;
+        let reply = self
+            .store
+            .get_message(position.session, position.turn, Role::Assistant, Read::Consistent)
+            .await?;
         let turn = position.turn;
         let events = match reply {
             Some(reply) => vec![

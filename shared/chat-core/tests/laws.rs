@@ -5,6 +5,7 @@ mod common;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use chat_core::fsm::transition;
 use chat_core::store::SessionCursor;
+use chat_core::Read;
 use chat_core::*;
 use common::{client_for, store_on, LossyProxy, TestDb};
 use std::collections::HashSet;
@@ -41,7 +42,7 @@ fn accepted(outcome: SendOutcome) -> TurnTicket {
 }
 
 async fn session(store: &Store, id: SessionId) -> Session {
-    store.get_session(id, true).await.unwrap().expect("session exists")
+    store.get_session(id, Read::Consistent).await.unwrap().expect("session exists")
 }
 
 /// A new session whose first turn is `user_committed`.
@@ -417,14 +418,14 @@ async fn a_taken_over_generator_can_neither_append_nor_commit() {
 
     // The stalled generator wakes up: every write it tries is refused.
     assert_eq!(store.append_chunk(&old, 2, 3, &tokens(&[" stale"])).await.unwrap(), AppendOutcome::Fenced);
-    assert_eq!(store.lease_status(&old, true).await.unwrap(), LeaseStatus::Lost);
+    assert_eq!(store.lease_status(&old, Read::Consistent).await.unwrap(), LeaseStatus::Lost);
     let mut old_mut = old.clone();
     assert_eq!(store.extend_lease(&mut old_mut, LEASE).await.unwrap(), LeaseStatus::Lost);
     assert!(matches!(store.commit_reply(&old, "Hello, stale", None).await.unwrap(), Outcome::Conflict(_)));
 
     assert_eq!(store.append_chunk(&new, 3, 3, &tokens(&[" world"])).await.unwrap(), AppendOutcome::Appended);
     assert!(matches!(store.commit_reply(&new, "Hello, world", None).await.unwrap(), Outcome::Applied(_)));
-    let chunks = store.read_chunks(id, ticket.turn, None, true).await.unwrap();
+    let chunks = store.read_chunks(id, ticket.turn, None, Read::Consistent).await.unwrap();
     let streamed: String = chunks.iter().flat_map(|c| c.tokens.iter().map(String::as_str)).collect();
     let (_, messages) = store.get_conversation(id).await.unwrap().unwrap();
     let replies: Vec<_> = messages.iter().filter(|m| m.id.role == Role::Assistant).collect();
@@ -483,7 +484,7 @@ async fn takeover_racing_a_live_writer_keeps_the_chunk_sequence_whole() {
             text.push_str(word);
         }
         assert!(matches!(store.commit_reply(&new, &text, None).await.unwrap(), Outcome::Applied(_)));
-        let chunks = store.read_chunks(id, turn, None, true).await.unwrap();
+        let chunks = store.read_chunks(id, turn, None, Read::Consistent).await.unwrap();
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.seq as usize, i, "gap-free sequence");
         }
@@ -515,11 +516,15 @@ async fn committed_reply_equals_the_chunks_and_reads_after_a_position_return_the
     }
     let reply: String = batches.concat().concat();
     assert!(matches!(store.commit_reply(&lease, &reply, None).await.unwrap(), Outcome::Applied(_)));
-    let all = store.read_chunks(ticket.session_id, ticket.turn, None, true).await.unwrap();
+    let all = store.read_chunks(ticket.session_id, ticket.turn, None, Read::Consistent).await.unwrap();
     assert_eq!(all.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>(), batches.to_vec());
-    let rest = store.read_chunks(ticket.session_id, ticket.turn, Some(0), true).await.unwrap();
+    let rest = store.read_chunks(ticket.session_id, ticket.turn, Some(0), Read::Consistent).await.unwrap();
     assert_eq!(rest, all[1..].to_vec());
-    assert!(store.read_chunks(ticket.session_id, ticket.turn, Some(2), true).await.unwrap().is_empty());
+    assert!(store
+        .read_chunks(ticket.session_id, ticket.turn, Some(2), Read::Consistent)
+        .await
+        .unwrap()
+        .is_empty());
     let (s, messages) = store.get_conversation(ticket.session_id).await.unwrap().unwrap();
     assert_eq!(s.state, State::AiCommitted);
     assert_eq!(messages.last().unwrap().content, reply);
@@ -571,7 +576,10 @@ async fn cancel_is_seen_by_the_generator_and_the_partial_reply_is_marked_stopped
         store.request_cancel(id, Some(&user)).await.unwrap(),
         CancelOutcome::Requested { turn: ticket.turn, state: State::AiGenerating }
     );
-    assert_eq!(store.lease_status(&lease, true).await.unwrap(), LeaseStatus::Held { cancel_requested: true });
+    assert_eq!(
+        store.lease_status(&lease, Read::Consistent).await.unwrap(),
+        LeaseStatus::Held { cancel_requested: true }
+    );
     assert_eq!(
         store.extend_lease(&mut lease, LEASE).await.unwrap(),
         LeaseStatus::Held { cancel_requested: true }
@@ -756,9 +764,13 @@ async fn deleting_a_session_removes_everything_under_it() {
     assert!(
         matches!(store.delete_session(ticket.session_id, None).await.unwrap(), DeleteOutcome::Deleted { items } if items >= 6)
     );
-    assert!(store.get_session(ticket.session_id, true).await.unwrap().is_none());
+    assert!(store.get_session(ticket.session_id, Read::Consistent).await.unwrap().is_none());
     assert!(store.transitions(ticket.session_id).await.unwrap().is_empty());
-    assert!(store.read_chunks(ticket.session_id, ticket.turn, None, true).await.unwrap().is_empty());
+    assert!(store
+        .read_chunks(ticket.session_id, ticket.turn, None, Read::Consistent)
+        .await
+        .unwrap()
+        .is_empty());
     let page = store.list_user_sessions(&user, 10, None).await.unwrap();
     assert_eq!(page.sessions.iter().map(|s| s.id).collect::<Vec<_>>(), vec![keep]);
     // The idempotency key went with it: reusing it starts a new session.

@@ -3,6 +3,7 @@
 
 mod common;
 
+use chat_core::Read;
 use chat_core::*;
 use common::TestDb;
 use std::future::Future;
@@ -163,9 +164,9 @@ async fn racing_new_sessions_stop_at_the_cap_and_a_delete_frees_a_place() {
     // A new turn in an existing session is not a new session: the cap does not apply.
     let first = &sessions[0];
     let Outcome::Applied(t) = store.commit_user_message(first, "t").await.unwrap() else { panic!() };
-    let current = store.get_session(t.session_id, true).await.unwrap().unwrap();
+    let current = store.get_session(t.session_id, Read::Consistent).await.unwrap().unwrap();
     store.end_turn(&current, Event::ProcessingFailed, "test", "t").await.unwrap();
-    let current = store.get_session(t.session_id, true).await.unwrap().unwrap();
+    let current = store.get_session(t.session_id, Read::Consistent).await.unwrap().unwrap();
     assert!(!current.state.turn_in_flight());
     let msg = NewMessage {
         user: &user,
@@ -184,7 +185,7 @@ async fn racing_new_sessions_stop_at_the_cap_and_a_delete_frees_a_place() {
     })
     .await;
     assert!(deletes.iter().all(|d| matches!(d, DeleteOutcome::Deleted { .. } | DeleteOutcome::NotFound)));
-    assert!(store.get_session(gone, true).await.unwrap().is_none());
+    assert!(store.get_session(gone, Read::Consistent).await.unwrap().is_none());
     assert_eq!(store.session_count(&user).await.unwrap(), 2);
     let msg = NewMessage { user: &user, session: None, content: "again", client_message_id: None, by: "t" };
     assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::Accepted(_)));
@@ -331,14 +332,14 @@ async fn a_user_over_the_daily_token_budget_is_refused_a_turn_until_the_day_ends
     let session = lease.session_id;
     let mut lease = claimed_turn(&store, &user, Some(session), "gen-2").await;
     lease.usage = spent(20);
-    let current = store.get_session(session, true).await.unwrap().unwrap();
+    let current = store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     assert!(matches!(
         store.fail_generation(&lease, &current, "the model failed").await.unwrap(),
         Outcome::Applied(_)
     ));
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 110, "a failed turn's spend counts too");
     // Over it: refused, and nothing is written (no turn, no session, no message).
-    let before = store.get_session(session, true).await.unwrap().unwrap();
+    let before = store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     let again =
         NewMessage { user: &user, session: Some(session), content: "more", client_message_id: None, by: "t" };
     let SendOutcome::BudgetExhausted(over) = store.send_message(again.clone()).await.unwrap() else {
@@ -346,7 +347,7 @@ async fn a_user_over_the_daily_token_budget_is_refused_a_turn_until_the_day_ends
     };
     assert_eq!((over.used, over.limit), (110, 100));
     assert_eq!(chat_core::time::rfc3339_ms(over.resets_at), "2027-01-16T00:00:00.000Z", "the next 00:00 UTC");
-    assert_eq!(store.get_session(session, true).await.unwrap().unwrap(), before);
+    assert_eq!(store.get_session(session, Read::Consistent).await.unwrap().unwrap(), before);
     let fresh = NewMessage { session: None, ..again.clone() };
     assert!(matches!(store.send_message(fresh).await.unwrap(), SendOutcome::BudgetExhausted(_)));
     assert_eq!(store.list_user_sessions(&user, 10, None).await.unwrap().sessions.len(), 1, "no new session");

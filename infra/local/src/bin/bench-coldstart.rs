@@ -16,7 +16,7 @@
 use chat_core::config::Env;
 use chat_core::job::TurnMessage;
 use chat_core::{
-    ClaimOutcome, NewMessage, Outcome, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
+    ClaimOutcome, NewMessage, Outcome, Read, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
 };
 use chat_local::runtime_api::RuntimeApi;
 use chat_local::LocalDynamo;
@@ -212,7 +212,8 @@ async fn committed_turn(store: &Store) -> Result<(SessionId, Turn), String> {
 async fn first_chunk(store: &Store, session: SessionId, turn: Turn) -> Result<Instant, String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let chunks = store.read_chunks(session, turn, None, true).await.map_err(|e| e.to_string())?;
+        let chunks =
+            store.read_chunks(session, turn, None, Read::Consistent).await.map_err(|e| e.to_string())?;
         if chunks.iter().any(|c| !c.tokens.is_empty()) {
             return Ok(Instant::now());
         }

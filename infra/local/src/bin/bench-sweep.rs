@@ -10,7 +10,7 @@
 //! scale it measures moto.
 
 use chat_core::config::Env;
-use chat_core::{ClaimOutcome, Clock, NewMessage, Outcome, SendOutcome, State, StoreOptions, UserId};
+use chat_core::{ClaimOutcome, Clock, NewMessage, Outcome, Read, SendOutcome, State, StoreOptions, UserId};
 use chat_local::{LocalDynamo, LocalSqs, StackSettings};
 use chat_runtime::queue::Queue;
 use futures::StreamExt;
@@ -158,7 +158,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Spot-check what the sweep left: an expired session waits for its summary.
     let ids = store.overdue_sessions(u64::MAX, 1).await?;
     if let Some(id) = ids.first() {
-        let session = store.get_session(*id, true).await?.ok_or("a session vanished")?;
+        let session = store.get_session(*id, Read::Consistent).await?.ok_or("a session vanished")?;
         if !(session.state == State::Timeout && session.summary_pending) {
             return Err(format!("a swept session is {} without a pending summary", session.state).into());
         }

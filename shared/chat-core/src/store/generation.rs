@@ -4,8 +4,8 @@
 
 use super::transition::{TransitionWrite, WriteResult};
 use super::{
-    key, ms, number, session_key, string, AppendOutcome, ClaimOutcome, Lease, LeaseStatus, Outcome, Store,
-    Written,
+    key, ms, number, session_key, string, AppendOutcome, ClaimOutcome, Lease, LeaseStatus, Outcome, Read,
+    Store, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
@@ -37,7 +37,7 @@ impl Store {
         max_generation_attempts: u32,
     ) -> Result<ClaimOutcome, StoreError> {
         for _ in 0..self.options.max_write_attempts {
-            let Some(current) = self.get_session(session, true).await? else {
+            let Some(current) = self.get_session(session, Read::Consistent).await? else {
                 return Ok(ClaimOutcome::Skipped { current: None });
             };
             let now = self.now_ms();
@@ -50,7 +50,9 @@ impl Store {
                 State::AiGenerating if lease_expired => {
                     let (event, reason) = fsm::expiry(current.state).expect("ai_generating has a deadline");
                     self.end_turn(&current, event, reason, owner).await?;
-                    return Ok(ClaimOutcome::Skipped { current: self.get_session(session, true).await? });
+                    return Ok(ClaimOutcome::Skipped {
+                        current: self.get_session(session, Read::Consistent).await?,
+                    });
                 }
                 _ => None,
             };
@@ -111,12 +113,13 @@ impl Store {
     async fn fence(&self, lease: &mut Lease) -> Result<AppendOutcome, StoreError> {
         const MAX_TRIES: u32 = 64;
         let (session, turn) = (lease.session_id, lease.turn);
-        let chunks = self.read_chunks(session, turn, None, true).await?;
+        let chunks = self.read_chunks(session, turn, None, Read::Consistent).await?;
         let first_open = chunks.last().map_or(0, |c| c.seq + 1);
         let mut stride = 0u32;
         let mut tries = 0;
         let fence_slot = loop {
-            let written = self.read_chunks(session, turn, first_open.checked_sub(1), true).await?;
+            let written =
+                self.read_chunks(session, turn, first_open.checked_sub(1), Read::Consistent).await?;
             let slot = written.last().map_or(first_open, |c| c.seq + 1) + stride;
             if let ChunkPut::Stored = self.put_chunk(lease, slot, 0, &[], None).await? {
                 break slot;
@@ -125,16 +128,18 @@ impl Store {
             if tries >= MAX_TRIES {
                 return Err(StoreError::Contention { attempts: tries });
             }
-            if self.lease_status(lease, true).await? == LeaseStatus::Lost {
+            if self.lease_status(lease, Read::Consistent).await? == LeaseStatus::Lost {
                 return Ok(AppendOutcome::Fenced);
             }
             stride = (stride * 2).max(4);
         };
         // Fill the skipped slots in order; each fill that lands stops the old holder there.
         let mut end = match first_open.checked_sub(1) {
-            Some(seq) => {
-                self.read_chunks(session, turn, seq.checked_sub(1), true).await?.first().map_or(0, Chunk::end)
-            }
+            Some(seq) => self
+                .read_chunks(session, turn, seq.checked_sub(1), Read::Consistent)
+                .await?
+                .first()
+                .map_or(0, Chunk::end),
             None => 0,
         };
         for slot in first_open..fence_slot {
@@ -147,7 +152,7 @@ impl Store {
             }
         }
         self.set_chunk_start(lease, fence_slot, end).await?;
-        let chunks = self.read_chunks(session, turn, None, true).await?;
+        let chunks = self.read_chunks(session, turn, None, Read::Consistent).await?;
         let mut tokens = Vec::new();
         for (expected_seq, chunk) in chunks.iter().take(fence_slot as usize).enumerate() {
             if chunk.seq as usize != expected_seq {
@@ -254,8 +259,8 @@ impl Store {
     }
 
     /// Whether `lease` still holds the turn and whether a cancel was requested.
-    pub async fn lease_status(&self, lease: &Lease, consistent: bool) -> Result<LeaseStatus, StoreError> {
-        let current = self.get_session(lease.session_id, consistent).await?;
+    pub async fn lease_status(&self, lease: &Lease, read: Read) -> Result<LeaseStatus, StoreError> {
+        let current = self.get_session(lease.session_id, read).await?;
         Ok(lease_status_of(lease, current.as_ref()))
     }
 

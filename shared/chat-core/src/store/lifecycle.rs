@@ -3,7 +3,7 @@
 
 use super::transition::TransitionWrite;
 use super::{
-    backoff, key, ms, number, session_key, string, Conflict, DeleteOutcome, Outcome, Store, Written,
+    backoff, key, ms, number, session_key, string, Conflict, DeleteOutcome, Outcome, Read, Store, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
@@ -293,7 +293,7 @@ impl Store {
         id: SessionId,
         owner: Option<&UserId>,
     ) -> Result<DeleteOutcome, StoreError> {
-        let session = self.get_session(id, true).await?;
+        let session = self.get_session(id, Read::Consistent).await?;
         if let Some(owner) = owner {
             if session.as_ref().is_none_or(|s| &s.user_id != owner) {
                 return Ok(DeleteOutcome::NotFound);
@@ -367,7 +367,7 @@ impl Store {
     async fn idempotency_keys(&self, user: &UserId, id: SessionId) -> Result<Vec<Item>, StoreError> {
         let prefix = table::IDEMPOTENCY_PREFIX;
         let records = self
-            .query_range(table::user_pk(user), prefix.to_owned(), super::prefix_end(prefix), true)
+            .query_range(table::user_pk(user), prefix.to_owned(), super::prefix_end(prefix), Read::Consistent)
             .await?;
         let mut keys = Vec::new();
         for record in records {

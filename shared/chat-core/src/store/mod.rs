@@ -26,7 +26,7 @@ mod transition;
 mod user_turn;
 
 pub use outcomes::*;
-pub use reads::SessionCursor;
+pub use reads::{Read, SessionCursor};
 pub(crate) use request::Written;
 
 use crate::error::StoreError;

@@ -4,7 +4,7 @@
 //! session count), or none of it.
 
 use super::request::{Consumed as _, Request as _};
-use super::{backoff, key, number, session_key, string, Conflict, Outcome, Store};
+use super::{backoff, key, number, session_key, string, Conflict, Outcome, Read, Store};
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn, UserId};
@@ -116,7 +116,7 @@ impl Store {
                 return Err(err);
             }
             // It may have been applied: the session says whether this operation landed.
-            let Ok(current) = self.get_session(session, true).await else { return Err(err) };
+            let Ok(current) = self.get_session(session, Read::Consistent).await else { return Err(err) };
             match &current {
                 Some(c) if c.last_op.as_deref() == Some(tx.op.as_str()) => {
                     return Ok(WriteResult::Applied { version: tx.version })
@@ -145,7 +145,7 @@ impl Store {
         let current = if session_failed {
             match reasons[0].item() {
                 Some(item) if !item.is_empty() => Some(Session::from_item(item)?),
-                _ => self.get_session(session, true).await?,
+                _ => self.get_session(session, Read::Consistent).await?,
             }
         } else {
             None
@@ -345,9 +345,9 @@ impl Store {
                 Outcome::Conflict(Conflict { current })
             }
             // Only the reply slot was taken: the turn was committed already; report the session.
-            WriteResult::Rejected(_) => {
-                Outcome::Conflict(Conflict { current: self.get_session(write_session, true).await? })
-            }
+            WriteResult::Rejected(_) => Outcome::Conflict(Conflict {
+                current: self.get_session(write_session, Read::Consistent).await?,
+            }),
         })
     }
 }
