@@ -14,7 +14,7 @@ use chat_core::config::{CommonConfig, ConfigError, Env};
 use chat_core::job::{Job, TurnMessage};
 use chat_core::record::EVENT_MARK;
 use chat_core::{
-    AppendOutcome, ClaimOutcome, Conflict, Lease, LeaseStatus, Outcome, Read, ReplyEvent, Role, State,
+    AppendOutcome, ClaimOutcome, Conflict, Lease, LeaseStatus, Outcome, Read, Reply, ReplyEvent, Role, State,
     StopReason, Store, StoreError, Turn,
 };
 use chat_runtime::metrics::{self, Dimension};
@@ -263,7 +263,7 @@ impl Generator {
         // After a takeover: the tool steps an earlier holder took (part of this reply too), and
         // the text it wrote after them.
         let tools::Replayed { exchanges, text_after, tool_uses } = tools::replay(&lease.resumed_tokens);
-        lease.tool_uses = tool_uses;
+        writer.tool_uses = tool_uses;
         let ending = if lease.cancel_requested {
             Ending::Stopped
         } else {
@@ -278,7 +278,7 @@ impl Generator {
         let outcome = match &ending {
             Ending::LeaseLost => {
                 info!("lease lost; leaving the turn to its new holder, if the session still exists");
-                return self.abandon(&lease).await;
+                return self.abandon(&lease, writer.usage).await;
             }
             Ending::Complete | Ending::Stopped | Ending::Capped => {
                 let stopped = match ending {
@@ -286,21 +286,21 @@ impl Generator {
                     Ending::Capped => Some(StopReason::ReplyLimit),
                     _ => None,
                 };
-                self.store.commit_reply(&lease, &writer.text, stopped).await?
+                self.store.commit_reply(&lease, &writer.reply(stopped)).await?
             }
             Ending::Failed(_, reason) => {
                 let Some(current) = self.store.get_session(lease.session_id, Read::Consistent).await? else {
-                    return self.abandon(&lease).await;
+                    return self.abandon(&lease, writer.usage).await;
                 };
                 if current.version != lease.version {
-                    return self.abandon(&lease).await;
+                    return self.abandon(&lease, writer.usage).await;
                 }
-                self.store.fail_generation(&lease, &current, reason).await?
+                self.store.fail_generation(&lease, &current, reason, writer.usage).await?
             }
         };
         match outcome {
             Outcome::Applied(_) => {
-                let usage = lease.usage;
+                let usage = writer.usage;
                 info!(
                     tokens = writer.next_index,
                     chunks = writer.next_seq,
@@ -310,13 +310,13 @@ impl Generator {
                     cache_write = usage.cache_write,
                     "turn finished"
                 );
-                turn_metrics(&ending, &lease);
+                turn_metrics(&ending, &writer);
                 self.give_back_turn_slot(&lease).await;
             }
-            Outcome::Conflict(Conflict { current: None }) => return self.abandon(&lease).await,
+            Outcome::Conflict(Conflict { current: None }) => return self.abandon(&lease, writer.usage).await,
             Outcome::Conflict(conflict) => {
                 warn!(?conflict, "the turn moved on before it could be finished");
-                return self.abandon(&lease).await;
+                return self.abandon(&lease, writer.usage).await;
             }
         }
         Ok(())
@@ -326,9 +326,9 @@ impl Generator {
     /// or moved on): what the model consumed under it is still charged to the user, once for the
     /// lease, since the transition that would have carried the charge will not happen. Then what
     /// a deleted session left behind is cleared.
-    async fn abandon(&self, lease: &Lease) -> Result<(), RetryLater> {
+    async fn abandon(&self, lease: &Lease, spent: chat_core::Usage) -> Result<(), RetryLater> {
         let marker = format!("{}:{}:{}", lease.session_id, lease.turn, lease.owner);
-        if let Err(err) = self.store.charge_once(&lease.user, &marker, lease.usage.total()).await {
+        if let Err(err) = self.store.charge_once(&lease.user, &marker, spent.total()).await {
             warn!(error = %err, "could not charge what an abandoned turn consumed");
         }
         // A turn another generator took over is still in flight and keeps its slot; one whose
@@ -460,7 +460,7 @@ impl Generator {
         let mut steps = tools::steps(&prompt.exchanges);
         let (mut model, routing) = self.routes.pick(message, steps > 0);
         info!(route = %routing.route, model = %routing.model, "routed");
-        lease.routing = Some(routing);
+        writer.routing = Some(routing);
         let deadline = Instant::now() + self.settings.tool_deadline;
         loop {
             let tools_left = steps < self.tools.max_steps && Instant::now() < deadline;
@@ -480,10 +480,10 @@ impl Generator {
             };
             steps += 1;
             // A turn that needs tools is the main model's: the small one hands it over here.
-            if let Some((main, routing)) = self.routes.escalate(lease.routing.as_ref()) {
+            if let Some((main, routing)) = self.routes.escalate(writer.routing.as_ref()) {
                 info!(model = %routing.model, "the small model asked for a tool; the main model goes on");
                 model = main;
-                lease.routing = Some(routing);
+                writer.routing = Some(routing);
             }
             // Which calls run is decided before anything is stored: past the step's cap, or with
             // over-long arguments, a call is answered with an error, unrun, and stored without
@@ -503,7 +503,7 @@ impl Generator {
                 let answer = match refusal {
                     Some(refusal) => tools::ToolAnswer { content: refusal, is_error: true },
                     None if prompt.tools.iter().any(|t| t.name == call.name) => {
-                        self.run_tool(lease, &call, deadline).await
+                        self.run_tool(writer, &call, deadline).await
                     }
                     None => tools::ToolAnswer {
                         content: format!("{} is not offered now", call.name),
@@ -512,7 +512,7 @@ impl Generator {
                 };
                 info!(tool = %call.name, is_error = answer.is_error, "tool called");
                 metrics::count(metrics::name::TOOL_CALLS, 1, &[Dimension::Tool(&call.name)]);
-                lease.tool_uses.push(tools::tool_use(&call, &answer));
+                writer.tool_uses.push(tools::tool_use(&call, &answer));
                 let event = tools::result_event(&call, &answer);
                 prompt.exchanges.push(Exchange::ToolResult {
                     call_id: call.id,
@@ -568,10 +568,10 @@ impl Generator {
     /// Runs a call within what is left of the turn's tool bytes (`TOOL_MAX_BYTES_PER_TURN`,
     /// counted over the calls and answers the turn stored, so a takeover keeps the count) and
     /// its tool deadline; a call with neither left is answered with an error, unrun.
-    async fn run_tool(&self, lease: &Lease, call: &ToolCall, deadline: Instant) -> tools::ToolAnswer {
+    async fn run_tool(&self, writer: &ChunkWriter, call: &ToolCall, deadline: Instant) -> tools::ToolAnswer {
         let refused = |content: String| tools::ToolAnswer { content, is_error: true };
         let budget = self.tools.max_bytes_per_turn;
-        let used: usize = lease.tool_uses.iter().map(|u| u.arguments.len() + u.result.len()).sum();
+        let used: usize = writer.tool_uses.iter().map(|u| u.arguments.len() + u.result.len()).sum();
         let Some(room) = budget.checked_sub(used + call.arguments.len()).filter(|room| *room > 0) else {
             return refused(format!(
                 "this turn's tools have used their {budget} bytes; answer with what you have"
@@ -636,7 +636,7 @@ impl Generator {
     ) -> Result<Step, RetryLater> {
         let mut spent = Spent::default();
         let step = self.stream_step_spending(lease, writer, model, prompt, crash_after, &mut spent).await;
-        lease.usage += spent.usage(prompt, self.counter);
+        writer.usage += spent.usage(prompt, self.counter);
         step
     }
 
@@ -649,7 +649,7 @@ impl Generator {
         crash_after: Option<usize>,
         spent: &mut Spent,
     ) -> Result<Step, RetryLater> {
-        let model_name = lease.routing.as_ref().map_or("model", |r| r.model.as_str()).to_owned();
+        let model_name = writer.routing.as_ref().map_or("model", |r| r.model.as_str()).to_owned();
         let asked = Instant::now();
         let mut first_token = true;
         let mut tokens = model.stream(prompt.clone());
@@ -778,7 +778,7 @@ impl Generator {
 }
 
 /// A finished turn's metrics: how it ended, and the tokens it took, by model and by route.
-fn turn_metrics(ending: &Ending, lease: &Lease) {
+fn turn_metrics(ending: &Ending, writer: &ChunkWriter) {
     use metrics::name;
     match ending {
         Ending::Complete | Ending::Capped => metrics::count(name::TURNS_COMMITTED, 1, &[]),
@@ -791,10 +791,10 @@ fn turn_metrics(ending: &Ending, lease: &Lease) {
         }
         Ending::LeaseLost => {}
     }
-    if let Some(routing) = &lease.routing {
+    if let Some(routing) = &writer.routing {
         let by = [Dimension::Model(&routing.model), Dimension::Route(&routing.route)];
-        metrics::count(name::INPUT_TOKENS, lease.usage.input, &by);
-        metrics::count(name::OUTPUT_TOKENS, lease.usage.output, &by);
+        metrics::count(name::INPUT_TOKENS, writer.usage.input, &by);
+        metrics::count(name::OUTPUT_TOKENS, writer.usage.output, &by);
     }
 }
 
@@ -862,6 +862,12 @@ struct ChunkWriter {
     text: String,
     /// Bytes of the tool calls and results written so far (stored with the reply too).
     event_bytes: usize,
+    /// The route chosen for the turn, stored with the reply.
+    routing: Option<chat_core::Routing>,
+    /// The tools called for the turn so far (an earlier holder's included), stored with the reply.
+    tool_uses: Vec<chat_core::ToolUse>,
+    /// What this holder's model calls consumed so far: charged when the turn ends.
+    usage: chat_core::Usage,
 }
 
 impl ChunkWriter {
@@ -883,6 +889,20 @@ impl ChunkWriter {
                 .filter(|t| t.starts_with(EVENT_MARK))
                 .map(String::len)
                 .sum(),
+            routing: None,
+            tool_uses: Vec::new(),
+            usage: chat_core::Usage::default(),
+        }
+    }
+
+    /// The reply if it ends now, `stopped` for why it was cut short.
+    fn reply(&self, stopped: Option<StopReason>) -> Reply {
+        Reply {
+            text: self.text.clone(),
+            stopped,
+            routing: self.routing.clone(),
+            tool_uses: self.tool_uses.clone(),
+            usage: self.usage,
         }
     }
 

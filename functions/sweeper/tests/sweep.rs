@@ -4,8 +4,8 @@
 //! after the new deadline tries again).
 
 use chat_core::{
-    AppendOutcome, ClaimOutcome, ClientMessageId, Clock, Event, NewMessage, Outcome, Read, SendOutcome,
-    Session, SessionId, State, Store, StoreOptions, TurnTicket, UserId,
+    AppendOutcome, ClaimOutcome, ClientMessageId, Clock, Event, NewMessage, Outcome, Read, Reply,
+    SendOutcome, Session, SessionId, State, Store, StoreOptions, TurnTicket, UserId,
 };
 use chat_runtime::queue::Queue;
 use chat_testkit::LocalDynamo;
@@ -100,7 +100,10 @@ impl World {
             self.store.append_chunk(&lease, 0, 0, &["hello".to_owned()]).await.unwrap(),
             AppendOutcome::Appended
         );
-        assert!(matches!(self.store.commit_reply(&lease, "hello", None).await.unwrap(), Outcome::Applied(_)));
+        assert!(matches!(
+            self.store.commit_reply(&lease, &Reply::new("hello")).await.unwrap(),
+            Outcome::Applied(_)
+        ));
         ticket.session_id
     }
 
@@ -227,7 +230,7 @@ async fn every_item_of_a_session_expires_and_its_removal_is_counted_off_its_user
         .unwrap();
     let ClaimOutcome::Claimed(lease) = claim else { panic!("{claim:?}") };
     world.store.append_chunk(&lease, 0, 0, &["hello".to_owned()]).await.unwrap();
-    world.store.commit_reply(&lease, "hello", None).await.unwrap();
+    world.store.commit_reply(&lease, &Reply::new("hello")).await.unwrap();
     assert!(matches!(
         world.store.send_message(send(None, None)).await.unwrap(),
         SendOutcome::SessionLimit { limit: 1 }

@@ -22,5 +22,6 @@ pub use record::{
 pub use store::limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
 pub use store::{
     AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,
-    Lease, LeaseStatus, NewMessage, Outcome, Read, SendOutcome, SessionPage, Store, StoreOptions, TurnTicket,
+    Lease, LeaseStatus, NewMessage, Outcome, Read, Reply, SendOutcome, SessionPage, Store, StoreOptions,
+    TurnTicket,
 };

@@ -3,7 +3,6 @@
 
 mod common;
 
-use chat_core::Read;
 use chat_core::*;
 use common::TestDb;
 use std::future::Future;
@@ -323,18 +322,17 @@ async fn a_user_over_the_daily_token_budget_is_refused_a_turn_until_the_day_ends
     let db = TestDb::start().await;
     let store = budgeted(&db, 100);
     let user = new_user();
-    let mut lease = claimed_turn(&store, &user, None, "gen-1").await;
+    let lease = claimed_turn(&store, &user, None, "gen-1").await;
     assert_eq!(lease.user, user);
-    lease.usage = spent(90);
-    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    let reply = Reply { usage: spent(90), ..Reply::new("reply") };
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 90);
     // 90 of 100: the next turn is admitted, and it spends 20 more.
     let session = lease.session_id;
-    let mut lease = claimed_turn(&store, &user, Some(session), "gen-2").await;
-    lease.usage = spent(20);
+    let lease = claimed_turn(&store, &user, Some(session), "gen-2").await;
     let current = store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     assert!(matches!(
-        store.fail_generation(&lease, &current, "the model failed").await.unwrap(),
+        store.fail_generation(&lease, &current, "the model failed", spent(20)).await.unwrap(),
         Outcome::Applied(_)
     ));
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 110, "a failed turn's spend counts too");
@@ -365,11 +363,11 @@ async fn a_turns_spend_is_charged_once_however_its_commit_is_retried_or_fenced()
     let db = TestDb::start().await;
     let store = budgeted(&db, 1_000);
     let user = new_user();
-    let mut lease = claimed_turn(&store, &user, None, "gen-1").await;
-    lease.usage = spent(40);
-    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    let lease = claimed_turn(&store, &user, None, "gen-1").await;
+    let reply = Reply { usage: spent(40), ..Reply::new("reply") };
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
     // The same commit again (a redelivery, a retry after a lost answer): refused, nothing counted.
-    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Conflict(_)));
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Conflict(_)));
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 40);
     // A summary is counted once per marker.
     assert!(store.charge_once(&user, "summary#s#1", 7).await.unwrap());
@@ -378,8 +376,7 @@ async fn a_turns_spend_is_charged_once_however_its_commit_is_retried_or_fenced()
     // Without a budget nothing is counted (and nothing costs a write).
     let free = budgeted(&db, 0);
     let other = new_user();
-    let mut lease = claimed_turn(&free, &other, None, "gen-2").await;
-    lease.usage = spent(40);
-    assert!(matches!(free.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    let lease = claimed_turn(&free, &other, None, "gen-2").await;
+    assert!(matches!(free.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
     assert_eq!(free.tokens_used_today(&other).await.unwrap(), 0);
 }

@@ -16,7 +16,7 @@
 use chat_core::config::Env;
 use chat_core::job::TurnMessage;
 use chat_core::{
-    ClaimOutcome, NewMessage, Outcome, Read, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
+    ClaimOutcome, NewMessage, Outcome, Read, Reply, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
 };
 use chat_local::runtime_api::RuntimeApi;
 use chat_local::LocalDynamo;
@@ -298,7 +298,7 @@ async fn answered_turn(store: &Store) -> Result<(SessionId, Turn), String> {
     for (seq, batch) in tokens.chunks(4).enumerate() {
         store.append_chunk(&lease, seq as u32, (seq * 4) as u64, batch).await.map_err(|e| e.to_string())?;
     }
-    match store.commit_reply(&lease, &tokens.concat(), None).await.map_err(|e| e.to_string())? {
+    match store.commit_reply(&lease, &Reply::new(tokens.concat())).await.map_err(|e| e.to_string())? {
         Outcome::Applied(_) => Ok((session, turn)),
         Outcome::Conflict(c) => Err(format!("the reply was refused: {c:?}")),
     }

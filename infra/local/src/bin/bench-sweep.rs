@@ -10,7 +10,9 @@
 //! scale it measures moto.
 
 use chat_core::config::Env;
-use chat_core::{ClaimOutcome, Clock, NewMessage, Outcome, Read, SendOutcome, State, StoreOptions, UserId};
+use chat_core::{
+    ClaimOutcome, Clock, NewMessage, Outcome, Read, Reply, SendOutcome, State, StoreOptions, UserId,
+};
 use chat_local::{LocalDynamo, LocalSqs, StackSettings};
 use chat_runtime::queue::Queue;
 use futures::StreamExt;
@@ -88,7 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let ClaimOutcome::Claimed(lease) = claim else {
                     return Err("the claim was refused".to_owned());
                 };
-                match store.commit_reply(&lease, "hello", None).await.map_err(|e| e.to_string())? {
+                match store.commit_reply(&lease, &Reply::new("hello")).await.map_err(|e| e.to_string())? {
                     Outcome::Applied(_) => Ok(()),
                     Outcome::Conflict(c) => Err(format!("the commit was refused: {c:?}")),
                 }

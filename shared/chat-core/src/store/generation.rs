@@ -5,12 +5,12 @@
 use super::transition::{TransitionWrite, WriteResult};
 use super::{
     key, ms, number, session_key, string, AppendOutcome, ClaimOutcome, Lease, LeaseStatus, Outcome, Read,
-    Store, Written,
+    Reply, Store, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn};
-use crate::record::{attr, Chunk, Session, StopReason};
+use crate::record::{attr, Chunk, Session, Usage};
 use crate::table::{self, DUE_AT, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use std::time::Duration;
@@ -88,10 +88,7 @@ impl Store {
                 next_seq: 0,
                 resumed_tokens: Vec::new(),
                 summary: current.summary.clone(),
-                routing: None,
-                tool_uses: Vec::new(),
                 user: current.user_id.clone(),
-                usage: Default::default(),
             };
             if event == Event::LeaseTakeover {
                 match self.fence(&mut lease).await? {
@@ -298,22 +295,18 @@ impl Store {
         })
     }
 
-    /// `ReplyCommitted`: stores the assistant message, only while `lease` still holds the turn,
-    /// and charges what the lease's model calls consumed to its user's day, in the same
+    /// `ReplyCommitted`: stores `reply` as the assistant message, only while `lease` still holds
+    /// the turn, and charges what its model calls consumed to the user's day, in the same
     /// transaction.
-    pub async fn commit_reply(
-        &self,
-        lease: &Lease,
-        content: &str,
-        stopped: Option<StopReason>,
-    ) -> Result<Outcome<u64>, StoreError> {
-        let mut message = self.message_item(lease.session_id, lease.turn, Role::Assistant, content, stopped);
-        if let Some(routing) = &lease.routing {
+    pub async fn commit_reply(&self, lease: &Lease, reply: &Reply) -> Result<Outcome<u64>, StoreError> {
+        let mut message =
+            self.message_item(lease.session_id, lease.turn, Role::Assistant, &reply.text, reply.stopped);
+        if let Some(routing) = &reply.routing {
             message.insert(attr::ROUTE.to_owned(), string(routing.route.clone()));
             message.insert(attr::MODEL.to_owned(), string(routing.model.clone()));
         }
-        if !lease.tool_uses.is_empty() {
-            let json = serde_json::to_string(&lease.tool_uses).expect("tool uses serialise");
+        if !reply.tool_uses.is_empty() {
+            let json = serde_json::to_string(&reply.tool_uses).expect("tool uses serialise");
             message.insert(attr::TOOL_USES.to_owned(), string(json));
         }
         let (mut set, remove) = self.turn_ended_deadline(lease.session_id);
@@ -332,21 +325,22 @@ impl Store {
             )),
             extra_items: [self.put_new(message)]
                 .into_iter()
-                .chain(self.charge(&lease.user, lease.usage.total()))
+                .chain(self.charge(&lease.user, reply.usage.total()))
                 .collect(),
         };
         self.outcome(write).await
     }
 
     /// `GenerationFailed`: ends the turn of `current` (as `lease` left it) in `error` with
-    /// `reason`, charging what the lease's model calls consumed in the same transaction.
+    /// `reason`, charging what the lease's model calls consumed (`spent`) in the same transaction.
     pub async fn fail_generation(
         &self,
         lease: &Lease,
         current: &Session,
         reason: &str,
+        spent: Usage,
     ) -> Result<Outcome<u64>, StoreError> {
-        let charge = self.charge(&lease.user, lease.usage.total()).into_iter().collect();
+        let charge = self.charge(&lease.user, spent.total()).into_iter().collect();
         self.end_turn_with(current, Event::GenerationFailed, reason, &lease.owner, charge).await
     }
 }

@@ -1,9 +1,9 @@
-//! What the store's operations answer. A failed write condition is one of these outcomes, never
-//! an error.
+//! What the store's operations take (a new message, a reply) and answer. A failed write
+//! condition is one of these outcomes, never an error.
 
 use crate::fsm::State;
 use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
-use crate::record::Session;
+use crate::record::{Routing, Session, StopReason, ToolUse, Usage};
 
 /// The result of a conditional write: it happened, or the session was not as expected.
 // One is returned per write and consumed at once, never stored in bulk: the session a
@@ -57,6 +57,30 @@ pub struct NewMessage<'a> {
     pub by: &'a str,
 }
 
+/// A generator's finished reply, handed to [`crate::Store::commit_reply`]: what is stored as the
+/// assistant message, and what the turn's model calls consumed (charged in the same transaction).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply's text: the turn's tokens, without its tool entries.
+    pub text: String,
+    /// Why the reply was cut short, if it was.
+    pub stopped: Option<StopReason>,
+    /// The route and model that wrote it, when response routing chose one.
+    pub routing: Option<Routing>,
+    /// The tools called while writing it, with their answers, in order.
+    pub tool_uses: Vec<ToolUse>,
+    /// What this holder's model calls consumed. (A crashed holder's spend is not charged: at most
+    /// `MAX_ATTEMPTS` calls.)
+    pub usage: Usage,
+}
+
+impl Reply {
+    /// A complete reply of `text`, with no route, no tools and nothing consumed.
+    pub fn new(text: impl Into<String>) -> Reply {
+        Reply { text: text.into(), ..Reply::default() }
+    }
+}
+
 /// What became of a send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SendOutcome {
@@ -108,15 +132,8 @@ pub struct Lease {
     pub resumed_tokens: Vec<String>,
     /// The session's summary of its earlier turns, if it has one: compact memory.
     pub summary: Option<crate::record::Summary>,
-    /// The route this holder chose for the turn, stored with the reply.
-    pub routing: Option<crate::record::Routing>,
-    /// The tools called for the turn so far, stored with the reply.
-    pub tool_uses: Vec<crate::record::ToolUse>,
     /// The session's owner, whose daily token count the turn's spend is charged to.
     pub user: UserId,
-    /// What this holder's model calls consumed so far: charged when the turn ends, in the same
-    /// transaction. (A crashed holder's spend is not charged: at most `MAX_ATTEMPTS` calls.)
-    pub usage: crate::record::Usage,
 }
 
 /// What became of a generation claim.
