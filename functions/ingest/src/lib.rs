@@ -158,10 +158,9 @@ impl App {
             let response = match self.route(&request, &request_id).await {
                 Ok(response) => response,
                 Err(err) => {
-                    let code = err.code();
-                    let response = err.into_response();
-                    metrics::error_answer(response.status().as_u16(), code);
-                    response
+                    let answer = err.answer();
+                    metrics::error_answer(answer.status.as_u16(), answer.code);
+                    answer.response().map(Body::Text)
                 }
             };
             info!(status = response.status().as_u16(), "answered");

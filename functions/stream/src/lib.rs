@@ -13,7 +13,8 @@ use chat_core::config::{ConfigError, Env};
 use chat_core::{
     Admission, Chunk, Read, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
 };
-use chat_runtime::{http_error, metrics};
+use chat_runtime::http_error::ErrorAnswer;
+use chat_runtime::metrics;
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::StreamBody;
 use lambda_http::http::{header, StatusCode};
@@ -108,56 +109,25 @@ enum StreamError {
 }
 
 impl StreamError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
-        match self {
-            StreamError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "route_not_found"),
-            StreamError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            StreamError::Auth(err) => {
-                let (status, code) = err.status_and_code();
-                (StatusCode::from_u16(status).expect("a valid status"), code)
+    /// The answer: status, code, this error's message, and the header the status calls for.
+    fn answer(self) -> ErrorAnswer {
+        let answer = |status, code| ErrorAnswer::new(status, code, self.to_string());
+        match &self {
+            StreamError::RouteNotFound(_) => answer(StatusCode::NOT_FOUND, "route_not_found"),
+            StreamError::MethodNotAllowed => {
+                answer(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").allow("GET")
             }
-            StreamError::SessionNotFound(_) => (StatusCode::NOT_FOUND, "session_not_found"),
-            StreamError::TurnNotFound(_) => (StatusCode::NOT_FOUND, "turn_not_found"),
-            StreamError::InvalidLastEventId(_) => (StatusCode::BAD_REQUEST, "invalid_last_event_id"),
-            StreamError::InvalidTurn(_) => (StatusCode::BAD_REQUEST, "invalid_turn"),
-            StreamError::TooManyStreams { .. } | StreamError::TooManyStreamsOfTurn { .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "too_many_streams")
-            }
-            StreamError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-        }
-    }
-
-    /// The JSON error answer, with `Retry-After` on a 429 and `WWW-Authenticate` on a 401.
-    fn into_response(self) -> Response<SseBody> {
-        let (status, code) = self.status_and_code();
-        let retry_after = match &self {
+            StreamError::Auth(err) => err.answer(),
+            StreamError::SessionNotFound(_) => answer(StatusCode::NOT_FOUND, "session_not_found"),
+            StreamError::TurnNotFound(_) => answer(StatusCode::NOT_FOUND, "turn_not_found"),
+            StreamError::InvalidLastEventId(_) => answer(StatusCode::BAD_REQUEST, "invalid_last_event_id"),
+            StreamError::InvalidTurn(_) => answer(StatusCode::BAD_REQUEST, "invalid_turn"),
             StreamError::TooManyStreams { retry_after, .. }
             | StreamError::TooManyStreamsOfTurn { retry_after, .. } => {
-                Some(http_error::retry_after_seconds(*retry_after))
+                answer(StatusCode::TOO_MANY_REQUESTS, "too_many_streams").retry_after(*retry_after)
             }
-            _ => None,
-        };
-        let details = retry_after.map(|seconds| json!({ "retry_after": seconds }));
-        let body = http_error::body(code, &self.to_string(), details).to_string();
-        let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
-        let mut response = Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(StreamBody::new(frames.boxed()))
-            .expect("valid response");
-        let headers = response.headers_mut();
-        if let StreamError::Auth(err) = &self {
-            if let Some(challenge) = err.challenge() {
-                headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
-            }
+            StreamError::StoreUnavailable => answer(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         }
-        if status == StatusCode::METHOD_NOT_ALLOWED {
-            headers.insert(header::ALLOW, header::HeaderValue::from_static("GET"));
-        }
-        if let Some(seconds) = retry_after {
-            headers.insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
-        }
-        response
     }
 }
 
@@ -237,9 +207,12 @@ impl Relay {
                     .expect("valid response")
             }
             Err(err) => {
-                let (status, code) = err.status_and_code();
-                metrics::error_answer(status.as_u16(), code);
-                err.into_response()
+                let answer = err.answer();
+                metrics::error_answer(answer.status.as_u16(), answer.code);
+                answer.response().map(|body| {
+                    let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
+                    StreamBody::new(frames.boxed())
+                })
             }
         }
     }
