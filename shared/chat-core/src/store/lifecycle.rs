@@ -420,7 +420,7 @@ impl Store {
             .expression_attribute_values(":pk", string(pk))
             .projection_expression("#pk, #sk")
             .select(Select::SpecificAttributes)
-            .consistent_read(true);
+            .consistent_read(Read::Consistent.consistent());
         self.query_all(query).await
     }
 }

@@ -231,8 +231,12 @@ impl Store {
 
     /// One item by key, read consistently.
     pub(crate) async fn get_item(&self, key: Item) -> Result<Option<Item>, StoreError> {
-        let request =
-            self.client.get_item().table_name(&*self.table).set_key(Some(key)).consistent_read(true);
+        let request = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(key))
+            .consistent_read(Read::Consistent.consistent());
         Ok(self.send(request).await?.item)
     }
 }

@@ -42,7 +42,7 @@ pub enum Read {
 
 impl Read {
     /// DynamoDB's `ConsistentRead`.
-    fn consistent(self) -> bool {
+    pub(super) fn consistent(self) -> bool {
         self == Read::Consistent
     }
 }
@@ -252,7 +252,7 @@ impl Store {
             }
             let request = KeysAndAttributes::builder()
                 .set_keys(Some(pending))
-                .consistent_read(true)
+                .consistent_read(Read::Consistent.consistent())
                 .build()
                 .expect("keys are set");
             let out = self.send(self.client.batch_get_item().request_items(&*self.table, request)).await?;
