@@ -4,7 +4,7 @@
 //! `[[lose-delivery]]` acknowledges every delivery of the turn without claiming it (a lost
 //! queue message). Release builds carry none of them.
 
-use crate::model::{directive, Prompt};
+use crate::llm::{directive, Prompt};
 use chat_core::config::ConfigError;
 use chat_core::job::TurnMessage;
 use chat_core::{Read, Role, Store, StoreError};

@@ -8,13 +8,14 @@
 //!   reply as it grows;
 //! - `summary.rs`: the summary job of a session that went idle;
 //! - `faults.rs`: the test directives (`DEMO_FAULTS`);
-//! - `model/`, `tools/`, `routing.rs`, `memory.rs`: the providers, the tools, which model answers,
-//!   and which history it sees.
+//! - `llm/`, `tools/`, `routing.rs`, `memory.rs`: the providers, the tools, which model answers,
+//!   and which history it sees;
+//! - `model_config.rs`: the model variables, read at cold start.
 
-pub mod config;
 mod faults;
+pub mod llm;
 pub mod memory;
-pub mod model;
+pub mod model_config;
 mod reply;
 pub mod routing;
 mod summary;
@@ -86,7 +87,7 @@ impl Generator {
         let env = Env::process();
         let common = CommonConfig::from_env(&env)?;
         let faults = faults_setting(env.parse_or("DEMO_FAULTS", false)?, FAULTS_BUILT)?;
-        let model_config = config::ModelConfig::from_env(&env, faults)?;
+        let model_config = model_config::ModelConfig::from_env(&env, faults)?;
         let settings = GenerationSettings {
             lease: common.lease,
             max_generation_attempts: common.max_generation_attempts,

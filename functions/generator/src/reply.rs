@@ -2,8 +2,8 @@
 //! reply into the [`TurnWriter`].
 
 use crate::faults;
+use crate::llm::{Exchange, Model, Output, Prompt, Spent, ToolCall};
 use crate::memory;
-use crate::model::{Exchange, Model, Output, Prompt, Spent, ToolCall};
 use crate::tools;
 use crate::writer::{Halt, LeaseCheck, TurnWriter};
 use crate::Generator;

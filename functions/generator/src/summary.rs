@@ -1,8 +1,8 @@
 //! The summary job of a session that went idle: the conversation since the last summary, with
 //! that summary, condensed by the model and stored on the session as its compact memory.
 
+use crate::llm::{Output, Spent};
 use crate::memory;
-use crate::model::{Output, Spent};
 use crate::Generator;
 use chat_core::job::TurnMessage;
 use chat_core::{Outcome, Read, State, StoreError, Turn};

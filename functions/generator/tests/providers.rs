@@ -10,9 +10,9 @@ use chat_core::{
 };
 use chat_testkit::fake_llm::{self, FakeLlm, Reply};
 use futures::StreamExt;
-use generator::model::bedrock::BedrockSettings;
-use generator::model::openai::OpenAiSettings;
-use generator::model::{Bedrock, Exchange, Model, ModelError, OpenAi, Output, Prompt, RetryPolicy, ToolCall};
+use generator::llm::bedrock::BedrockSettings;
+use generator::llm::openai::OpenAiSettings;
+use generator::llm::{Bedrock, Exchange, Model, ModelError, OpenAi, Output, Prompt, RetryPolicy, ToolCall};
 use generator::tools::Tools;
 use serde_json::json;
 use std::sync::Arc;

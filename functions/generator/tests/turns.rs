@@ -10,8 +10,8 @@ use chat_core::{
 };
 use chat_core::{ReplyEvent, Role, ToolUse};
 use chat_testkit::fake_llm::{self, FakeLlm};
-use generator::model::openai::OpenAiSettings;
-use generator::model::{Model, OpenAi, RetryPolicy};
+use generator::llm::openai::OpenAiSettings;
+use generator::llm::{Model, OpenAi, RetryPolicy};
 use generator::routing::{NamedModel, RouteRule, Routes};
 use generator::tools::Tools;
 use std::sync::Arc;
@@ -332,7 +332,7 @@ async fn a_generator_taking_over_mid_tool_step_goes_on_from_the_stored_call_and_
     let claim =
         h.store.claim_generation(session, turn, "gen-first", Duration::from_millis(1), 3).await.unwrap();
     let chat_core::ClaimOutcome::Claimed(first) = claim else { panic!("{claim:?}") };
-    let call = generator::model::ToolCall {
+    let call = generator::llm::ToolCall {
         id: "c1".to_owned(),
         name: "calculator".to_owned(),
         arguments: r#"{"expression":"6*7"}"#.to_owned(),

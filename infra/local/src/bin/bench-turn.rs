@@ -15,7 +15,7 @@ use chat_core::job::TurnMessage;
 use chat_core::{NewMessage, Outcome, Read, Role, SendOutcome, StoreOptions, UserId};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
-use generator::model::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
+use generator::llm::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
 use lambda_http::RequestExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

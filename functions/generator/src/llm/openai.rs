@@ -468,7 +468,7 @@ impl Reading {
 
 /// A `/chat/completions` request, as serde structs.
 mod request {
-    use crate::model::{ToolCall as Call, ToolSpec};
+    use crate::llm::{ToolCall as Call, ToolSpec};
     use serde::Serialize;
 
     #[derive(Debug, Serialize)]
