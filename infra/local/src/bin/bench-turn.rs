@@ -188,7 +188,7 @@ async fn run(
         let response = relay.handle(request).await;
         let reader = tokio::spawn(async move {
             let body = http_body_util::BodyDataStream::new(response.into_body()).boxed();
-            let mut events = chat_local::sse::SseStream::from_bytes(body);
+            let mut events = chat_local::sse_reader::SseStream::from_bytes(body);
             let mut received = Vec::new();
             while let Ok(Some(event)) = events.next().await {
                 if event.event == "token" {
