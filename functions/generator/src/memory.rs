@@ -108,7 +108,7 @@ pub fn summary_prompt(
     messages: &[Message],
     limits: MemoryLimits,
     counter: TokenCounter,
-) -> crate::model::Prompt {
+) -> crate::llm::Prompt {
     let line = |m: &Message| {
         let who = match m.id.role {
             Role::User => "User",
@@ -136,10 +136,10 @@ pub fn summary_prompt(
         transcript.push_str(&format!("Summary of what came before: {previous}\n\n"));
     }
     transcript.push_str(&lines.join("\n"));
-    crate::model::Prompt {
+    crate::llm::Prompt {
         system: Some(SUMMARY_INSTRUCTIONS.to_owned()),
         messages: vec![(Role::User, transcript)],
-        ..crate::model::Prompt::default()
+        ..crate::llm::Prompt::default()
     }
 }
 

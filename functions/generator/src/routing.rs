@@ -10,7 +10,7 @@
 //! is stored with the reply (`route`, `model`) and shown by `GET /sessions/{id}`. A session's
 //! summary is written by the small model when there is one.
 
-use crate::model::Model;
+use crate::llm::Model;
 use chat_core::Routing;
 
 /// The two routes.
@@ -141,7 +141,7 @@ mod tests {
 
     #[test]
     fn a_turn_that_needs_tools_is_the_main_models() {
-        use crate::model::{DemoModel, RetryPolicy};
+        use crate::llm::{DemoModel, RetryPolicy};
         let demo = || {
             let provider =
                 DemoModel { reply_tokens: 1, token_delay: std::time::Duration::ZERO, faults: false };

@@ -3,15 +3,16 @@
 //! generator (embedded DynamoDB) turning their streams into committed replies or error states.
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::{
-    NewMessage, Outcome, Role, SendOutcome, SessionId, State, StopReason, Store, StoreOptions, Turn, UserId,
+    NewMessage, Outcome, Read, Role, SendOutcome, SessionId, State, StopReason, Store, StoreOptions, Turn,
+    UserId,
 };
 use chat_testkit::fake_llm::{self, FakeLlm, Reply};
 use futures::StreamExt;
-use generator::model::bedrock::BedrockSettings;
-use generator::model::openai::OpenAiSettings;
-use generator::model::{Bedrock, Exchange, Model, ModelError, OpenAi, Output, Prompt, RetryPolicy, ToolCall};
+use generator::llm::bedrock::BedrockSettings;
+use generator::llm::openai::OpenAiSettings;
+use generator::llm::{Bedrock, Exchange, Model, ModelError, OpenAi, Output, Prompt, RetryPolicy, ToolCall};
 use generator::tools::Tools;
 use serde_json::json;
 use std::sync::Arc;
@@ -368,7 +369,7 @@ impl Harness {
     }
 
     async fn streamed(&self, session: SessionId, turn: Turn) -> String {
-        let chunks = self.store.read_chunks(session, turn, None, true).await.unwrap();
+        let chunks = self.store.read_chunks(session, turn, None, Read::Consistent).await.unwrap();
         chunks.iter().flat_map(|c| c.tokens.iter()).cloned().collect()
     }
 }
@@ -459,7 +460,7 @@ async fn a_message_over_the_memory_budget_ends_the_turn_with_a_clear_error_witho
     let memory = generator::memory::MemoryLimits { max_tokens: 50, max_turns: 20 };
     let h = harness(openai(&server), generator::GenerationSettings { memory, ..settings() }).await;
     let (session, _) = h.turn(None, &"many words ".repeat(100)).await;
-    let stored = h.store.get_session(session, true).await.unwrap().unwrap();
+    let stored = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     assert_eq!(stored.state, State::Error);
     assert!(stored.reason.unwrap_or_default().contains("context budget"));
     assert!(server.requests().is_empty());

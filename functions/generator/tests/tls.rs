@@ -5,8 +5,8 @@
 use chat_core::Role;
 use chat_testkit::fake_llm::{self, FakeLlm};
 use futures::StreamExt;
-use generator::model::openai::OpenAiSettings;
-use generator::model::{Model, OpenAi, Prompt, RetryPolicy};
+use generator::llm::openai::OpenAiSettings;
+use generator::llm::{Model, OpenAi, Prompt, RetryPolicy};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +55,9 @@ async fn https_endpoints_are_trusted_through_the_system_roots_and_nothing_else()
     .unwrap();
     assert!(good.url.starts_with("https://"));
     let out: Vec<_> = openai(format!("{}/v1", good.url)).stream(prompt()).collect().await;
-    let tokens = |t: &str| Ok(generator::model::Output::Token(t.to_owned()));
+    let tokens = |t: &str| Ok(generator::llm::Output::Token(t.to_owned()));
     assert_eq!(out[..2], [tokens("secure"), tokens(" ✓")]);
-    assert!(matches!(out[2..], [Ok(generator::model::Output::Usage(_))]), "{out:?}");
+    assert!(matches!(out[2..], [Ok(generator::llm::Output::Usage(_))]), "{out:?}");
     assert_eq!(good.requests()[0].header("authorization"), Some("Bearer sk-tls"));
 
     // A server whose certificate no trusted root signed is refused before any request is sent.

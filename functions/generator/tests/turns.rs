@@ -4,12 +4,14 @@
 //! whose session is deleted while it streams (nothing is left behind).
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use chat_core::queue::TurnMessage;
-use chat_core::{NewMessage, Outcome, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId};
+use chat_core::job::TurnMessage;
+use chat_core::{
+    NewMessage, Outcome, Read, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId,
+};
 use chat_core::{ReplyEvent, Role, ToolUse};
 use chat_testkit::fake_llm::{self, FakeLlm};
-use generator::model::openai::OpenAiSettings;
-use generator::model::{Model, OpenAi, RetryPolicy};
+use generator::llm::openai::OpenAiSettings;
+use generator::llm::{Model, OpenAi, RetryPolicy};
 use generator::routing::{NamedModel, RouteRule, Routes};
 use generator::tools::Tools;
 use std::sync::Arc;
@@ -152,9 +154,9 @@ async fn an_idle_session_is_summarised_once_and_the_summary_stands_in_for_the_tu
     let (_, turn2) = h.turn(Some(session), "I want to learn Rust.").await;
 
     // The sweeper found it idle: IdleExpired (settling first), and the summary is pending.
-    let current = h.store.get_session(session, true).await.unwrap().unwrap();
+    let current = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     assert!(matches!(h.store.expire_idle(&current, "sweeper").await.unwrap(), Outcome::Applied(_)));
-    let expired = h.store.get_session(session, true).await.unwrap().unwrap();
+    let expired = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     assert_eq!((expired.state, expired.summary_pending), (State::Timeout, true));
     let events: Vec<_> = h.store.transitions(session).await.unwrap().into_iter().map(|t| t.event).collect();
     assert_eq!(&events[events.len() - 2..], &[chat_core::Event::Settle, chat_core::Event::IdleExpired]);
@@ -166,7 +168,7 @@ async fn an_idle_session_is_summarised_once_and_the_summary_stands_in_for_the_tu
         texts,
         ["User: My name is Ada.\nAssistant: Hello Ada.\nUser: I want to learn Rust.\nAssistant: Rust it is."]
     );
-    let summarised = h.store.get_session(session, true).await.unwrap().unwrap();
+    let summarised = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     let summary = summarised.summary.clone().expect("a summary");
     assert_eq!((summary.text.as_str(), summary.through), ("Ada is learning Rust.", turn2));
     assert!(!summarised.summary_pending);
@@ -203,7 +205,7 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind_and_is_
         tokio::spawn(async move { generator.handle(event(TurnMessage::reply(session, turn))).await });
     // Wait for the stream to be under way, then delete the session.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while h.store.read_chunks(session, turn, None, true).await.unwrap().len() < 3 {
+    while h.store.read_chunks(session, turn, None, Read::Consistent).await.unwrap().len() < 3 {
         assert!(tokio::time::Instant::now() < deadline, "the reply never started");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -216,9 +218,9 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind_and_is_
     assert!(response.batch_item_failures.is_empty());
     // The generator saw the session gone at its next chunk and cleared what it wrote after the
     // delete's sweep: the partition is empty, with no TTL needed to get there.
-    assert!(h.store.get_session(session, true).await.unwrap().is_none());
+    assert!(h.store.get_session(session, Read::Consistent).await.unwrap().is_none());
     assert_eq!(h.store.clear_if_deleted(session).await.unwrap(), 0, "nothing was left to clear");
-    assert!(h.store.read_chunks(session, turn, None, true).await.unwrap().is_empty());
+    assert!(h.store.read_chunks(session, turn, None, Read::Consistent).await.unwrap().is_empty());
     assert!(h.store.transitions(session).await.unwrap().is_empty());
     // Deleting the session mid-reply does not make what the model consumed free.
     assert!(h.store.tokens_used_today(&user).await.unwrap() > 0, "the abandoned turn was charged");
@@ -263,7 +265,7 @@ async fn a_tool_step_streams_its_call_and_result_and_the_reply_is_stored_with_th
     let (session, turn) = h.turn(None, "What is six times seven?").await;
 
     // The sequence: text, the call, the tool's answer, text; each entry its own index.
-    let chunks = h.store.read_chunks(session, turn, None, true).await.unwrap();
+    let chunks = h.store.read_chunks(session, turn, None, Read::Consistent).await.unwrap();
     let entries: Vec<String> = chunks.iter().flat_map(|c| c.tokens.iter().cloned()).collect();
     let shown: Vec<String> = entries
         .iter()
@@ -330,7 +332,7 @@ async fn a_generator_taking_over_mid_tool_step_goes_on_from_the_stored_call_and_
     let claim =
         h.store.claim_generation(session, turn, "gen-first", Duration::from_millis(1), 3).await.unwrap();
     let chat_core::ClaimOutcome::Claimed(first) = claim else { panic!("{claim:?}") };
-    let call = generator::model::ToolCall {
+    let call = generator::llm::ToolCall {
         id: "c1".to_owned(),
         name: "calculator".to_owned(),
         arguments: r#"{"expression":"6*7"}"#.to_owned(),
@@ -425,7 +427,7 @@ async fn a_flood_of_tool_calls_runs_only_the_steps_cap_and_every_stored_item_fit
     for refused in &reply.tool_uses[48..] {
         assert!(refused.result.contains("too many tool calls") && refused.arguments == "{}", "{refused:?}");
     }
-    let chunks = h.store.read_chunks(session, turn, None, true).await.unwrap();
+    let chunks = h.store.read_chunks(session, turn, None, Read::Consistent).await.unwrap();
     let largest = chunks.iter().map(|c| c.tokens.iter().map(String::len).sum::<usize>()).max().unwrap();
     assert!(largest < 100_000, "a chunk of {largest} bytes");
     // The model was told, in its own format, which calls ran and which did not.

@@ -1,7 +1,8 @@
-//! The HTTP edge: request bodies that parse, and errors mapped to statuses in one place.
+//! The HTTP edge: request bodies that parse, and errors mapped to answers in one place (the
+//! headers and body are `chat_runtime::http_error`'s).
 
 use chat_core::{ClientMessageId, SessionId, State, StoreError, Turn};
-use chat_runtime::http_error;
+use chat_runtime::http_error::ErrorAnswer;
 use lambda_http::http::{header, StatusCode};
 use lambda_http::{Body, Response};
 use serde_json::{json, Value};
@@ -15,17 +16,15 @@ pub fn json(status: StatusCode, body: Value) -> Response<Body> {
         .expect("status and header are valid")
 }
 
-/// Why a request failed; each variant is one status, chosen in [`ApiError::into_response`].
+/// Why a request failed; each variant is one status, chosen in [`ApiError::answer`].
 #[derive(Debug)]
 pub enum ApiError {
     /// 400: the request is malformed; `message` says what to fix.
     BadRequest { code: &'static str, message: String },
-    /// 401: no valid credential; `message` says what to send, `challenge` how
-    /// (`WWW-Authenticate`).
-    Unauthorized { code: &'static str, message: String, challenge: &'static str },
-    /// 403: the path names another user than the caller's (`forbidden`), or the caller may not
-    /// use the API at all (`caller_not_allowed`).
-    Forbidden { code: &'static str, message: String },
+    /// 400, 401, 403 or 503: who is calling could not be established, or may not call.
+    Auth(chat_auth::AuthError),
+    /// 403: the path names another user than the caller's.
+    Forbidden { message: String },
     /// 404: no such session or route.
     NotFound { code: &'static str, message: String },
     /// 405: the path exists with other methods.
@@ -54,24 +53,6 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The error's code, as the body carries it.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest { code, .. }
-            | ApiError::Unauthorized { code, .. }
-            | ApiError::NotFound { code, .. }
-            | ApiError::Conflict { code, .. }
-            | ApiError::TooManyRequests { code, .. }
-            | ApiError::Unavailable { code, .. } => code,
-            ApiError::Forbidden { .. } => "forbidden",
-            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::TurnInFlight { .. } => "turn_in_flight",
-            ApiError::TooLarge => "body_too_large",
-            ApiError::MessageTooLong { .. } => "message_too_long",
-            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
-        }
-    }
-
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::BadRequest { code, message: message.into() }
     }
@@ -87,7 +68,6 @@ impl ApiError {
     /// The path names a user the caller may not act as.
     pub fn forbidden(user: &chat_core::UserId) -> ApiError {
         ApiError::Forbidden {
-            code: "forbidden",
             message: format!("you are not signed in as {:?}; use your own user id", user.as_str()),
         }
     }
@@ -102,41 +82,34 @@ impl ApiError {
         ApiError::unavailable("store_unavailable", "the session store is unavailable; try again")
     }
 
-    pub fn into_response(self) -> Response<Body> {
-        let (status, code, message, extra) = match self {
-            ApiError::BadRequest { code, message } => (StatusCode::BAD_REQUEST, code, message, None),
-            ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, code, message, None),
-            ApiError::Unauthorized { code, message, challenge } => {
-                let mut response = json(StatusCode::UNAUTHORIZED, http_error::body(code, &message, None));
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
-                return response;
+    /// The answer: status, code, message, details, and the header the status calls for.
+    pub fn answer(self) -> ErrorAnswer {
+        match self {
+            ApiError::BadRequest { code, message } => {
+                ErrorAnswer::new(StatusCode::BAD_REQUEST, code, message)
             }
-            ApiError::Forbidden { code, message } => (StatusCode::FORBIDDEN, code, message, None),
+            ApiError::Auth(err) => err.answer(),
+            ApiError::Forbidden { message } => ErrorAnswer::new(StatusCode::FORBIDDEN, "forbidden", message),
+            ApiError::NotFound { code, message } => ErrorAnswer::new(StatusCode::NOT_FOUND, code, message),
             ApiError::MethodNotAllowed { allow } => {
                 let message = format!("use {allow} on this path");
-                let body = http_error::body("method_not_allowed", &message, None);
-                let mut response = json(StatusCode::METHOD_NOT_ALLOWED, body);
-                response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
-                return response;
+                ErrorAnswer::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message).allow(allow)
             }
-            ApiError::TurnInFlight { state, turn } => (
+            ApiError::TurnInFlight { state, turn } => ErrorAnswer::new(
                 StatusCode::CONFLICT,
                 "turn_in_flight",
                 format!("turn {turn} is {state}; wait for it to finish or cancel it"),
-                Some(json!({"state": state, "turn": turn})),
-            ),
+            )
+            .details(json!({"state": state, "turn": turn})),
             ApiError::Conflict { code, message, state } => {
-                (StatusCode::CONFLICT, code, message, Some(json!({"state": state})))
+                ErrorAnswer::new(StatusCode::CONFLICT, code, message).details(json!({"state": state}))
             }
-            ApiError::TooLarge => (
+            ApiError::TooLarge => ErrorAnswer::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("the body is over {} bytes", crate::MAX_BODY_BYTES),
-                None,
             ),
-            ApiError::UnsupportedMediaType { found } => (
+            ApiError::UnsupportedMediaType { found } => ErrorAnswer::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 match found.as_str() {
@@ -146,30 +119,23 @@ impl ApiError {
                         "the body is declared as {found:?}; send JSON with content-type: application/json"
                     ),
                 },
-                None,
             ),
-            ApiError::MessageTooLong { tokens, limit } => (
+            ApiError::MessageTooLong { tokens, limit } => ErrorAnswer::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "message_too_long",
                 format!(
                     "the message is {tokens} tokens; the model's budget leaves room for {limit}: shorten it"
                 ),
-                Some(json!({"tokens": tokens, "limit": limit})),
-            ),
-            ApiError::TooManyRequests { code, message, retry_after, details } => {
-                let seconds = http_error::retry_after_seconds(retry_after);
-                let mut fields = json!({ "retry_after": seconds });
-                if let (Some(Value::Object(more)), Value::Object(fields)) = (details, &mut fields) {
-                    fields.extend(more);
-                }
-                let body = http_error::body(code, &message, Some(fields));
-                let mut response = json(StatusCode::TOO_MANY_REQUESTS, body);
-                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
-                return response;
+            )
+            .details(json!({"tokens": tokens, "limit": limit})),
+            ApiError::TooManyRequests { code, message, retry_after, details } => ErrorAnswer {
+                details,
+                ..ErrorAnswer::new(StatusCode::TOO_MANY_REQUESTS, code, message).retry_after(retry_after)
+            },
+            ApiError::Unavailable { code, message } => {
+                ErrorAnswer::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
             }
-            ApiError::Unavailable { code, message } => (StatusCode::SERVICE_UNAVAILABLE, code, message, None),
-        };
-        json(status, http_error::body(code, &message, extra))
+        }
     }
 }
 
@@ -250,16 +216,7 @@ impl SendBody {
 
 impl From<chat_auth::AuthError> for ApiError {
     fn from(err: chat_auth::AuthError) -> ApiError {
-        let (status, code) = err.status_and_code();
-        let message = err.to_string();
-        match (status, err.challenge()) {
-            (401, challenge) => {
-                ApiError::Unauthorized { code, message, challenge: challenge.unwrap_or("Bearer") }
-            }
-            (403, _) => ApiError::Forbidden { code, message },
-            (503, _) => ApiError::unavailable(code, message),
-            _ => ApiError::bad_request(code, message),
-        }
+        ApiError::Auth(err)
     }
 }
 

@@ -3,7 +3,7 @@
 //! sent stays in flight: past the cap a send is `429 turn_rate_limited` (`scope: in_flight`) that
 //! changes nothing, other users are not held back, and a turn that ends gives its place back.
 
-use chat_core::{Event, Outcome, StoreOptions, UserLimits};
+use chat_core::{Event, Outcome, Read, StoreOptions, UserLimits};
 use chat_testkit::{LocalDynamo, StubSqs};
 use lambda_http::http::Method;
 use lambda_http::{Body, Request};
@@ -67,7 +67,7 @@ async fn a_users_turns_past_the_cap_in_flight_wait_and_a_turn_that_ends_frees_it
 
     // One of her turns ends (the sweeper times it out): its place is free again.
     let id = chat_core::SessionId::parse(&sessions[1]).unwrap();
-    let session = store.get_session(id, true).await.unwrap().unwrap();
+    let session = store.get_session(id, Read::Consistent).await.unwrap().unwrap();
     let ended = store.end_turn(&session, Event::PickupExpired, "test", "test").await.unwrap();
     assert!(matches!(ended, Outcome::Applied(_)));
     store.close_turn_slot(&carol, id).await.unwrap();

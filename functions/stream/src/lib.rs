@@ -11,9 +11,10 @@ use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
 use chat_core::config::{ConfigError, Env};
 use chat_core::{
-    Admission, Chunk, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
+    Admission, Chunk, Read, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
 };
-use chat_runtime::{http_error, metrics};
+use chat_runtime::http_error::ErrorAnswer;
+use chat_runtime::metrics;
 use futures::stream::{self, BoxStream, StreamExt};
 use http_body_util::StreamBody;
 use lambda_http::http::{header, StatusCode};
@@ -108,56 +109,25 @@ enum StreamError {
 }
 
 impl StreamError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
-        match self {
-            StreamError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "route_not_found"),
-            StreamError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            StreamError::Auth(err) => {
-                let (status, code) = err.status_and_code();
-                (StatusCode::from_u16(status).expect("a valid status"), code)
+    /// The answer: status, code, this error's message, and the header the status calls for.
+    fn answer(self) -> ErrorAnswer {
+        let answer = |status, code| ErrorAnswer::new(status, code, self.to_string());
+        match &self {
+            StreamError::RouteNotFound(_) => answer(StatusCode::NOT_FOUND, "route_not_found"),
+            StreamError::MethodNotAllowed => {
+                answer(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").allow("GET")
             }
-            StreamError::SessionNotFound(_) => (StatusCode::NOT_FOUND, "session_not_found"),
-            StreamError::TurnNotFound(_) => (StatusCode::NOT_FOUND, "turn_not_found"),
-            StreamError::InvalidLastEventId(_) => (StatusCode::BAD_REQUEST, "invalid_last_event_id"),
-            StreamError::InvalidTurn(_) => (StatusCode::BAD_REQUEST, "invalid_turn"),
-            StreamError::TooManyStreams { .. } | StreamError::TooManyStreamsOfTurn { .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "too_many_streams")
-            }
-            StreamError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-        }
-    }
-
-    /// The JSON error answer, with `Retry-After` on a 429 and `WWW-Authenticate` on a 401.
-    fn into_response(self) -> Response<SseBody> {
-        let (status, code) = self.status_and_code();
-        let retry_after = match &self {
+            StreamError::Auth(err) => err.answer(),
+            StreamError::SessionNotFound(_) => answer(StatusCode::NOT_FOUND, "session_not_found"),
+            StreamError::TurnNotFound(_) => answer(StatusCode::NOT_FOUND, "turn_not_found"),
+            StreamError::InvalidLastEventId(_) => answer(StatusCode::BAD_REQUEST, "invalid_last_event_id"),
+            StreamError::InvalidTurn(_) => answer(StatusCode::BAD_REQUEST, "invalid_turn"),
             StreamError::TooManyStreams { retry_after, .. }
             | StreamError::TooManyStreamsOfTurn { retry_after, .. } => {
-                Some(http_error::retry_after_seconds(*retry_after))
+                answer(StatusCode::TOO_MANY_REQUESTS, "too_many_streams").retry_after(*retry_after)
             }
-            _ => None,
-        };
-        let details = retry_after.map(|seconds| json!({ "retry_after": seconds }));
-        let body = http_error::body(code, &self.to_string(), details).to_string();
-        let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
-        let mut response = Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(StreamBody::new(frames.boxed()))
-            .expect("valid response");
-        let headers = response.headers_mut();
-        if let StreamError::Auth(err) = &self {
-            if let Some(challenge) = err.challenge() {
-                headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
-            }
+            StreamError::StoreUnavailable => answer(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         }
-        if status == StatusCode::METHOD_NOT_ALLOWED {
-            headers.insert(header::ALLOW, header::HeaderValue::from_static("GET"));
-        }
-        if let Some(seconds) = retry_after {
-            headers.insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
-        }
-        response
     }
 }
 
@@ -237,9 +207,12 @@ impl Relay {
                     .expect("valid response")
             }
             Err(err) => {
-                let (status, code) = err.status_and_code();
-                metrics::error_answer(status.as_u16(), code);
-                err.into_response()
+                let answer = err.answer();
+                metrics::error_answer(answer.status.as_u16(), answer.code);
+                answer.response().map(|body| {
+                    let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
+                    StreamBody::new(frames.boxed())
+                })
             }
         }
     }
@@ -284,7 +257,7 @@ impl Relay {
         };
         let session = self
             .store
-            .get_session(id, true)
+            .get_session(id, Read::Consistent)
             .await
             .map_err(unavailable)?
             .filter(|s| caller.owns(&s.user_id))
@@ -383,7 +356,8 @@ impl Relay {
                 info!(sent_tokens, "the caller's token expired; stream closed");
                 return Ok(());
             }
-            let chunks = self.store.read_chunks(position.session, position.turn, last_seq, false).await?;
+            let chunks =
+                self.store.read_chunks(position.session, position.turn, last_seq, Read::Eventual).await?;
             let mut progressed = false;
             let mut next_due = None;
             // An eventually consistent read may miss the newest chunk; stop at any gap and re-poll.
@@ -408,7 +382,7 @@ impl Relay {
                 generating = true;
             } else if session_read.elapsed() >= SESSION_CHECK_EVERY {
                 session_read = Instant::now();
-                let session = match self.store.get_session(position.session, false).await? {
+                let session = match self.store.get_session(position.session, Read::Eventual).await? {
                     None => {
                         let data = json!({"code": "session_deleted", "message": "the session was deleted"});
                         send(sse::event("error", None, &data.to_string())).await;
@@ -481,13 +455,17 @@ impl Relay {
         mut next_index: u64,
         tx: &mpsc::Sender<String>,
     ) -> Result<(), StoreError> {
-        let chunks = self.store.read_chunks(position.session, position.turn, last_seq, true).await?;
+        let chunks =
+            self.store.read_chunks(position.session, position.turn, last_seq, Read::Consistent).await?;
         for chunk in chunks {
             if send_tokens(position.turn, &chunk, &mut next_index, tx).await.is_none() {
                 return Ok(());
             }
         }
-        let reply = self.store.get_message(position.session, position.turn, Role::Assistant, true).await?;
+        let reply = self
+            .store
+            .get_message(position.session, position.turn, Role::Assistant, Read::Consistent)
+            .await?;
         let turn = position.turn;
         let events = match reply {
             Some(reply) => vec![

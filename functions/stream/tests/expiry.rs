@@ -5,7 +5,7 @@
 use chat_auth::dev_issuer::DevIssuer;
 use chat_auth::{AuthConfig, Authenticator, JwtSettings, Mode};
 use chat_core::{ClaimOutcome, NewMessage, Outcome, SendOutcome, SessionId, StoreOptions, UserId};
-use chat_testkit::sse::{SseEvent, SseStream};
+use chat_testkit::sse_reader::{SseEvent, SseStream};
 use chat_testkit::LocalDynamo;
 use futures::StreamExt;
 use lambda_http::{Body, RequestExt};

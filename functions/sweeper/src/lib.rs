@@ -8,7 +8,7 @@
 //!   stream reports it) is counted off its user's sessions and cleared.
 
 use chat_core::config::{CommonConfig, ConfigError, Env};
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::{fsm, Outcome, Session, State, Store, StoreError};
 use chat_core::{table, SessionId, UserId};
 use chat_runtime::metrics::{self, Dimension};

@@ -4,8 +4,8 @@
 //! after the new deadline tries again).
 
 use chat_core::{
-    AppendOutcome, ClaimOutcome, ClientMessageId, Clock, Event, NewMessage, Outcome, SendOutcome, Session,
-    SessionId, State, Store, StoreOptions, TurnTicket, UserId,
+    AppendOutcome, ClaimOutcome, ClientMessageId, Clock, Event, NewMessage, Outcome, Read, Reply,
+    SendOutcome, Session, SessionId, State, Store, StoreOptions, TurnTicket, UserId,
 };
 use chat_runtime::queue::Queue;
 use chat_testkit::LocalDynamo;
@@ -100,12 +100,15 @@ impl World {
             self.store.append_chunk(&lease, 0, 0, &["hello".to_owned()]).await.unwrap(),
             AppendOutcome::Appended
         );
-        assert!(matches!(self.store.commit_reply(&lease, "hello", None).await.unwrap(), Outcome::Applied(_)));
+        assert!(matches!(
+            self.store.commit_reply(&lease, &Reply::new("hello")).await.unwrap(),
+            Outcome::Applied(_)
+        ));
         ticket.session_id
     }
 
     async fn session(&self, id: SessionId) -> Session {
-        self.store.get_session(id, true).await.unwrap().expect("session")
+        self.store.get_session(id, Read::Consistent).await.unwrap().expect("session")
     }
 
     async fn sweep(&self) -> SweepReport {
@@ -227,7 +230,7 @@ async fn every_item_of_a_session_expires_and_its_removal_is_counted_off_its_user
         .unwrap();
     let ClaimOutcome::Claimed(lease) = claim else { panic!("{claim:?}") };
     world.store.append_chunk(&lease, 0, 0, &["hello".to_owned()]).await.unwrap();
-    world.store.commit_reply(&lease, "hello", None).await.unwrap();
+    world.store.commit_reply(&lease, &Reply::new("hello")).await.unwrap();
     assert!(matches!(
         world.store.send_message(send(None, None)).await.unwrap(),
         SendOutcome::SessionLimit { limit: 1 }
@@ -241,9 +244,9 @@ async fn every_item_of_a_session_expires_and_its_removal_is_counted_off_its_user
     // The session, two messages, a chunk, four transitions and the idempotency key.
     assert!(removed > 1 + 2 + 1 + 4, "removed {removed}");
     let id = ticket.session_id;
-    assert!(world.store.get_session(id, true).await.unwrap().is_none());
+    assert!(world.store.get_session(id, Read::Consistent).await.unwrap().is_none());
     assert!(world.store.transitions(id).await.unwrap().is_empty());
-    assert!(world.store.read_chunks(id, ticket.turn, None, true).await.unwrap().is_empty());
+    assert!(world.store.read_chunks(id, ticket.turn, None, Read::Consistent).await.unwrap().is_empty());
     assert_eq!(world.store.clear_if_deleted(id).await.unwrap(), 0, "no item outlived the session");
 
     // The stream carries every write and the removals; only the session's removal by TTL counts,

@@ -23,14 +23,14 @@ use tokio::task::JoinHandle;
 
 pub mod alarm_math;
 pub mod cpu;
-mod emulators;
 pub mod gateway;
+mod moto;
 mod processes;
 pub mod runtime_api;
 mod shim;
 
-pub use chat_testkit::{dynamodb_client, fake_llm, sqs_client, sse, LocalDynamo};
-use emulators::{create_queues, create_secrets};
+pub use chat_testkit::{dynamodb_client, fake_llm, sqs_client, sse_reader, LocalDynamo};
+use moto::{create_queues, create_secrets};
 use processes::{free_port, supervised, wait_until, Supervisor};
 use shim::{event_source_mapping, schedule, scheduled_event, ttl_process};
 pub use shim::{invoke, InvokeError};

@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         settings.function_env.push(("LOG_FORMAT".to_owned(), "text".to_owned()));
     }
     // The generator reads the same variables; a mistake is reported here, before anything starts.
-    let model = match generator::config::ModelConfig::from_env(&env, false) {
+    let model = match generator::model_config::ModelConfig::from_env(&env, false) {
         Ok(model) => model,
         Err(err) => {
             eprintln!("{err}");

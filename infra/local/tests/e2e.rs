@@ -323,7 +323,11 @@ async fn a_turn_no_generator_picks_up_is_redriven_then_ends_in_timeout() {
         info.table.as_str(),
         Default::default(),
     );
-    let stored = store.get_session(chat_core::SessionId::parse(&id).unwrap(), true).await.unwrap().unwrap();
+    let stored = store
+        .get_session(chat_core::SessionId::parse(&id).unwrap(), chat_core::Read::Consistent)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.redrives, 3);
     let transitions = store.transitions(stored.id).await.unwrap();
     let last = transitions.last().unwrap();

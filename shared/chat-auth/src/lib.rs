@@ -26,6 +26,7 @@ pub use lambda::iam_identity;
 
 use chat_core::config::{ConfigError, Env};
 use chat_core::UserId;
+use chat_runtime::http_error::ErrorAnswer;
 use jsonwebtoken::{decode, decode_header, Validation};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -251,6 +252,18 @@ impl AuthError {
             AuthError::Missing | AuthError::Invalid(_) => Some("Bearer"),
             AuthError::IamRequired => Some("AWS4-HMAC-SHA256"),
             _ => None,
+        }
+    }
+
+    /// The error answer every route sends for it: its status and code, this error's message,
+    /// and on a 401 its challenge.
+    pub fn answer(&self) -> ErrorAnswer {
+        let (status, code) = self.status_and_code();
+        let status = http::StatusCode::from_u16(status).expect("a valid status");
+        let answer = ErrorAnswer::new(status, code, self.to_string());
+        match self.challenge() {
+            Some(challenge) => answer.challenge(challenge),
+            None => answer,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Configuration from environment variables, read once per cold start. A missing or invalid
 //! setting fails fast with a message naming the variable.
 
+use crate::{GlobalLimits, UserLimits};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -87,6 +88,29 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
     }
 }
 
+impl UserLimits {
+    /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
+    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET` and `MAX_TURNS_IN_FLIGHT`.
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let defaults = UserLimits::default();
+        Ok(UserLimits {
+            turns_per_minute: env.parse_or("TURNS_PER_MINUTE", defaults.turns_per_minute)?,
+            open_streams: env.parse_or("MAX_OPEN_STREAMS", defaults.open_streams)?,
+            streams_per_turn: env.parse_or("MAX_STREAMS_PER_TURN", defaults.streams_per_turn)?,
+            sessions: env.parse_or("MAX_SESSIONS_PER_USER", defaults.sessions)?,
+            daily_tokens: env.parse_or("DAILY_TOKEN_BUDGET", defaults.daily_tokens)?,
+            turns_in_flight: env.parse_or("MAX_TURNS_IN_FLIGHT", defaults.turns_in_flight)?,
+        })
+    }
+}
+
+impl GlobalLimits {
+    /// Reads `GLOBAL_TURNS_PER_MINUTE`.
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        Ok(GlobalLimits { turns_per_minute: env.parse_or("GLOBAL_TURNS_PER_MINUTE", 0)? })
+    }
+}
+
 /// Settings every function shares.
 #[derive(Debug, Clone)]
 pub struct CommonConfig {
@@ -100,17 +124,17 @@ pub struct CommonConfig {
     /// Generation attempts per turn before it ends in timeout (`MAX_ATTEMPTS`, default 3).
     pub max_generation_attempts: u32,
     /// Per-user limits (`TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
-    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET`).
-    pub limits: crate::UserLimits,
+    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET`, `MAX_TURNS_IN_FLIGHT`).
+    pub limits: UserLimits,
     /// Limits over every user (`GLOBAL_TURNS_PER_MINUTE`).
-    pub global: crate::GlobalLimits,
+    pub global: GlobalLimits,
 }
 
 impl CommonConfig {
     /// Reads the shared settings.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let defaults = crate::StoreOptions::default();
-        let limits = crate::UserLimits::from_env(env)?;
+        let limits = UserLimits::from_env(env)?;
         let store = crate::StoreOptions {
             writing_timeout: env.millis_or("WRITING_TIMEOUT_MS", defaults.writing_timeout)?,
             pickup_timeout: env.millis_or("PICKUP_TIMEOUT_MS", defaults.pickup_timeout)?,
@@ -131,7 +155,7 @@ impl CommonConfig {
             lease: env.millis_or("LEASE_MS", Duration::from_secs(30))?,
             max_generation_attempts: env.parse_or("MAX_ATTEMPTS", 3)?,
             limits,
-            global: crate::GlobalLimits::from_env(env)?,
+            global: GlobalLimits::from_env(env)?,
         })
     }
 }
@@ -145,6 +169,24 @@ mod tests {
         let map: HashMap<String, String> =
             pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         Env::from_fn(move |name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn limits_read_from_the_environment() {
+        let env = Env::from_fn(|name| match name {
+            "TURNS_PER_MINUTE" => Some("5".to_owned()),
+            "MAX_OPEN_STREAMS" => Some("0".to_owned()),
+            _ => None,
+        });
+        let limits = UserLimits::from_env(&env).unwrap();
+        assert_eq!(limits, UserLimits { turns_per_minute: 5, open_streams: 0, ..UserLimits::default() });
+        assert_eq!((limits.streams_per_turn, limits.daily_tokens), (2, 0), "defaults");
+        let bad = Env::from_fn(|name| (name == "MAX_SESSIONS_PER_USER").then(|| "many".to_owned()));
+        assert_eq!(UserLimits::from_env(&bad).unwrap_err().variable, "MAX_SESSIONS_PER_USER");
+        let budget = Env::from_fn(|name| (name == "DAILY_TOKEN_BUDGET").then(|| "50000".to_owned()));
+        assert_eq!(UserLimits::from_env(&budget).unwrap().daily_tokens, 50_000);
+        let global = Env::from_fn(|name| (name == "GLOBAL_TURNS_PER_MINUTE").then(|| "600".to_owned()));
+        assert_eq!(GlobalLimits::from_env(&global).unwrap().turns_per_minute, 600);
     }
 
     #[test]

@@ -6,9 +6,8 @@ pub mod config;
 pub mod error;
 pub mod fsm;
 pub mod ids;
-pub mod limits;
-pub mod model;
-pub mod queue;
+pub mod job;
+pub mod record;
 pub mod store;
 pub mod table;
 pub mod time;
@@ -16,12 +15,13 @@ pub mod time;
 pub use error::StoreError;
 pub use fsm::{Event, State};
 pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
-pub use limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
-pub use model::{
+pub use record::{
     Chunk, LeaseInfo, Message, ReplyEvent, Routing, Session, StopReason, Summary, ToolUse, TransitionRecord,
     Usage,
 };
+pub use store::limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
 pub use store::{
     AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,
-    Lease, LeaseStatus, NewMessage, Outcome, SendOutcome, SessionPage, Store, StoreOptions, TurnTicket,
+    Lease, LeaseStatus, NewMessage, Outcome, Read, Reply, SendOutcome, SessionPage, Store, StoreOptions,
+    TurnTicket,
 };

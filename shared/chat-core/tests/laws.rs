@@ -41,7 +41,7 @@ fn accepted(outcome: SendOutcome) -> TurnTicket {
 }
 
 async fn session(store: &Store, id: SessionId) -> Session {
-    store.get_session(id, true).await.unwrap().expect("session exists")
+    store.get_session(id, Read::Consistent).await.unwrap().expect("session exists")
 }
 
 /// A new session whose first turn is `user_committed`.
@@ -95,7 +95,7 @@ async fn session_in(store: &Store, user: &UserId, state: State) -> Session {
     if state == State::AiGenerating {
         return session(store, id).await;
     }
-    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    assert!(matches!(store.commit_reply(&lease, &Reply::new("reply")).await.unwrap(), Outcome::Applied(_)));
     if state == State::AiCommitted {
         return session(store, id).await;
     }
@@ -118,10 +118,7 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
         next_seq: 0,
         resumed_tokens: vec![],
         summary: None,
-        routing: None,
-        tool_uses: vec![],
         user: current.user_id.clone(),
-        usage: Default::default(),
     };
     match event {
         Event::UserSend => {
@@ -142,7 +139,10 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
         }
         Event::ReplyCommitted => {
             let owner = current.lease.as_ref().map_or("nobody".to_owned(), |l| l.owner.clone());
-            matches!(store.commit_reply(&stale_lease(&owner), "r", None).await.unwrap(), Outcome::Applied(_))
+            matches!(
+                store.commit_reply(&stale_lease(&owner), &Reply::new("r")).await.unwrap(),
+                Outcome::Applied(_)
+            )
         }
         Event::Settle | Event::Recover => match store.return_to_idle(current, event, "t").await {
             Ok(Outcome::Applied(_)) => true,
@@ -258,7 +258,7 @@ async fn concurrent_sends_to_an_idle_session_accept_exactly_one() {
         // Finish the turn so the next round starts idle again.
         let Outcome::Applied(t) = store.commit_user_message(ticket, "t").await.unwrap() else { panic!() };
         let lease = claimed(claim(&store, id, t.turn).await);
-        assert!(matches!(store.commit_reply(&lease, "ok", None).await.unwrap(), Outcome::Applied(_)));
+        assert!(matches!(store.commit_reply(&lease, &Reply::new("ok")).await.unwrap(), Outcome::Applied(_)));
         let s = session(&store, id).await;
         assert!(matches!(store.return_to_idle(&s, Event::Settle, "t").await.unwrap(), Outcome::Applied(_)));
     }
@@ -340,7 +340,7 @@ async fn same_client_message_id_twice_is_one_message_and_the_same_turn() {
     assert_eq!(session(&store, id).await.version, version_after_first, "a repeat changes nothing");
     let Outcome::Applied(t) = store.commit_user_message(&first, "r1").await.unwrap() else { panic!() };
     let lease = claimed(claim(&store, id, t.turn).await);
-    store.commit_reply(&lease, "answer", None).await.unwrap();
+    store.commit_reply(&lease, &Reply::new("answer")).await.unwrap();
     let later = store.send_message(NewMessage { by: "r3", ..msg }).await.unwrap();
     assert_eq!(later, SendOutcome::Duplicate { session_id: id, turn: first.turn });
     let (_, messages) = store.get_conversation(id).await.unwrap().unwrap();
@@ -417,14 +417,20 @@ async fn a_taken_over_generator_can_neither_append_nor_commit() {
 
     // The stalled generator wakes up: every write it tries is refused.
     assert_eq!(store.append_chunk(&old, 2, 3, &tokens(&[" stale"])).await.unwrap(), AppendOutcome::Fenced);
-    assert_eq!(store.lease_status(&old, true).await.unwrap(), LeaseStatus::Lost);
+    assert_eq!(store.lease_status(&old, Read::Consistent).await.unwrap(), LeaseStatus::Lost);
     let mut old_mut = old.clone();
     assert_eq!(store.extend_lease(&mut old_mut, LEASE).await.unwrap(), LeaseStatus::Lost);
-    assert!(matches!(store.commit_reply(&old, "Hello, stale", None).await.unwrap(), Outcome::Conflict(_)));
+    assert!(matches!(
+        store.commit_reply(&old, &Reply::new("Hello, stale")).await.unwrap(),
+        Outcome::Conflict(_)
+    ));
 
     assert_eq!(store.append_chunk(&new, 3, 3, &tokens(&[" world"])).await.unwrap(), AppendOutcome::Appended);
-    assert!(matches!(store.commit_reply(&new, "Hello, world", None).await.unwrap(), Outcome::Applied(_)));
-    let chunks = store.read_chunks(id, ticket.turn, None, true).await.unwrap();
+    assert!(matches!(
+        store.commit_reply(&new, &Reply::new("Hello, world")).await.unwrap(),
+        Outcome::Applied(_)
+    ));
+    let chunks = store.read_chunks(id, ticket.turn, None, Read::Consistent).await.unwrap();
     let streamed: String = chunks.iter().flat_map(|c| c.tokens.iter().map(String::as_str)).collect();
     let (_, messages) = store.get_conversation(id).await.unwrap().unwrap();
     let replies: Vec<_> = messages.iter().filter(|m| m.id.role == Role::Assistant).collect();
@@ -482,8 +488,8 @@ async fn takeover_racing_a_live_writer_keeps_the_chunk_sequence_whole() {
             );
             text.push_str(word);
         }
-        assert!(matches!(store.commit_reply(&new, &text, None).await.unwrap(), Outcome::Applied(_)));
-        let chunks = store.read_chunks(id, turn, None, true).await.unwrap();
+        assert!(matches!(store.commit_reply(&new, &Reply::new(&text)).await.unwrap(), Outcome::Applied(_)));
+        let chunks = store.read_chunks(id, turn, None, Read::Consistent).await.unwrap();
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.seq as usize, i, "gap-free sequence");
         }
@@ -514,12 +520,16 @@ async fn committed_reply_equals_the_chunks_and_reads_after_a_position_return_the
         start += batch.len() as u64;
     }
     let reply: String = batches.concat().concat();
-    assert!(matches!(store.commit_reply(&lease, &reply, None).await.unwrap(), Outcome::Applied(_)));
-    let all = store.read_chunks(ticket.session_id, ticket.turn, None, true).await.unwrap();
+    assert!(matches!(store.commit_reply(&lease, &Reply::new(&reply)).await.unwrap(), Outcome::Applied(_)));
+    let all = store.read_chunks(ticket.session_id, ticket.turn, None, Read::Consistent).await.unwrap();
     assert_eq!(all.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>(), batches.to_vec());
-    let rest = store.read_chunks(ticket.session_id, ticket.turn, Some(0), true).await.unwrap();
+    let rest = store.read_chunks(ticket.session_id, ticket.turn, Some(0), Read::Consistent).await.unwrap();
     assert_eq!(rest, all[1..].to_vec());
-    assert!(store.read_chunks(ticket.session_id, ticket.turn, Some(2), true).await.unwrap().is_empty());
+    assert!(store
+        .read_chunks(ticket.session_id, ticket.turn, Some(2), Read::Consistent)
+        .await
+        .unwrap()
+        .is_empty());
     let (s, messages) = store.get_conversation(ticket.session_id).await.unwrap().unwrap();
     assert_eq!(s.state, State::AiCommitted);
     assert_eq!(messages.last().unwrap().content, reply);
@@ -538,7 +548,10 @@ async fn recent_messages_read_only_the_last_turns_up_to_the_new_message() {
         if turn < 6 {
             let lease = claimed(claim(&store, ticket.session_id, ticket.turn).await);
             let reply = format!("reply {turn}");
-            assert!(matches!(store.commit_reply(&lease, &reply, None).await.unwrap(), Outcome::Applied(_)));
+            assert!(matches!(
+                store.commit_reply(&lease, &Reply::new(&reply)).await.unwrap(),
+                Outcome::Applied(_)
+            ));
         }
     }
     let id = session.unwrap();
@@ -571,13 +584,19 @@ async fn cancel_is_seen_by_the_generator_and_the_partial_reply_is_marked_stopped
         store.request_cancel(id, Some(&user)).await.unwrap(),
         CancelOutcome::Requested { turn: ticket.turn, state: State::AiGenerating }
     );
-    assert_eq!(store.lease_status(&lease, true).await.unwrap(), LeaseStatus::Held { cancel_requested: true });
+    assert_eq!(
+        store.lease_status(&lease, Read::Consistent).await.unwrap(),
+        LeaseStatus::Held { cancel_requested: true }
+    );
     assert_eq!(
         store.extend_lease(&mut lease, LEASE).await.unwrap(),
         LeaseStatus::Held { cancel_requested: true }
     );
     assert!(matches!(
-        store.commit_reply(&lease, "partial", Some(StopReason::Cancelled)).await.unwrap(),
+        store
+            .commit_reply(&lease, &Reply { stopped: Some(StopReason::Cancelled), ..Reply::new("partial") })
+            .await
+            .unwrap(),
         Outcome::Applied(_)
     ));
     let (s, messages) = store.get_conversation(id).await.unwrap().unwrap();
@@ -673,7 +692,7 @@ async fn a_dependency_failure_between_steps_leaves_an_allowed_state() {
     let lease = claimed(claim(&store, ticket.session_id, ticket.turn).await);
     store.append_chunk(&lease, 0, 0, &tokens(&["half"])).await.unwrap();
     db.stop_server().await;
-    assert!(store.commit_reply(&lease, "half a reply", None).await.is_err());
+    assert!(store.commit_reply(&lease, &Reply::new("half a reply")).await.is_err());
     db.restart_server().await;
     let s = session(&store, ticket.session_id).await;
     assert_eq!(s.state, State::AiGenerating, "no reply was half-committed");
@@ -750,15 +769,19 @@ async fn deleting_a_session_removes_everything_under_it() {
     let Outcome::Applied(ticket) = store.commit_user_message(&ticket, "r").await.unwrap() else { panic!() };
     let lease = claimed(claim(&store, ticket.session_id, ticket.turn).await);
     store.append_chunk(&lease, 0, 0, &tokens(&["a"])).await.unwrap();
-    store.commit_reply(&lease, "a", None).await.unwrap();
+    store.commit_reply(&lease, &Reply::new("a")).await.unwrap();
     let keep = accepted(send(&store, &user, None, "other").await).session_id;
 
     assert!(
         matches!(store.delete_session(ticket.session_id, None).await.unwrap(), DeleteOutcome::Deleted { items } if items >= 6)
     );
-    assert!(store.get_session(ticket.session_id, true).await.unwrap().is_none());
+    assert!(store.get_session(ticket.session_id, Read::Consistent).await.unwrap().is_none());
     assert!(store.transitions(ticket.session_id).await.unwrap().is_empty());
-    assert!(store.read_chunks(ticket.session_id, ticket.turn, None, true).await.unwrap().is_empty());
+    assert!(store
+        .read_chunks(ticket.session_id, ticket.turn, None, Read::Consistent)
+        .await
+        .unwrap()
+        .is_empty());
     let page = store.list_user_sessions(&user, 10, None).await.unwrap();
     assert_eq!(page.sessions.iter().map(|s| s.id).collect::<Vec<_>>(), vec![keep]);
     // The idempotency key went with it: reusing it starts a new session.

@@ -1,6 +1,6 @@
 //! The Lambda plumbing the functions share, kept out of `chat-core` (the domain): AWS
 //! configuration and clients, logs, local concurrency ([`aws`]), the connector for the
-//! project's own outbound HTTPS ([`https`]), the JSON error body of the HTTP functions
+//! project's own outbound HTTPS ([`https`]), the error answers of the HTTP functions
 //! ([`http_error`]) and, with feature `queue`, the SQS sender of turns
 //! ([`queue`]).
 

@@ -1,7 +1,7 @@
 //! Sending generation requests to the queue (SQS).
 
 use aws_sdk_sqs::error::DisplayErrorContext;
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 
 /// Sending to the queue failed (after the SDK's retries).
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,9 @@
 //! answer must pass (never a 500; every error a JSON code and message).
 
 use crate::LocalDynamo;
-use chat_core::{ClaimOutcome, NewMessage, Outcome, SendOutcome, SessionId, Store, StoreOptions, UserId};
+use chat_core::{
+    ClaimOutcome, NewMessage, Outcome, Reply, SendOutcome, SessionId, Store, StoreOptions, UserId,
+};
 use lambda_http::http::{HeaderValue, Method};
 use lambda_http::{Body, Request, RequestExt};
 use proptest::prelude::*;
@@ -58,7 +60,7 @@ async fn committed_session(store: &Store, owner: &UserId) -> SessionId {
         .unwrap();
     let ClaimOutcome::Claimed(lease) = claim else { panic!("{claim:?}") };
     store.append_chunk(&lease, 0, 0, &["Hello".to_owned(), " there".to_owned()]).await.unwrap();
-    store.commit_reply(&lease, "Hello there", None).await.unwrap();
+    store.commit_reply(&lease, &Reply::new("Hello there")).await.unwrap();
     ticket.session_id
 }
 

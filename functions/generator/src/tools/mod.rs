@@ -20,7 +20,7 @@ mod sequence;
 pub use calculator::calculate;
 pub use sequence::{call_event, replay, result_event, steps, tool_use, Replayed};
 
-use crate::model::{ToolCall, ToolSpec};
+use crate::llm::{ToolCall, ToolSpec};
 use bytes::Bytes;
 use chat_core::config::{ConfigError, Env};
 use futures::future::BoxFuture;

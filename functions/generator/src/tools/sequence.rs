@@ -2,7 +2,7 @@
 //! generator writes, and reading them back after a takeover.
 
 use super::ToolAnswer;
-use crate::model::{Exchange, ToolCall};
+use crate::llm::{Exchange, ToolCall};
 use chat_core::{ReplyEvent, ToolUse};
 use serde_json::{json, Value};
 

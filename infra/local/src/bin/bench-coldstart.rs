@@ -21,9 +21,9 @@
 //! than one period's share waits for the next period.
 
 use chat_core::config::Env;
-use chat_core::queue::TurnMessage;
+use chat_core::job::TurnMessage;
 use chat_core::{
-    ClaimOutcome, NewMessage, Outcome, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
+    ClaimOutcome, NewMessage, Outcome, Read, Reply, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
 };
 use chat_local::runtime_api::RuntimeApi;
 use chat_local::LocalDynamo;
@@ -325,7 +325,8 @@ async fn committed_turn(store: &Store) -> Result<(SessionId, Turn), String> {
 async fn first_chunk(store: &Store, session: SessionId, turn: Turn) -> Result<Instant, String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let chunks = store.read_chunks(session, turn, None, true).await.map_err(|e| e.to_string())?;
+        let chunks =
+            store.read_chunks(session, turn, None, Read::Consistent).await.map_err(|e| e.to_string())?;
         if chunks.iter().any(|c| !c.tokens.is_empty()) {
             return Ok(Instant::now());
         }
@@ -410,7 +411,7 @@ async fn answered_turn(store: &Store) -> Result<(SessionId, Turn), String> {
     for (seq, batch) in tokens.chunks(4).enumerate() {
         store.append_chunk(&lease, seq as u32, (seq * 4) as u64, batch).await.map_err(|e| e.to_string())?;
     }
-    match store.commit_reply(&lease, &tokens.concat(), None).await.map_err(|e| e.to_string())? {
+    match store.commit_reply(&lease, &Reply::new(tokens.concat())).await.map_err(|e| e.to_string())? {
         Outcome::Applied(_) => Ok((session, turn)),
         Outcome::Conflict(c) => Err(format!("the reply was refused: {c:?}")),
     }

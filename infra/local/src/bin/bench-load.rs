@@ -31,7 +31,7 @@
 
 use chat_core::config::Env;
 use chat_local::cpu::{EmulatorProfile, ProcessCpu};
-use chat_local::sse::SseStream;
+use chat_local::sse_reader::SseStream;
 use chat_local::{Stack, StackSettings};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

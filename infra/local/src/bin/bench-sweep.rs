@@ -10,7 +10,9 @@
 //! scale it measures moto.
 
 use chat_core::config::Env;
-use chat_core::{ClaimOutcome, Clock, NewMessage, Outcome, SendOutcome, State, StoreOptions, UserId};
+use chat_core::{
+    ClaimOutcome, Clock, NewMessage, Outcome, Read, Reply, SendOutcome, State, StoreOptions, UserId,
+};
 use chat_local::{LocalDynamo, LocalSqs, StackSettings};
 use chat_runtime::queue::Queue;
 use futures::StreamExt;
@@ -88,7 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let ClaimOutcome::Claimed(lease) = claim else {
                     return Err("the claim was refused".to_owned());
                 };
-                match store.commit_reply(&lease, "hello", None).await.map_err(|e| e.to_string())? {
+                match store.commit_reply(&lease, &Reply::new("hello")).await.map_err(|e| e.to_string())? {
                     Outcome::Applied(_) => Ok(()),
                     Outcome::Conflict(c) => Err(format!("the commit was refused: {c:?}")),
                 }
@@ -158,7 +160,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Spot-check what the sweep left: an expired session waits for its summary.
     let ids = store.overdue_sessions(u64::MAX, 1).await?;
     if let Some(id) = ids.first() {
-        let session = store.get_session(*id, true).await?.ok_or("a session vanished")?;
+        let session = store.get_session(*id, Read::Consistent).await?.ok_or("a session vanished")?;
         if !(session.state == State::Timeout && session.summary_pending) {
             return Err(format!("a swept session is {} without a pending summary", session.state).into());
         }

@@ -11,11 +11,11 @@
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
-use chat_core::queue::TurnMessage;
-use chat_core::{NewMessage, Outcome, Role, SendOutcome, StoreOptions, UserId};
+use chat_core::job::TurnMessage;
+use chat_core::{NewMessage, Outcome, Read, Role, SendOutcome, StoreOptions, UserId};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
-use generator::model::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
+use generator::llm::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
 use lambda_http::RequestExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -188,7 +188,7 @@ async fn run(
         let response = relay.handle(request).await;
         let reader = tokio::spawn(async move {
             let body = http_body_util::BodyDataStream::new(response.into_body()).boxed();
-            let mut events = chat_local::sse::SseStream::from_bytes(body);
+            let mut events = chat_local::sse_reader::SseStream::from_bytes(body);
             let mut received = Vec::new();
             while let Ok(Some(event)) = events.next().await {
                 if event.event == "token" {
@@ -222,7 +222,8 @@ async fn run(
         if !messages.iter().any(|m| m.id.role == Role::Assistant) {
             return Err("no reply was committed".into());
         }
-        totals.chunks += ingest_store.read_chunks(ticket.session_id, ticket.turn, None, true).await?.len();
+        totals.chunks +=
+            ingest_store.read_chunks(ticket.session_id, ticket.turn, None, Read::Consistent).await?.len();
         let after = (ingest_store.capacity(), generator_store.capacity(), stream_store.capacity());
         totals.write_units +=
             (after.0.write_units - before.0.write_units) + (after.1.write_units - before.1.write_units);
@@ -232,8 +233,10 @@ async fn run(
         if turn == 0 {
             // The session goes quiet: the sweeper expires it, the generator writes its summary.
             let before = (ingest_store.capacity(), generator_store.capacity());
-            let session =
-                ingest_store.get_session(ticket.session_id, true).await?.ok_or("session vanished")?;
+            let session = ingest_store
+                .get_session(ticket.session_id, Read::Consistent)
+                .await?
+                .ok_or("session vanished")?;
             let Outcome::Applied(_) = ingest_store.expire_idle(&session, "bench").await? else {
                 return Err("the idle expiry was refused".into());
             };
@@ -246,8 +249,10 @@ async fn run(
             if !generator.handle(event).await.batch_item_failures.is_empty() {
                 return Err("the summary job failed".into());
             }
-            let summarised =
-                ingest_store.get_session(ticket.session_id, true).await?.ok_or("session vanished")?;
+            let summarised = ingest_store
+                .get_session(ticket.session_id, Read::Consistent)
+                .await?
+                .ok_or("session vanished")?;
             if summarised.summary.is_none() {
                 return Err("no summary was stored".into());
             }

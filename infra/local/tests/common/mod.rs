@@ -193,12 +193,12 @@ pub fn reply_of(session: &Value, turn: u64) -> Option<Value> {
         .cloned()
 }
 
-/// One event of a stream (the one SSE parser, `chat_local::sse`).
-pub type Sse = chat_local::sse::SseEvent;
+/// One event of a stream (the one SSE parser, `chat_local::sse_reader`).
+pub type Sse = chat_local::sse_reader::SseEvent;
 
 /// Reads SSE events from a response as they arrive.
 pub struct SseReader {
-    stream: chat_local::sse::SseStream,
+    stream: chat_local::sse_reader::SseStream,
 }
 
 impl SseReader {
@@ -208,7 +208,7 @@ impl SseReader {
             req = req.header("last-event-id", id);
         }
         let response = req.send().await.expect("stream request");
-        (response.status().as_u16(), SseReader { stream: chat_local::sse::SseStream::new(response) })
+        (response.status().as_u16(), SseReader { stream: chat_local::sse_reader::SseStream::new(response) })
     }
 
     /// The `retry:` hint the server sent, if any.

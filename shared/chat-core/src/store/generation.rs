@@ -4,13 +4,13 @@
 
 use super::transition::{TransitionWrite, WriteResult};
 use super::{
-    key, ms, number, session_key, string, AppendOutcome, ClaimOutcome, Lease, LeaseStatus, Outcome, Store,
-    Written,
+    key, ms, number, session_key, string, AppendOutcome, ClaimOutcome, Lease, LeaseStatus, Outcome, Read,
+    Reply, Store, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn};
-use crate::model::{attr, Chunk, Session, StopReason};
+use crate::record::{attr, Chunk, Session, Usage};
 use crate::table::{self, DUE_AT, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use std::time::Duration;
@@ -37,7 +37,7 @@ impl Store {
         max_generation_attempts: u32,
     ) -> Result<ClaimOutcome, StoreError> {
         for _ in 0..self.options.max_write_attempts {
-            let Some(current) = self.get_session(session, true).await? else {
+            let Some(current) = self.get_session(session, Read::Consistent).await? else {
                 return Ok(ClaimOutcome::Skipped { current: None });
             };
             let now = self.now_ms();
@@ -50,7 +50,9 @@ impl Store {
                 State::AiGenerating if lease_expired => {
                     let (event, reason) = fsm::expiry(current.state).expect("ai_generating has a deadline");
                     self.end_turn(&current, event, reason, owner).await?;
-                    return Ok(ClaimOutcome::Skipped { current: self.get_session(session, true).await? });
+                    return Ok(ClaimOutcome::Skipped {
+                        current: self.get_session(session, Read::Consistent).await?,
+                    });
                 }
                 _ => None,
             };
@@ -86,10 +88,7 @@ impl Store {
                 next_seq: 0,
                 resumed_tokens: Vec::new(),
                 summary: current.summary.clone(),
-                routing: None,
-                tool_uses: Vec::new(),
                 user: current.user_id.clone(),
-                usage: Default::default(),
             };
             if event == Event::LeaseTakeover {
                 match self.fence(&mut lease).await? {
@@ -111,12 +110,13 @@ impl Store {
     async fn fence(&self, lease: &mut Lease) -> Result<AppendOutcome, StoreError> {
         const MAX_TRIES: u32 = 64;
         let (session, turn) = (lease.session_id, lease.turn);
-        let chunks = self.read_chunks(session, turn, None, true).await?;
+        let chunks = self.read_chunks(session, turn, None, Read::Consistent).await?;
         let first_open = chunks.last().map_or(0, |c| c.seq + 1);
         let mut stride = 0u32;
         let mut tries = 0;
         let fence_slot = loop {
-            let written = self.read_chunks(session, turn, first_open.checked_sub(1), true).await?;
+            let written =
+                self.read_chunks(session, turn, first_open.checked_sub(1), Read::Consistent).await?;
             let slot = written.last().map_or(first_open, |c| c.seq + 1) + stride;
             if let ChunkPut::Stored = self.put_chunk(lease, slot, 0, &[], None).await? {
                 break slot;
@@ -125,16 +125,18 @@ impl Store {
             if tries >= MAX_TRIES {
                 return Err(StoreError::Contention { attempts: tries });
             }
-            if self.lease_status(lease, true).await? == LeaseStatus::Lost {
+            if self.lease_status(lease, Read::Consistent).await? == LeaseStatus::Lost {
                 return Ok(AppendOutcome::Fenced);
             }
             stride = (stride * 2).max(4);
         };
         // Fill the skipped slots in order; each fill that lands stops the old holder there.
         let mut end = match first_open.checked_sub(1) {
-            Some(seq) => {
-                self.read_chunks(session, turn, seq.checked_sub(1), true).await?.first().map_or(0, Chunk::end)
-            }
+            Some(seq) => self
+                .read_chunks(session, turn, seq.checked_sub(1), Read::Consistent)
+                .await?
+                .first()
+                .map_or(0, Chunk::end),
             None => 0,
         };
         for slot in first_open..fence_slot {
@@ -147,7 +149,7 @@ impl Store {
             }
         }
         self.set_chunk_start(lease, fence_slot, end).await?;
-        let chunks = self.read_chunks(session, turn, None, true).await?;
+        let chunks = self.read_chunks(session, turn, None, Read::Consistent).await?;
         let mut tokens = Vec::new();
         for (expected_seq, chunk) in chunks.iter().take(fence_slot as usize).enumerate() {
             if chunk.seq as usize != expected_seq {
@@ -254,8 +256,8 @@ impl Store {
     }
 
     /// Whether `lease` still holds the turn and whether a cancel was requested.
-    pub async fn lease_status(&self, lease: &Lease, consistent: bool) -> Result<LeaseStatus, StoreError> {
-        let current = self.get_session(lease.session_id, consistent).await?;
+    pub async fn lease_status(&self, lease: &Lease, read: Read) -> Result<LeaseStatus, StoreError> {
+        let current = self.get_session(lease.session_id, read).await?;
         Ok(lease_status_of(lease, current.as_ref()))
     }
 
@@ -293,22 +295,18 @@ impl Store {
         })
     }
 
-    /// `ReplyCommitted`: stores the assistant message, only while `lease` still holds the turn,
-    /// and charges what the lease's model calls consumed to its user's day, in the same
+    /// `ReplyCommitted`: stores `reply` as the assistant message, only while `lease` still holds
+    /// the turn, and charges what its model calls consumed to the user's day, in the same
     /// transaction.
-    pub async fn commit_reply(
-        &self,
-        lease: &Lease,
-        content: &str,
-        stopped: Option<StopReason>,
-    ) -> Result<Outcome<u64>, StoreError> {
-        let mut message = self.message_item(lease.session_id, lease.turn, Role::Assistant, content, stopped);
-        if let Some(routing) = &lease.routing {
+    pub async fn commit_reply(&self, lease: &Lease, reply: &Reply) -> Result<Outcome<u64>, StoreError> {
+        let mut message =
+            self.message_item(lease.session_id, lease.turn, Role::Assistant, &reply.text, reply.stopped);
+        if let Some(routing) = &reply.routing {
             message.insert(attr::ROUTE.to_owned(), string(routing.route.clone()));
             message.insert(attr::MODEL.to_owned(), string(routing.model.clone()));
         }
-        if !lease.tool_uses.is_empty() {
-            let json = serde_json::to_string(&lease.tool_uses).expect("tool uses serialise");
+        if !reply.tool_uses.is_empty() {
+            let json = serde_json::to_string(&reply.tool_uses).expect("tool uses serialise");
             message.insert(attr::TOOL_USES.to_owned(), string(json));
         }
         let (mut set, remove) = self.turn_ended_deadline(lease.session_id);
@@ -327,21 +325,22 @@ impl Store {
             )),
             extra_items: [self.put_new(message)]
                 .into_iter()
-                .chain(self.charge(&lease.user, lease.usage.total()))
+                .chain(self.charge(&lease.user, reply.usage.total()))
                 .collect(),
         };
         self.outcome(write).await
     }
 
     /// `GenerationFailed`: ends the turn of `current` (as `lease` left it) in `error` with
-    /// `reason`, charging what the lease's model calls consumed in the same transaction.
+    /// `reason`, charging what the lease's model calls consumed (`spent`) in the same transaction.
     pub async fn fail_generation(
         &self,
         lease: &Lease,
         current: &Session,
         reason: &str,
+        spent: Usage,
     ) -> Result<Outcome<u64>, StoreError> {
-        let charge = self.charge(&lease.user, lease.usage.total()).into_iter().collect();
+        let charge = self.charge(&lease.user, spent.total()).into_iter().collect();
         self.end_turn_with(current, Event::GenerationFailed, reason, &lease.owner, charge).await
     }
 }

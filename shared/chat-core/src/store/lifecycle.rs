@@ -3,12 +3,12 @@
 
 use super::transition::TransitionWrite;
 use super::{
-    backoff, key, ms, number, session_key, string, Conflict, DeleteOutcome, Outcome, Store, Written,
+    backoff, key, ms, number, session_key, string, Conflict, DeleteOutcome, Outcome, Read, Store, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
-use crate::model::{attr, Fields, Item, Session};
+use crate::record::{attr, Fields, Item, Session};
 use crate::table::{self, DUE_AT, DUE_SHARD, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, DeleteRequest, ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem,
@@ -293,7 +293,7 @@ impl Store {
         id: SessionId,
         owner: Option<&UserId>,
     ) -> Result<DeleteOutcome, StoreError> {
-        let session = self.get_session(id, true).await?;
+        let session = self.get_session(id, Read::Consistent).await?;
         if let Some(owner) = owner {
             if session.as_ref().is_none_or(|s| &s.user_id != owner) {
                 return Ok(DeleteOutcome::NotFound);
@@ -367,7 +367,7 @@ impl Store {
     async fn idempotency_keys(&self, user: &UserId, id: SessionId) -> Result<Vec<Item>, StoreError> {
         let prefix = table::IDEMPOTENCY_PREFIX;
         let records = self
-            .query_range(table::user_pk(user), prefix.to_owned(), super::prefix_end(prefix), true)
+            .query_range(table::user_pk(user), prefix.to_owned(), super::prefix_end(prefix), Read::Consistent)
             .await?;
         let mut keys = Vec::new();
         for record in records {
@@ -420,7 +420,7 @@ impl Store {
             .expression_attribute_values(":pk", string(pk))
             .projection_expression("#pk, #sk")
             .select(Select::SpecificAttributes)
-            .consistent_read(true);
+            .consistent_read(Read::Consistent.consistent());
         self.query_all(query).await
     }
 }

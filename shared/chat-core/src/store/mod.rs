@@ -12,10 +12,13 @@
 //! - `transition.rs`: the transition writer and the items written with transitions;
 //! - `user_turn.rs`: a user's send, its commit and cancel;
 //! - `generation.rs`: a generator's claim, lease, chunks and reply;
-//! - `lifecycle.rs`: ending turns, re-drives and deletion.
+//! - `lifecycle.rs`: ending turns, re-drives and deletion;
+//! - `limits.rs`: the limits kept in the table (turn buckets, stream and turn slots, the daily
+//!   token budget, the session count).
 
 mod generation;
 mod lifecycle;
+pub mod limits;
 mod outcomes;
 mod reads;
 mod request;
@@ -23,12 +26,12 @@ mod transition;
 mod user_turn;
 
 pub use outcomes::*;
-pub use reads::SessionCursor;
+pub use reads::{Read, SessionCursor};
 pub(crate) use request::Written;
 
 use crate::error::StoreError;
 use crate::ids::SessionId;
-use crate::model::Item;
+use crate::record::Item;
 use crate::table::{self, PK, SK};
 use aws_sdk_dynamodb::types::{AttributeValue, ConsumedCapacity};
 use aws_sdk_dynamodb::Client;
@@ -228,8 +231,12 @@ impl Store {
 
     /// One item by key, read consistently.
     pub(crate) async fn get_item(&self, key: Item) -> Result<Option<Item>, StoreError> {
-        let request =
-            self.client.get_item().table_name(&*self.table).set_key(Some(key)).consistent_read(true);
+        let request = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(key))
+            .consistent_read(Read::Consistent.consistent());
         Ok(self.send(request).await?.item)
     }
 }

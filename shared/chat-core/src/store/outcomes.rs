@@ -1,9 +1,9 @@
-//! What the store's operations answer. A failed write condition is one of these outcomes, never
-//! an error.
+//! What the store's operations take (a new message, a reply) and answer. A failed write
+//! condition is one of these outcomes, never an error.
 
 use crate::fsm::State;
 use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
-use crate::model::Session;
+use crate::record::{Routing, Session, StopReason, ToolUse, Usage};
 
 /// The result of a conditional write: it happened, or the session was not as expected.
 // One is returned per write and consumed at once, never stored in bulk: the session a
@@ -26,7 +26,7 @@ pub struct Conflict {
 
 impl Conflict {
     /// The conflict of a refused session update, from the item it returned as it was.
-    pub(crate) fn of_refused(item: Option<&crate::model::Item>) -> Result<Conflict, crate::StoreError> {
+    pub(crate) fn of_refused(item: Option<&crate::record::Item>) -> Result<Conflict, crate::StoreError> {
         Ok(Conflict { current: item.map(Session::from_item).transpose()? })
     }
 }
@@ -57,6 +57,30 @@ pub struct NewMessage<'a> {
     pub by: &'a str,
 }
 
+/// A generator's finished reply, handed to [`crate::Store::commit_reply`]: what is stored as the
+/// assistant message, and what the turn's model calls consumed (charged in the same transaction).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply's text: the turn's tokens, without its tool entries.
+    pub text: String,
+    /// Why the reply was cut short, if it was.
+    pub stopped: Option<StopReason>,
+    /// The route and model that wrote it, when response routing chose one.
+    pub routing: Option<Routing>,
+    /// The tools called while writing it, with their answers, in order.
+    pub tool_uses: Vec<ToolUse>,
+    /// What this holder's model calls consumed. (A crashed holder's spend is not charged: at most
+    /// `MAX_ATTEMPTS` calls.)
+    pub usage: Usage,
+}
+
+impl Reply {
+    /// A complete reply of `text`, with no route, no tools and nothing consumed.
+    pub fn new(text: impl Into<String>) -> Reply {
+        Reply { text: text.into(), ..Reply::default() }
+    }
+}
+
 /// What became of a send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SendOutcome {
@@ -84,7 +108,7 @@ pub enum SendOutcome {
         limit: u32,
     },
     /// The user's turns have used up today's token budget; nothing was written.
-    BudgetExhausted(crate::limits::BudgetSpent),
+    BudgetExhausted(super::limits::BudgetSpent),
 }
 
 /// A generator's claim on a turn: the fencing version and what was already streamed.
@@ -107,16 +131,9 @@ pub struct Lease {
     /// Tokens a previous holder already wrote for this turn (empty on a first claim).
     pub resumed_tokens: Vec<String>,
     /// The session's summary of its earlier turns, if it has one: compact memory.
-    pub summary: Option<crate::model::Summary>,
-    /// The route this holder chose for the turn, stored with the reply.
-    pub routing: Option<crate::model::Routing>,
-    /// The tools called for the turn so far, stored with the reply.
-    pub tool_uses: Vec<crate::model::ToolUse>,
+    pub summary: Option<crate::record::Summary>,
     /// The session's owner, whose daily token count the turn's spend is charged to.
     pub user: UserId,
-    /// What this holder's model calls consumed so far: charged when the turn ends, in the same
-    /// transaction. (A crashed holder's spend is not charged: at most `MAX_ATTEMPTS` calls.)
-    pub usage: crate::model::Usage,
 }
 
 /// What became of a generation claim.

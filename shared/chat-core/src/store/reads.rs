@@ -4,7 +4,7 @@
 use super::{backoff, key, number, prefix_end, session_key, string, InvalidCursor, SessionPage, Store};
 use crate::error::StoreError;
 use crate::ids::{Role, SessionId, Turn, UserId};
-use crate::model::{Chunk, Fields, Item, Message, Session, TransitionRecord};
+use crate::record::{Chunk, Fields, Item, Message, Session, TransitionRecord};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, SK};
 use aws_sdk_dynamodb::types::KeysAndAttributes;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -30,15 +30,32 @@ impl SessionCursor {
     }
 }
 
+/// Whether a read must see the latest write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Sees every write acknowledged before it: for a decision that must not act on a stale state
+    /// (twice the read capacity of an eventual read).
+    Consistent,
+    /// May miss the newest writes (by about a second): for polling, where the next poll catches up.
+    Eventual,
+}
+
+impl Read {
+    /// DynamoDB's `ConsistentRead`.
+    pub(super) fn consistent(self) -> bool {
+        self == Read::Consistent
+    }
+}
+
 impl Store {
-    /// Reads a session item; `consistent` for a read that must see the latest write.
-    pub async fn get_session(&self, id: SessionId, consistent: bool) -> Result<Option<Session>, StoreError> {
+    /// Reads a session item.
+    pub async fn get_session(&self, id: SessionId, read: Read) -> Result<Option<Session>, StoreError> {
         let request = self
             .client
             .get_item()
             .table_name(&*self.table)
             .set_key(Some(session_key(id)))
-            .consistent_read(consistent);
+            .consistent_read(read.consistent());
         let session = self.send(request).await?.item().map(Session::from_item).transpose()?;
         Ok(session.filter(|s| self.retained(s)))
     }
@@ -55,7 +72,7 @@ impl Store {
         pk: String,
         from: String,
         to: String,
-        consistent: bool,
+        read: Read,
     ) -> Result<Vec<Item>, StoreError> {
         let query = self
             .client
@@ -67,7 +84,7 @@ impl Store {
             .expression_attribute_values(":pk", string(pk))
             .expression_attribute_values(":from", string(from))
             .expression_attribute_values(":to", string(to))
-            .consistent_read(consistent);
+            .consistent_read(read.consistent());
         self.query_all(query).await
     }
 
@@ -77,14 +94,14 @@ impl Store {
         session: SessionId,
         turn: Turn,
         role: Role,
-        consistent: bool,
+        read: Read,
     ) -> Result<Option<Message>, StoreError> {
         let request = self
             .client
             .get_item()
             .table_name(&*self.table)
             .set_key(Some(key(table::session_pk(session), table::message_sk(turn, role))))
-            .consistent_read(consistent);
+            .consistent_read(read.consistent());
         self.send(request).await?.item().map(Message::from_item).transpose()
     }
 
@@ -103,7 +120,7 @@ impl Store {
                 table::session_pk(session),
                 table::message_sk(first, Role::User),
                 table::message_sk(through, Role::User),
-                true,
+                Read::Consistent,
             )
             .await?;
         items.iter().map(Message::from_item).collect()
@@ -124,7 +141,7 @@ impl Store {
                 table::session_pk(session),
                 table::message_sk(first, Role::User),
                 table::message_sk(through, Role::Assistant),
-                true,
+                Read::Consistent,
             )
             .await?;
         items.iter().map(Message::from_item).collect()
@@ -135,10 +152,11 @@ impl Store {
         &self,
         id: SessionId,
     ) -> Result<Option<(Session, Vec<Message>)>, StoreError> {
-        let Some(session) = self.get_session(id, true).await? else { return Ok(None) };
+        let Some(session) = self.get_session(id, Read::Consistent).await? else { return Ok(None) };
         let prefix = table::MESSAGE_PREFIX;
-        let items =
-            self.query_range(table::session_pk(id), prefix.to_owned(), prefix_end(prefix), true).await?;
+        let items = self
+            .query_range(table::session_pk(id), prefix.to_owned(), prefix_end(prefix), Read::Consistent)
+            .await?;
         let messages = items.iter().map(Message::from_item).collect::<Result<_, _>>()?;
         Ok(Some((session, messages)))
     }
@@ -149,7 +167,7 @@ impl Store {
         session: SessionId,
         turn: Turn,
         after_seq: Option<u32>,
-        consistent: bool,
+        read: Read,
     ) -> Result<Vec<Chunk>, StoreError> {
         let first = match after_seq {
             Some(seq) => seq.saturating_add(1),
@@ -160,7 +178,7 @@ impl Store {
                 table::session_pk(session),
                 table::chunk_sk(turn, first),
                 prefix_end(&table::chunk_turn_prefix(turn)),
-                consistent,
+                read,
             )
             .await?;
         items.iter().map(Chunk::from_item).collect()
@@ -169,8 +187,9 @@ impl Store {
     /// The session's recorded transitions, oldest first.
     pub async fn transitions(&self, session: SessionId) -> Result<Vec<TransitionRecord>, StoreError> {
         let prefix = table::TRANSITION_PREFIX;
-        let items =
-            self.query_range(table::session_pk(session), prefix.to_owned(), prefix_end(prefix), true).await?;
+        let items = self
+            .query_range(table::session_pk(session), prefix.to_owned(), prefix_end(prefix), Read::Consistent)
+            .await?;
         items.iter().map(TransitionRecord::from_item).collect()
     }
 
@@ -233,7 +252,7 @@ impl Store {
             }
             let request = KeysAndAttributes::builder()
                 .set_keys(Some(pending))
-                .consistent_read(true)
+                .consistent_read(Read::Consistent.consistent())
                 .build()
                 .expect("keys are set");
             let out = self.send(self.client.batch_get_item().request_items(&*self.table, request)).await?;

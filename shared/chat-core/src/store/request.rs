@@ -4,7 +4,7 @@
 
 use super::Store;
 use crate::error::StoreError;
-use crate::model::Item;
+use crate::record::Item;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::batch_get_item::{

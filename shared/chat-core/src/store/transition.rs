@@ -4,11 +4,11 @@
 //! session count), or none of it.
 
 use super::request::{Consumed as _, Request as _};
-use super::{backoff, key, number, session_key, string, Conflict, Outcome, Store};
+use super::{backoff, key, number, session_key, string, Conflict, Outcome, Read, Store};
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn, UserId};
-use crate::model::{attr, Item, Session, StopReason};
+use crate::record::{attr, Item, Session, StopReason};
 use crate::table::{self, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
@@ -116,7 +116,7 @@ impl Store {
                 return Err(err);
             }
             // It may have been applied: the session says whether this operation landed.
-            let Ok(current) = self.get_session(session, true).await else { return Err(err) };
+            let Ok(current) = self.get_session(session, Read::Consistent).await else { return Err(err) };
             match &current {
                 Some(c) if c.last_op.as_deref() == Some(tx.op.as_str()) => {
                     return Ok(WriteResult::Applied { version: tx.version })
@@ -145,7 +145,7 @@ impl Store {
         let current = if session_failed {
             match reasons[0].item() {
                 Some(item) if !item.is_empty() => Some(Session::from_item(item)?),
-                _ => self.get_session(session, true).await?,
+                _ => self.get_session(session, Read::Consistent).await?,
             }
         } else {
             None
@@ -297,9 +297,9 @@ impl Store {
     pub(super) fn count_sessions(&self, user: &UserId, delta: i64) -> TransactWriteItem {
         let mut update = Update::builder()
             .table_name(&*self.table)
-            .set_key(Some(key(table::user_pk(user), crate::limits::SESSION_COUNT_SK)))
+            .set_key(Some(key(table::user_pk(user), super::limits::SESSION_COUNT_SK)))
             .update_expression("ADD #count :delta")
-            .expression_attribute_names("#count", crate::limits::SESSION_COUNT)
+            .expression_attribute_names("#count", super::limits::SESSION_COUNT)
             .expression_attribute_values(":delta", number(delta));
         let limit = self.options.max_sessions_per_user;
         if delta > 0 && limit > 0 {
@@ -345,9 +345,9 @@ impl Store {
                 Outcome::Conflict(Conflict { current })
             }
             // Only the reply slot was taken: the turn was committed already; report the session.
-            WriteResult::Rejected(_) => {
-                Outcome::Conflict(Conflict { current: self.get_session(write_session, true).await? })
-            }
+            WriteResult::Rejected(_) => Outcome::Conflict(Conflict {
+                current: self.get_session(write_session, Read::Consistent).await?,
+            }),
         })
     }
 }

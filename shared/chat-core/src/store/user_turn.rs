@@ -3,13 +3,13 @@
 
 use super::transition::{Rejection, TransitionWrite, WriteResult};
 use super::{
-    key, ms, number, session_key, string, CancelOutcome, Conflict, NewMessage, Outcome, SendOutcome, Store,
-    TurnTicket, Written,
+    key, ms, number, session_key, string, CancelOutcome, Conflict, NewMessage, Outcome, Read, SendOutcome,
+    Store, TurnTicket, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{Event, State};
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
-use crate::model::{attr, Fields, Item, Session};
+use crate::record::{attr, Fields, Item, Session};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 
@@ -55,7 +55,7 @@ impl Store {
             return self.claim_turn(&msg, new_session, None).await;
         };
         for _ in 0..self.options.max_write_attempts {
-            let current = match self.get_session(session_id, true).await? {
+            let current = match self.get_session(session_id, Read::Consistent).await? {
                 Some(current) if &current.user_id == msg.user => current,
                 _ => return Ok(SendOutcome::NotFound),
             };

@@ -163,9 +163,9 @@ async fn racing_new_sessions_stop_at_the_cap_and_a_delete_frees_a_place() {
     // A new turn in an existing session is not a new session: the cap does not apply.
     let first = &sessions[0];
     let Outcome::Applied(t) = store.commit_user_message(first, "t").await.unwrap() else { panic!() };
-    let current = store.get_session(t.session_id, true).await.unwrap().unwrap();
+    let current = store.get_session(t.session_id, Read::Consistent).await.unwrap().unwrap();
     store.end_turn(&current, Event::ProcessingFailed, "test", "t").await.unwrap();
-    let current = store.get_session(t.session_id, true).await.unwrap().unwrap();
+    let current = store.get_session(t.session_id, Read::Consistent).await.unwrap().unwrap();
     assert!(!current.state.turn_in_flight());
     let msg = NewMessage {
         user: &user,
@@ -184,7 +184,7 @@ async fn racing_new_sessions_stop_at_the_cap_and_a_delete_frees_a_place() {
     })
     .await;
     assert!(deletes.iter().all(|d| matches!(d, DeleteOutcome::Deleted { .. } | DeleteOutcome::NotFound)));
-    assert!(store.get_session(gone, true).await.unwrap().is_none());
+    assert!(store.get_session(gone, Read::Consistent).await.unwrap().is_none());
     assert_eq!(store.session_count(&user).await.unwrap(), 2);
     let msg = NewMessage { user: &user, session: None, content: "again", client_message_id: None, by: "t" };
     assert!(matches!(store.send_message(msg).await.unwrap(), SendOutcome::Accepted(_)));
@@ -322,23 +322,22 @@ async fn a_user_over_the_daily_token_budget_is_refused_a_turn_until_the_day_ends
     let db = TestDb::start().await;
     let store = budgeted(&db, 100);
     let user = new_user();
-    let mut lease = claimed_turn(&store, &user, None, "gen-1").await;
+    let lease = claimed_turn(&store, &user, None, "gen-1").await;
     assert_eq!(lease.user, user);
-    lease.usage = spent(90);
-    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    let reply = Reply { usage: spent(90), ..Reply::new("reply") };
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 90);
     // 90 of 100: the next turn is admitted, and it spends 20 more.
     let session = lease.session_id;
-    let mut lease = claimed_turn(&store, &user, Some(session), "gen-2").await;
-    lease.usage = spent(20);
-    let current = store.get_session(session, true).await.unwrap().unwrap();
+    let lease = claimed_turn(&store, &user, Some(session), "gen-2").await;
+    let current = store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     assert!(matches!(
-        store.fail_generation(&lease, &current, "the model failed").await.unwrap(),
+        store.fail_generation(&lease, &current, "the model failed", spent(20)).await.unwrap(),
         Outcome::Applied(_)
     ));
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 110, "a failed turn's spend counts too");
     // Over it: refused, and nothing is written (no turn, no session, no message).
-    let before = store.get_session(session, true).await.unwrap().unwrap();
+    let before = store.get_session(session, Read::Consistent).await.unwrap().unwrap();
     let again =
         NewMessage { user: &user, session: Some(session), content: "more", client_message_id: None, by: "t" };
     let SendOutcome::BudgetExhausted(over) = store.send_message(again.clone()).await.unwrap() else {
@@ -346,7 +345,7 @@ async fn a_user_over_the_daily_token_budget_is_refused_a_turn_until_the_day_ends
     };
     assert_eq!((over.used, over.limit), (110, 100));
     assert_eq!(chat_core::time::rfc3339_ms(over.resets_at), "2027-01-16T00:00:00.000Z", "the next 00:00 UTC");
-    assert_eq!(store.get_session(session, true).await.unwrap().unwrap(), before);
+    assert_eq!(store.get_session(session, Read::Consistent).await.unwrap().unwrap(), before);
     let fresh = NewMessage { session: None, ..again.clone() };
     assert!(matches!(store.send_message(fresh).await.unwrap(), SendOutcome::BudgetExhausted(_)));
     assert_eq!(store.list_user_sessions(&user, 10, None).await.unwrap().sessions.len(), 1, "no new session");
@@ -364,11 +363,11 @@ async fn a_turns_spend_is_charged_once_however_its_commit_is_retried_or_fenced()
     let db = TestDb::start().await;
     let store = budgeted(&db, 1_000);
     let user = new_user();
-    let mut lease = claimed_turn(&store, &user, None, "gen-1").await;
-    lease.usage = spent(40);
-    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    let lease = claimed_turn(&store, &user, None, "gen-1").await;
+    let reply = Reply { usage: spent(40), ..Reply::new("reply") };
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
     // The same commit again (a redelivery, a retry after a lost answer): refused, nothing counted.
-    assert!(matches!(store.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Conflict(_)));
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Conflict(_)));
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 40);
     // A summary is counted once per marker.
     assert!(store.charge_once(&user, "summary#s#1", 7).await.unwrap());
@@ -377,8 +376,7 @@ async fn a_turns_spend_is_charged_once_however_its_commit_is_retried_or_fenced()
     // Without a budget nothing is counted (and nothing costs a write).
     let free = budgeted(&db, 0);
     let other = new_user();
-    let mut lease = claimed_turn(&free, &other, None, "gen-2").await;
-    lease.usage = spent(40);
-    assert!(matches!(free.commit_reply(&lease, "reply", None).await.unwrap(), Outcome::Applied(_)));
+    let lease = claimed_turn(&free, &other, None, "gen-2").await;
+    assert!(matches!(free.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
     assert_eq!(free.tokens_used_today(&other).await.unwrap(), 0);
 }

@@ -1,10 +1,10 @@
 //! The model configuration, read once at cold start. A missing or invalid variable fails the
 //! start with a message naming it; the API key is never printed.
 
+use crate::llm::bedrock::BedrockSettings;
+use crate::llm::openai::OpenAiSettings;
+use crate::llm::{Bedrock, DemoModel, Model, ModelProvider, OpenAi, RetryPolicy};
 use crate::memory::MemoryLimits;
-use crate::model::bedrock::BedrockSettings;
-use crate::model::openai::OpenAiSettings;
-use crate::model::{Bedrock, DemoModel, Model, ModelProvider, OpenAi, RetryPolicy};
 use crate::routing::{NamedModel, RouteRule, Routes};
 use chat_core::config::{ConfigError, Env};
 use std::sync::Arc;

@@ -98,6 +98,36 @@ pub fn prompt_tokens(prompt: &Prompt, counter: chat_tokens::TokenCounter) -> u64
     tokens as u64
 }
 
+/// What one model call consumed: what its provider reported, and what it streamed (for an
+/// estimate when it reported nothing).
+#[derive(Debug, Default)]
+pub(crate) struct Spent {
+    reported: Option<chat_core::Usage>,
+    /// The text and tool-call arguments the call streamed.
+    pub(crate) streamed: String,
+}
+
+impl Spent {
+    /// Adds what the provider reported.
+    pub(crate) fn reported(&mut self, usage: chat_core::Usage) {
+        *self.reported.get_or_insert_with(Default::default) += usage;
+    }
+
+    /// The reported usage, or an estimate with `o200k_base`: the prompt, and what was streamed.
+    pub(crate) fn usage(&self, prompt: &Prompt, counter: chat_tokens::TokenCounter) -> chat_core::Usage {
+        if let Some(usage) = self.reported {
+            return usage;
+        }
+        let usage = chat_core::Usage {
+            input: prompt_tokens(prompt, counter),
+            output: counter.count(&self.streamed) as u64,
+            ..Default::default()
+        };
+        tracing::info!(input = usage.input, output = usage.output, "the model reported no usage; estimated");
+        usage
+    }
+}
+
 /// A stream of reply text and tool calls.
 pub type TokenStream = BoxStream<'static, Result<Output, ModelError>>;
 

@@ -15,11 +15,10 @@
 //! | a turn's open streams | `S#{session}` | `STREAMS#{turn:08}` (deleted with its session) |
 //! | everyone's turn bucket | `LIMIT` | `TURNS` |
 
-use crate::config::{ConfigError, Env};
+use super::{key, number, Store, Written};
 use crate::error::StoreError;
 use crate::ids::{SessionId, Turn, UserId};
-use crate::model::Item;
-use crate::store::{key, number, Store, Written};
+use crate::record::Item;
 use crate::table::{self, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
     AttributeValue, ConditionCheck, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
@@ -27,7 +26,8 @@ use aws_sdk_dynamodb::types::{
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// The per-user limits; 0 turns a limit off.
+/// The per-user limits; 0 turns a limit off. `UserLimits::from_env` (in [`crate::config`]) reads
+/// them from the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserLimits {
     /// Turns a user may start per minute, in bursts of up to this many (`TURNS_PER_MINUTE`).
@@ -70,35 +70,15 @@ impl UserLimits {
         daily_tokens: 0,
         turns_in_flight: 0,
     };
-
-    /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
-    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET` and `MAX_TURNS_IN_FLIGHT`.
-    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
-        let defaults = UserLimits::default();
-        Ok(UserLimits {
-            turns_per_minute: env.parse_or("TURNS_PER_MINUTE", defaults.turns_per_minute)?,
-            open_streams: env.parse_or("MAX_OPEN_STREAMS", defaults.open_streams)?,
-            streams_per_turn: env.parse_or("MAX_STREAMS_PER_TURN", defaults.streams_per_turn)?,
-            sessions: env.parse_or("MAX_SESSIONS_PER_USER", defaults.sessions)?,
-            daily_tokens: env.parse_or("DAILY_TOKEN_BUDGET", defaults.daily_tokens)?,
-            turns_in_flight: env.parse_or("MAX_TURNS_IN_FLIGHT", defaults.turns_in_flight)?,
-        })
-    }
 }
 
-/// Limits over every user together; 0 turns a limit off.
+/// Limits over every user together; 0 turns a limit off. `GlobalLimits::from_env` (in
+/// [`crate::config`]) reads them from the environment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GlobalLimits {
     /// Turns everyone together may start per minute (`GLOBAL_TURNS_PER_MINUTE`): a ceiling on
     /// spend however many accounts there are.
     pub turns_per_minute: u32,
-}
-
-impl GlobalLimits {
-    /// Reads `GLOBAL_TURNS_PER_MINUTE`.
-    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
-        Ok(GlobalLimits { turns_per_minute: env.parse_or("GLOBAL_TURNS_PER_MINUTE", 0)? })
-    }
 }
 
 /// The answer of a limit check.
@@ -604,24 +584,6 @@ mod tests {
         assert_eq!(bucket.take(tat, 1_000_000), Ok(1_010_000));
         assert_eq!(retry_after(1), Duration::from_secs(1));
         assert_eq!(retry_after(10_001), Duration::from_secs(11));
-    }
-
-    #[test]
-    fn limits_read_from_the_environment() {
-        let env = Env::from_fn(|name| match name {
-            "TURNS_PER_MINUTE" => Some("5".to_owned()),
-            "MAX_OPEN_STREAMS" => Some("0".to_owned()),
-            _ => None,
-        });
-        let limits = UserLimits::from_env(&env).unwrap();
-        assert_eq!(limits, UserLimits { turns_per_minute: 5, open_streams: 0, ..UserLimits::default() });
-        assert_eq!((limits.streams_per_turn, limits.daily_tokens), (2, 0), "defaults");
-        let bad = Env::from_fn(|name| (name == "MAX_SESSIONS_PER_USER").then(|| "many".to_owned()));
-        assert_eq!(UserLimits::from_env(&bad).unwrap_err().variable, "MAX_SESSIONS_PER_USER");
-        let budget = Env::from_fn(|name| (name == "DAILY_TOKEN_BUDGET").then(|| "50000".to_owned()));
-        assert_eq!(UserLimits::from_env(&budget).unwrap().daily_tokens, 50_000);
-        let global = Env::from_fn(|name| (name == "GLOBAL_TURNS_PER_MINUTE").then(|| "600".to_owned()));
-        assert_eq!(GlobalLimits::from_env(&global).unwrap().turns_per_minute, 600);
     }
 
     #[test]

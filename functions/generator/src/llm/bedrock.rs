@@ -362,7 +362,7 @@ mod tests {
 #[cfg(test)]
 mod tool_tests {
     use super::*;
-    use crate::model::ToolSpec;
+    use crate::llm::ToolSpec;
 
     #[test]
     fn a_model_that_must_answer_gets_no_tools_and_the_steps_as_text() {

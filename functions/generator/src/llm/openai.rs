@@ -10,7 +10,7 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,63 +153,47 @@ impl OpenAi {
 
     /// The request body for `prompt`.
     pub fn request_body(&self, prompt: &Prompt) -> Value {
+        let resumed = prompt.resumed_text();
         let mut messages = Vec::new();
         if let Some(system) = &prompt.system {
-            messages.push(json!({"role": "system", "content": system}));
+            messages.push(request::Message::System { content: system });
         }
         for (role, content) in &prompt.messages {
-            let role = match role {
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            messages.push(json!({"role": role, "content": content}));
+            messages.push(match role {
+                Role::User => request::Message::User { content },
+                Role::Assistant => request::Message::Assistant { content: Some(content), tool_calls: None },
+            });
         }
         for exchange in &prompt.exchanges {
             messages.push(match exchange {
-                Exchange::Assistant { text, calls } => json!({
-                    "role": "assistant",
-                    "content": if text.is_empty() { Value::Null } else { json!(text) },
-                    "tool_calls": calls.iter().map(|call| json!({
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": call.arguments},
-                    })).collect::<Vec<_>>(),
-                }),
+                Exchange::Assistant { text, calls } => request::Message::Assistant {
+                    content: Some(text.as_str()).filter(|text| !text.is_empty()),
+                    tool_calls: Some(calls.iter().map(request::ToolCall::from).collect()),
+                },
                 Exchange::ToolResult { call_id, content, .. } => {
-                    json!({"role": "tool", "tool_call_id": call_id, "content": content})
+                    request::Message::Tool { tool_call_id: call_id, content }
                 }
             });
         }
-        if let Some(resumed) = prompt.resumed_text() {
-            messages.push(json!({"role": "assistant", "content": resumed}));
+        if let Some(resumed) = &resumed {
+            messages.push(request::Message::Assistant { content: Some(resumed), tool_calls: None });
         }
-        let mut body = json!({
-            "model": self.settings.model,
-            "messages": messages,
-            "stream": true,
-        });
-        if !prompt.tools.is_empty() {
-            body["tools"] = prompt
-                .tools
-                .iter()
-                .map(|tool| {
-                    json!({"type": "function", "function": {
-                        "name": tool.name, "description": tool.description, "parameters": tool.parameters,
-                    }})
-                })
-                .collect();
-            if prompt.must_answer {
-                body["tool_choice"] = json!("none");
-            }
-        }
-        body[self.settings.max_tokens_field] = json!(self.settings.max_tokens);
-        if self.settings.stream_usage {
-            body["stream_options"] = json!({"include_usage": true});
-        }
-        if let Some(temperature) = self.settings.temperature {
-            body["temperature"] = json!(temperature);
-        }
-        body
+        let settings = &*self.settings;
+        let tools =
+            (!prompt.tools.is_empty()).then(|| prompt.tools.iter().map(request::Tool::from).collect());
+        let max_completion = settings.max_tokens_field == "max_completion_tokens";
+        let body = request::ChatRequest {
+            model: &settings.model,
+            messages,
+            stream: true,
+            tool_choice: (tools.is_some() && prompt.must_answer).then_some("none"),
+            tools,
+            max_tokens: (!max_completion).then_some(settings.max_tokens),
+            max_completion_tokens: max_completion.then_some(settings.max_tokens),
+            stream_options: settings.stream_usage.then_some(request::StreamOptions { include_usage: true }),
+            temperature: settings.temperature.map(f64::from),
+        };
+        serde_json::to_value(body).expect("a request serialises")
     }
 
     async fn start(self, prompt: Arc<Prompt>) -> Result<TokenStream, ModelError> {
@@ -401,59 +385,38 @@ impl Reading {
             self.emit_calls();
             return;
         }
-        let chunk: Value = match serde_json::from_str(data) {
+        let chunk: wire::Chunk = match serde_json::from_str(data) {
             Ok(chunk) => chunk,
             Err(err) => {
-                warn!(error = %err, len = data.len(), "the model provider sent a chunk that is not JSON");
+                warn!(error = %err, len = data.len(), "the model provider sent a chunk that does not parse");
                 self.pending.push_back(Err(ModelError::fatal("the model provider sent a malformed chunk")));
                 return;
             }
         };
-        if let Some(error) = chunk.get("error") {
-            let detail = self.provider.upstream_detail(error.to_string().as_bytes());
-            warn!(%detail, "the model provider reported an error mid-stream");
-            let overloaded = ["rate_limit", "server_error", "overloaded", "unavailable"]
-                .iter()
-                .any(|word| error.to_string().to_lowercase().contains(word));
-            let message = "the model provider reported an error while replying";
-            self.pending.push_back(Err(if overloaded {
-                ModelError::retryable(message)
-            } else {
-                ModelError::fatal(message)
-            }));
+        if let Some(error) = chunk.error {
+            self.pending.push_back(Err(self.reported_error(&error)));
             return;
         }
-        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+        let Some(choices) = chunk.choices else {
             self.pending.push_back(Err(ModelError::fatal("the model provider sent a malformed chunk")));
             return;
         };
         // The call's usage comes in a chunk of its own, without choices (servers that also put
         // running totals on every chunk put the final one there too).
-        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object() && choices.is_empty()) {
-            if let Some(usage) = usage_of(usage) {
-                info!(
-                    input = usage.input,
-                    output = usage.output,
-                    cache_read = usage.cache_read,
-                    "model usage"
-                );
-                self.pending.push_back(Ok(Output::Usage(usage)));
-            }
+        if let Some(usage) = chunk.usage.filter(|_| choices.is_empty()).as_ref().and_then(usage_of) {
+            info!(input = usage.input, output = usage.output, cache_read = usage.cache_read, "model usage");
+            self.pending.push_back(Ok(Output::Usage(usage)));
         }
         // Usage-only chunks have no choices; only the first choice is the reply.
-        let Some(choice) = choices.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
-        else {
-            return;
-        };
-        if let Some(content) = choice.pointer("/delta/content").and_then(Value::as_str) {
-            if !content.is_empty() {
-                self.pending.push_back(Ok(Output::Token(content.to_owned())));
-            }
+        let Some(choice) = choices.into_iter().find(|c| c.index.unwrap_or(0) == 0) else { return };
+        let delta = choice.delta.unwrap_or_default();
+        if let Some(content) = delta.content.filter(|c| !c.is_empty()) {
+            self.pending.push_back(Ok(Output::Token(content)));
         }
         // A tool call arrives in pieces: its id and name first, then its arguments a few
         // characters at a time, keyed by the call's index.
-        for delta in choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
-            let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        for piece in delta.tool_calls.into_iter().flatten() {
+            let index = piece.index.unwrap_or(0) as usize;
             if index > 64 {
                 self.pending
                     .push_back(Err(ModelError::fatal("the model provider sent a malformed tool call")));
@@ -467,37 +430,257 @@ impl Reading {
                 });
             }
             let call = &mut self.calls[index];
-            if let Some(id) = delta.get("id").and_then(Value::as_str) {
-                call.id = id.to_owned();
+            if let Some(id) = piece.id {
+                call.id = id;
             }
-            if let Some(name) = delta.pointer("/function/name").and_then(Value::as_str) {
-                call.name.push_str(name);
+            let function = piece.function.unwrap_or_default();
+            if let Some(name) = function.name {
+                call.name.push_str(&name);
             }
-            if let Some(arguments) = delta.pointer("/function/arguments").and_then(Value::as_str) {
-                call.arguments.push_str(arguments);
+            if let Some(arguments) = function.arguments {
+                call.arguments.push_str(&arguments);
             }
         }
-        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+        if let Some(reason) = choice.finish_reason {
             self.finished = true;
             self.emit_calls();
-            if !matches!(reason, "stop" | "tool_calls") {
+            if !matches!(reason.as_str(), "stop" | "tool_calls") {
                 info!(finish_reason = reason, "the model stopped early");
             }
         }
+    }
+
+    /// The error a server reported mid-stream: retried when it says the server is busy.
+    fn reported_error(&self, error: &Value) -> ModelError {
+        let detail = self.provider.upstream_detail(error.to_string().as_bytes());
+        warn!(%detail, "the model provider reported an error mid-stream");
+        let overloaded = ["rate_limit", "server_error", "overloaded", "unavailable"]
+            .iter()
+            .any(|word| error.to_string().to_lowercase().contains(word));
+        let message = "the model provider reported an error while replying";
+        if overloaded {
+            ModelError::retryable(message)
+        } else {
+            ModelError::fatal(message)
+        }
+    }
+}
+
+/// A `/chat/completions` request, as serde structs.
+mod request {
+    use crate::llm::{ToolCall as Call, ToolSpec};
+    use serde::Serialize;
+
+    #[derive(Debug, Serialize)]
+    pub(super) struct ChatRequest<'a> {
+        pub model: &'a str,
+        pub messages: Vec<Message<'a>>,
+        pub stream: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tools: Option<Vec<Tool<'a>>>,
+        /// `none` once the model must answer: the tools stay described for the earlier steps.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tool_choice: Option<&'static str>,
+        /// The longest reply, in the field the server takes (`OPENAI_MAX_TOKENS_FIELD`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub max_tokens: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub max_completion_tokens: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub stream_options: Option<StreamOptions>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub temperature: Option<f64>,
+    }
+
+    /// One message of the conversation, by role.
+    #[derive(Debug, Serialize)]
+    #[serde(tag = "role", rename_all = "lowercase")]
+    pub(super) enum Message<'a> {
+        System {
+            content: &'a str,
+        },
+        User {
+            content: &'a str,
+        },
+        /// Text (`null` for a tool step without any), and the calls of a tool step.
+        Assistant {
+            content: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            tool_calls: Option<Vec<ToolCall<'a>>>,
+        },
+        /// A tool's answer to a call.
+        Tool {
+            tool_call_id: &'a str,
+            content: &'a str,
+        },
+    }
+
+    #[derive(Debug, Serialize)]
+    pub(super) struct ToolCall<'a> {
+        id: &'a str,
+        r#type: &'static str,
+        function: Function<'a>,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct Function<'a> {
+        name: &'a str,
+        arguments: &'a str,
+    }
+
+    impl<'a> From<&'a Call> for ToolCall<'a> {
+        fn from(call: &'a Call) -> Self {
+            ToolCall {
+                id: &call.id,
+                r#type: "function",
+                function: Function { name: &call.name, arguments: &call.arguments },
+            }
+        }
+    }
+
+    /// A tool offered to the model.
+    #[derive(Debug, Serialize)]
+    pub(super) struct Tool<'a> {
+        r#type: &'static str,
+        function: FunctionSpec<'a>,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct FunctionSpec<'a> {
+        name: &'a str,
+        description: &'a str,
+        parameters: &'a serde_json::Value,
+    }
+
+    impl<'a> From<&'a ToolSpec> for Tool<'a> {
+        fn from(tool: &'a ToolSpec) -> Self {
+            Tool {
+                r#type: "function",
+                function: FunctionSpec {
+                    name: &tool.name,
+                    description: &tool.description,
+                    parameters: &tool.parameters,
+                },
+            }
+        }
+    }
+
+    #[derive(Debug, Serialize)]
+    pub(super) struct StreamOptions {
+        pub include_usage: bool,
+    }
+}
+
+/// What a streamed chunk (`chat.completion.chunk`) carries, as serde structs. Servers differ in
+/// the details, so every field may be missing or null, and a field of another JSON type than
+/// OpenAI's counts as missing (a usage count written `12.0` is not a count; it must not fail a
+/// finished reply). A chunk is malformed when it does not parse or has no `choices` array.
+mod wire {
+    use serde::de::{Deserializer, IgnoredAny};
+    use serde::Deserialize;
+
+    /// One `data:` event of the stream.
+    #[derive(Debug, Deserialize)]
+    pub(super) struct Chunk {
+        /// An error the server reports instead of a chunk, kept whole (its shape is the
+        /// server's) for the log; present even when `null`.
+        #[serde(default, deserialize_with = "present")]
+        pub error: Option<serde_json::Value>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub choices: Option<Vec<Choice>>,
+        /// The call's token usage, when asked for (`stream_options.include_usage`).
+        #[serde(default, deserialize_with = "lenient")]
+        pub usage: Option<Usage>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub(super) struct Choice {
+        /// Which of the `n` replies; only the first (0, or no index) is read.
+        #[serde(default, deserialize_with = "lenient")]
+        pub index: Option<u64>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub delta: Option<Delta>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub finish_reason: Option<String>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    pub(super) struct Delta {
+        #[serde(default, deserialize_with = "lenient")]
+        pub content: Option<String>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub tool_calls: Option<Vec<ToolCallDelta>>,
+    }
+
+    /// A piece of a tool call, keyed by its `index` in the step's calls.
+    #[derive(Debug, Deserialize)]
+    pub(super) struct ToolCallDelta {
+        #[serde(default, deserialize_with = "lenient")]
+        pub index: Option<u64>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub id: Option<String>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub function: Option<FunctionDelta>,
+    }
+
+    /// The called function's name and a piece of its arguments (JSON text).
+    #[derive(Debug, Default, Deserialize)]
+    pub(super) struct FunctionDelta {
+        #[serde(default, deserialize_with = "lenient")]
+        pub name: Option<String>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub arguments: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub(super) struct Usage {
+        #[serde(default, deserialize_with = "lenient")]
+        pub prompt_tokens: Option<u64>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub completion_tokens: Option<u64>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub total_tokens: Option<u64>,
+        #[serde(default, deserialize_with = "lenient")]
+        pub prompt_tokens_details: Option<PromptTokensDetails>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub(super) struct PromptTokensDetails {
+        /// Prompt tokens served from the prompt cache.
+        #[serde(default, deserialize_with = "lenient")]
+        pub cached_tokens: Option<u64>,
+    }
+
+    /// A field that is there, even as `null`.
+    fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+        serde_json::Value::deserialize(d).map(Some)
+    }
+
+    /// A field of the expected type, or missing when it has another.
+    fn lenient<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Or<T> {
+            Expected(T),
+            Other(IgnoredAny),
+        }
+        Ok(match Or::deserialize(d)? {
+            Or::Expected(value) => Some(value),
+            Or::Other(_) => None,
+        })
     }
 }
 
 /// An OpenAI `usage` object: `prompt_tokens` (of which `prompt_tokens_details.cached_tokens`
 /// came from the prompt cache) and `completion_tokens`; a server that gives only `total_tokens`
 /// has it counted as input. `None` when it counts nothing.
-fn usage_of(usage: &Value) -> Option<chat_core::Usage> {
-    let field = |pointer: &str| usage.pointer(pointer).and_then(Value::as_u64);
-    let (prompt, completion) = (field("/prompt_tokens"), field("/completion_tokens"));
+fn usage_of(usage: &wire::Usage) -> Option<chat_core::Usage> {
+    let (prompt, completion) = (usage.prompt_tokens, usage.completion_tokens);
     let prompt = match (prompt, completion) {
-        (None, None) => field("/total_tokens").unwrap_or(0),
+        (None, None) => usage.total_tokens.unwrap_or(0),
         (prompt, _) => prompt.unwrap_or(0),
     };
-    let cached = field("/prompt_tokens_details/cached_tokens").unwrap_or(0).min(prompt);
+    let cached = usage.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0).min(prompt);
     let usage = chat_core::Usage {
         input: prompt - cached,
         output: completion.unwrap_or(0),
@@ -567,6 +750,7 @@ impl SseDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn events_split_anywhere_decode_the_same() {
@@ -594,12 +778,51 @@ mod tests {
 
     #[test]
     fn usage_is_read_by_kind_with_cached_prompt_tokens_apart() {
-        let usage = usage_of(&json!({"prompt_tokens": 120, "completion_tokens": 30,
+        let usage_of = |value: Value| usage_of(&serde_json::from_value(value).unwrap());
+        let usage = usage_of(json!({"prompt_tokens": 120, "completion_tokens": 30,
             "prompt_tokens_details": {"cached_tokens": 100}, "total_tokens": 150}));
         assert_eq!(usage, Some(chat_core::Usage { input: 20, output: 30, cache_read: 100, cache_write: 0 }));
-        assert_eq!(usage_of(&json!({"total_tokens": 9})).map(|u| u.total()), Some(9));
-        assert_eq!(usage_of(&json!({"prompt_tokens": 0, "completion_tokens": 0})), None);
-        assert_eq!(usage_of(&json!({})), None);
+        assert_eq!(usage_of(json!({"total_tokens": 9})).map(|u| u.total()), Some(9));
+        assert_eq!(usage_of(json!({"prompt_tokens": 0, "completion_tokens": 0})), None);
+        assert_eq!(usage_of(json!({})), None);
+        // A count of another type is no count, as if missing.
+        assert_eq!(
+            usage_of(json!({"prompt_tokens": 12.0, "completion_tokens": 3})).map(|u| u.input),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn chunks_parse_with_null_missing_and_odd_fields_and_only_choices_make_a_chunk() {
+        let chunk: wire::Chunk = serde_json::from_str(
+            r#"{"id": "c", "object": "chat.completion.chunk", "usage": null, "choices": [{"index": 0,
+                "delta": {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                "type": "function", "function": {"name": "calculator", "arguments": null}}]},
+                "finish_reason": null, "logprobs": null}]}"#,
+        )
+        .unwrap();
+        assert!(chunk.error.is_none() && chunk.usage.is_none());
+        let choice = &chunk.choices.as_ref().unwrap()[0];
+        let delta = choice.delta.as_ref().unwrap();
+        assert_eq!(
+            (choice.index, choice.finish_reason.as_deref(), delta.content.as_deref()),
+            (Some(0), None, None)
+        );
+        let call = &delta.tool_calls.as_ref().unwrap()[0];
+        assert_eq!(
+            (call.index, call.id.as_deref()),
+            (None, Some("call_1")),
+            "a missing index is the first call"
+        );
+        assert_eq!(call.function.as_ref().unwrap().name.as_deref(), Some("calculator"));
+        // A field of another type is missing; `choices` that are not a list make no chunk.
+        let odd: wire::Chunk = serde_json::from_str(r#"{"choices": [{"index": "0", "delta": 5}]}"#).unwrap();
+        assert!(odd.choices.as_ref().unwrap()[0].index.is_none() && odd.choices.unwrap()[0].delta.is_none());
+        let unlisted: wire::Chunk = serde_json::from_str(r#"{"choices": {"index": 0}}"#).unwrap();
+        assert!(unlisted.choices.is_none());
+        let error: wire::Chunk = serde_json::from_str(r#"{"error": null}"#).unwrap();
+        assert_eq!(error.error, Some(Value::Null), "an error field counts even when null");
+        assert!(serde_json::from_str::<wire::Chunk>("{\"choices\": [ not json").is_err());
     }
 
     #[test]

@@ -1,0 +1,309 @@
+//! The turn writer: a claimed turn's reply as it is written. It buffers the model's tokens and
+//! the tool entries, writes them as chunks in sequence, reads the lease back (honouring a
+//! cancel) and extends it as it goes, and keeps what is stored with the reply: its text, route,
+//! tool uses and what the model calls consumed.
+
+use crate::GenerationSettings;
+use chat_core::record::EVENT_MARK;
+use chat_core::{
+    AppendOutcome, Lease, LeaseStatus, Read, Reply, ReplyEvent, Routing, StopReason, Store, StoreError,
+    ToolUse, Usage,
+};
+use chat_runtime::metrics;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::warn;
+
+/// Tool calls and results are written in chunks of at most about this much.
+const EVENT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// While tokens flow, a flush reads the lease back at most this often: a cancel or a lost lease
+/// is noticed within this and one flush. A stalled generator notices at its first flush after
+/// the stall, before it writes a second chunk, and a flush that ends a step or the turn always
+/// reads it.
+const LEASE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether a flush reads the lease back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseCheck {
+    /// Always: the flush ends a model step or the turn.
+    Now,
+    /// Mid-reply: when [`LEASE_CHECK_EVERY`] has passed since the last read.
+    WhenDue,
+}
+
+/// Why the writer must stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Halt {
+    /// Another holder took the turn over, or it ended, or the session was deleted.
+    LeaseLost,
+    /// The client asked to stop.
+    Cancelled,
+    /// The reply reached `REPLY_MAX_BYTES`.
+    Capped,
+}
+
+/// A claimed turn's reply as it is written.
+pub(crate) struct TurnWriter<'a> {
+    store: &'a Store,
+    settings: &'a GenerationSettings,
+    lease: Lease,
+    /// When the turn's message was accepted (epoch ms), until its first chunk is written; only
+    /// for a turn's first attempt (a takeover's first chunk is not the reply's).
+    accepted_at: Option<u64>,
+    /// When the lease was last read back or extended.
+    lease_read: Option<Instant>,
+    /// When the last token arrived, and how long after the one before it.
+    last_token: Option<Instant>,
+    token_gap: Option<Duration>,
+    buffer: Vec<String>,
+    /// When the oldest buffered token arrived.
+    oldest: Option<Instant>,
+    next_seq: u32,
+    /// The chunk this attempt started at.
+    first_seq: u32,
+    next_index: u64,
+    /// Everything written so far: the reply's text if it ends now.
+    text: String,
+    /// Bytes of the tool calls and results written so far (stored with the reply too).
+    event_bytes: usize,
+    /// The route chosen for the turn.
+    routing: Option<Routing>,
+    /// The tools called for the turn so far, an earlier holder's included.
+    tool_uses: Vec<ToolUse>,
+    /// What this holder's model calls consumed so far: charged when the turn ends.
+    usage: Usage,
+}
+
+impl<'a> TurnWriter<'a> {
+    /// A writer for `lease`, going on after what an earlier holder wrote (its tokens are in the
+    /// lease, `tool_uses` its tool calls).
+    pub(crate) fn new(
+        store: &'a Store,
+        settings: &'a GenerationSettings,
+        lease: Lease,
+        tool_uses: Vec<ToolUse>,
+    ) -> TurnWriter<'a> {
+        let resumed = &lease.resumed_tokens;
+        TurnWriter {
+            store,
+            settings,
+            accepted_at: None,
+            lease_read: None,
+            last_token: None,
+            token_gap: None,
+            buffer: Vec::new(),
+            oldest: None,
+            next_seq: lease.next_seq,
+            first_seq: lease.next_seq,
+            next_index: resumed.len() as u64,
+            text: resumed.iter().filter(|t| ReplyEvent::decode(t).is_none()).cloned().collect(),
+            event_bytes: resumed.iter().filter(|t| t.starts_with(EVENT_MARK)).map(String::len).sum(),
+            routing: None,
+            tool_uses,
+            usage: Usage::default(),
+            lease,
+        }
+    }
+
+    /// The lease the turn is written under.
+    pub(crate) fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Whether this is the turn's first claim, not a takeover.
+    pub(crate) fn first_claim(&self) -> bool {
+        self.lease.next_seq == 0
+    }
+
+    /// Times the reply's first stored token from `accepted_at` (epoch ms), on a first claim.
+    pub(crate) fn time_first_token_from(&mut self, accepted_at: Option<u64>) {
+        self.accepted_at = accepted_at.filter(|_| self.first_claim());
+    }
+
+    /// Tokens (and tool entries) stored so far, an earlier holder's included.
+    pub(crate) fn tokens_stored(&self) -> u64 {
+        self.next_index
+    }
+
+    /// Chunks stored so far, an earlier holder's included.
+    pub(crate) fn chunks_stored(&self) -> u32 {
+        self.next_seq
+    }
+
+    /// The route the turn takes, stored with the reply.
+    pub(crate) fn route(&mut self, routing: Routing) {
+        self.routing = Some(routing);
+    }
+
+    /// The route chosen so far.
+    pub(crate) fn routing(&self) -> Option<&Routing> {
+        self.routing.as_ref()
+    }
+
+    /// A tool called for the turn, stored with the reply.
+    pub(crate) fn record_tool_use(&mut self, tool_use: ToolUse) {
+        self.tool_uses.push(tool_use);
+    }
+
+    /// Bytes of the turn's tool calls and answers so far (`TOOL_MAX_BYTES_PER_TURN` counts them).
+    pub(crate) fn tool_bytes(&self) -> usize {
+        self.tool_uses.iter().map(|u| u.arguments.len() + u.result.len()).sum()
+    }
+
+    /// Adds what a model call consumed.
+    pub(crate) fn spent(&mut self, usage: Usage) {
+        self.usage += usage;
+    }
+
+    /// What this holder's model calls consumed so far.
+    pub(crate) fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// The reply if it ends now, `stopped` for why it was cut short.
+    pub(crate) fn reply(&self, stopped: Option<StopReason>) -> Reply {
+        Reply {
+            text: self.text.clone(),
+            stopped,
+            routing: self.routing.clone(),
+            tool_uses: self.tool_uses.clone(),
+            usage: self.usage,
+        }
+    }
+
+    /// Whether `bytes` more still fit the reply (`REPLY_MAX_BYTES`, buffered tokens and tool
+    /// events included: they are stored with it).
+    pub(crate) fn fits(&self, bytes: usize) -> bool {
+        self.bytes() + bytes <= self.settings.reply_max_bytes
+    }
+
+    /// Bytes of the reply so far, buffered tokens included.
+    pub(crate) fn bytes(&self) -> usize {
+        self.text.len() + self.event_bytes + self.buffered_bytes()
+    }
+
+    /// Bytes waiting to be written.
+    fn buffered_bytes(&self) -> usize {
+        self.buffer.iter().map(String::len).sum()
+    }
+
+    /// Buffers a token of the reply's text.
+    pub(crate) fn push(&mut self, mut token: String) {
+        if token.is_empty() {
+            return;
+        }
+        // A text token must never read as an event (see `chat_core::record::EVENT_MARK`).
+        if token.starts_with(EVENT_MARK) {
+            token.replace_range(..EVENT_MARK.len_utf8(), "\u{fffd}");
+        }
+        let now = Instant::now();
+        if let Some(previous) = self.last_token {
+            self.token_gap = Some(now - previous);
+        }
+        self.last_token = Some(now);
+        self.oldest.get_or_insert(now);
+        self.buffer.push(token);
+    }
+
+    /// Whether the buffer should be written now: it is full (`FLUSH_MAX_TOKENS`), or it holds
+    /// this attempt's first token, which goes out at once (time to first token is what users
+    /// feel; later tokens are batched by time and size).
+    pub(crate) fn wants_flush(&self) -> bool {
+        self.buffer.len() >= self.settings.flush_max_tokens || self.next_seq == self.first_seq
+    }
+
+    /// When the buffered tokens are due to be written (`FLUSH_INTERVAL_MS` after the oldest);
+    /// `None` while nothing is buffered.
+    pub(crate) fn flush_due(&self) -> Option<Instant> {
+        self.oldest.map(|t| t + self.settings.flush_interval)
+    }
+
+    /// Buffers a tool call or result, flushing first when the buffer would grow past
+    /// [`EVENT_CHUNK_BYTES`] (a chunk item stays far under DynamoDB's 400 KB), and halting at
+    /// `REPLY_MAX_BYTES`, which counts the tool steps too.
+    pub(crate) async fn push_event(&mut self, event: ReplyEvent) -> Result<Option<Halt>, StoreError> {
+        let token = event.encode();
+        if !self.fits(token.len()) {
+            warn!(
+                bytes = self.bytes(),
+                "the reply and its tool steps reached REPLY_MAX_BYTES; stopping there"
+            );
+            return Ok(Some(self.flush(LeaseCheck::Now).await?.unwrap_or(Halt::Capped)));
+        }
+        if self.buffered_bytes() + token.len() > EVENT_CHUNK_BYTES {
+            if let Some(halt) = self.flush(LeaseCheck::Now).await? {
+                return Ok(Some(halt));
+            }
+        }
+        self.oldest.get_or_insert_with(Instant::now);
+        self.buffer.push(token);
+        Ok(None)
+    }
+
+    /// Writes the buffered tokens as one chunk, then checks the lease and the cancel flag (when
+    /// `check` asks for it), and extends the lease once half of it has passed. `Some` says why
+    /// writing must stop.
+    pub(crate) async fn flush(&mut self, check: LeaseCheck) -> Result<Option<Halt>, StoreError> {
+        if !self.buffer.is_empty() {
+            // Mid-reply, relays poll for the next chunk when it is due.
+            let next_at = (check == LeaseCheck::WhenDue)
+                .then(|| self.store.now_ms() + self.next_chunk_in().as_millis() as u64);
+            let outcome = self
+                .store
+                .append_chunk_expecting(&self.lease, self.next_seq, self.next_index, &self.buffer, next_at)
+                .await?;
+            if outcome == AppendOutcome::Fenced {
+                return Ok(Some(Halt::LeaseLost));
+            }
+            if let Some(accepted_at) = self.accepted_at.take() {
+                // The reply's first token is stored: what the user waits for.
+                let waited = self.store.now_ms().saturating_sub(accepted_at) as f64;
+                metrics::millis(metrics::name::TIME_TO_FIRST_TOKEN, &[waited], &[]);
+            }
+            self.written();
+        }
+        let lease_for = self.settings.lease;
+        let half_gone = self.store.now_ms() + lease_for.as_millis() as u64 / 2 >= self.lease.expires_at;
+        let due = self.lease_read.is_none_or(|at| at.elapsed() >= LEASE_CHECK_EVERY);
+        let status = if half_gone {
+            self.store.extend_lease(&mut self.lease, lease_for).await?
+        } else if check == LeaseCheck::Now || due {
+            self.store.lease_status(&self.lease, Read::Eventual).await?
+        } else {
+            return Ok(None);
+        };
+        self.lease_read = Some(Instant::now());
+        Ok(match status {
+            LeaseStatus::Lost => Some(Halt::LeaseLost),
+            LeaseStatus::Held { cancel_requested: true } => Some(Halt::Cancelled),
+            LeaseStatus::Held { cancel_requested: false } => None,
+        })
+    }
+
+    /// When, counting from now (a chunk just written), the next chunk is due at the earliest: a
+    /// flush interval after the next token, or sooner when tokens come fast enough to fill a
+    /// chunk first. Unknown before two tokens have been seen: a flush interval.
+    fn next_chunk_in(&self) -> Duration {
+        let (flush_interval, flush_max_tokens) =
+            (self.settings.flush_interval, self.settings.flush_max_tokens);
+        match self.token_gap {
+            Some(gap) => (gap + flush_interval).min(gap.saturating_mul(flush_max_tokens.max(1) as u32)),
+            None => flush_interval,
+        }
+    }
+
+    /// The buffer is stored: it becomes part of the reply.
+    fn written(&mut self) {
+        self.next_seq += 1;
+        self.next_index += self.buffer.len() as u64;
+        for token in self.buffer.drain(..) {
+            if token.starts_with(EVENT_MARK) {
+                self.event_bytes += token.len();
+            } else {
+                self.text.push_str(&token);
+            }
+        }
+        self.oldest = None;
+    }
+}
