@@ -62,16 +62,18 @@ async fn harness_with(
     tools: Tools,
     tool_deadline: Duration,
 ) -> Harness {
-    harness_with_options(server, small, tools, tool_deadline, StoreOptions::default()).await
+    let lease = Duration::from_secs(30);
+    harness_with_options(server, small, tools, tool_deadline, StoreOptions::default(), lease).await
 }
 
-/// [`harness_with`] over a store with `options`.
+/// [`harness_with`] over a store with `options`, with leases of `lease`.
 async fn harness_with_options(
     server: &FakeLlm,
     small: Option<RouteRule>,
     tools: Tools,
     tool_deadline: Duration,
     options: StoreOptions,
+    lease: Duration,
 ) -> Harness {
     let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
     let store = dynamo.store("turns", options);
@@ -82,7 +84,7 @@ async fn harness_with_options(
         }),
     };
     let settings = generator::GenerationSettings {
-        lease: Duration::from_secs(30),
+        lease,
         max_generation_attempts: 3,
         flush_interval: Duration::from_millis(10),
         flush_max_tokens: 1,
@@ -198,7 +200,15 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind_and_is_
     let server =
         FakeLlm::start(vec![fake_llm::openai_reply(&tokens, Duration::from_millis(25))]).await.unwrap();
     let options = StoreOptions { daily_token_budget: 1_000_000, ..StoreOptions::default() };
-    let h = harness_with_options(&server, None, Tools::none(), Duration::from_secs(60), options).await;
+    let h = harness_with_options(
+        &server,
+        None,
+        Tools::none(),
+        Duration::from_secs(60),
+        options,
+        Duration::from_secs(30),
+    )
+    .await;
     let (session, turn) = h.send(None, "Tell me a long story.").await;
     let generator = h.generator.clone();
     let running =
@@ -457,4 +467,34 @@ async fn no_tool_runs_past_the_turns_tool_deadline() {
     let answer = &reply.tool_uses[0];
     assert!(answer.is_error && answer.result.contains("ran out of time"), "the tool did not run: {answer:?}");
     assert_eq!(server.requests()[1].json()["tool_choice"], "none", "and the model must answer");
+}
+
+/// A tool slower than the turn's lease keeps the turn: the lease is extended while the tool
+/// runs, so a re-drive cannot hand the turn to a second generator that would run it again.
+#[tokio::test]
+async fn a_tool_slower_than_the_lease_keeps_the_turn_for_its_generator() {
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_tool_calls("Let me check. ", &[("c1", "calculator", r#"{"expression":"6*7"}"#)]),
+        fake_llm::openai_reply(&["It is 42."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let lease = Duration::from_millis(400);
+    let tools = Tools::builtin().with_call_delay(Duration::from_millis(1500));
+    let h =
+        harness_with_options(&server, None, tools, Duration::from_secs(60), StoreOptions::default(), lease)
+            .await;
+    let (session, turn) = h.send(None, "What is six times seven?").await;
+    let rival = async {
+        // Mid-call, more than two leases after the tool started: a re-drive's claim.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        h.store.claim_generation(session, turn, "gen-rival", lease, 3).await.unwrap()
+    };
+    let ((), rival) = tokio::join!(h.run(TurnMessage::reply(session, turn)), rival);
+    assert!(matches!(rival, chat_core::ClaimOutcome::Skipped { .. }), "the turn was taken over: {rival:?}");
+    let (_, stored) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = stored.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, "Let me check. It is 42.");
+    assert_eq!(reply.tool_uses.len(), 1, "the call ran once");
+    assert_eq!(server.requests().len(), 2);
 }
