@@ -113,10 +113,22 @@ impl Generator {
         let accepted_at =
             messages.iter().find(|m| m.id.turn == lease.turn && m.id.role == Role::User).map(|m| m.timestamp);
         let limits = self.settings.memory;
-        let selected = match memory::select(messages, lease.turn, system.as_deref(), limits, self.counter) {
-            Ok(selected) => selected,
-            Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
-        };
+        let (system, selected) =
+            match memory::select(messages, lease.turn, system.as_deref(), limits, self.counter) {
+                Ok(selected) => (system, selected),
+                // Ingest admits a message against the system prompt alone: one that leaves the summary
+                // no room is answered without it, rather than failing a turn that was accepted.
+                Err(_) if lease.summary.is_some() => {
+                    let plain = self.settings.system_prompt.clone();
+                    let mut messages = self.store.recent_messages(lease.session_id, lease.turn, 1).await?;
+                    messages.retain(|m| m.id.turn == lease.turn);
+                    match memory::select(messages, lease.turn, plain.as_deref(), limits, self.counter) {
+                        Ok(selected) => (plain, selected),
+                        Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
+                    }
+                }
+                Err(err) => return Ok(PromptOutcome::Unanswerable(err.to_string())),
+            };
         if !matches!(selected.last(), Some((Role::User, _))) {
             return Ok(PromptOutcome::Unanswerable("the turn's message is missing".to_owned()));
         }

@@ -62,18 +62,17 @@ async fn harness_with(
     tools: Tools,
     tool_deadline: Duration,
 ) -> Harness {
-    let lease = Duration::from_secs(30);
-    harness_with_options(server, small, tools, tool_deadline, StoreOptions::default(), lease).await
+    harness_with_options(server, small, tools, tool_deadline, StoreOptions::default(), |_| ()).await
 }
 
-/// [`harness_with`] over a store with `options`, with leases of `lease`.
+/// [`harness_with`] over a store with `options`, its settings changed by `adjust`.
 async fn harness_with_options(
     server: &FakeLlm,
     small: Option<RouteRule>,
     tools: Tools,
     tool_deadline: Duration,
     options: StoreOptions,
-    lease: Duration,
+    adjust: impl FnOnce(&mut generator::GenerationSettings),
 ) -> Harness {
     let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
     let store = dynamo.store("turns", options);
@@ -83,8 +82,8 @@ async fn harness_with_options(
             (NamedModel { model: openai_model(server, "small-model"), name: "small-model".to_owned() }, rule)
         }),
     };
-    let settings = generator::GenerationSettings {
-        lease,
+    let mut settings = generator::GenerationSettings {
+        lease: Duration::from_secs(30),
         max_generation_attempts: 3,
         flush_interval: Duration::from_millis(10),
         flush_max_tokens: 1,
@@ -94,6 +93,7 @@ async fn harness_with_options(
         reply_max_bytes: 300_000,
         tool_deadline,
     };
+    adjust(&mut settings);
     let generator = Arc::new(generator::Generator::new(store.clone(), routes, settings).with_tools(tools));
     Harness { _dynamo: dynamo, store, generator }
 }
@@ -200,15 +200,8 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind_and_is_
     let server =
         FakeLlm::start(vec![fake_llm::openai_reply(&tokens, Duration::from_millis(25))]).await.unwrap();
     let options = StoreOptions { daily_token_budget: 1_000_000, ..StoreOptions::default() };
-    let h = harness_with_options(
-        &server,
-        None,
-        Tools::none(),
-        Duration::from_secs(60),
-        options,
-        Duration::from_secs(30),
-    )
-    .await;
+    let h =
+        harness_with_options(&server, None, Tools::none(), Duration::from_secs(60), options, |_| ()).await;
     let (session, turn) = h.send(None, "Tell me a long story.").await;
     let generator = h.generator.clone();
     let running =
@@ -482,8 +475,10 @@ async fn a_tool_slower_than_the_lease_keeps_the_turn_for_its_generator() {
     let lease = Duration::from_millis(400);
     let tools = Tools::builtin().with_call_delay(Duration::from_millis(1500));
     let h =
-        harness_with_options(&server, None, tools, Duration::from_secs(60), StoreOptions::default(), lease)
-            .await;
+        harness_with_options(&server, None, tools, Duration::from_secs(60), StoreOptions::default(), |s| {
+            s.lease = lease
+        })
+        .await;
     let (session, turn) = h.send(None, "What is six times seven?").await;
     let rival = async {
         // Mid-call, more than two leases after the tool started: a re-drive's claim.
@@ -497,4 +492,44 @@ async fn a_tool_slower_than_the_lease_keeps_the_turn_for_its_generator() {
     assert_eq!(reply.content, "Let me check. It is 42.");
     assert_eq!(reply.tool_uses.len(), 1, "the call ran once");
     assert_eq!(server.requests().len(), 2);
+}
+
+/// Ingest admits a message against the system prompt alone, so a session's summary must not
+/// turn an admitted message into a failed turn: when the message leaves it no room, the turn is
+/// answered without the summary.
+#[tokio::test]
+async fn a_message_that_leaves_the_summary_no_room_is_answered_without_it() {
+    let long_summary: Vec<&str> = vec!["Ada is learning Rust. "; 30];
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_reply(&["Hello ", "Ada."], Duration::ZERO),
+        fake_llm::openai_reply(&long_summary, Duration::ZERO),
+        fake_llm::openai_reply(&["Noted."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let h = harness_with_options(
+        &server,
+        None,
+        Tools::none(),
+        Duration::from_secs(60),
+        StoreOptions::default(),
+        |s| s.memory.max_tokens = 200,
+    )
+    .await;
+    let (session, turn1) = h.turn(None, "My name is Ada.").await;
+    let current = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
+    assert!(matches!(h.store.expire_idle(&current, "sweeper").await.unwrap(), Outcome::Applied(_)));
+    h.run(TurnMessage::summary(session, turn1)).await;
+    let summary = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap().summary;
+    assert!(summary.is_some_and(|s| s.text.len() > 500), "a summary of ~150 tokens");
+
+    // ~150 tokens: within the budget beside the system prompt, not beside the summary too.
+    let message = "please remember this word ".repeat(30);
+    let (_, turn) = h.turn(Some(session), message.trim()).await;
+    let (_, stored) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = stored.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant);
+    assert_eq!(reply.map(|m| m.content.as_str()), Some("Noted."), "the turn was answered");
+    let (system, texts) = system_and_texts(&server, 2);
+    assert_eq!(system, "Be brief.", "without the summary");
+    assert_eq!(texts, [message.trim()]);
 }
