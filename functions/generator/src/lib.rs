@@ -184,6 +184,18 @@ impl Generator {
                     info!(state = state.as_deref().unwrap_or("deleted"), "nothing to generate");
                     Ok(())
                 }
+                ClaimOutcome::Ended { current } => {
+                    // The turn's last holder stalled past its last attempt: this delivery ended
+                    // it, as the sweeper would have, so it counts and gives back as the sweeper does.
+                    info!(outcome = "timeout", "turn ended");
+                    metrics::count(metrics::name::TURNS_TIMED_OUT, 1, &[]);
+                    if let Some(session) = current {
+                        if let Err(err) = self.store.close_turn_slot(&session.user_id, session.id).await {
+                            warn!(error = %err, "could not give back the turn's slot; it lapses on its own");
+                        }
+                    }
+                    Ok(())
+                }
             }
         }
         .instrument(span)

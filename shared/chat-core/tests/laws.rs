@@ -388,6 +388,7 @@ async fn concurrent_generation_claims_have_one_winner() {
                 ClaimOutcome::Skipped { current } => {
                     assert_eq!(current.unwrap().state, State::AiGenerating)
                 }
+                ended @ ClaimOutcome::Ended { .. } => panic!("a fresh turn was ended: {ended:?}"),
             }
         }
         assert_eq!(winners, 1, "round {round}");
@@ -621,7 +622,7 @@ async fn an_expired_lease_with_no_attempts_left_ends_the_turn_in_timeout() {
         db.advance_ms(LEASE.as_millis() as u64 + 1);
     }
     let outcome = claim(&store, ticket.session_id, ticket.turn).await;
-    assert!(matches!(outcome, ClaimOutcome::Skipped { current: Some(s) } if s.state == State::Timeout));
+    assert!(matches!(outcome, ClaimOutcome::Ended { current: Some(s) } if s.state == State::Timeout));
     let s = session(&store, ticket.session_id).await;
     assert!(s.reason.unwrap().contains("stalled"));
     assert!(s.lease.is_none());

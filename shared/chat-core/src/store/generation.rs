@@ -49,9 +49,12 @@ impl Store {
                 State::AiGenerating if lease_expired && retryable => Some(Event::LeaseTakeover),
                 State::AiGenerating if lease_expired => {
                     let (event, reason) = fsm::expiry(current.state).expect("ai_generating has a deadline");
-                    self.end_turn(&current, event, reason, owner).await?;
-                    return Ok(ClaimOutcome::Skipped {
-                        current: self.get_session(session, Read::Consistent).await?,
+                    let ended = self.end_turn(&current, event, reason, owner).await?;
+                    let current = self.get_session(session, Read::Consistent).await?;
+                    return Ok(match ended {
+                        Outcome::Applied(_) => ClaimOutcome::Ended { current },
+                        // Another writer ended or moved the turn first.
+                        Outcome::Conflict(_) => ClaimOutcome::Skipped { current },
                     });
                 }
                 _ => None,

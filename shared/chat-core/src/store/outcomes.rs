@@ -146,6 +146,13 @@ pub enum ClaimOutcome {
         /// The session as found (`None`: it does not exist).
         current: Option<Session>,
     },
+    /// This delivery found the turn's lease expired with no attempts left and ended the turn
+    /// (`LeaseExpired` into `timeout`), as the sweeper would have: a turn ended, to be counted
+    /// and its slot given back.
+    Ended {
+        /// The session after the write.
+        current: Option<Session>,
+    },
 }
 
 /// What became of a chunk write.
