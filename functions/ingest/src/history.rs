@@ -260,4 +260,21 @@ mod tests {
         let (page, _) = newest_turns_within(messages, usize::MAX);
         assert_eq!(page.len(), 8);
     }
+
+    #[test]
+    fn a_pages_usage_sums_its_replies_and_has_a_cost_only_when_every_reply_has_one() {
+        let session = SessionId::new();
+        let mut messages: Vec<Message> = (1..=2).flat_map(|t| turn_messages(session, t, (1, 1))).collect();
+        let usage = Usage { input: 10, output: 20, cache_read: 30, cache_write: 4 };
+        for reply in messages.iter_mut().filter(|m| m.id.role == Role::Assistant) {
+            (reply.usage, reply.cost_usd) = (Some(usage), Some(0.25));
+        }
+        let total = json!({"input_tokens": 20, "output_tokens": 40, "cache_read_tokens": 60,
+            "cache_write_tokens": 8, "cost_usd": 0.5});
+        assert_eq!(page_usage(&messages), total);
+        messages[3].cost_usd = None;
+        let unpriced = page_usage(&messages);
+        assert_eq!(unpriced.get("cost_usd"), None, "a partial sum would understate the cost");
+        assert_eq!(unpriced["output_tokens"], 40);
+    }
 }
