@@ -18,7 +18,7 @@ except ImportError:  # make test-infra runs these with the tools venv, which has
     boto3 = None
 
 ROOT = Path(__file__).resolve().parent.parent
-PROD = {"IngestFunction": 50, "GeneratorFunction": 50, "StreamFunction": 200, "SweeperFunction": 1}
+PROD = {"IngestFunction": 50, "GeneratorFunction": 50, "StreamFunction": 200, "SweeperFunction": 0}
 NONE = {function: 0 for function in preflight.RESERVATIONS}
 
 
@@ -46,32 +46,32 @@ class Check(unittest.TestCase):
         self.assertFalse(ok)
         text = "\n".join(lines)
         self.assertIn("account concurrency 50, unreserved now 50", text)
-        self.assertIn("total 301", text)
-        self.assertIn("need 301 more", text)
+        self.assertIn("total 300", text)
+        self.assertIn("need 300 more", text)
         self.assertIn("only 0 can be reserved", text)
-        self.assertIn("at least 401", text)
+        self.assertIn("at least 400", text)
 
-    def test_production_reservations_fit_a_quota_of_401_exactly(self):
-        self.assertTrue(preflight.check(account(401), PROD, held={})[0])
-        self.assertFalse(preflight.check(account(400), PROD, held={})[0])
+    def test_production_reservations_fit_a_quota_of_400_exactly(self):
+        self.assertTrue(preflight.check(account(400), PROD, held={})[0])
+        self.assertFalse(preflight.check(account(399), PROD, held={})[0])
 
     def test_another_stacks_reservations_count_against_a_new_one(self):
-        # A second production stack in an account of 1,000 whose first one holds 301.
-        self.assertTrue(preflight.check(account(1000, 699), PROD, held={})[0])
+        # A second production stack in an account of 1,000 whose first one holds 300.
+        self.assertTrue(preflight.check(account(1000, 700), PROD, held={})[0])
         ok, lines = preflight.check(account(1000, 350), PROD, held={})
         self.assertFalse(ok)
         self.assertIn("only 250 can be reserved", "\n".join(lines))
 
     def test_an_update_counts_what_the_stack_already_holds(self):
-        # The stack holds its 301 and exactly 100 are left: redeploying the same values fits,
-        # though 301 more would not.
-        ok, lines = preflight.check(account(401, 100), PROD, held=PROD)
+        # The stack holds its 300 and exactly 100 are left: redeploying the same values fits,
+        # though 300 more would not.
+        ok, lines = preflight.check(account(400, 100), PROD, held=PROD)
         self.assertTrue(ok, lines)
-        self.assertIn("the stack holds 301 now", "\n".join(lines))
-        self.assertFalse(preflight.check(account(401, 100), PROD, held={})[0])
+        self.assertIn("the stack holds 300 now", "\n".join(lines))
+        self.assertFalse(preflight.check(account(400, 100), PROD, held={})[0])
 
     def test_an_update_that_lowers_reservations_always_fits(self):
-        ok, lines = preflight.check(account(401, 100), NONE, held=PROD)
+        ok, lines = preflight.check(account(400, 100), NONE, held=PROD)
         self.assertTrue(ok, lines)
 
     def test_every_increase_must_fit_before_any_decrease_is_counted(self):
@@ -99,7 +99,7 @@ class Configuration(unittest.TestCase):
         self.assertEqual(self.parameters["LogRetentionDays"], "30")
         self.assertEqual(self.parameters["Tracing"], "PassThrough")
 
-    def test_default_reserves_nothing_and_prod_reserves_301(self):
+    def test_default_reserves_nothing_and_prod_reserves_300(self):
         default = preflight.environment(self.samconfig, "default")
         prod = preflight.environment(self.samconfig, "prod")
         self.assertNotEqual(default.stack_name, prod.stack_name, "each environment is its own stack")
@@ -143,7 +143,7 @@ class ReadAccount(unittest.TestCase):
 
         self.lambda_client, self.cloudformation = client("lambda"), client("cloudformation")
         self.lambdas, self.stacks = Stubber(self.lambda_client), Stubber(self.cloudformation)
-        self.lambdas.add_response("get_account_settings", account(1000, 699))
+        self.lambdas.add_response("get_account_settings", account(1000, 700))
 
     def read(self):
         with self.lambdas, self.stacks:
@@ -159,7 +159,7 @@ class ReadAccount(unittest.TestCase):
             service_message="Stack with id chat-fsm-prod does not exist",
             expected_params={"StackName": "chat-fsm-prod"},
         )
-        self.assertEqual(self.read(), (account(1000, 699), None, {}))
+        self.assertEqual(self.read(), (account(1000, 700), None, {}))
 
     def test_an_existing_stack_tells_its_parameters_and_what_its_functions_hold(self):
         self.stacks.add_response(
@@ -232,7 +232,7 @@ class CommandLine(unittest.TestCase):
         code, output = self.run_main("--env", "prod", settings=account(50))
         self.assertEqual(code, 1, output)
         self.assertIn("preflight (prod: create stack chat-fsm-prod)", output)
-        self.assertIn("refused: the reservations need 301 more", output)
+        self.assertIn("refused: the reservations need 300 more", output)
 
     def test_default_on_a_small_account_passes(self):
         code, output = self.run_main(settings=account(10))

@@ -378,6 +378,12 @@ function follow(session, turn, bubble, lastId) {
         // The stream outlived the sign-in it was opened with: sign in again to go on.
         return signOut("Your sign-in has expired. Sign in again.");
       }
+      if (error.code === "store_unavailable") {
+        // A passing fault: the server asked for a reconnect (retry:), and the browser resumes
+        // after the last token it got.
+        connection("Reconnecting…");
+        return;
+      }
       // The turn ended without a reply: the server says why.
       setReply(bubble, stream.text, "failed", error.message || "The reply failed.");
       closeStream();

@@ -17,6 +17,10 @@ use tracing::{info, warn};
 /// past 64 too).
 const MAX_CALLS_SEEN: usize = 64;
 
+/// While a tool runs, how often the turn's lease is looked after (at most a quarter of it): a
+/// cancel is seen this soon, and the lease is extended before it lapses.
+const TOOL_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The prompt for a turn, or why there can be none (the turn then ends in `error`).
 pub(crate) enum PromptOutcome {
     /// The prompt, and when the turn's message was accepted (epoch ms).
@@ -178,7 +182,10 @@ impl Generator {
                 let answer = match refusal {
                     Some(refusal) => tools::ToolAnswer { content: refusal, is_error: true },
                     None if prompt.tools.iter().any(|t| t.name == call.name) => {
-                        self.run_tool(writer, &call, deadline).await
+                        match self.run_tool_holding_the_lease(writer, &call, deadline).await? {
+                            Ok(answer) => answer,
+                            Err(halt) => return Ok(halt.into()),
+                        }
                     }
                     None => tools::ToolAnswer {
                         content: format!("{} is not offered now", call.name),
@@ -186,7 +193,8 @@ impl Generator {
                     },
                 };
                 info!(tool = %call.name, is_error = answer.is_error, "tool called");
-                metrics::count(metrics::name::TOOL_CALLS, 1, &[Dimension::Tool(&call.name)]);
+                let tool = tools::Tools::metric_name(&call.name);
+                metrics::count(metrics::name::TOOL_CALLS, 1, &[Dimension::Tool(tool)]);
                 writer.record_tool_use(tools::tool_use(&call, &answer));
                 let event = tools::result_event(&call, &answer);
                 prompt.exchanges.push(Exchange::ToolResult {
@@ -240,18 +248,39 @@ impl Generator {
             .collect()
     }
 
-    /// Runs a call within what is left of the turn's tool bytes (`TOOL_MAX_BYTES_PER_TURN`,
-    /// counted over the calls and answers the turn stored, so a takeover keeps the count) and
-    /// its tool deadline; a call with neither left is answered with an error, unrun.
-    async fn run_tool(
+    /// Runs a call ([`Generator::run_tool`]) while keeping the turn's lease: a tool may take longer
+    /// than what is left of it, and a lease that lapsed would let a second generator take the
+    /// turn over and run the same calls again. Every [`TOOL_HEARTBEAT`] (at most a quarter of
+    /// the lease) the writer extends the lease once half of it has gone, and reads it back;
+    /// a cancel or a lost lease stops the call and the turn.
+    async fn run_tool_holding_the_lease(
         &self,
-        writer: &TurnWriter<'_>,
+        writer: &mut TurnWriter<'_>,
         call: &ToolCall,
         deadline: Instant,
-    ) -> tools::ToolAnswer {
+    ) -> Result<Result<tools::ToolAnswer, Halt>, StoreError> {
+        let heartbeat = TOOL_HEARTBEAT.min(self.settings.lease / 4);
+        let running = self.run_tool(writer.tool_bytes(), call, deadline);
+        tokio::pin!(running);
+        loop {
+            tokio::select! {
+                answer = &mut running => return Ok(Ok(answer)),
+                _ = tokio::time::sleep(heartbeat) => {
+                    if let Some(halt) = writer.flush(LeaseCheck::WhenDue).await? {
+                        return Ok(Err(halt));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a call within what is left of the turn's tool bytes (`TOOL_MAX_BYTES_PER_TURN`,
+    /// counted over the calls and answers the turn stored, `used` so far, so a takeover keeps
+    /// the count) and its tool deadline; a call with neither left is answered with an error,
+    /// unrun.
+    async fn run_tool(&self, used: usize, call: &ToolCall, deadline: Instant) -> tools::ToolAnswer {
         let refused = |content: String| tools::ToolAnswer { content, is_error: true };
         let budget = self.tools.max_bytes_per_turn;
-        let used = writer.tool_bytes();
         let Some(room) = budget.checked_sub(used + call.arguments.len()).filter(|room| *room > 0) else {
             return refused(format!(
                 "this turn's tools have used their {budget} bytes; answer with what you have"

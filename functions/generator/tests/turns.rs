@@ -63,17 +63,27 @@ async fn harness_with(
     tools: Tools,
     tool_deadline: Duration,
 ) -> Harness {
-    harness_with_options(server, small, tools, tool_deadline, StoreOptions::default(), Prices::default())
-        .await
+    let lease = Duration::from_secs(30);
+    harness_with_options(
+        server,
+        small,
+        tools,
+        tool_deadline,
+        StoreOptions::default(),
+        lease,
+        Prices::default(),
+    )
+    .await
 }
 
-/// [`harness_with`] over a store with `options`.
+/// [`harness_with`] over a store with `options`, with leases of `lease`.
 async fn harness_with_options(
     server: &FakeLlm,
     small: Option<RouteRule>,
     tools: Tools,
     tool_deadline: Duration,
     options: StoreOptions,
+    lease: Duration,
     prices: Prices,
 ) -> Harness {
     let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
@@ -85,7 +95,7 @@ async fn harness_with_options(
         }),
     };
     let settings = generator::GenerationSettings {
-        lease: Duration::from_secs(30),
+        lease,
         max_generation_attempts: 3,
         flush_interval: Duration::from_millis(10),
         flush_max_tokens: 1,
@@ -209,6 +219,7 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind_and_is_
         Tools::none(),
         Duration::from_secs(60),
         options,
+        Duration::from_secs(30),
         Prices::default(),
     )
     .await;
@@ -501,6 +512,7 @@ async fn a_tool_turns_usage_is_the_sum_of_its_model_calls_with_cached_tokens_apa
         Tools::builtin(),
         Duration::from_secs(60),
         StoreOptions::default(),
+        Duration::from_secs(30),
         prices,
     )
     .await;
@@ -538,6 +550,7 @@ async fn a_reply_of_a_model_without_a_price_keeps_its_usage_and_has_no_cost() {
         Tools::none(),
         Duration::from_secs(60),
         StoreOptions::default(),
+        Duration::from_secs(30),
         prices,
     )
     .await;
@@ -545,4 +558,41 @@ async fn a_reply_of_a_model_without_a_price_keeps_its_usage_and_has_no_cost() {
     let reply = h.store.get_message(session, turn, Role::Assistant, Read::Consistent).await.unwrap().unwrap();
     assert_eq!(reply.usage, Some(Usage { input: 20, output: 2, ..Usage::default() }));
     assert_eq!(reply.cost_usd, None, "never guessed");
+}
+
+/// A tool slower than the turn's lease keeps the turn: the lease is extended while the tool
+/// runs, so a re-drive cannot hand the turn to a second generator that would run it again.
+#[tokio::test]
+async fn a_tool_slower_than_the_lease_keeps_the_turn_for_its_generator() {
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_tool_calls("Let me check. ", &[("c1", "calculator", r#"{"expression":"6*7"}"#)]),
+        fake_llm::openai_reply(&["It is 42."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let lease = Duration::from_millis(400);
+    let tools = Tools::builtin().with_call_delay(Duration::from_millis(1500));
+    let h = harness_with_options(
+        &server,
+        None,
+        tools,
+        Duration::from_secs(60),
+        StoreOptions::default(),
+        lease,
+        Prices::default(),
+    )
+    .await;
+    let (session, turn) = h.send(None, "What is six times seven?").await;
+    let rival = async {
+        // Mid-call, more than two leases after the tool started: a re-drive's claim.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        h.store.claim_generation(session, turn, "gen-rival", lease, 3).await.unwrap()
+    };
+    let ((), rival) = tokio::join!(h.run(TurnMessage::reply(session, turn)), rival);
+    assert!(matches!(rival, chat_core::ClaimOutcome::Skipped { .. }), "the turn was taken over: {rival:?}");
+    let (_, stored) = h.store.get_conversation(session).await.unwrap().unwrap();
+    let reply = stored.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
+    assert_eq!(reply.content, "Let me check. It is 42.");
+    assert_eq!(reply.tool_uses.len(), 1, "the call ran once");
+    assert_eq!(server.requests().len(), 2);
 }

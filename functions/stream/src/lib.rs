@@ -313,7 +313,12 @@ impl Relay {
             Ok(()) => {}
             Err(err) => {
                 warn!(error = %err, "stream ended by a DynamoDB fault");
-                let data = json!({"code": "store_unavailable", "message": "the session store is unavailable; reconnect to resume"});
+                let data = json!({
+                    "code": "store_unavailable",
+                    "message": "the session store is unavailable; reconnect to resume",
+                    "state": null,
+                    "turn": position.turn,
+                });
                 let _ = tx.send(sse::event("error", None, &data.to_string())).await;
                 let _ = tx.send(sse::retry(self.settings.retry.as_millis() as u64)).await;
             }
@@ -385,7 +390,12 @@ impl Relay {
                 session_read = Instant::now();
                 let session = match self.store.get_session(position.session, Read::Eventual).await? {
                     None => {
-                        let data = json!({"code": "session_deleted", "message": "the session was deleted"});
+                        let data = json!({
+                            "code": "session_deleted",
+                            "message": "the session was deleted",
+                            "state": null,
+                            "turn": position.turn,
+                        });
                         send(sse::event("error", None, &data.to_string())).await;
                         return Ok(());
                     }

@@ -410,6 +410,9 @@ fn samconfig_deploys_default_and_prod_without_questions() {
             let reserved: u64 = overrides[parameter.as_str()].parse().unwrap();
             match env {
                 "default" => assert_eq!(reserved, 0, "{env}: {parameter}"),
+                // One sweeper instance would be shared by its schedule and its table-stream
+                // pollers, which would throttle each other: it runs unreserved.
+                _ if name == "sweeper" => assert_eq!(reserved, 0, "{env}: {parameter}"),
                 _ => assert!(reserved >= 1, "{env}: {parameter}"),
             }
             let min = template["Parameters"][parameter.as_str()]["MinValue"].as_u64().unwrap();
@@ -648,6 +651,21 @@ fn alarms_watch_this_stacks_resources_and_notify_its_topic() {
         }
     }
     assert_eq!(resource(&template, "AlarmTopic")["Condition"], "CreateAlarmTopic");
+    // Under the AWS-managed key (alias/aws/sns) CloudWatch cannot publish: its own key, whose
+    // policy lets CloudWatch use it.
+    let topic_key = format!("{:?}", resource(&template, "AlarmTopic")["Properties"]["KmsMasterKeyId"]);
+    assert!(topic_key.contains("AlarmTopicKey") && !topic_key.contains("alias/aws"), "{topic_key}");
+    let key = &resource(&template, "AlarmTopicKey");
+    assert_eq!(key["Condition"], "CreateAlarmTopic");
+    let statements = key["Properties"]["KeyPolicy"]["Statement"].as_sequence().unwrap();
+    let cloudwatch = statements
+        .iter()
+        .find(|s| s["Principal"]["Service"] == "cloudwatch.amazonaws.com")
+        .expect("the key lets CloudWatch use it");
+    let actions = strings(&cloudwatch["Action"]);
+    assert!(
+        actions.contains(&"kms:Decrypt".to_owned()) && actions.contains(&"kms:GenerateDataKey*".to_owned())
+    );
     assert_eq!(resource(&template, "AlarmEmailSubscription")["Properties"]["Protocol"], "email");
     let globals = &template["Globals"]["Function"]["Environment"]["Variables"];
     assert!(format!("{:?}", globals["METRICS_NAMESPACE"]).contains("chat-fsm/${AWS::StackName}"));

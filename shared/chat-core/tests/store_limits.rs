@@ -3,6 +3,7 @@
 
 mod common;
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use chat_core::*;
 use common::TestDb;
 use std::future::Future;
@@ -373,6 +374,25 @@ async fn a_turns_spend_is_charged_once_however_its_commit_is_retried_or_fenced()
     assert!(store.charge_once(&user, "summary#s#1", 7).await.unwrap());
     assert!(!store.charge_once(&user, "summary#s#1", 7).await.unwrap());
     assert_eq!(store.tokens_used_today(&user).await.unwrap(), 47);
+    // Many markers leave the day's count a small item: each marker is an item of its own.
+    for n in 0..50 {
+        assert!(store.charge_once(&user, &format!("abandoned#gen-{n:040}"), 1).await.unwrap());
+    }
+    assert_eq!(store.tokens_used_today(&user).await.unwrap(), 97);
+    let days = db
+        .client()
+        .query()
+        .table_name(common::TABLE)
+        .key_condition_expression("#pk = :pk AND begins_with(#sk, :day)")
+        .expression_attribute_names("#pk", chat_core::table::PK)
+        .expression_attribute_names("#sk", chat_core::table::SK)
+        .expression_attribute_values(":pk", AttributeValue::S(chat_core::table::user_pk(&user)))
+        .expression_attribute_values(":day", AttributeValue::S("LIMIT#tokens#".to_owned()))
+        .send()
+        .await
+        .unwrap();
+    let [counter] = days.items() else { panic!("one day's item: {days:?}") };
+    assert!(counter.len() <= 4, "the day's item holds its count, not markers: {counter:?}");
     // Without a budget nothing is counted (and nothing costs a write).
     let free = budgeted(&db, 0);
     let other = new_user();

@@ -32,7 +32,7 @@ pub mod name {
     pub const MODEL_FIRST_TOKEN: &str = "ModelFirstTokenLatency";
     /// A model request that failed for good, by `Model`.
     pub const MODEL_ERRORS: &str = "ModelErrors";
-    /// A model request retried, by `Model`.
+    /// A model request retried (stack-wide: the retry loop does not know the model's name).
     pub const MODEL_RETRIES: &str = "ModelRetries";
     /// Fresh prompt tokens (as the provider reports them, else estimated), by `Model` and by
     /// `Route`.
@@ -105,7 +105,8 @@ impl Unit {
 /// bounds (reasons and codes are its own constants; models and tools come from configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dimension<'a> {
-    /// Why a turn failed (`model`, `prompt`, `lease_lost`, `store`, …).
+    /// Why a turn failed: `model`, `prompt` (the generator), `not_stored`, `not_queued` (ingest,
+    /// the sweeper).
     Reason(&'a str),
     /// An HTTP error code.
     Code(&'a str),
@@ -113,7 +114,8 @@ pub enum Dimension<'a> {
     Model(&'a str),
     /// A response route (`main`, `small`, `escalated`).
     Route(&'a str),
-    /// A tool name from the registry.
+    /// A tool of ours by name, or `unknown` for any other name a model sent
+    /// (`generator::tools::Tools::metric_name`).
     Tool(&'a str),
 }
 

@@ -78,6 +78,8 @@ pub struct Tools {
     /// Most bytes a turn's tool calls and answers carry (`TOOL_MAX_BYTES_PER_TURN`); once spent,
     /// calls are answered with an error, unrun.
     pub max_bytes_per_turn: usize,
+    /// How long every call waits before it runs: zero, but for tests of a slow tool.
+    call_delay: std::time::Duration,
 }
 
 impl Default for Tools {
@@ -89,6 +91,7 @@ impl Default for Tools {
             max_steps: 0,
             max_calls_per_step: 8,
             max_bytes_per_turn: 64 * 1024,
+            call_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -177,6 +180,24 @@ impl Tools {
         self
     }
 
+    /// The same tools, each call first waiting `delay`, as a slow tool (a far host's
+    /// `http_get`) would: for tests of what a turn does while its tools run.
+    pub fn with_call_delay(mut self, delay: std::time::Duration) -> Tools {
+        self.call_delay = delay;
+        self
+    }
+
+    /// The name a metric may carry for a call: the tool's own, or `unknown` for a name that is
+    /// no tool of ours (a model may send any), so the metric's dimension stays bounded.
+    pub fn metric_name(name: &str) -> &'static str {
+        match name {
+            "calculator" => "calculator",
+            "current_time" => "current_time",
+            "http_get" => "http_get",
+            _ => "unknown",
+        }
+    }
+
     /// Whether any tool is enabled.
     pub fn any(&self) -> bool {
         !self.specs().is_empty()
@@ -228,6 +249,9 @@ impl Tools {
 
     /// Runs a call; a failure is an answer the model reads.
     pub async fn call(&self, call: &ToolCall) -> ToolAnswer {
+        if !self.call_delay.is_zero() {
+            tokio::time::sleep(self.call_delay).await;
+        }
         let args: Value =
             match serde_json::from_str(if call.arguments.trim().is_empty() { "{}" } else { &call.arguments })
             {
@@ -465,6 +489,21 @@ fn now_at(offset: Option<&str>) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metric_names_only_our_tools_whatever_the_model_sent() {
+        for name in ["calculator", "current_time", "http_get"] {
+            assert_eq!(Tools::metric_name(name), name);
+        }
+        for sent in ["Calculator", "rm -rf /", "", &"x".repeat(10_000)] {
+            assert_eq!(Tools::metric_name(sent), "unknown");
+        }
+        // Every tool a turn may be offered has a name of its own in the metric.
+        let everything = Tools::builtin().with_http(&["example.com"]);
+        for spec in everything.specs() {
+            assert_eq!(Tools::metric_name(&spec.name), spec.name);
+        }
+    }
 
     #[test]
     fn the_clock_answers_in_utc_or_at_an_offset() {

@@ -12,6 +12,7 @@
 //! | a user's open streams | `U#{user}` | `LIMIT#streams` |
 //! | a user's session count | `U#{user}` | `LIMIT#sessions` |
 //! | a user's tokens of a UTC day | `U#{user}` | `LIMIT#tokens#{YYYY-MM-DD}` (TTL: 2 days after it) |
+//! | a charge counted once (`charge_once`) | `U#{user}` | `LIMIT#charged#{YYYY-MM-DD}#{marker}` (TTL as the day's) |
 //! | a turn's open streams | `S#{session}` | `STREAMS#{turn:08}` (deleted with its session) |
 //! | everyone's turn bucket | `LIMIT` | `TURNS` |
 
@@ -108,6 +109,8 @@ pub const TURN_SLOT_HOLD: Duration = Duration::from_secs(15 * 60);
 pub const SESSION_COUNT_SK: &str = "LIMIT#sessions";
 /// Sort key prefix of a user's token count of one UTC day (`LIMIT#tokens#2026-12-01`).
 pub const DAILY_TOKENS_PREFIX: &str = "LIMIT#tokens#";
+/// Sort key prefix of the markers of charges counted once (`LIMIT#charged#2026-12-01#…`).
+pub const CHARGED_PREFIX: &str = "LIMIT#charged#";
 /// Partition key of the limits over every user.
 pub const GLOBAL_PK: &str = "LIMIT";
 /// Sort key of everyone's turn bucket.
@@ -526,25 +529,25 @@ impl Store {
     /// Adds `tokens` to the user's count of today once for `marker` (e.g. a session's summary
     /// through a turn): a second call with the same marker, or a retry of this one, counts
     /// nothing. For spend that ends no turn. Whether it counted.
+    ///
+    /// The marker is an item of its own, put in the charge's transaction: kept on the day's item,
+    /// markers would grow it with every charge (and every charge of it would cost more), until
+    /// at DynamoDB's 400 KB a charge could no longer be written at all.
     pub async fn charge_once(&self, user: &UserId, marker: &str, tokens: u64) -> Result<bool, StoreError> {
         if tokens == 0 || self.options().daily_token_budget == 0 {
             return Ok(false);
         }
         let now = self.now_ms();
-        let (_, day_ends) = utc_day(now);
+        let (day, day_ends) = utc_day(now);
+        let mut charged = key(table::user_pk(user), format!("{CHARGED_PREFIX}{day}#{marker}"));
+        charged.insert(TTL_ATTRIBUTE.to_owned(), number((day_ends + DAY_ITEM_KEPT_MS) / 1000));
+        let charge = self.charge_update(user, tokens).build().expect("update fields are set");
         let request = self
             .client()
-            .update_item()
-            .table_name(self.table())
-            .set_key(Some(self.daily_tokens_key(user, now)))
-            .update_expression("ADD #used :tokens SET #ttl = :ttl, #marker = :yes")
-            .condition_expression("attribute_not_exists(#marker)")
-            .expression_attribute_names("#used", USED)
-            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-            .expression_attribute_names("#marker", format!("charged:{marker}"))
-            .expression_attribute_values(":tokens", number(tokens))
-            .expression_attribute_values(":ttl", number((day_ends + DAY_ITEM_KEPT_MS) / 1000))
-            .expression_attribute_values(":yes", AttributeValue::Bool(true));
+            .transact_write_items()
+            .transact_items(self.put_new(charged))
+            .transact_items(TransactWriteItem::builder().update(charge).build())
+            .client_request_token(uuid::Uuid::new_v4().to_string());
         Ok(matches!(self.send_conditional(request).await?, Written::Applied(_)))
     }
 
