@@ -281,6 +281,18 @@ function setReply(bubble, text, status, detail) {
   }
 }
 
+/// What writing a reply consumed and cost, shown on hover: its tokens by kind, and its cost when
+/// the server knows one (it never guesses one).
+function showUsage(bubble, usage, cost) {
+  if (!usage) return bubble.removeAttribute("title");
+  let text = usage.input_tokens + " tokens in";
+  if (usage.cache_read_tokens) text += " + " + usage.cache_read_tokens + " from cache";
+  if (usage.cache_write_tokens) text += " + " + usage.cache_write_tokens + " to cache";
+  text += ", " + usage.output_tokens + " out";
+  if (typeof cost === "number") text += " · $" + cost.toFixed(6);
+  bubble.title = text;
+}
+
 function stopDetail(reason) {
   if (reason === "reply_limit") return "Stopped: the reply reached its size limit.";
   if (reason) return "Stopped.";
@@ -349,10 +361,13 @@ function follow(session, turn, bubble, lastId) {
   source.addEventListener("message_end", (e) => {
     const end = JSON.parse(e.data);
     stream.stopped = end.stopped ? end.reason || "cancelled" : null;
+    stream.usage = end.usage;
+    stream.cost = end.cost_usd;
   });
   source.addEventListener("commit_done", () => {
     stream.stopPainting();
     setReply(bubble, stream.text, stream.stopped ? "stopped" : "done", stopDetail(stream.stopped));
+    showUsage(bubble, stream.usage, stream.cost);
     closeStream();
     loadSessions();
   });
@@ -463,6 +478,7 @@ async function openSession(id, older) {
         showToolResult(li, use);
       }
       setReply(li, message.content, message.stopped ? "stopped" : "done", stopDetail(message.stop_reason || (message.stopped ? "cancelled" : null)));
+      showUsage(li, message.usage, message.cost_usd);
     }
   }
   for (const node of nodes) list.insertBefore(node, firstBefore);

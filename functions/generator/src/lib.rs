@@ -10,12 +10,14 @@
 //! - `faults.rs`: the test directives (`DEMO_FAULTS`);
 //! - `llm/`, `tools/`, `routing.rs`, `memory.rs`: the providers, the tools, which model answers,
 //!   and which history it sees;
-//! - `model_config.rs`: the model variables, read at cold start.
+//! - `model_config.rs`: the model variables, read at cold start;
+//! - `pricing.rs`: what a reply costs, by the configured prices (`MODEL_PRICES`).
 
 mod faults;
 pub mod llm;
 pub mod memory;
 pub mod model_config;
+pub mod pricing;
 mod reply;
 pub mod routing;
 mod summary;
@@ -74,6 +76,7 @@ pub struct Generator {
     tools: tools::Tools,
     settings: GenerationSettings,
     counter: TokenCounter,
+    prices: pricing::Prices,
 }
 
 /// Why a record should be delivered again.
@@ -110,11 +113,12 @@ impl Generator {
             tool_deadline: env.millis_or("TOOL_DEADLINE_MS", Duration::from_secs(120))?,
         };
         let tools = tools::Tools::from_env(&env)?;
+        let prices = pricing::Prices::parse(&env.optional("MODEL_PRICES").unwrap_or_default())?;
         let aws = chat_runtime::aws::load_config().await;
         let routes = model_config.build_routes(&aws).await?;
         info!(model = %model_config.describe(), "model ready");
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
-        Ok(Generator::new(store, routes, settings).with_tools(tools))
+        Ok(Generator::new(store, routes, settings).with_tools(tools).with_prices(prices))
     }
 
     /// A generator over explicit parts. The tokenizer is decoded only if a turn needs an exact count.
@@ -125,7 +129,14 @@ impl Generator {
             tools: tools::Tools::none(),
             settings,
             counter: TokenCounter::o200k(),
+            prices: pricing::Prices::default(),
         }
+    }
+
+    /// The same generator pricing its replies by `prices` (with none, replies have no cost).
+    pub fn with_prices(mut self, prices: pricing::Prices) -> Generator {
+        self.prices = prices;
+        self
     }
 
     /// The same generator offering `tools` to the model.
@@ -255,6 +266,7 @@ impl Generator {
                     output = usage.output,
                     cache_read = usage.cache_read,
                     cache_write = usage.cache_write,
+                    cost_usd = writer.cost_usd(),
                     "turn finished"
                 );
                 turn_metrics(&ending, writer);
@@ -326,5 +338,7 @@ fn turn_metrics(ending: &Ending, writer: &TurnWriter<'_>) {
         let by = [Dimension::Model(&routing.model), Dimension::Route(&routing.route)];
         metrics::count(name::INPUT_TOKENS, usage.input, &by);
         metrics::count(name::OUTPUT_TOKENS, usage.output, &by);
+        metrics::count(name::CACHE_READ_TOKENS, usage.cache_read, &by);
+        metrics::count(name::CACHE_WRITE_TOKENS, usage.cache_write, &by);
     }
 }

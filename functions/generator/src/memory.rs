@@ -160,6 +160,8 @@ mod tests {
                     stopped: None,
                     routing: None,
                     tool_uses: Vec::new(),
+                    usage: None,
+                    cost_usd: None,
                 });
             }
         }

@@ -318,9 +318,9 @@ impl Generator {
     }
 
     /// One model call of the turn: its tokens go to the writer; it ends the turn, or asks for
-    /// tools. What it consumed goes to the writer's usage, however it ends: as the provider
-    /// reported it, or estimated when it reported nothing (a provider that does not, or a call
-    /// cut short).
+    /// tools. What it consumed goes to the writer's usage (and its cost, by the model's price),
+    /// however it ends: as the provider reported it, or estimated when it reported nothing (a
+    /// provider that does not, or a call cut short by a cancel).
     async fn stream_step(
         &self,
         writer: &mut TurnWriter<'_>,
@@ -330,7 +330,10 @@ impl Generator {
     ) -> Result<Step, StoreError> {
         let mut spent = Spent::default();
         let step = self.stream_step_spending(writer, model, prompt, crash_after, &mut spent).await;
-        writer.spent(spent.usage(prompt, self.counter));
+        let usage = spent.usage(prompt, self.counter);
+        // Priced by the model that answered this call (an escalated turn uses two).
+        let cost = writer.routing().and_then(|r| self.prices.cost(&r.model, &usage));
+        writer.spent(usage, cost);
         step
     }
 

@@ -3,6 +3,7 @@
 //! cancel) and extends it as it goes, and keeps what is stored with the reply: its text, route,
 //! tool uses and what the model calls consumed.
 
+use crate::pricing::Cost;
 use crate::GenerationSettings;
 use chat_core::record::EVENT_MARK;
 use chat_core::{
@@ -71,8 +72,11 @@ pub(crate) struct TurnWriter<'a> {
     routing: Option<Routing>,
     /// The tools called for the turn so far, an earlier holder's included.
     tool_uses: Vec<ToolUse>,
-    /// What this holder's model calls consumed so far: charged when the turn ends.
+    /// What this holder's model calls consumed so far: stored with the reply and charged when
+    /// the turn ends.
     usage: Usage,
+    /// What those calls cost so far.
+    cost: Cost,
 }
 
 impl<'a> TurnWriter<'a> {
@@ -102,6 +106,7 @@ impl<'a> TurnWriter<'a> {
             routing: None,
             tool_uses,
             usage: Usage::default(),
+            cost: Cost::default(),
             lease,
         }
     }
@@ -151,9 +156,15 @@ impl<'a> TurnWriter<'a> {
         self.tool_uses.iter().map(|u| u.arguments.len() + u.result.len()).sum()
     }
 
-    /// Adds what a model call consumed.
-    pub(crate) fn spent(&mut self, usage: Usage) {
+    /// Adds what a model call consumed, and what it cost (`None`: its model has no price).
+    pub(crate) fn spent(&mut self, usage: Usage, cost_usd: Option<f64>) {
         self.usage += usage;
+        self.cost.add(cost_usd);
+    }
+
+    /// What this holder's model calls cost so far, when every one of them had a price.
+    pub(crate) fn cost_usd(&self) -> Option<f64> {
+        self.cost.usd()
     }
 
     /// What this holder's model calls consumed so far.
@@ -169,6 +180,7 @@ impl<'a> TurnWriter<'a> {
             routing: self.routing.clone(),
             tool_uses: self.tool_uses.clone(),
             usage: self.usage,
+            cost_usd: self.cost.usd(),
         }
     }
 

@@ -13,6 +13,8 @@ fn message(turn: u64, role: Role, content: &str) -> Message {
         stopped: None,
         routing: None,
         tool_uses: Vec::new(),
+        usage: None,
+        cost_usd: None,
     }
 }
 

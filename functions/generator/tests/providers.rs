@@ -532,6 +532,10 @@ async fn a_cancel_lands_while_the_model_is_still_silent() {
     let reply = messages.iter().find(|m| m.id.turn == turn && m.id.role == Role::Assistant).unwrap();
     assert_eq!(reply.stopped, Some(StopReason::Cancelled));
     assert_eq!(reply.content, "");
+    // Cut before the model reported anything: the counts known at the stop (the prompt, by
+    // o200k_base, and nothing streamed).
+    let usage = reply.usage.expect("a stopped reply keeps its usage");
+    assert!(usage.input > 0 && usage.output == 0 && usage.cache_read == 0, "{usage:?}");
 }
 
 #[tokio::test]
@@ -707,6 +711,21 @@ async fn each_provider_reports_what_a_call_consumed_and_openai_is_asked_to() {
         out.last(),
         Some(&Output::Usage(chat_core::Usage { input: 5, output: 2, ..Default::default() }))
     );
+}
+
+#[tokio::test]
+async fn bedrock_cache_reads_and_writes_are_read_from_the_metadata_usage() {
+    let mut frames = fake_llm::bedrock_frames(&["a", "b"]);
+    *frames.last_mut().unwrap() = fake_llm::bedrock_event(
+        "metadata",
+        json!({"usage": {"inputTokens": 5, "outputTokens": 2, "totalTokens": 1207,
+                         "cacheReadInputTokens": 1000, "cacheWriteInputTokens": 200},
+               "metrics": {"latencyMs": 10}}),
+    );
+    let server = FakeLlm::start(vec![fake_llm::bedrock_stream(frames)]).await.unwrap();
+    let out: Vec<Output> = bedrock(&server).await.stream(prompt("hi")).map(Result::unwrap).collect().await;
+    let expected = chat_core::Usage { input: 5, output: 2, cache_read: 1000, cache_write: 200 };
+    assert_eq!(out.last(), Some(&Output::Usage(expected)));
 }
 
 /// A harness whose store counts each user's tokens against a daily budget.

@@ -8,10 +8,11 @@ use chat_core::job::TurnMessage;
 use chat_core::{
     NewMessage, Outcome, Read, SendOutcome, SessionId, State, Store, StoreOptions, Turn, UserId,
 };
-use chat_core::{ReplyEvent, Role, ToolUse};
+use chat_core::{ReplyEvent, Role, ToolUse, Usage};
 use chat_testkit::fake_llm::{self, FakeLlm};
 use generator::llm::openai::OpenAiSettings;
 use generator::llm::{Model, OpenAi, RetryPolicy};
+use generator::pricing::{ModelPrice, Prices};
 use generator::routing::{NamedModel, RouteRule, Routes};
 use generator::tools::Tools;
 use std::sync::Arc;
@@ -62,7 +63,16 @@ async fn harness_with(
     tools: Tools,
     tool_deadline: Duration,
 ) -> Harness {
-    harness_with_options(server, small, tools, tool_deadline, StoreOptions::default(), |_| ()).await
+    harness_with_options(
+        server,
+        small,
+        tools,
+        tool_deadline,
+        StoreOptions::default(),
+        Prices::default(),
+        |_| (),
+    )
+    .await
 }
 
 /// [`harness_with`] over a store with `options`, its settings changed by `adjust`.
@@ -72,6 +82,7 @@ async fn harness_with_options(
     tools: Tools,
     tool_deadline: Duration,
     options: StoreOptions,
+    prices: Prices,
     adjust: impl FnOnce(&mut generator::GenerationSettings),
 ) -> Harness {
     let dynamo = chat_testkit::LocalDynamo::start(0, "turns").await.unwrap();
@@ -94,7 +105,9 @@ async fn harness_with_options(
         tool_deadline,
     };
     adjust(&mut settings);
-    let generator = Arc::new(generator::Generator::new(store.clone(), routes, settings).with_tools(tools));
+    let generator = Arc::new(
+        generator::Generator::new(store.clone(), routes, settings).with_tools(tools).with_prices(prices),
+    );
     Harness { _dynamo: dynamo, store, generator }
 }
 
@@ -200,8 +213,16 @@ async fn a_session_deleted_while_its_reply_streams_leaves_nothing_behind_and_is_
     let server =
         FakeLlm::start(vec![fake_llm::openai_reply(&tokens, Duration::from_millis(25))]).await.unwrap();
     let options = StoreOptions { daily_token_budget: 1_000_000, ..StoreOptions::default() };
-    let h =
-        harness_with_options(&server, None, Tools::none(), Duration::from_secs(60), options, |_| ()).await;
+    let h = harness_with_options(
+        &server,
+        None,
+        Tools::none(),
+        Duration::from_secs(60),
+        options,
+        Prices::default(),
+        |_| (),
+    )
+    .await;
     let (session, turn) = h.send(None, "Tell me a long story.").await;
     let generator = h.generator.clone();
     let running =
@@ -462,6 +483,83 @@ async fn no_tool_runs_past_the_turns_tool_deadline() {
     assert_eq!(server.requests()[1].json()["tool_choice"], "none", "and the model must answer");
 }
 
+/// An OpenAI `usage` object: `prompt` tokens, `cached` of them read from the prompt cache.
+fn openai_usage(prompt: u64, cached: u64, completion: u64) -> serde_json::Value {
+    serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+#[tokio::test]
+async fn a_tool_turns_usage_is_the_sum_of_its_model_calls_with_cached_tokens_apart_and_priced() {
+    let arguments = r#"{"expression":"6*7"}"#;
+    let server = FakeLlm::start(vec![
+        fake_llm::with_openai_usage(
+            fake_llm::openai_tool_calls("Let me check. ", &[("c1", "calculator", arguments)]),
+            openai_usage(100, 60, 10),
+        ),
+        fake_llm::with_openai_usage(
+            fake_llm::openai_reply(&["It ", "is 42."], Duration::ZERO),
+            openai_usage(150, 100, 5),
+        ),
+    ])
+    .await
+    .unwrap();
+    let price = ModelPrice { input: 3.0, output: 15.0, cache_read: Some(0.3), cache_write: Some(3.75) };
+    let prices = Prices::of([("big-model".to_owned(), price)]);
+    let h = harness_with_options(
+        &server,
+        None,
+        Tools::builtin(),
+        Duration::from_secs(60),
+        StoreOptions::default(),
+        prices,
+        |_| (),
+    )
+    .await;
+    let (session, turn) = h.turn(None, "What is six times seven?").await;
+
+    // Both calls asked for their usage.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2, "a tool step, then the answer");
+    for request in &requests {
+        assert_eq!(request.json()["stream_options"], serde_json::json!({"include_usage": true}));
+    }
+    // Fresh input is the prompt less its cached part; every kind is summed over both calls.
+    let reply = h.store.get_message(session, turn, Role::Assistant, Read::Consistent).await.unwrap().unwrap();
+    let usage =
+        Usage { input: (100 - 60) + (150 - 100), output: 10 + 5, cache_read: 60 + 100, cache_write: 0 };
+    assert_eq!(reply.usage, Some(usage));
+    let cost = reply.cost_usd.expect("big-model has a price");
+    let expected = (90.0 * 3.0 + 15.0 * 15.0 + 160.0 * 0.3) / 1e6;
+    assert!((cost - expected).abs() < 1e-12, "cost {cost}, expected {expected}");
+}
+
+#[tokio::test]
+async fn a_reply_of_a_model_without_a_price_keeps_its_usage_and_has_no_cost() {
+    let server = FakeLlm::start(vec![fake_llm::with_openai_usage(
+        fake_llm::openai_reply(&["Hi", "!"], Duration::ZERO),
+        openai_usage(20, 0, 2),
+    )])
+    .await
+    .unwrap();
+    let price = ModelPrice { input: 1.0, output: 1.0, cache_read: None, cache_write: None };
+    let prices = Prices::of([("some-other-model".to_owned(), price)]);
+    let h = harness_with_options(
+        &server,
+        None,
+        Tools::none(),
+        Duration::from_secs(60),
+        StoreOptions::default(),
+        prices,
+        |_| (),
+    )
+    .await;
+    let (session, turn) = h.turn(None, "hello").await;
+    let reply = h.store.get_message(session, turn, Role::Assistant, Read::Consistent).await.unwrap().unwrap();
+    assert_eq!(reply.usage, Some(Usage { input: 20, output: 2, ..Usage::default() }));
+    assert_eq!(reply.cost_usd, None, "never guessed");
+}
+
 /// A tool slower than the turn's lease keeps the turn: the lease is extended while the tool
 /// runs, so a re-drive cannot hand the turn to a second generator that would run it again.
 #[tokio::test]
@@ -474,11 +572,16 @@ async fn a_tool_slower_than_the_lease_keeps_the_turn_for_its_generator() {
     .unwrap();
     let lease = Duration::from_millis(400);
     let tools = Tools::builtin().with_call_delay(Duration::from_millis(1500));
-    let h =
-        harness_with_options(&server, None, tools, Duration::from_secs(60), StoreOptions::default(), |s| {
-            s.lease = lease
-        })
-        .await;
+    let h = harness_with_options(
+        &server,
+        None,
+        tools,
+        Duration::from_secs(60),
+        StoreOptions::default(),
+        Prices::default(),
+        |s| s.lease = lease,
+    )
+    .await;
     let (session, turn) = h.send(None, "What is six times seven?").await;
     let rival = async {
         // Mid-call, more than two leases after the tool started: a re-drive's claim.
@@ -513,6 +616,7 @@ async fn a_message_that_leaves_the_summary_no_room_is_answered_without_it() {
         Tools::none(),
         Duration::from_secs(60),
         StoreOptions::default(),
+        Prices::default(),
         |s| s.memory.max_tokens = 200,
     )
     .await;

@@ -6,7 +6,7 @@ use crate::App;
 use chat_auth::Caller;
 use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
-use chat_core::{DeleteOutcome, Message, Read, Session, StoreError, Turn, UserId};
+use chat_core::{DeleteOutcome, Message, Read, Role, Session, StoreError, Turn, Usage, UserId};
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Value};
@@ -35,6 +35,24 @@ fn newest_turns_within(messages: Vec<Message>, max_bytes: usize) -> (Vec<Message
         i = start;
     }
     (messages.into_iter().skip(kept_from).collect(), oldest)
+}
+
+/// The total of a page's replies: `{input_tokens, output_tokens, cache_read_tokens,
+/// cache_write_tokens, cost_usd}`; `cost_usd` is absent unless every reply on the page has a cost
+/// (a sum with a reply left out would understate it).
+fn page_usage(messages: &[Message]) -> Value {
+    let replies = messages.iter().filter(|m| m.id.role == Role::Assistant);
+    let mut usage = Usage::default();
+    let mut cost = Some(0.0);
+    for reply in replies {
+        usage += reply.usage.unwrap_or_default();
+        cost = cost.zip(reply.cost_usd).map(|(sum, c)| sum + c);
+    }
+    let mut total = json!(usage);
+    if let Some(cost) = cost {
+        total["cost_usd"] = json!(cost);
+    }
+    total
 }
 
 impl App {
@@ -81,7 +99,7 @@ impl App {
         };
         let (messages, oldest) = newest_turns_within(messages, MAX_PAGE_BYTES);
         let next_cursor = oldest.filter(|t| t.get() > 1).map(|t| t.to_string());
-        let messages: Vec<Value> = messages
+        let messages_json: Vec<Value> = messages
             .iter()
             .map(|m| {
                 let mut value = json!({
@@ -103,11 +121,19 @@ impl App {
                     value["route"] = json!(routing.route);
                     value["model"] = json!(routing.model);
                 }
+                // What writing this reply consumed and cost, as its message_end said.
+                if let Some(usage) = m.usage {
+                    value["usage"] = json!(usage);
+                }
+                if let Some(cost) = m.cost_usd {
+                    value["cost_usd"] = json!(cost);
+                }
                 value
             })
             .collect();
+        let page_usage = page_usage(&messages);
         let mut body = session_overview(&session);
-        body["messages"] = Value::Array(messages);
+        body["messages"] = Value::Array(messages_json);
         // The compact memory written after the session went idle; null until then.
         body["summary"] = match &session.summary {
             Some(summary) => json!({
@@ -117,7 +143,10 @@ impl App {
             }),
             None => Value::Null,
         };
-        Ok(json(StatusCode::OK, json!({ "session": body, "next_cursor": next_cursor })))
+        Ok(json(
+            StatusCode::OK,
+            json!({ "session": body, "next_cursor": next_cursor, "page_usage": page_usage }),
+        ))
     }
 
     pub(crate) async fn list_sessions(
@@ -209,6 +238,8 @@ mod tests {
                 stopped: None,
                 routing: None,
                 tool_uses: Vec::new(),
+                usage: None,
+                cost_usd: None,
             })
             .collect()
     }
@@ -228,5 +259,22 @@ mod tests {
         assert_eq!((page.len(), oldest), (0, None));
         let (page, _) = newest_turns_within(messages, usize::MAX);
         assert_eq!(page.len(), 8);
+    }
+
+    #[test]
+    fn a_pages_usage_sums_its_replies_and_has_a_cost_only_when_every_reply_has_one() {
+        let session = SessionId::new();
+        let mut messages: Vec<Message> = (1..=2).flat_map(|t| turn_messages(session, t, (1, 1))).collect();
+        let usage = Usage { input: 10, output: 20, cache_read: 30, cache_write: 4 };
+        for reply in messages.iter_mut().filter(|m| m.id.role == Role::Assistant) {
+            (reply.usage, reply.cost_usd) = (Some(usage), Some(0.25));
+        }
+        let total = json!({"input_tokens": 20, "output_tokens": 40, "cache_read_tokens": 60,
+            "cache_write_tokens": 8, "cost_usd": 0.5});
+        assert_eq!(page_usage(&messages), total);
+        messages[3].cost_usd = None;
+        let unpriced = page_usage(&messages);
+        assert_eq!(unpriced.get("cost_usd"), None, "a partial sum would understate the cost");
+        assert_eq!(unpriced["output_tokens"], 40);
     }
 }

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use chat_auth::{AuthConfig, AuthError, Authenticator};
 use chat_core::config::{ConfigError, Env};
 use chat_core::{
-    Admission, Chunk, Read, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn, UserId,
+    Admission, Chunk, Message, Read, ReplyEvent, Role, Session, SessionId, State, Store, StoreError, Turn,
+    UserId,
 };
 use chat_runtime::http_error::ErrorAnswer;
 use chat_runtime::metrics;
@@ -479,12 +480,7 @@ impl Relay {
         let turn = position.turn;
         let events = match reply {
             Some(reply) => vec![
-                sse::event(
-                    "message_end",
-                    None,
-                    &json!({"turn": turn, "stopped": reply.stopped.is_some(), "reason": reply.stopped})
-                        .to_string(),
-                ),
+                sse::event("message_end", None, &message_end(turn, &reply).to_string()),
                 // The bare session id, as seed-compatible clients expect; the turn is in the ids.
                 sse::event("commit_done", None, &position.session.to_string()),
             ],
@@ -511,6 +507,20 @@ impl Relay {
         info!(tokens = next_index, "turn over; stream closed");
         Ok(())
     }
+}
+
+/// The `message_end` data of a committed reply: how it ended, and what it consumed and cost as
+/// stored with it (`usage` absent for replies stored before replies kept it; `cost_usd` absent
+/// when a model it used has no price).
+fn message_end(turn: Turn, reply: &Message) -> serde_json::Value {
+    let mut data = json!({"turn": turn, "stopped": reply.stopped.is_some(), "reason": reply.stopped});
+    if let Some(usage) = reply.usage {
+        data["usage"] = json!(usage);
+    }
+    if let Some(cost) = reply.cost_usd {
+        data["cost_usd"] = json!(cost);
+    }
+    data
 }
 
 /// Sends the chunk's tokens from `next_index` on, as `token` events with ids `{turn}:{index}`;

@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 
 fn api() -> &'static str {
     // Two turns a minute per user: each scenario's user sends at most that, but the one that
-    // shows a 429.
-    let env = vec![("TURNS_PER_MINUTE".to_owned(), "2".to_owned())];
+    // shows a 429. The demo model has a price, so replies show a cost.
+    let env = vec![
+        ("TURNS_PER_MINUTE".to_owned(), "2".to_owned()),
+        ("MODEL_PRICES".to_owned(), r#"{"demo": {"input": 2.0, "output": 4.0}}"#.to_owned()),
+    ];
     &stack_configured("browser", env, Vec::new(), |settings| {
         settings.auth = chat_local::LocalAuth::Jwt;
     })
@@ -175,7 +178,7 @@ impl Browser {
         self.js("const all = document.querySelectorAll('#messages li.assistant');
              const b = all[all.length - 1];
              return b ? {turn: Number(b.dataset.turn), state: b.dataset.state, raw: b.dataset.raw,
-                         count: all.length, text: b.textContent} : null;")
+                         count: all.length, text: b.textContent, title: b.title} : null;")
             .await
     }
 
@@ -238,6 +241,15 @@ async fn send_and_see_the_reply_rendered() {
     let listed =
         browser.js("return [...document.querySelectorAll('#sessions a')].map(a => a.dataset.session)").await;
     assert_eq!(listed, json!([id]), "the new chat is listed");
+    // Hovering the reply shows its tokens and cost, as stored, live and after a reload.
+    let stored_reply = reply_of(&session, 1).unwrap();
+    let (usage, cost) =
+        (&stored_reply["usage"], stored_reply["cost_usd"].as_f64().expect("demo has a price"));
+    let expected =
+        format!("{} tokens in, {} out · ${cost:.6}", usage["input_tokens"], usage["output_tokens"]);
+    assert_eq!(reply["title"], expected);
+    browser.client.refresh().await.unwrap();
+    assert_eq!(browser.until_reply("done").await["title"], expected, "the history shows the same");
     browser.screenshot("send-and-reply").await;
     browser.close().await;
 }

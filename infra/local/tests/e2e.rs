@@ -9,8 +9,22 @@ use std::time::Duration;
 
 const TURN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The demo model's price here, USD per million tokens.
+const DEMO_PRICE: (f64, f64) = (2.0, 4.0);
+
+fn info() -> &'static StackInfo {
+    let prices = json!({"demo": {"input": DEMO_PRICE.0, "output": DEMO_PRICE.1}}).to_string();
+    stack_with("e2e", vec![("MODEL_PRICES".to_owned(), prices)], Vec::new())
+}
+
 fn api() -> &'static str {
-    &stack("e2e").api
+    &info().api
+}
+
+/// The `message_end` event's data.
+fn message_end(events: &[Sse]) -> Value {
+    let end = events.iter().find(|e| e.event == "message_end").expect("message_end");
+    serde_json::from_str(&end.data).unwrap()
 }
 
 fn session_id(answer: &Answer) -> String {
@@ -71,6 +85,25 @@ async fn a_full_turn_streams_tokens_and_commits_exactly_what_was_streamed() {
         streamed,
         "law 4: what is streamed is what is saved"
     );
+
+    // The demo model's own counts: its prompt, and a token per token event; priced by
+    // MODEL_PRICES. The stored reply says the same as message_end, and the page totals it.
+    let end = message_end(&events);
+    let usage = &end["usage"];
+    assert_eq!(usage["output_tokens"], indexes_of(&events).len() as u64, "{end}");
+    assert!(usage["input_tokens"].as_u64().unwrap() > 0, "{end}");
+    assert_eq!((&usage["cache_read_tokens"], &usage["cache_write_tokens"]), (&json!(0), &json!(0)));
+    let cost = (usage["input_tokens"].as_f64().unwrap() * DEMO_PRICE.0
+        + usage["output_tokens"].as_f64().unwrap() * DEMO_PRICE.1)
+        / 1e6;
+    assert!((end["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12, "{end}");
+    let reply = reply_of(&session, 1).unwrap();
+    assert_eq!((&reply["usage"], &reply["cost_usd"]), (usage, &end["cost_usd"]));
+    assert!(messages[0].get("usage").is_none(), "a user message has no usage");
+    let page = request(reqwest::Method::GET, format!("{}/sessions/{id}", api()), None).await;
+    let mut total = usage.clone();
+    total["cost_usd"] = end["cost_usd"].clone();
+    assert_eq!(page.body["page_usage"], total, "one reply: the page's total is its usage");
 }
 
 #[tokio::test]
@@ -195,11 +228,16 @@ async fn cancel_stops_generation_and_commits_the_partial_reply_as_streamed() {
     let cancel = request(reqwest::Method::POST, format!("{}/sessions/{id}/cancel", api()), None).await;
     assert_eq!(cancel.status, 202, "{}", cancel.body);
     events.extend(reader.rest().await);
-    let end = events.iter().find(|e| e.event == "message_end").expect("message_end");
-    assert_eq!(serde_json::from_str::<Value>(&end.data).unwrap()["stopped"], true);
+    let end = message_end(&events);
+    assert_eq!(end["stopped"], true);
     let session = wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
     let reply = reply_of(&session, 1).unwrap();
     assert_eq!(reply["stopped"], true);
+    // Cut before the demo model reported its count: the counts known at the stop (the prompt
+    // and what was streamed, by o200k_base), in message_end and stored alike.
+    assert!(end["usage"]["output_tokens"].as_u64().unwrap() > 0, "{end}");
+    assert!(end["usage"]["input_tokens"].as_u64().unwrap() > 0, "{end}");
+    assert_eq!((&reply["usage"], &reply["cost_usd"]), (&end["usage"], &end["cost_usd"]));
     assert_eq!(reply["content"], text_of(&events), "the partial reply is what was streamed");
     assert!(indexes_of(&events).len() < 400, "generation stopped early");
     // Cancelling again: nothing in flight.
@@ -212,7 +250,7 @@ async fn cancel_stops_generation_and_commits_the_partial_reply_as_streamed() {
 
 #[tokio::test]
 async fn a_duplicate_sqs_delivery_after_the_commit_changes_nothing() {
-    let info = stack("e2e");
+    let info = info();
     let user = user();
     let id = session_id(&send_text(api(), &user, "once", None).await);
     let before = wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
@@ -317,7 +355,7 @@ async fn a_turn_no_generator_picks_up_is_redriven_then_ends_in_timeout() {
     assert_eq!(data["message"], "no generator picked the turn up in time");
 
     // Exactly MAX_REDRIVES re-drives, then the timeout, in the audit trail.
-    let info = stack("e2e");
+    let info = info();
     let store = chat_core::Store::new(
         chat_local::dynamodb_client(&info.dynamodb_endpoint),
         info.table.as_str(),
@@ -650,4 +688,11 @@ async fn a_tool_step_streams_as_tool_call_and_tool_result_events_and_resumes_aft
     assert_eq!(reply["content"].as_str().unwrap(), text_of(&events));
     assert_eq!(reply["tool_calls"][0]["name"], "calculator");
     assert_eq!(reply["tool_calls"][0]["result"], "42");
+
+    // Two model calls, summed: the demo model counts a token per piece it sends, so the tool
+    // step is its text token and its call, and the answer its token events.
+    let end = message_end(&events);
+    let tokens = events.iter().filter(|e| e.event == "token").count() as u64;
+    assert_eq!(end["usage"]["output_tokens"], tokens + 1, "{end}");
+    assert_eq!((&reply["usage"], &reply["cost_usd"]), (&end["usage"], &end["cost_usd"]));
 }

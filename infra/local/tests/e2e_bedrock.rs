@@ -44,6 +44,11 @@ async fn a_bedrock_reply_streams_through_the_stack_to_an_sse_client() {
     assert_eq!(events.last().unwrap().event, "commit_done");
     let session = wait_for_state(api, &id, Duration::from_secs(10), |s| s == "ai_committed").await;
     assert_eq!(reply_of(&session, 1).unwrap()["content"], TOKENS.concat());
+    // The metadata event's usage, stored with the reply; no price is configured, so no cost.
+    let usage = json!({"input_tokens": 5, "output_tokens": TOKENS.len(), "cache_read_tokens": 0,
+                       "cache_write_tokens": 0});
+    assert_eq!(reply_of(&session, 1).unwrap()["usage"], usage);
+    assert!(reply_of(&session, 1).unwrap().get("cost_usd").is_none());
 
     let requests = server.requests();
     assert_eq!(requests.len(), 2, "one throttled attempt, one reply");

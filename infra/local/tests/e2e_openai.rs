@@ -7,6 +7,7 @@ mod common;
 
 use chat_local::fake_llm;
 use common::*;
+use serde_json::json;
 use std::time::Duration;
 
 const SECRET_NAME: &str = "chat-e2e-openai-key";
@@ -25,6 +26,7 @@ async fn an_openai_compatible_server_streams_through_the_stack_to_an_sse_client(
         ("LLM_SYSTEM_PROMPT", "You are the e2e test."),
         ("LLM_MAX_ATTEMPTS", "3"),
         ("LLM_RETRY_BASE_MS", "10"),
+        ("MODEL_PRICES", r#"{"fake-model": {"input": 1.0, "output": 2.0}}"#),
     ];
     let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     let info = stack_with("e2e_openai", env, vec![(SECRET_NAME.to_owned(), API_KEY.to_owned())]);
@@ -47,6 +49,18 @@ async fn an_openai_compatible_server_streams_through_the_stack_to_an_sse_client(
     assert_eq!(kinds, ["message_end", "commit_done"]);
     let session = wait_for_state(api, &id, Duration::from_secs(10), |s| s == "ai_committed").await;
     assert_eq!(reply_of(&session, 1).unwrap()["content"], TOKENS.concat());
+    // The usage the server reported, priced by MODEL_PRICES, in message_end and stored alike.
+    let end = events.iter().find(|e| e.event == "message_end").unwrap();
+    let end: serde_json::Value = serde_json::from_str(&end.data).unwrap();
+    let (input, output) = (fake_llm::FAKE_PROMPT_TOKENS, TOKENS.len() as u64);
+    assert_eq!(
+        end["usage"],
+        json!({"input_tokens": input, "output_tokens": output, "cache_read_tokens": 0, "cache_write_tokens": 0})
+    );
+    let cost = (input as f64 * 1.0 + output as f64 * 2.0) / 1e6;
+    assert!((end["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12, "{end}");
+    let reply = reply_of(&session, 1).unwrap();
+    assert_eq!((&reply["usage"], &reply["cost_usd"]), (&end["usage"], &end["cost_usd"]));
 
     let requests = server.requests();
     let request = requests.last().unwrap();
@@ -58,6 +72,7 @@ async fn an_openai_compatible_server_streams_through_the_stack_to_an_sse_client(
     );
     let body = request.json();
     assert_eq!(body["model"], "fake-model");
+    assert_eq!(body["stream_options"], json!({"include_usage": true}), "the usage is asked for");
     let offered: Vec<&str> =
         body["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
     assert_eq!(offered, ["calculator", "current_time"], "the built-in tools are offered by default");

@@ -70,7 +70,7 @@ pub struct LeaseInfo {
 }
 
 /// A stored chat message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// Session, turn and role.
     pub id: MessageId,
@@ -84,6 +84,12 @@ pub struct Message {
     pub routing: Option<Routing>,
     /// The tools the model called while writing an assistant reply, in order.
     pub tool_uses: Vec<ToolUse>,
+    /// What the model calls of an assistant reply consumed; `None` for user messages and for
+    /// replies stored before replies kept it.
+    pub usage: Option<Usage>,
+    /// What those calls cost in US dollars, by the configured prices (`MODEL_PRICES`); `None`
+    /// when a model the reply used has no price.
+    pub cost_usd: Option<f64>,
 }
 
 /// One tool call of a reply and what the tool answered.
@@ -138,16 +144,21 @@ pub struct Routing {
 }
 
 /// Tokens a model consumed, as its provider reports them (or as estimated when it reports
-/// none): what a turn costs. Kept by kind, since providers price them differently.
+/// none): what a turn costs. Kept by kind, since providers price them differently. Serialised
+/// with the wire names of `message_end` and `GET /sessions/{id}` (`input_tokens`, …).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Prompt tokens read fresh (not from a prompt cache).
+    #[serde(rename = "input_tokens")]
     pub input: u64,
     /// Tokens the model generated.
+    #[serde(rename = "output_tokens")]
     pub output: u64,
     /// Prompt tokens read from the provider's prompt cache.
+    #[serde(rename = "cache_read_tokens")]
     pub cache_read: u64,
     /// Prompt tokens written to the provider's prompt cache.
+    #[serde(rename = "cache_write_tokens")]
     pub cache_write: u64,
 }
 
@@ -380,6 +391,16 @@ impl Message {
                     .map_err(|_| StoreError::corrupt(fields.key(), "tool_uses does not parse"))?,
                 None => Vec::new(),
             },
+            usage: match fields.opt_number(attr::INPUT_TOKENS)? {
+                Some(input) => Some(Usage {
+                    input,
+                    output: fields.number(attr::OUTPUT_TOKENS)?,
+                    cache_read: fields.number(attr::CACHE_READ_TOKENS)?,
+                    cache_write: fields.number(attr::CACHE_WRITE_TOKENS)?,
+                }),
+                None => None,
+            },
+            cost_usd: fields.opt_number(attr::COST_USD)?,
         })
     }
 }
@@ -446,6 +467,11 @@ pub(crate) mod attr {
     pub const ROUTE: &str = "route";
     pub const MODEL: &str = "model";
     pub const TOOL_USES: &str = "tool_uses";
+    pub const INPUT_TOKENS: &str = "input_tokens";
+    pub const OUTPUT_TOKENS: &str = "output_tokens";
+    pub const CACHE_READ_TOKENS: &str = "cache_read_tokens";
+    pub const CACHE_WRITE_TOKENS: &str = "cache_write_tokens";
+    pub const COST_USD: &str = "cost_usd";
     pub const ROLE: &str = "role";
     pub const CONTENT: &str = "content";
     pub const TIMESTAMP: &str = "timestamp";

@@ -400,3 +400,32 @@ async fn a_turns_spend_is_charged_once_however_its_commit_is_retried_or_fenced()
     assert!(matches!(free.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
     assert_eq!(free.tokens_used_today(&other).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_reply_is_stored_with_its_usage_and_cost_in_its_commit_and_a_user_message_with_neither() {
+    let db = TestDb::start().await;
+    let store = budgeted(&db, 0);
+    let user = new_user();
+    let lease = claimed_turn(&store, &user, None, "gen-1").await;
+    let usage = Usage { input: 12, output: 34, cache_read: 56, cache_write: 7 };
+    let reply = Reply { usage, cost_usd: Some(0.00123), ..Reply::new("reply") };
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
+    let stored = store
+        .get_message(lease.session_id, lease.turn, Role::Assistant, Read::Consistent)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((stored.usage, stored.cost_usd), (Some(usage), Some(0.00123)));
+    let asked = store.get_message(lease.session_id, lease.turn, Role::User, Read::Consistent).await.unwrap();
+    assert_eq!(asked.map(|m| (m.usage, m.cost_usd)), Some((None, None)));
+    // A reply whose model has no price keeps its usage, and no cost.
+    let lease = claimed_turn(&store, &user, Some(lease.session_id), "gen-2").await;
+    let reply = Reply { usage, ..Reply::new("unpriced") };
+    assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
+    let stored = store
+        .get_message(lease.session_id, lease.turn, Role::Assistant, Read::Consistent)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((stored.usage, stored.cost_usd), (Some(usage), None));
+}

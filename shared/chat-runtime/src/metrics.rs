@@ -34,10 +34,15 @@ pub mod name {
     pub const MODEL_ERRORS: &str = "ModelErrors";
     /// A model request retried (stack-wide: the retry loop does not know the model's name).
     pub const MODEL_RETRIES: &str = "ModelRetries";
-    /// Prompt tokens, by `Model` and by `Route`.
+    /// Fresh prompt tokens (as the provider reports them, else estimated), by `Model` and by
+    /// `Route`.
     pub const INPUT_TOKENS: &str = "InputTokens";
     /// Reply tokens, by `Model` and by `Route`.
     pub const OUTPUT_TOKENS: &str = "OutputTokens";
+    /// Prompt tokens read from the provider's prompt cache, by `Model` and by `Route`.
+    pub const CACHE_READ_TOKENS: &str = "CacheReadTokens";
+    /// Prompt tokens written to the provider's prompt cache, by `Model` and by `Route`.
+    pub const CACHE_WRITE_TOKENS: &str = "CacheWriteTokens";
     /// A tool the model called, by `Tool`.
     pub const TOOL_CALLS: &str = "ToolCalls";
     /// A request refused with a 4xx, by `Code` (`turn_rate_limited`, `invalid_token`, …).
@@ -49,7 +54,7 @@ pub mod name {
     /// Sessions past their deadline that a sweep found.
     pub const SWEEP_BACKLOG: &str = "SweepBacklog";
     /// Every name above.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         TURNS_ACCEPTED,
         TURNS_COMMITTED,
         TURNS_FAILED,
@@ -62,6 +67,8 @@ pub mod name {
         MODEL_RETRIES,
         INPUT_TOKENS,
         OUTPUT_TOKENS,
+        CACHE_READ_TOKENS,
+        CACHE_WRITE_TOKENS,
         TOOL_CALLS,
         REFUSALS,
         SERVER_ERRORS,

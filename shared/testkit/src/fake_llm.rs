@@ -251,6 +251,17 @@ pub fn openai_reply(tokens: &[&str], pause: Duration) -> Reply {
     Reply::Stream { content_type: "text/event-stream".to_owned(), parts }
 }
 
+/// `reply` (an OpenAI-style stream ending in `[DONE]`) reporting `usage` (an OpenAI `usage`
+/// object) in a chunk of its own just before `[DONE]`, in place of any usage chunk it had.
+pub fn with_openai_usage(reply: Reply, usage: Value) -> Reply {
+    let Reply::Stream { content_type, mut parts } = reply else { panic!("not a stream") };
+    parts.retain(|(_, bytes)| !String::from_utf8_lossy(bytes).contains("\"usage\""));
+    let done = parts.pop().expect("a stream ends in [DONE]");
+    parts.push((Duration::ZERO, sse_data(&json!({"choices": [], "usage": usage}).to_string())));
+    parts.push(done);
+    Reply::Stream { content_type, parts }
+}
+
 /// OpenAI-style chunks of `tokens`, then whatever `tail` holds raw (e.g. nothing: the
 /// connection just closes mid-reply).
 pub fn openai_partial(tokens: &[&str], tail: &[u8]) -> Reply {

@@ -24,6 +24,8 @@ fn history(turns: u32, words: usize) -> Vec<Message> {
             stopped: None,
             routing: None,
             tool_uses: Vec::new(),
+            usage: None,
+            cost_usd: None,
         })
         .collect()
 }

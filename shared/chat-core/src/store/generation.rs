@@ -312,6 +312,17 @@ impl Store {
             let json = serde_json::to_string(&reply.tool_uses).expect("tool uses serialise");
             message.insert(attr::TOOL_USES.to_owned(), string(json));
         }
+        // What the reply consumed (and cost) lands with it: a reply is never stored without it.
+        let usage = reply.usage;
+        message.extend([
+            (attr::INPUT_TOKENS.to_owned(), number(usage.input)),
+            (attr::OUTPUT_TOKENS.to_owned(), number(usage.output)),
+            (attr::CACHE_READ_TOKENS.to_owned(), number(usage.cache_read)),
+            (attr::CACHE_WRITE_TOKENS.to_owned(), number(usage.cache_write)),
+        ]);
+        if let Some(cost) = reply.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
+            message.insert(attr::COST_USD.to_owned(), number(cost));
+        }
         let (mut set, remove) = self.turn_ended_deadline(lease.session_id);
         set.push((attr::CANCEL_REQUESTED, AttributeValue::Bool(false)));
         let write = TransitionWrite {

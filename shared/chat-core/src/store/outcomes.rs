@@ -58,8 +58,9 @@ pub struct NewMessage<'a> {
 }
 
 /// A generator's finished reply, handed to [`crate::Store::commit_reply`]: what is stored as the
-/// assistant message, and what the turn's model calls consumed (charged in the same transaction).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// assistant message, and what the turn's model calls consumed (stored with it, and charged in
+/// the same transaction).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Reply {
     /// The reply's text: the turn's tokens, without its tool entries.
     pub text: String,
@@ -72,10 +73,12 @@ pub struct Reply {
     /// What this holder's model calls consumed. (A crashed holder's spend is not charged: at most
     /// `MAX_ATTEMPTS` calls.)
     pub usage: Usage,
+    /// What those calls cost in US dollars; `None` when a model they used has no price.
+    pub cost_usd: Option<f64>,
 }
 
 impl Reply {
-    /// A complete reply of `text`, with no route, no tools and nothing consumed.
+    /// A complete reply of `text`, with no route, no tools, nothing consumed and no cost.
     pub fn new(text: impl Into<String>) -> Reply {
         Reply { text: text.into(), ..Reply::default() }
     }
