@@ -98,8 +98,8 @@ deploy: preflight sam-build ## The preflight, sam build and its checks, then sam
 bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
 	$(CARGO) run --locked -q -p chat-local --bin bench-turn
 
+# The generator's metric lines (EMF JSON) go to stdout too: the table is what is left.
 bench-cancel: check-toolchain ## How soon a cancel closes the model's stream (before the first token, mid-reply, in a tool step) and the usage a stopped turn reports
-	@# The generator's metric lines (EMF JSON) go to stdout too: the table is what is left.
 	set -o pipefail; $(CARGO) run --locked -q -p chat-local --bin bench-cancel | grep -v '^{"'
 
 bench-load: tools functions ## Many conversations at once through the local stack, then a 5,000-turn soak: errors, turns/s, TTFT, CPU per turn, laws checked
