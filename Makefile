@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools browser functions dev test test-infra lint fmt check-toolchain check-arm64 bench-turn bench-prompt bench-load bench-cpu bench-sweep bench-coldstart validate build sam-build preflight deploy
+.PHONY: help tools browser functions dev test test-infra lint fmt check-toolchain check-arm64 bench-turn bench-cancel bench-prompt bench-load bench-cpu bench-sweep bench-coldstart validate build sam-build preflight deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -97,6 +97,10 @@ deploy: preflight sam-build ## The preflight, sam build and its checks, then sam
 
 bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
 	$(CARGO) run --locked -q -p chat-local --bin bench-turn
+
+# The generator's metric lines (EMF JSON) go to stdout too: the table is what is left.
+bench-cancel: check-toolchain ## How soon a cancel closes the model's stream (before the first token, mid-reply, in a tool step) and the usage a stopped turn reports
+	set -o pipefail; $(CARGO) run --locked -q -p chat-local --bin bench-cancel | grep -v '^{"'
 
 bench-load: tools functions ## Many conversations at once through the local stack, then a 5,000-turn soak: errors, turns/s, TTFT, CPU per turn, laws checked
 	$(CARGO) run --locked -q -p chat-local --bin bench-load

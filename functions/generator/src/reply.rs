@@ -17,9 +17,12 @@ use tracing::{info, warn};
 /// past 64 too).
 const MAX_CALLS_SEEN: usize = 64;
 
-/// While a tool runs, how often the turn's lease is looked after (at most a quarter of it): a
-/// cancel is seen this soon, and the lease is extended before it lapses.
-const TOOL_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// While a tool runs or the model is silent (thinking, retrying, or between slow tokens), how
+/// often the turn's lease is looked after (at most a quarter of it): a cancel is seen this soon,
+/// so the model's stream closes within a second of it (what the model bills stops there), and
+/// the lease is extended before it lapses. Each look is an eventually consistent read of the
+/// session (half a read unit): one unit per second of waiting.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The prompt for a turn, or why there can be none (the turn then ends in `error`).
 pub(crate) enum PromptOutcome {
@@ -262,7 +265,7 @@ impl Generator {
 
     /// Runs a call ([`Generator::run_tool`]) while keeping the turn's lease: a tool may take longer
     /// than what is left of it, and a lease that lapsed would let a second generator take the
-    /// turn over and run the same calls again. Every [`TOOL_HEARTBEAT`] (at most a quarter of
+    /// turn over and run the same calls again. Every [`HEARTBEAT`] (at most a quarter of
     /// the lease) the writer extends the lease once half of it has gone, and reads it back;
     /// a cancel or a lost lease stops the call and the turn.
     async fn run_tool_holding_the_lease(
@@ -271,7 +274,7 @@ impl Generator {
         call: &ToolCall,
         deadline: Instant,
     ) -> Result<Result<tools::ToolAnswer, Halt>, StoreError> {
-        let heartbeat = TOOL_HEARTBEAT.min(self.settings.lease / 4);
+        let heartbeat = HEARTBEAT.min(self.settings.lease / 4);
         let running = self.run_tool(writer.tool_bytes(), call, deadline);
         tokio::pin!(running);
         loop {
@@ -352,8 +355,9 @@ impl Generator {
         let mut text = prompt.resumed.concat();
         let mut calls = Vec::new();
         // While the model is silent (thinking, or retrying), the lease is still checked and
-        // extended, and a cancel still lands.
-        let heartbeat = self.settings.lease / 4;
+        // extended, and a cancel still lands; on any halt, returning drops `tokens`, which
+        // closes the model's connection.
+        let heartbeat = HEARTBEAT.min(self.settings.lease / 4);
         let mut checked = Instant::now();
         loop {
             faults::crash_if_due(crash_after, writer.tokens_stored());

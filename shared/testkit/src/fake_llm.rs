@@ -1,12 +1,14 @@
 //! Fake model servers on loopback that speak the real wire protocols: OpenAI-style
 //! `/chat/completions` Server-Sent Events, and Bedrock `ConverseStream`'s AWS event stream.
-//! Each request takes the next scripted [`Reply`] (the last one repeats); every request is recorded.
+//! Each request takes the next scripted [`Reply`] (the last one repeats); every request is
+//! recorded, with when its connection ended and which side ended it ([`Ended`]), so a test can
+//! time how soon a client that stops reading closes the model's stream.
 
 use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -23,8 +25,9 @@ pub enum Reply {
         /// The body.
         body: String,
     },
-    /// A 200 whose body is written in parts, a pause before each; the connection then closes
-    /// (which ends the body, or cuts it when the parts were not a whole reply).
+    /// A 200 whose body is written in parts, a pause before each; the body then ends (the
+    /// connection closes, or, kept alive, the last chunk is sent), which cuts it when the
+    /// parts were not a whole reply.
     Stream {
         /// The body's content type.
         content_type: String,
@@ -42,6 +45,22 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Vec<u8>,
+    /// Which connection it came on: the server numbers them from 0 as it accepts them.
+    pub connection: usize,
+    /// When the request was read.
+    pub received_at: Instant,
+    /// How its connection ended; `None` while it is open.
+    pub ended: Option<Ended>,
+}
+
+/// How a request's connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client closed it (a FIN or a reset) before the server had written the whole reply:
+    /// what a client that stops a stream must do, or the model goes on generating, and billing.
+    ByClient(Instant),
+    /// The server wrote the whole reply, then closed it.
+    ByServer(Instant),
 }
 
 impl Recorded {
@@ -72,19 +91,28 @@ impl Drop for FakeLlm {
 }
 
 impl FakeLlm {
-    /// Starts a server on 127.0.0.1 that answers with `replies` in order, repeating the last.
+    /// Starts a server on 127.0.0.1 that answers with `replies` in order, repeating the last;
+    /// each on a connection of its own, which it closes after the reply.
     pub async fn start(replies: Vec<Reply>) -> std::io::Result<FakeLlm> {
-        FakeLlm::serve_with(replies, None).await
+        FakeLlm::serve_with(replies, None, Connections::CloseAfterEach).await
+    }
+
+    /// [`FakeLlm::start`], but as real model APIs serve: streams are chunked and a connection
+    /// is kept for the client's next request, so a client that pools connections could put one
+    /// back with its stream unread; the recorded [`Ended`] shows whether it closed it instead.
+    pub async fn start_keep_alive(replies: Vec<Reply>) -> std::io::Result<FakeLlm> {
+        FakeLlm::serve_with(replies, None, Connections::KeepAlive).await
     }
 
     /// [`FakeLlm::start`] over TLS with `tls`; the URL is `https://localhost:PORT`.
     pub async fn start_tls(replies: Vec<Reply>, tls: tokio_rustls::TlsAcceptor) -> std::io::Result<FakeLlm> {
-        FakeLlm::serve_with(replies, Some(tls)).await
+        FakeLlm::serve_with(replies, Some(tls), Connections::CloseAfterEach).await
     }
 
     async fn serve_with(
         replies: Vec<Reply>,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        connections: Connections,
     ) -> std::io::Result<FakeLlm> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
@@ -96,16 +124,19 @@ impl FakeLlm {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (r, q) = (replies.clone(), requests.clone());
         let task = tokio::spawn(async move {
+            let mut accepted = 0;
             while let Ok((socket, _)) = listener.accept().await {
                 let (r, q, tls) = (r.clone(), q.clone(), tls.clone());
+                let connection = accepted;
+                accepted += 1;
                 tokio::spawn(async move {
                     match tls {
                         Some(tls) => {
                             if let Ok(stream) = tls.accept(socket).await {
-                                serve(stream, r, q).await;
+                                serve(stream, connection, r, q, connections).await;
                             }
                         }
-                        None => serve(socket, r, q).await,
+                        None => serve(socket, connection, r, q, connections).await,
                     }
                 });
             }
@@ -122,55 +153,129 @@ impl FakeLlm {
     pub fn requests(&self) -> Vec<Recorded> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// How request `index`'s connection ended, waiting until it has or `deadline` passes
+    /// (`None`: still open then, or no such request).
+    pub async fn ended_by(&self, index: usize, deadline: Instant) -> Option<Ended> {
+        loop {
+            let ended = self.requests.lock().unwrap().get(index).and_then(|r| r.ended);
+            if ended.is_some() || Instant::now() >= deadline {
+                return ended;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
 }
 
-async fn serve(
-    mut socket: impl AsyncRead + AsyncWrite + Unpin,
+/// Whether a connection carries one request or many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connections {
+    /// `connection: close`: a stream's body ends when the connection does.
+    CloseAfterEach,
+    /// HTTP/1.1 keep-alive: streams are chunked, and the connection waits for the next request.
+    KeepAlive,
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    connection: usize,
     replies: Arc<Mutex<VecDeque<Reply>>>,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    connections: Connections,
 ) {
-    let Some(request) = read_request(&mut socket).await else { return };
-    requests.lock().unwrap().push(request);
-    let reply = {
-        let mut replies = replies.lock().unwrap();
-        if replies.len() > 1 {
-            replies.pop_front()
-        } else {
-            replies.front().cloned()
+    loop {
+        let Some(request) = read_request(&mut socket, connection).await else { return };
+        let index = {
+            let mut requests = requests.lock().unwrap();
+            requests.push(request);
+            requests.len() - 1
+        };
+        let reply = {
+            let mut replies = replies.lock().unwrap();
+            if replies.len() > 1 {
+                replies.pop_front()
+            } else {
+                replies.front().cloned()
+            }
+        };
+        let Some(reply) = reply else { return };
+        // The client sends nothing more on this connection until the reply is whole (no
+        // client pipelines), so its read side ends meanwhile only when the client closes or
+        // resets it, even mid-pause.
+        let (mut from_client, mut to_client) = tokio::io::split(socket);
+        let ended = tokio::select! {
+            written = write_reply(&mut to_client, reply, connections) => match written {
+                Ok(()) => Ended::ByServer(Instant::now()),
+                Err(_) => Ended::ByClient(Instant::now()),
+            },
+            () = closed_by_client(&mut from_client) => Ended::ByClient(Instant::now()),
+        };
+        requests.lock().unwrap()[index].ended = Some(ended);
+        socket = from_client.unsplit(to_client);
+        if connections == Connections::CloseAfterEach || matches!(ended, Ended::ByClient(_)) {
+            let _ = socket.shutdown().await;
+            return;
         }
+    }
+}
+
+async fn write_reply(
+    socket: &mut (impl AsyncWrite + Unpin),
+    reply: Reply,
+    connections: Connections,
+) -> std::io::Result<()> {
+    let close = match connections {
+        Connections::CloseAfterEach => "connection: close\r\n",
+        Connections::KeepAlive => "",
     };
-    let Some(reply) = reply else { return };
     match reply {
         Reply::Status { status, headers, body } => {
-            let mut head = format!(
-                "HTTP/1.1 {status} Status\r\ncontent-length: {}\r\nconnection: close\r\n",
-                body.len()
-            );
+            let mut head = format!("HTTP/1.1 {status} Status\r\ncontent-length: {}\r\n{close}", body.len());
             for (name, value) in headers {
                 head.push_str(&format!("{name}: {value}\r\n"));
             }
             head.push_str("\r\n");
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(body.as_bytes()).await;
+            socket.write_all(head.as_bytes()).await?;
+            socket.write_all(body.as_bytes()).await?;
         }
         Reply::Stream { content_type, parts } => {
-            let head =
-                format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n\r\n");
-            if socket.write_all(head.as_bytes()).await.is_err() {
-                return;
-            }
+            let chunked = connections == Connections::KeepAlive;
+            let framing = if chunked { "transfer-encoding: chunked\r\n" } else { "" };
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n{close}{framing}\r\n");
+            socket.write_all(head.as_bytes()).await?;
             for (pause, bytes) in parts {
                 tokio::time::sleep(pause).await;
-                if socket.write_all(&bytes).await.is_err() || socket.flush().await.is_err() {
-                    return;
+                if chunked {
+                    if bytes.is_empty() {
+                        continue; // an empty chunk would end the body
+                    }
+                    socket.write_all(format!("{:x}\r\n", bytes.len()).as_bytes()).await?;
+                    socket.write_all(&bytes).await?;
+                    socket.write_all(b"\r\n").await?;
+                } else {
+                    socket.write_all(&bytes).await?;
                 }
+                socket.flush().await?;
+            }
+            if chunked {
+                socket.write_all(b"0\r\n\r\n").await?;
             }
         }
     }
-    let _ = socket.shutdown().await;
+    socket.flush().await
 }
 
-async fn read_request(socket: &mut (impl AsyncRead + Unpin)) -> Option<Recorded> {
+/// Returns when the client has closed or reset its side.
+async fn closed_by_client(socket: &mut (impl AsyncRead + Unpin)) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = socket.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+async fn read_request(socket: &mut (impl AsyncRead + Unpin), connection: usize) -> Option<Recorded> {
     let mut data = Vec::new();
     let mut buf = [0u8; 8192];
     let head_end = loop {
@@ -200,7 +305,7 @@ async fn read_request(socket: &mut (impl AsyncRead + Unpin)) -> Option<Recorded>
         }
         body.extend_from_slice(&buf[..n]);
     }
-    Some(Recorded { path, headers, body })
+    Some(Recorded { path, headers, body, connection, received_at: Instant::now(), ended: None })
 }
 
 /// A status reply, e.g. `status(429, &[("retry-after", "0")], "{}")`.
@@ -249,6 +354,15 @@ pub fn openai_reply(tokens: &[&str], pause: Duration) -> Reply {
     parts.push((Duration::ZERO, sse_data(&json!({"choices": [], "usage": usage}).to_string())));
     parts.push((Duration::ZERO, sse_data("[DONE]")));
     Reply::Stream { content_type: "text/event-stream".to_owned(), parts }
+}
+
+/// [`openai_reply`] after `silence`: a model that thinks before its first token.
+pub fn openai_reply_after(silence: Duration, tokens: &[&str], pause: Duration) -> Reply {
+    let Reply::Stream { content_type, mut parts } = openai_reply(tokens, pause) else {
+        unreachable!("openai_reply streams")
+    };
+    parts[0].0 = silence;
+    Reply::Stream { content_type, parts }
 }
 
 /// `reply` (an OpenAI-style stream ending in `[DONE]`) reporting `usage` (an OpenAI `usage`
