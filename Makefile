@@ -117,7 +117,7 @@ bench-coldstart: check-toolchain ## Init, first invocation and peak memory of ev
 	$(CARGO) build --locked --release $(addprefix --bin ,$(FUNCTIONS)) --bin hello-lambda
 	$(CARGO) run --locked -q -p chat-local --bin bench-coldstart
 
-bench-prompt: check-toolchain ## Tokenizer load and prompt-building time for histories of several sizes
+bench-prompt: check-toolchain ## Prompt-building time for histories of several sizes; what a prompt cache serves over 10 turns
 	$(CARGO) run --locked -q -p chat-local --bin bench-prompt
 
 lint: check-toolchain ## cargo fmt --check and clippy with warnings as errors

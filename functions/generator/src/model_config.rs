@@ -1,7 +1,7 @@
 //! The model configuration, read once at cold start. A missing or invalid variable fails the
 //! start with a message naming it; the API key is never printed.
 
-use crate::llm::bedrock::BedrockSettings;
+use crate::llm::bedrock::{BedrockSettings, CachePoints};
 use crate::llm::openai::OpenAiSettings;
 use crate::llm::{Bedrock, DemoModel, Model, ModelProvider, OpenAi, RetryPolicy};
 use crate::memory::MemoryLimits;
@@ -124,6 +124,10 @@ impl ModelConfig {
                 model: env.required("LLM_MODEL")?,
                 temperature,
                 max_tokens,
+                cache_points: match env.optional("BEDROCK_CACHE_POINTS") {
+                    None => CachePoints::default(),
+                    Some(raw) => raw.parse().map_err(|problem| invalid("BEDROCK_CACHE_POINTS", problem))?,
+                },
             }),
             other => {
                 return Err(invalid(
@@ -293,6 +297,10 @@ mod tests {
             ),
             (&[("LLM_TEMPERATURE", "hot")], "LLM_TEMPERATURE"),
             (
+                &[("LLM_PROVIDER", "bedrock"), ("LLM_MODEL", "m"), ("BEDROCK_CACHE_POINTS", "yes")],
+                "BEDROCK_CACHE_POINTS",
+            ),
+            (
                 &[("LLM_PROVIDER", "openai"), ("LLM_MODEL", "m"), ("OPENAI_MAX_TOKENS_FIELD", "max")],
                 "OPENAI_MAX_TOKENS_FIELD",
             ),
@@ -334,6 +342,29 @@ mod tests {
         assert!(!format!("{config:?}").contains("sk-secret"));
         assert!(!config.describe().contains("sk-secret"));
         assert!(config.small.is_none(), "no routing unless a small model is named");
+    }
+
+    #[test]
+    fn bedrock_cache_points_default_to_auto_which_knows_the_caching_models() {
+        let config = read(&[
+            ("LLM_PROVIDER", "bedrock"),
+            ("LLM_MODEL", "us.anthropic.claude-3-7-sonnet-20250219-v1:0"),
+        ])
+        .unwrap();
+        let Provider::Bedrock(settings) = &config.provider else { panic!("not bedrock") };
+        assert_eq!(settings.cache_points, CachePoints::Auto);
+        assert_eq!(settings.cache_points.minimum_tokens(&settings.model), Some(1024));
+        assert_eq!(CachePoints::Auto.minimum_tokens("anthropic.claude-3-5-haiku-20241022-v1:0"), Some(2048));
+        assert_eq!(CachePoints::Auto.minimum_tokens("amazon.nova-lite-v1:0"), Some(1000));
+        assert_eq!(CachePoints::Auto.minimum_tokens("anthropic.claude-3-haiku-20240307-v1:0"), None);
+        assert_eq!(CachePoints::Auto.minimum_tokens("meta.llama3-1-70b-instruct-v1:0"), None);
+        assert_eq!(CachePoints::On.minimum_tokens("meta.llama3-1-70b-instruct-v1:0"), Some(1024));
+        assert_eq!(CachePoints::Off.minimum_tokens("anthropic.claude-opus-4-20250514-v1:0"), None);
+        let config =
+            read(&[("LLM_PROVIDER", "bedrock"), ("LLM_MODEL", "m"), ("BEDROCK_CACHE_POINTS", "off")])
+                .unwrap();
+        let Provider::Bedrock(settings) = &config.provider else { panic!("not bedrock") };
+        assert_eq!(settings.cache_points, CachePoints::Off);
     }
 
     #[test]

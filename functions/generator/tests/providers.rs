@@ -10,7 +10,7 @@ use chat_core::{
 };
 use chat_testkit::fake_llm::{self, FakeLlm, Reply};
 use futures::StreamExt;
-use generator::llm::bedrock::BedrockSettings;
+use generator::llm::bedrock::{BedrockSettings, CachePoints};
 use generator::llm::openai::OpenAiSettings;
 use generator::llm::{Bedrock, Exchange, Model, ModelError, OpenAi, Output, Prompt, RetryPolicy, ToolCall};
 use generator::tools::Tools;
@@ -49,6 +49,10 @@ fn openai(server: &FakeLlm) -> Model {
 }
 
 async fn bedrock(server: &FakeLlm) -> Model {
+    bedrock_with(server, "anthropic.fake-v1:0", CachePoints::Auto).await
+}
+
+async fn bedrock_with(server: &FakeLlm, model: &str, cache_points: CachePoints) -> Model {
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(&server.url)
         .region(aws_config::Region::new("us-east-1"))
@@ -58,7 +62,7 @@ async fn bedrock(server: &FakeLlm) -> Model {
         .load()
         .await;
     let settings =
-        BedrockSettings { model: "anthropic.fake-v1:0".to_owned(), temperature: None, max_tokens: 256 };
+        BedrockSettings { model: model.to_owned(), temperature: None, max_tokens: 256, cache_points };
     Model::new(Arc::new(Bedrock::new(&config, settings)), policy())
 }
 
@@ -756,4 +760,199 @@ async fn a_turns_reported_usage_is_charged_to_its_user_and_an_unreported_one_is_
     let used = h.store.tokens_used_today(&user).await.unwrap() - (fake_llm::FAKE_PROMPT_TOKENS + 2);
     // "three words here" is 3 tokens; the prompt is the message and its framing.
     assert!((3 + 5..=3 + 20).contains(&used), "estimated {used}");
+}
+
+/// A system prompt past every caching model's minimum (2048 tokens for Claude 3.5 Haiku): 2,100
+/// bytes, which need not be as many tokens, but may be.
+fn long_system_prompt() -> String {
+    "Answer briefly and exactly. ".repeat(75)
+}
+
+/// The Bedrock request's system and messages for `prompt`, from a model with `cache_points`.
+async fn bedrock_request(model: &str, cache_points: CachePoints, prompt: Prompt) -> serde_json::Value {
+    let server =
+        FakeLlm::start(vec![fake_llm::bedrock_stream(fake_llm::bedrock_frames(&["ok"]))]).await.unwrap();
+    let out: Vec<_> = bedrock_with(&server, model, cache_points).await.stream(prompt).collect().await;
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    let body = server.requests()[0].json();
+    json!({"system": body["system"], "messages": body["messages"]})
+}
+
+const CACHE_POINT: &str = r#"{"cachePoint":{"type":"default"}}"#;
+
+#[tokio::test]
+async fn bedrock_cache_points_follow_the_system_prompt_and_the_history_before_this_turns_message() {
+    let system = long_system_prompt();
+    let cache = serde_json::from_str::<serde_json::Value>(CACHE_POINT).unwrap();
+    let long = Prompt { system: Some(system.clone()), ..prompt("now") };
+    let marked = json!({
+        "system": [{"text": system}, cache],
+        "messages": [
+            {"role": "user", "content": [{"text": "earlier"}]},
+            {"role": "assistant", "content": [{"text": "reply"}, cache]},
+            {"role": "user", "content": [{"text": "now"}]},
+        ],
+    });
+    for model in ["us.anthropic.claude-sonnet-4-20250514-v1:0", "amazon.nova-lite-v1:0"] {
+        assert_eq!(bedrock_request(model, CachePoints::Auto, long.clone()).await, marked, "{model}");
+    }
+    // `on` marks any model; `auto` only the known ones; `off` none.
+    assert_eq!(
+        bedrock_request("meta.llama3-1-70b-instruct-v1:0", CachePoints::On, long.clone()).await,
+        marked
+    );
+    let plain = json!({
+        "system": [{"text": system}],
+        "messages": [
+            {"role": "user", "content": [{"text": "earlier"}]},
+            {"role": "assistant", "content": [{"text": "reply"}]},
+            {"role": "user", "content": [{"text": "now"}]},
+        ],
+    });
+    assert_eq!(
+        bedrock_request("meta.llama3-1-70b-instruct-v1:0", CachePoints::Auto, long.clone()).await,
+        plain
+    );
+    assert_eq!(
+        bedrock_request("anthropic.claude-opus-4-20250514-v1:0", CachePoints::Off, long.clone()).await,
+        plain
+    );
+}
+
+#[tokio::test]
+async fn bedrock_cache_points_skip_a_prefix_too_short_to_be_cached() {
+    let model = "anthropic.claude-3-7-sonnet-20250219-v1:0";
+    // 15 bytes of system prompt and 12 of history: surely under 1024 tokens.
+    let body = bedrock_request(model, CachePoints::Auto, prompt("now")).await;
+    assert!(!body.to_string().contains("cachePoint"), "{body}");
+
+    // A short system prompt, but a long history: only the history's point is worth it.
+    let history = "word ".repeat(300);
+    let prompt = Prompt {
+        system: Some("Be brief.".to_owned()),
+        messages: vec![
+            (Role::User, history.clone()),
+            (Role::Assistant, "reply".to_owned()),
+            (Role::User, "now".to_owned()),
+        ],
+        ..Prompt::default()
+    };
+    let body = bedrock_request(model, CachePoints::Auto, prompt).await;
+    assert_eq!(body["system"], json!([{"text": "Be brief."}]));
+    assert_eq!(
+        body["messages"][1]["content"][1],
+        serde_json::from_str::<serde_json::Value>(CACHE_POINT).unwrap()
+    );
+    assert_eq!(body.to_string().matches("cachePoint").count(), 1, "{body}");
+}
+
+/// The messages of a recorded request exactly as they went on the wire.
+fn wire_messages(request: &fake_llm::Recorded) -> String {
+    let raw = String::from_utf8(request.body.clone()).unwrap();
+    let messages = serde_json::to_string(&request.json()["messages"]).unwrap();
+    assert!(raw.contains(&messages), "the messages re-serialise to their wire bytes");
+    messages
+}
+
+/// `earlier`'s messages, without the closing bracket, start `later`'s: the provider's prompt
+/// cache can serve all of them.
+fn assert_byte_prefix(earlier: &str, later: &str) {
+    let open = earlier.strip_suffix(']').unwrap();
+    assert!(later.starts_with(open), "not a byte prefix:\n{earlier}\n{later}");
+    assert!(later.len() > earlier.len());
+}
+
+#[tokio::test]
+async fn consecutive_turns_of_a_conversation_send_openai_a_byte_stable_prefix() {
+    let server =
+        FakeLlm::start(vec![fake_llm::openai_reply(&["One ", "reply."], Duration::ZERO)]).await.unwrap();
+    let h = harness(
+        openai(&server),
+        generator::GenerationSettings { system_prompt: Some(long_system_prompt()), ..settings() },
+    )
+    .await;
+    let (session, _) = h.turn(None, "first question").await;
+    for (i, text) in ["second question", "third question"].into_iter().enumerate() {
+        server.script(vec![fake_llm::openai_reply(&["Another ", "reply."], Duration::ZERO)]);
+        h.turn(Some(session), text).await;
+        let requests = server.requests();
+        let (earlier, later) = (&requests[i], &requests[i + 1]);
+        assert_byte_prefix(&wire_messages(earlier), &wire_messages(later));
+        // Nothing else in the request differs between the turns (the tools, the settings).
+        let rest = |r: &fake_llm::Recorded| {
+            let mut body = r.json();
+            body.as_object_mut().unwrap().remove("messages");
+            body
+        };
+        assert_eq!(rest(earlier), rest(later));
+    }
+}
+
+#[tokio::test]
+async fn consecutive_turns_of_a_conversation_send_bedrock_a_stable_prefix_with_moving_cache_points() {
+    let frames = || fake_llm::bedrock_stream(fake_llm::bedrock_frames(&["One ", "reply."]));
+    let server = FakeLlm::start(vec![frames()]).await.unwrap();
+    let model = bedrock_with(&server, "anthropic.claude-3-7-sonnet-20250219-v1:0", CachePoints::Auto).await;
+    let h = harness(
+        model,
+        generator::GenerationSettings { system_prompt: Some(long_system_prompt()), ..settings() },
+    )
+    .await;
+    let (session, _) = h.turn(None, "first question").await;
+    for text in ["second question", "third question"] {
+        server.script(vec![frames()]);
+        h.turn(Some(session), text).await;
+    }
+    let requests = server.requests();
+    let bodies: Vec<serde_json::Value> = requests.iter().map(fake_llm::Recorded::json).collect();
+    for body in &bodies {
+        assert_eq!(body["system"][1], serde_json::from_str::<serde_json::Value>(CACHE_POINT).unwrap());
+    }
+    // Each turn's point is after the reply before its message: the first turn has none.
+    let points = |body: &serde_json::Value| -> Vec<usize> {
+        let messages = body["messages"].as_array().unwrap();
+        (0..messages.len()).filter(|&i| messages[i]["content"].to_string().contains("cachePoint")).collect()
+    };
+    assert_eq!(bodies.iter().map(points).collect::<Vec<_>>(), vec![vec![], vec![1], vec![3]]);
+    // Without the cache points (markers, not content), each turn's messages start the next's.
+    let content = |body: &serde_json::Value| {
+        let messages = serde_json::to_string(&body["messages"]).unwrap();
+        messages.replace(&format!(",{CACHE_POINT}"), "")
+    };
+    for pair in bodies.windows(2) {
+        assert_byte_prefix(&content(&pair[0]), &content(&pair[1]));
+    }
+}
+
+#[tokio::test]
+async fn a_bedrock_turns_cache_reads_and_writes_reach_the_reply_usage_and_are_priced_by_kind() {
+    let mut frames = fake_llm::bedrock_frames(&["Cached", " answer."]);
+    *frames.last_mut().unwrap() = fake_llm::bedrock_event(
+        "metadata",
+        json!({"usage": {"inputTokens": 12, "outputTokens": 2, "totalTokens": 2014,
+                         "cacheReadInputTokens": 1500, "cacheWriteInputTokens": 500},
+               "metrics": {"latencyMs": 10}}),
+    );
+    let server = FakeLlm::start(vec![fake_llm::bedrock_stream(frames)]).await.unwrap();
+    let model = bedrock_with(&server, "anthropic.claude-3-7-sonnet-20250219-v1:0", CachePoints::Auto).await;
+    let dynamo = chat_testkit::LocalDynamo::start(0, "providers").await.unwrap();
+    let store = dynamo.store("providers", StoreOptions::default());
+    let price = generator::pricing::ModelPrice {
+        input: 3.0,
+        output: 15.0,
+        cache_read: Some(0.3),
+        cache_write: Some(3.75),
+    };
+    let generator = generator::Generator::new(store.clone(), model, settings())
+        .with_prices(generator::pricing::Prices::of([("model".to_owned(), price)]));
+    let h = Harness { _dynamo: dynamo, store, generator };
+    let (session, turn) = h.turn(None, "hello").await;
+    let reply = h.store.get_message(session, turn, Role::Assistant, Read::Consistent).await.unwrap().unwrap();
+    assert_eq!(
+        reply.usage,
+        Some(chat_core::Usage { input: 12, output: 2, cache_read: 1500, cache_write: 500 })
+    );
+    let cost = reply.cost_usd.expect("the model has a price for every kind");
+    let expected = (12.0 * 3.0 + 2.0 * 15.0 + 1500.0 * 0.3 + 500.0 * 3.75) / 1e6;
+    assert!((cost - expected).abs() < 1e-12, "cost {cost}, expected {expected}");
 }

@@ -5,9 +5,10 @@ use aws_sdk_bedrockruntime::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_bedrockruntime::primitives::event_stream::EventReceiver;
 use aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError;
 use aws_sdk_bedrockruntime::types::{
-    ContentBlock, ContentBlockDelta, ContentBlockStart, ConversationRole, ConverseStreamOutput,
-    InferenceConfiguration, Message, SystemContentBlock, Tool, ToolConfiguration, ToolInputSchema,
-    ToolResultBlock, ToolResultContentBlock, ToolResultStatus, ToolSpecification, ToolUseBlock,
+    CachePointBlock, CachePointType, ContentBlock, ContentBlockDelta, ContentBlockStart, ConversationRole,
+    ConverseStreamOutput, InferenceConfiguration, Message, SystemContentBlock, Tool, ToolConfiguration,
+    ToolInputSchema, ToolResultBlock, ToolResultContentBlock, ToolResultStatus, ToolSpecification,
+    ToolUseBlock,
 };
 use aws_smithy_types::{Document, Number};
 use chat_core::Role;
@@ -25,6 +26,87 @@ pub struct BedrockSettings {
     pub temperature: Option<f32>,
     /// Longest reply, in tokens.
     pub max_tokens: u32,
+    /// Whether requests mark their stable prefix for Bedrock's prompt cache
+    /// (`BEDROCK_CACHE_POINTS`).
+    pub cache_points: CachePoints,
+}
+
+/// Whether a request carries `cachePoint` blocks (`BEDROCK_CACHE_POINTS`): after the system
+/// prompt and after the history before this turn's message, so the next call (a tool step, or
+/// the next turn) reads that prefix from the cache instead of paying for it in full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CachePoints {
+    /// On for the models known to support prompt caching ([`CACHING_MODELS`]), off otherwise:
+    /// Bedrock refuses a cache point sent to a model without it.
+    #[default]
+    Auto,
+    /// On whatever the model (one missing from the list, or a newer version).
+    On,
+    /// Never.
+    Off,
+}
+
+impl std::str::FromStr for CachePoints {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(CachePoints::Auto),
+            "on" => Ok(CachePoints::On),
+            "off" => Ok(CachePoints::Off),
+            other => Err(format!("is {other:?}; use \"auto\", \"on\" or \"off\"")),
+        }
+    }
+}
+
+/// The model families Bedrock caches prompts for, matched anywhere in the id (so a
+/// cross-region inference profile such as `us.anthropic.claude-3-7-sonnet-…` matches), with
+/// the fewest tokens a cache checkpoint's prefix must hold to be cached.
+pub const CACHING_MODELS: &[(&str, usize)] = &[
+    ("anthropic.claude-3-5-haiku", 2048),
+    ("anthropic.claude-3-7-sonnet", 1024),
+    ("anthropic.claude-sonnet-4", 1024),
+    ("anthropic.claude-opus-4", 1024),
+    ("amazon.nova-micro", 1000),
+    ("amazon.nova-lite", 1000),
+    ("amazon.nova-pro", 1000),
+];
+
+/// The prefix a cache point is worth placing after: at least this many tokens.
+const DEFAULT_CACHE_MINIMUM: usize = 1024;
+
+impl CachePoints {
+    /// For `model`: the fewest tokens a cached prefix must hold, or `None` when requests to it
+    /// carry no cache points.
+    pub fn minimum_tokens(self, model: &str) -> Option<usize> {
+        let known = CACHING_MODELS.iter().find(|(family, _)| model.contains(family)).map(|(_, min)| *min);
+        match self {
+            CachePoints::Off => None,
+            CachePoints::Auto => known,
+            CachePoints::On => Some(known.unwrap_or(DEFAULT_CACHE_MINIMUM)),
+        }
+    }
+}
+
+/// Where a request's cache points go: after a prefix that may reach the model's minimum. A
+/// token is at least a byte, so a prefix of fewer bytes than the minimum cannot be cached and
+/// gets none (it would be harmless, and useless).
+#[derive(Debug, Clone, Copy)]
+struct CacheRule {
+    minimum_tokens: usize,
+}
+
+impl CacheRule {
+    fn worth(self, prefix_bytes: usize) -> bool {
+        prefix_bytes >= self.minimum_tokens
+    }
+}
+
+fn cache_point() -> Result<CachePointBlock, ModelError> {
+    CachePointBlock::builder()
+        .r#type(CachePointType::Default)
+        .build()
+        .map_err(|e| ModelError::fatal(format!("cannot build the Bedrock request: {e}")))
 }
 
 /// The Bedrock provider.
@@ -32,6 +114,7 @@ pub struct BedrockSettings {
 pub struct Bedrock {
     client: aws_sdk_bedrockruntime::Client,
     settings: Arc<BedrockSettings>,
+    cache: Option<CacheRule>,
 }
 
 impl Bedrock {
@@ -41,7 +124,15 @@ impl Bedrock {
         let config = aws_sdk_bedrockruntime::config::Builder::from(config)
             .retry_config(aws_config::retry::RetryConfig::disabled())
             .build();
-        Bedrock { client: aws_sdk_bedrockruntime::Client::from_conf(config), settings: Arc::new(settings) }
+        let cache = settings
+            .cache_points
+            .minimum_tokens(&settings.model)
+            .map(|minimum_tokens| CacheRule { minimum_tokens });
+        Bedrock {
+            client: aws_sdk_bedrockruntime::Client::from_conf(config),
+            settings: Arc::new(settings),
+            cache,
+        }
     }
 
     async fn start(self, prompt: Arc<Prompt>) -> Result<TokenStream, ModelError> {
@@ -49,13 +140,14 @@ impl Bedrock {
         if let Some(temperature) = self.settings.temperature {
             inference = inference.temperature(temperature);
         }
+        let tools = tool_config(&prompt)?;
         let output = self
             .client
             .converse_stream()
             .model_id(&self.settings.model)
-            .set_system(prompt.system.clone().map(|s| vec![SystemContentBlock::Text(s)]))
-            .set_messages(Some(messages(&prompt)?))
-            .set_tool_config(tool_config(&prompt)?)
+            .set_system(system(&prompt, self.cache)?)
+            .set_messages(Some(messages(&prompt, self.cache)?))
+            .set_tool_config(tools)
             .inference_config(inference.build())
             .send()
             .await
@@ -94,6 +186,24 @@ fn tool_config(prompt: &Prompt) -> Result<Option<ToolConfiguration>, ModelError>
     config.build().map(Some).map_err(bad)
 }
 
+/// The bytes of the offered tools, which come before the system prompt in the cached prefix.
+fn tool_bytes(prompt: &Prompt) -> usize {
+    if prompt.tools.is_empty() || prompt.must_answer {
+        return 0;
+    }
+    prompt.tools.iter().map(|t| t.name.len() + t.description.len() + t.parameters.to_string().len()).sum()
+}
+
+/// The system prompt, with a cache point after it when the tools and it may be long enough.
+fn system(prompt: &Prompt, cache: Option<CacheRule>) -> Result<Option<Vec<SystemContentBlock>>, ModelError> {
+    let Some(text) = &prompt.system else { return Ok(None) };
+    let mut blocks = vec![SystemContentBlock::Text(text.clone())];
+    if cache.is_some_and(|rule| rule.worth(tool_bytes(prompt) + text.len())) {
+        blocks.push(SystemContentBlock::CachePoint(cache_point()?));
+    }
+    Ok(Some(blocks))
+}
+
 /// A JSON value as the SDK's `Document`.
 fn document(value: &serde_json::Value) -> Document {
     use serde_json::Value;
@@ -117,18 +227,24 @@ fn document(value: &serde_json::Value) -> Document {
 /// follow as content blocks: the model's text and `toolUse`s, then the user's `toolResult`s; or,
 /// when the model must answer without tools (Converse refuses those blocks without a
 /// `toolConfig`), as text saying what was called and what it answered.
-fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
-    let mut merged: Vec<(ConversationRole, Vec<ContentBlock>)> = Vec::new();
-    let mut push = |role: ConversationRole, block: ContentBlock| match merged.last_mut() {
-        Some((last, blocks)) if *last == role => match (blocks.last_mut(), block) {
-            (Some(ContentBlock::Text(joined)), ContentBlock::Text(text)) => {
-                joined.push_str("\n\n");
-                joined.push_str(&text);
-            }
-            (_, block) => blocks.push(block),
-        },
-        _ => merged.push((role, vec![block])),
-    };
+///
+/// With a cache rule, the message before the one that holds this turn's message (the history
+/// every later call of the conversation repeats) ends with a cache point.
+fn messages(prompt: &Prompt, cache: Option<CacheRule>) -> Result<Vec<Message>, ModelError> {
+    type Blocks = Vec<(ConversationRole, Vec<ContentBlock>)>;
+    fn push(merged: &mut Blocks, role: ConversationRole, block: ContentBlock) {
+        match merged.last_mut() {
+            Some((last, blocks)) if *last == role => match (blocks.last_mut(), block) {
+                (Some(ContentBlock::Text(joined)), ContentBlock::Text(text)) => {
+                    joined.push_str("\n\n");
+                    joined.push_str(&text);
+                }
+                (_, block) => blocks.push(block),
+            },
+            _ => merged.push((role, vec![block])),
+        }
+    }
+    let mut merged: Blocks = Vec::new();
     let mut started = false;
     for (role, text) in &prompt.messages {
         if text.trim().is_empty() || (!started && *role == Role::Assistant) {
@@ -139,7 +255,19 @@ fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
             Role::User => ConversationRole::User,
             Role::Assistant => ConversationRole::Assistant,
         };
-        push(role, ContentBlock::Text(text.clone()));
+        push(&mut merged, role, ContentBlock::Text(text.clone()));
+    }
+    // This turn's message is the last of `prompt.messages`: it is in the last message so far.
+    let current = merged.len().checked_sub(1);
+    if let (Some(rule), Some(current @ 1..)) = (cache, current) {
+        let text_bytes = |blocks: &[ContentBlock]| {
+            blocks.iter().filter_map(|b| b.as_text().ok()).map(String::len).sum::<usize>()
+        };
+        let history: usize = merged[..current].iter().map(|(_, blocks)| text_bytes(blocks)).sum();
+        let prefix = tool_bytes(prompt) + prompt.system.as_ref().map_or(0, String::len) + history;
+        if rule.worth(prefix) {
+            merged[current - 1].1.push(ContentBlock::CachePoint(cache_point()?));
+        }
     }
     let bad = |e: aws_sdk_bedrockruntime::error::BuildError| {
         ModelError::fatal(format!("cannot build the Bedrock request: {e}"))
@@ -148,12 +276,16 @@ fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
         match exchange {
             Exchange::Assistant { text, calls } => {
                 if !text.trim().is_empty() {
-                    push(ConversationRole::Assistant, ContentBlock::Text(text.trim_end().to_owned()));
+                    push(
+                        &mut merged,
+                        ConversationRole::Assistant,
+                        ContentBlock::Text(text.trim_end().to_owned()),
+                    );
                 }
                 for call in calls {
                     if prompt.must_answer {
                         let said = format!("[called {} with {}]", call.name, call.arguments);
-                        push(ConversationRole::Assistant, ContentBlock::Text(said));
+                        push(&mut merged, ConversationRole::Assistant, ContentBlock::Text(said));
                         continue;
                     }
                     let input = serde_json::from_str(&call.arguments).unwrap_or(serde_json::Value::Null);
@@ -163,12 +295,16 @@ fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
                         .input(document(&input))
                         .build()
                         .map_err(bad)?;
-                    push(ConversationRole::Assistant, ContentBlock::ToolUse(block));
+                    push(&mut merged, ConversationRole::Assistant, ContentBlock::ToolUse(block));
                 }
             }
             Exchange::ToolResult { name, content, is_error, .. } if prompt.must_answer => {
                 let outcome = if *is_error { "failed" } else { "answered" };
-                push(ConversationRole::User, ContentBlock::Text(format!("[{name} {outcome}: {content}]")));
+                push(
+                    &mut merged,
+                    ConversationRole::User,
+                    ContentBlock::Text(format!("[{name} {outcome}: {content}]")),
+                );
             }
             Exchange::ToolResult { call_id, content, is_error, .. } => {
                 let status = if *is_error { ToolResultStatus::Error } else { ToolResultStatus::Success };
@@ -178,14 +314,14 @@ fn messages(prompt: &Prompt) -> Result<Vec<Message>, ModelError> {
                     .status(status)
                     .build()
                     .map_err(bad)?;
-                push(ConversationRole::User, ContentBlock::ToolResult(block));
+                push(&mut merged, ConversationRole::User, ContentBlock::ToolResult(block));
             }
         }
     }
     if let Some(resumed) = prompt.resumed_text() {
         let resumed = resumed.trim_end().to_owned();
         if !resumed.is_empty() {
-            push(ConversationRole::Assistant, ContentBlock::Text(resumed));
+            push(&mut merged, ConversationRole::Assistant, ContentBlock::Text(resumed));
         }
     }
     merged
@@ -344,7 +480,7 @@ mod tests {
             resumed: vec!["Partial ".to_owned()],
             ..Prompt::default()
         };
-        let built = messages(&prompt).unwrap();
+        let built = messages(&prompt, None).unwrap();
         let shape: Vec<(String, String)> = built
             .iter()
             .map(|m| (m.role.as_str().to_owned(), m.content[0].as_text().unwrap().clone()))
@@ -388,7 +524,7 @@ mod tool_tests {
             ..Prompt::default()
         };
         assert!(tool_config(&prompt).unwrap().is_none());
-        let built = messages(&prompt).unwrap();
+        let built = messages(&prompt, None).unwrap();
         let texts: Vec<(String, Vec<String>)> = built
             .iter()
             .map(|m| {
