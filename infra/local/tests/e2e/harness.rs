@@ -1,29 +1,52 @@
-//! End-to-end fixtures: one local stack per test binary (emulators + `cargo lambda watch` on free
-//! loopback ports), an HTTP client, and an SSE reader.
-#![allow(dead_code)]
+//! The harness: one local stack per [`Config`] (emulators + `cargo lambda watch` on free
+//! loopback ports), started on first use and shared by the tests that name it, an HTTP client, and
+//! an SSE reader. Tests stay independent by making their own users and sessions.
 
 use chat_local::fake_llm::FakeLlm;
 use chat_local::{Stack, StackSettings};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Where the shared stack listens, and its table and queue.
-#[derive(Debug, Clone)]
-pub struct StackInfo {
+/// How a stack is set up. Tests that name the same configuration share its stack.
+pub struct Config {
+    /// Keys the stack (one per name) and names its log, `target/e2e-logs/{name}.log`.
+    pub name: &'static str,
+    /// Changes to [`test_settings`]; `model` is the URL of the stack's fake model server.
+    pub configure: fn(settings: &mut StackSettings, model: &str),
+}
+
+/// The functions as the tests run them by default: the demo model, with [`test_env`]'s timing.
+pub const DEFAULT: Config = Config { name: "default", configure: |_, _| {} };
+
+/// Sign-in with the stack's own token issuer (`AUTH_MODE=jwt`), and two turns a minute per user
+/// (each user sends at most that, but the browser scenario that shows a 429).
+pub const JWT: Config = Config {
+    name: "jwt",
+    configure: |settings, _| {
+        settings.auth = chat_local::LocalAuth::Jwt;
+        settings.function_env.extend(env(&[("TURNS_PER_MINUTE", "2")]));
+    },
+};
+
+/// A running stack, as the tests see it.
+pub struct App {
     pub api: String,
     pub dynamodb_endpoint: String,
     pub sqs_endpoint: String,
     pub queue_url: String,
     pub table: String,
+    /// Where the stack's processes write (EMF metric lines included).
+    pub log: PathBuf,
+    /// A fake model server; the generator uses it if the configuration points it there.
+    pub model: &'static FakeLlm,
 }
-
-static STACK: OnceLock<StackInfo> = OnceLock::new();
 
 /// Timing used by the tests: short leases and deadlines so recovery paths finish quickly.
 pub fn test_env() -> Vec<(String, String)> {
-    [
+    env(&[
         ("DEMO_REPLY_TOKENS", "50"),
         ("DEMO_TOKEN_DELAY_MS", "20"),
         ("DEMO_FAULTS", "true"),
@@ -34,95 +57,85 @@ pub fn test_env() -> Vec<(String, String)> {
         ("STREAM_POLL_FAST_MS", "30"),
         ("STREAM_POLL_SLOW_MS", "200"),
         ("LOG_FORMAT", "text"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    ])
     .collect()
 }
 
-/// The stack for this test binary, started on first use on a runtime of its own that lives as
-/// long as the process (its children stop when the process exits).
-pub fn stack(name: &str) -> &'static StackInfo {
-    stack_with(name, Vec::new(), Vec::new())
+/// Environment variables from string pairs.
+pub fn env<'a>(pairs: &'a [(&str, &str)]) -> impl Iterator<Item = (String, String)> + 'a {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
 }
 
-/// [`stack`], with `extra` added to the functions' environment and `secrets` (name, value)
-/// created in the local Secrets Manager.
-pub fn stack_with(
-    name: &str,
-    extra: Vec<(String, String)>,
-    secrets: Vec<(String, String)>,
-) -> &'static StackInfo {
-    stack_configured(name, extra, secrets, |_| {})
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// [`stack_with`], with the stack's settings adjusted by `configure` before it starts.
-pub fn stack_configured(
-    name: &str,
-    extra: Vec<(String, String)>,
-    secrets: Vec<(String, String)>,
-    configure: impl FnOnce(&mut StackSettings),
-) -> &'static StackInfo {
-    STACK.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let mut settings = StackSettings::new(root.clone());
-        settings.api_port = 0;
-        settings.dynamodb_port = 0;
-        settings.sqs_port = 0;
-        settings.table = format!("chat-e2e-{}", std::process::id());
-        settings.concurrency = 2;
-        settings.invocations_per_instance = 16;
-        settings.sweep_interval = Duration::from_millis(500);
-        settings.visibility_timeout = Duration::from_secs(5);
-        settings.function_env = test_env();
-        settings.function_env.extend(extra);
-        settings.secrets = secrets;
-        settings.log_file = Some(root.join(format!("target/e2e-logs/{name}.log")));
-        configure(&mut settings);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async move {
-                match Stack::start(settings, |step| eprintln!("[e2e] {step}")).await {
-                    Ok(stack) => {
-                        let info = StackInfo {
-                            api: stack.api.clone(),
-                            dynamodb_endpoint: stack.dynamodb_endpoint.clone(),
-                            sqs_endpoint: stack.sqs_endpoint.clone(),
-                            queue_url: stack.queue_url.clone(),
-                            table: stack.table.clone(),
-                        };
-                        tx.send(Ok(info)).expect("test thread waits");
-                        std::future::pending::<()>().await;
-                    }
-                    Err(e) => tx.send(Err(e.to_string())).expect("test thread waits"),
+/// The settings every test stack starts from: free ports, two instances per function, quick
+/// sweeps and redeliveries, [`test_env`], and its output in its log.
+pub fn test_settings(name: &str) -> StackSettings {
+    let mut settings = StackSettings::new(root());
+    settings.api_port = 0;
+    settings.dynamodb_port = 0;
+    settings.sqs_port = 0;
+    settings.table = format!("chat-e2e-{}", std::process::id());
+    settings.concurrency = 2;
+    settings.invocations_per_instance = 16;
+    settings.sweep_interval = Duration::from_millis(500);
+    settings.visibility_timeout = Duration::from_secs(5);
+    settings.function_env = test_env();
+    settings.log_file = Some(log_of(name));
+    settings
+}
+
+fn log_of(name: &str) -> PathBuf {
+    root().join(format!("target/e2e-logs/{name}.log"))
+}
+
+/// The stack of `config`, started on first use on a runtime of its own that lives as long as the
+/// process (its children stop when the process exits). Stacks of other configurations start
+/// side by side.
+pub fn app(config: &Config) -> &'static App {
+    static APPS: Mutex<BTreeMap<&'static str, &'static OnceLock<App>>> = Mutex::new(BTreeMap::new());
+    let slot = *APPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(config.name)
+        .or_insert_with(|| Box::leak(Box::new(OnceLock::new())));
+    slot.get_or_init(|| start(config))
+}
+
+fn start(config: &Config) -> App {
+    let (name, configure) = (config.name, config.configure);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async move {
+            let model: &'static FakeLlm =
+                Box::leak(Box::new(FakeLlm::start(Vec::new()).await.expect("fake model server starts")));
+            let mut settings = test_settings(name);
+            configure(&mut settings, &model.url);
+            match Stack::start(settings, |step| eprintln!("[e2e {name}] {step}")).await {
+                Ok(stack) => {
+                    let app = App {
+                        api: stack.api.clone(),
+                        dynamodb_endpoint: stack.dynamodb_endpoint.clone(),
+                        sqs_endpoint: stack.sqs_endpoint.clone(),
+                        queue_url: stack.queue_url.clone(),
+                        table: stack.table.clone(),
+                        log: log_of(name),
+                        model,
+                    };
+                    tx.send(Ok(app)).expect("test thread waits");
+                    std::future::pending::<()>().await;
                 }
-            });
+                Err(e) => tx.send(Err(e.to_string())).expect("test thread waits"),
+            }
         });
-        match rx.recv().expect("stack thread answers") {
-            Ok(info) => info,
-            Err(e) => panic!("the local stack did not start: {e} (see target/e2e-logs/{name}.log)"),
-        }
-    })
-}
-
-static FAKE_LLM: OnceLock<FakeLlm> = OnceLock::new();
-
-/// A fake model server for this test binary, on a runtime of its own that lives as long as the
-/// process; it answers with `replies` until [`FakeLlm::script`] changes them.
-pub fn fake_llm(replies: Vec<chat_local::fake_llm::Reply>) -> &'static FakeLlm {
-    FAKE_LLM.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async move {
-                tx.send(FakeLlm::start(replies).await.expect("fake model server starts"))
-                    .expect("test waits");
-                std::future::pending::<()>().await;
-            });
-        });
-        rx.recv().expect("fake model server thread answers")
-    })
+    });
+    match rx.recv().expect("stack thread answers") {
+        Ok(app) => app,
+        Err(e) => panic!("the {name} stack did not start: {e} (see target/e2e-logs/{name}.log)"),
+    }
 }
 
 pub fn user() -> String {
