@@ -106,6 +106,19 @@ enum Ending {
     LeaseLost,
 }
 
+impl Ending {
+    /// What the user got, for the turn's log line.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Ending::Complete => "committed",
+            Ending::Stopped => "stopped",
+            Ending::Capped => "reply_limit",
+            Ending::Failed(..) => "error",
+            Ending::LeaseLost => "lease_lost",
+        }
+    }
+}
+
 /// Why a generation failed, as the failed-turn metric names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
@@ -301,6 +314,8 @@ impl Generator {
             Outcome::Applied(_) => {
                 let usage = lease.usage;
                 info!(
+                    outcome = ending.outcome(),
+                    ttft_ms = writer.first_token_ms,
                     tokens = writer.next_index,
                     chunks = writer.next_seq,
                     input = usage.input,
@@ -751,8 +766,9 @@ impl Generator {
             }
             if let Some(accepted_at) = writer.accepted_at.take() {
                 // The reply's first token is stored: what the user waits for.
-                let waited = self.store.now_ms().saturating_sub(accepted_at) as f64;
-                metrics::millis(metrics::name::TIME_TO_FIRST_TOKEN, &[waited], &[]);
+                let waited = self.store.now_ms().saturating_sub(accepted_at);
+                writer.first_token_ms = Some(waited);
+                metrics::millis(metrics::name::TIME_TO_FIRST_TOKEN, &[waited as f64], &[]);
             }
             writer.written();
         }
@@ -843,6 +859,8 @@ struct ChunkWriter {
     /// When the turn's message was accepted (epoch ms), until its first chunk is written; only
     /// for a turn's first attempt (a takeover's first chunk is not the reply's).
     accepted_at: Option<u64>,
+    /// How long after that the first chunk was written (ms).
+    first_token_ms: Option<u64>,
     /// When the lease was last read back or extended.
     lease_read: Option<Instant>,
     /// When the last token arrived, and how long after the one before it.
@@ -865,6 +883,7 @@ impl ChunkWriter {
     fn new(lease: &Lease) -> ChunkWriter {
         ChunkWriter {
             accepted_at: None,
+            first_token_ms: None,
             lease_read: None,
             last_token: None,
             token_gap: None,

@@ -17,6 +17,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 pub mod alarm_math;
+mod calm;
 pub mod cpu;
 mod emulators;
 pub mod gateway;
@@ -73,12 +74,25 @@ pub struct StackSettings {
     pub function_env: Vec<(String, String)>,
     /// Secrets (name, value) to create in the local Secrets Manager before the functions start.
     pub secrets: Vec<(String, String)>,
-    /// Where the emulators' and functions' output goes; `None` passes it through.
-    pub log_file: Option<PathBuf>,
+    /// Where the emulators' and functions' output goes.
+    pub output: Output,
     /// Rebuild and restart a function when the workspace's files change (`make dev`). Off for
     /// tests and benchmarks: `cargo lambda watch` counts any write under the workspace, a git
     /// worktree's index included, and a restart kills the invocations in flight.
     pub reload_on_change: bool,
+}
+
+/// Where the stack's processes (the SQS emulator, `cargo lambda watch`, the functions) write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// To this process's stdout and stderr, as they come.
+    Inherit,
+    /// All of it to a file (appended to).
+    File(PathBuf),
+    /// All of it to a file (a new one each start), and to this process's stderr only a line per
+    /// finished turn (session, turn, outcome, time to first token) and every warning and error:
+    /// `make dev`'s calm terminal.
+    Calm(PathBuf),
 }
 
 /// How the local functions identify callers (`AUTH_MODE`).
@@ -123,7 +137,7 @@ impl StackSettings {
             max_receive_count: 5,
             function_env: Vec::new(),
             secrets: Vec::new(),
-            log_file: None,
+            output: Output::Inherit,
             reload_on_change: false,
         }
     }

@@ -1,10 +1,11 @@
 //! Starting the stack, one named step at a time, and stopping it.
 
+use crate::calm::{Router, Source};
 use crate::emulators::{create_queues, create_secrets};
 use crate::processes::{free_port, supervised, wait_until, Supervisor};
 use crate::shim::{event_source_mapping, invoke, schedule, scheduled_event, ttl_process};
 use crate::{
-    fail, gateway, LocalAuth, LocalSqs, StackError, StackSettings, LOCAL_AUDIENCE, WATCH_QUEUE_LIMIT,
+    fail, gateway, LocalAuth, LocalSqs, Output, StackError, StackSettings, LOCAL_AUDIENCE, WATCH_QUEUE_LIMIT,
 };
 use chat_auth::dev_issuer::DevIssuer;
 use chat_core::{Store, StoreOptions};
@@ -40,6 +41,8 @@ pub struct Stack {
     dynamodb: aws_sdk_dynamodb::Client,
     sqs: aws_sdk_sqs::Client,
     http: reqwest::Client,
+    /// With a calm terminal, muted as the stack stops.
+    calm: Option<Router>,
     shutdown: watch::Sender<bool>,
     children: Vec<Supervisor>,
     tasks: Vec<JoinHandle<()>>,
@@ -49,7 +52,7 @@ impl Stack {
     /// Starts everything and returns once the API answers; `progress` hears each step.
     pub async fn start(settings: StackSettings, progress: impl Fn(&str)) -> Result<Stack, StackError> {
         let root = preflight(&settings)?;
-        let output = Output::open(settings.log_file.as_deref())?;
+        let output = Sink::open(&settings.output)?;
         progress("starting DynamoDB (embedded dynoxide)");
         let dynamo = start_dynamodb(&settings).await?;
         progress("starting SQS (moto server)");
@@ -72,6 +75,7 @@ impl Stack {
             dynamodb: dynamodb_client(&dynamo.endpoint),
             sqs: sqs.client,
             http: reqwest::Client::new(),
+            calm: output.router(),
             shutdown,
             children: vec![sqs.server.supervisor, functions.watcher],
             tasks: vec![api.task],
@@ -95,6 +99,9 @@ impl Stack {
 
     /// Stops the pollers, the functions and the emulators.
     pub async fn stop(mut self) {
+        if let Some(calm) = &self.calm {
+            calm.mute();
+        }
         let _ = self.shutdown.send(true);
         for child in &mut self.children {
             if let Some(pid) = child.0.id() {
@@ -191,31 +198,62 @@ fn venv_bin(root: &Path) -> PathBuf {
     root.join(".tools/venv/bin")
 }
 
-/// Where the children's output goes: this process's own, or the stack's log file.
-struct Output {
-    log: Option<std::fs::File>,
+/// Where the children's output goes, opened.
+enum Sink {
+    Inherit,
+    File(std::fs::File),
+    Calm(Router),
 }
 
-impl Output {
-    fn open(path: Option<&Path>) -> Result<Output, StackError> {
-        let log = match path {
-            Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(fail)?;
-                }
-                Some(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(fail)?)
+impl Sink {
+    fn open(output: &Output) -> Result<Sink, StackError> {
+        let open = |path: &Path, options: &mut std::fs::OpenOptions| {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(fail)?;
             }
-            None => None,
+            options.open(path).map_err(|e| fail(format!("{}: {e}", path.display())))
         };
-        Ok(Output { log })
+        Ok(match output {
+            Output::Inherit => Sink::Inherit,
+            Output::File(path) => {
+                Sink::File(open(path, std::fs::OpenOptions::new().create(true).append(true))?)
+            }
+            Output::Calm(path) => Sink::Calm(Router::new(open(
+                path,
+                std::fs::OpenOptions::new().create(true).write(true).truncate(true),
+            )?)),
+        })
     }
 
-    /// A child's stdout and stderr.
+    /// A child's stdout and stderr: piped to [`Sink::follow`] with a calm terminal.
     fn stdio(&self) -> Result<(Stdio, Stdio), StackError> {
-        Ok(match &self.log {
-            Some(file) => (file.try_clone().map_err(fail)?.into(), file.try_clone().map_err(fail)?.into()),
-            None => (Stdio::inherit(), Stdio::inherit()),
+        Ok(match self {
+            Sink::Inherit => (Stdio::inherit(), Stdio::inherit()),
+            Sink::File(file) => {
+                (file.try_clone().map_err(fail)?.into(), file.try_clone().map_err(fail)?.into())
+            }
+            Sink::Calm(_) => (Stdio::piped(), Stdio::piped()),
         })
+    }
+
+    /// With a calm terminal, routes what the child started with [`Sink::stdio`] writes.
+    fn follow(&self, child: &mut Supervisor, source: Source) {
+        if let Sink::Calm(router) = self {
+            if let Some(out) = child.0.stdout.take() {
+                router.follow(out, source);
+            }
+            if let Some(err) = child.0.stderr.take() {
+                router.follow(err, source);
+            }
+        }
+    }
+
+    /// The calm terminal's router, which the stack mutes as it stops.
+    fn router(&self) -> Option<Router> {
+        match self {
+            Sink::Calm(router) => Some(router.clone()),
+            Sink::Inherit | Sink::File(_) => None,
+        }
     }
 }
 
@@ -241,9 +279,10 @@ struct Sqs {
     dlq_url: String,
 }
 
-async fn start_sqs(root: &Path, settings: &StackSettings, output: &Output) -> Result<Sqs, StackError> {
+async fn start_sqs(root: &Path, settings: &StackSettings, output: &Sink) -> Result<Sqs, StackError> {
     let (out, err) = output.stdio()?;
-    let server = LocalSqs::start(root, settings.sqs_port, out, err).await?;
+    let mut server = LocalSqs::start(root, settings.sqs_port, out, err).await?;
+    output.follow(&mut server.supervisor, Source::Sqs);
     let client = sqs_client(&server.endpoint);
     let (queue_url, dlq_url) = create_queues(&client, settings).await?;
     create_secrets(&server.endpoint, &settings.secrets).await?;
@@ -279,7 +318,7 @@ struct Functions {
 fn start_functions(
     root: &Path,
     settings: &StackSettings,
-    output: &Output,
+    output: &Sink,
     front: &Front,
     dynamo: &Dynamo,
     sqs: &Sqs,
@@ -315,7 +354,9 @@ fn start_functions(
     aws_credentials(&mut watch, settings);
     let (out, err) = output.stdio()?;
     watch.envs(settings.function_env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).stdout(out).stderr(err);
-    let watcher = Supervisor(watch.spawn().map_err(|e| fail(format!("starting cargo lambda watch: {e}")))?);
+    let mut watcher =
+        Supervisor(watch.spawn().map_err(|e| fail(format!("starting cargo lambda watch: {e}")))?);
+    output.follow(&mut watcher, Source::Functions);
     Ok(Functions { url: format!("http://127.0.0.1:{port}"), watcher })
 }
 

@@ -14,10 +14,6 @@ fn api() -> &'static str {
     &app(&JWT).api
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// One browser at a time: two cores cannot run several Chromiums and the stack well.
 static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

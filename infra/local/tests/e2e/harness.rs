@@ -66,7 +66,7 @@ pub fn env<'a>(pairs: &'a [(&str, &str)]) -> impl Iterator<Item = (String, Strin
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
 }
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
@@ -83,7 +83,7 @@ pub fn test_settings(name: &str) -> StackSettings {
     settings.sweep_interval = Duration::from_millis(500);
     settings.visibility_timeout = Duration::from_secs(5);
     settings.function_env = test_env();
-    settings.log_file = Some(log_of(name));
+    settings.output = chat_local::Output::File(log_of(name));
     settings
 }
 

@@ -11,6 +11,7 @@ mod bedrock;
 mod browser;
 mod chat;
 mod crash;
+mod dev;
 mod lifecycle;
 mod limits;
 mod openai;
