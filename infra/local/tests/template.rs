@@ -159,6 +159,7 @@ fn each_policy_grants_exactly_the_actions_its_function_uses() {
         (
             "SweeperFunction",
             &[
+                "dynamodb:BatchGetItem",
                 "dynamodb:BatchWriteItem",
                 "dynamodb:GetItem",
                 "dynamodb:PutItem",
