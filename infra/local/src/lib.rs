@@ -17,6 +17,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 pub mod alarm_math;
+pub mod calls;
 mod calm;
 pub mod cpu;
 mod emulators;
@@ -80,6 +81,11 @@ pub struct StackSettings {
     /// tests and benchmarks: `cargo lambda watch` counts any write under the workspace, a git
     /// worktree's index included, and a restart kills the invocations in flight.
     pub reload_on_change: bool,
+    /// Record what the functions ask of DynamoDB, SQS, Secrets Manager and a local Bedrock
+    /// ([`Stack::calls`]): each reaches them through a relay that notes the operation and the
+    /// function that sent it. On for the tests; off for `make dev` and the benchmarks, where the
+    /// relay would only cost a hop.
+    pub record_calls: bool,
 }
 
 /// Where the stack's processes (the SQS emulator, `cargo lambda watch`, the functions) write.
@@ -139,6 +145,7 @@ impl StackSettings {
             secrets: Vec::new(),
             output: Output::Inherit,
             reload_on_change: false,
+            record_calls: false,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Starting the stack, one named step at a time, and stopping it.
 
+use crate::calls::{relay, Calls};
 use crate::calm::{Router, Source};
 use crate::emulators::{create_queues, create_secrets};
 use crate::processes::{free_port, supervised, wait_until, Supervisor};
@@ -41,6 +42,8 @@ pub struct Stack {
     dynamodb: aws_sdk_dynamodb::Client,
     sqs: aws_sdk_sqs::Client,
     http: reqwest::Client,
+    /// What the functions have asked of AWS, with [`StackSettings::record_calls`].
+    pub calls: Option<Arc<Calls>>,
     /// With a calm terminal, muted as the stack stops.
     calm: Option<Router>,
     shutdown: watch::Sender<bool>,
@@ -57,11 +60,14 @@ impl Stack {
         let dynamo = start_dynamodb(&settings).await?;
         progress("starting SQS (moto server)");
         let sqs = start_sqs(&root, &settings, &output).await?;
+        let (shutdown, _) = watch::channel(false);
+        let aws = aws_endpoints(&settings, &dynamo, &sqs, &shutdown).await?;
         progress("starting the functions (cargo lambda watch; the first start builds them)");
         let front = bind_api(&settings).await?;
-        let functions = start_functions(&root, &settings, &output, &front, &dynamo, &sqs)?;
-        let (shutdown, _) = watch::channel(false);
+        let functions = start_functions(&root, &settings, &output, &front, &aws, &sqs)?;
         let api = start_gateway(front, &functions.url, &settings, shutdown.subscribe())?;
+        let mut tasks = vec![api.task];
+        tasks.extend(aws.relays);
         let mut stack = Stack {
             api: api.url,
             functions: functions.url,
@@ -75,10 +81,11 @@ impl Stack {
             dynamodb: dynamodb_client(&dynamo.endpoint),
             sqs: sqs.client,
             http: reqwest::Client::new(),
+            calls: aws.calls,
             calm: output.router(),
             shutdown,
             children: vec![sqs.server.supervisor, functions.watcher],
-            tasks: vec![api.task],
+            tasks,
         };
         stack.wait_for_api().await?;
         progress("warming up the generator, stream and sweeper");
@@ -289,6 +296,58 @@ async fn start_sqs(root: &Path, settings: &StackSettings, output: &Sink) -> Resu
     Ok(Sqs { server, client, queue_url, dlq_url })
 }
 
+/// Where the functions reach AWS: the emulators, or with [`StackSettings::record_calls`] a
+/// recording relay in front of each (and of a local Bedrock endpoint the functions are given).
+struct AwsEndpoints {
+    dynamodb: String,
+    /// SQS and Secrets Manager (moto serves both).
+    sqs: String,
+    /// `AWS_ENDPOINT_URL_BEDROCK_RUNTIME` for the functions, when it is relayed.
+    bedrock: Option<String>,
+    calls: Option<Arc<Calls>>,
+    relays: Vec<JoinHandle<()>>,
+}
+
+async fn aws_endpoints(
+    settings: &StackSettings,
+    dynamo: &Dynamo,
+    sqs: &Sqs,
+    shutdown: &watch::Sender<bool>,
+) -> Result<AwsEndpoints, StackError> {
+    let direct = AwsEndpoints {
+        dynamodb: dynamo.endpoint.clone(),
+        sqs: sqs.server.endpoint.clone(),
+        bedrock: None,
+        calls: None,
+        relays: Vec::new(),
+    };
+    if !settings.record_calls {
+        return Ok(direct);
+    }
+    let calls = Arc::new(Calls::default());
+    let relayed = |upstream: String| {
+        let (calls, shutdown) = (calls.clone(), shutdown.subscribe());
+        async move { relay(&upstream, calls, shutdown).await.map_err(|e| fail(format!("a recording relay: {e}"))) }
+    };
+    let dynamodb = relayed(direct.dynamodb).await?;
+    let sqs = relayed(direct.sqs).await?;
+    let mut relays = vec![dynamodb.task, sqs.task];
+    let bedrock =
+        match function_var(settings, "AWS_ENDPOINT_URL_BEDROCK_RUNTIME").filter(|url| is_loopback(url)) {
+            Some(upstream) => {
+                let bedrock = relayed(upstream).await?;
+                relays.push(bedrock.task);
+                Some(bedrock.url)
+            }
+            None => None,
+        };
+    Ok(AwsEndpoints { dynamodb: dynamodb.url, sqs: sqs.url, bedrock, calls: Some(calls), relays })
+}
+
+fn is_loopback(url: &str) -> bool {
+    ["http://127.0.0.1:", "http://localhost:"].iter().any(|local| url.starts_with(local))
+}
+
 /// The one-origin API's listener, bound before anything is built so that a busy port fails the
 /// start at once, with its address and, with `LocalAuth::Jwt`, the token issuer it serves.
 struct Front {
@@ -320,7 +379,7 @@ fn start_functions(
     settings: &StackSettings,
     output: &Sink,
     front: &Front,
-    dynamo: &Dynamo,
+    aws: &AwsEndpoints,
     sqs: &Sqs,
 ) -> Result<Functions, StackError> {
     let port = free_port(0)?;
@@ -339,10 +398,10 @@ fn start_functions(
         .env("TABLE_NAME", &settings.table)
         .env("QUEUE_URL", &sqs.queue_url)
         .env("STREAM_URL_BASE", &front.url)
-        .env("AWS_ENDPOINT_URL_DYNAMODB", &dynamo.endpoint)
-        .env("AWS_ENDPOINT_URL_SQS", &sqs.server.endpoint)
+        .env("AWS_ENDPOINT_URL_DYNAMODB", &aws.dynamodb)
+        .env("AWS_ENDPOINT_URL_SQS", &aws.sqs)
         // moto serves Secrets Manager too: a local API key secret works like the deployed one.
-        .env("AWS_ENDPOINT_URL_SECRETS_MANAGER", &sqs.server.endpoint);
+        .env("AWS_ENDPOINT_URL_SECRETS_MANAGER", &aws.sqs);
     match &front.issuer {
         Some(issuer) => watch
             .env("AUTH_MODE", "jwt")
@@ -354,6 +413,9 @@ fn start_functions(
     aws_credentials(&mut watch, settings);
     let (out, err) = output.stdio()?;
     watch.envs(settings.function_env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).stdout(out).stderr(err);
+    if let Some(bedrock) = &aws.bedrock {
+        watch.env("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", bedrock);
+    }
     let mut watcher =
         Supervisor(watch.spawn().map_err(|e| fail(format!("starting cargo lambda watch: {e}")))?);
     output.follow(&mut watcher, Source::Functions);
@@ -380,13 +442,18 @@ fn aws_credentials(watch: &mut tokio::process::Command, settings: &StackSettings
 
 /// The model provider the functions will use: the settings' `LLM_PROVIDER`, else the caller's.
 fn provider(settings: &StackSettings) -> Option<String> {
+    function_var(settings, "LLM_PROVIDER")
+}
+
+/// A variable as the functions will see it: the settings' `function_env`, else the caller's.
+fn function_var(settings: &StackSettings, name: &str) -> Option<String> {
     settings
         .function_env
         .iter()
         .rev()
-        .find(|(k, _)| k == "LLM_PROVIDER")
+        .find(|(k, _)| k == name)
         .map(|(_, v)| v.clone())
-        .or_else(|| std::env::var("LLM_PROVIDER").ok())
+        .or_else(|| std::env::var(name).ok())
 }
 
 /// The one-origin API, served: the gateway's counters and task.

@@ -61,4 +61,14 @@ async fn a_bedrock_reply_streams_through_the_stack_to_an_sse_client() {
     let body = request.json();
     assert_eq!(body["inferenceConfig"]["maxTokens"], 77);
     assert_eq!(body["messages"], json!([{"role": "user", "content": [{"text": "¿Qué tal?"}]}]));
+
+    // The stack saw the generator's calls to the model, and the template's policy allows them.
+    let calls = info.calls.snapshot();
+    let model =
+        calls.keys().find(|c| c.operation == "bedrock:ConverseStream").expect("the model call recorded");
+    assert_eq!(
+        (model.caller.as_str(), model.action.as_str(), model.resource.as_str()),
+        ("generator", "bedrock:InvokeModelWithResponseStream", "foundation-model/anthropic.fake-v1:0")
+    );
+    crate::iam::assert_allowed(info);
 }

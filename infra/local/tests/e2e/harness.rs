@@ -2,12 +2,13 @@
 //! loopback ports), started on first use and shared by the tests that name it, an HTTP client, and
 //! an SSE reader. Tests stay independent by making their own users and sessions.
 
+use chat_local::calls::Calls;
 use chat_local::fake_llm::FakeLlm;
 use chat_local::{Stack, StackSettings};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How a stack is set up. Tests that name the same configuration share its stack.
@@ -42,6 +43,17 @@ pub struct App {
     pub log: PathBuf,
     /// A fake model server; the generator uses it if the configuration points it there.
     pub model: &'static FakeLlm,
+    /// The functions' environment on top of the process's ([`StackSettings::function_env`]).
+    pub function_env: Vec<(String, String)>,
+    /// What the functions have asked of AWS ([`StackSettings::record_calls`]).
+    pub calls: Arc<Calls>,
+}
+
+impl App {
+    /// A variable of the functions' environment, as the stack sets it.
+    pub fn function_var(&self, name: &str) -> Option<&str> {
+        self.function_env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
 }
 
 /// Timing used by the tests: short leases and deadlines so recovery paths finish quickly.
@@ -71,7 +83,8 @@ pub fn root() -> PathBuf {
 }
 
 /// The settings every test stack starts from: free ports, two instances per function, quick
-/// sweeps and redeliveries, [`test_env`], and its output in its log.
+/// sweeps and redeliveries, [`test_env`], its output in its log, and the functions' AWS calls
+/// recorded.
 pub fn test_settings(name: &str) -> StackSettings {
     let mut settings = StackSettings::new(root());
     settings.api_port = 0;
@@ -84,6 +97,7 @@ pub fn test_settings(name: &str) -> StackSettings {
     settings.visibility_timeout = Duration::from_secs(5);
     settings.function_env = test_env();
     settings.output = chat_local::Output::File(log_of(name));
+    settings.record_calls = true;
     settings
 }
 
@@ -95,13 +109,20 @@ fn log_of(name: &str) -> PathBuf {
 /// process (its children stop when the process exits). Stacks of other configurations start
 /// side by side.
 pub fn app(config: &Config) -> &'static App {
-    static APPS: Mutex<BTreeMap<&'static str, &'static OnceLock<App>>> = Mutex::new(BTreeMap::new());
     let slot = *APPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .entry(config.name)
         .or_insert_with(|| Box::leak(Box::new(OnceLock::new())));
     slot.get_or_init(|| start(config))
+}
+
+static APPS: Mutex<BTreeMap<&'static str, &'static OnceLock<App>>> = Mutex::new(BTreeMap::new());
+
+/// The stacks started so far in this process (by any test), by configuration name.
+pub fn started() -> Vec<(&'static str, &'static App)> {
+    let apps = APPS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    apps.iter().filter_map(|(name, slot)| Some((*name, slot.get()?))).collect()
 }
 
 fn start(config: &Config) -> App {
@@ -114,6 +135,7 @@ fn start(config: &Config) -> App {
                 Box::leak(Box::new(FakeLlm::start(Vec::new()).await.expect("fake model server starts")));
             let mut settings = test_settings(name);
             configure(&mut settings, &model.url);
+            let function_env = settings.function_env.clone();
             match Stack::start(settings, |step| eprintln!("[e2e {name}] {step}")).await {
                 Ok(stack) => {
                     let app = App {
@@ -124,6 +146,8 @@ fn start(config: &Config) -> App {
                         table: stack.table.clone(),
                         log: log_of(name),
                         model,
+                        function_env,
+                        calls: stack.calls.clone().expect("the test stacks record the functions' calls"),
                     };
                     tx.send(Ok(app)).expect("test thread waits");
                     std::future::pending::<()>().await;

@@ -4,6 +4,7 @@
 //! use, and the tests that name it share it ([`harness::app`]).
 
 mod harness;
+mod policies;
 
 mod alarms;
 mod auth;
@@ -12,6 +13,7 @@ mod browser;
 mod chat;
 mod crash;
 mod dev;
+mod iam;
 mod lifecycle;
 mod limits;
 mod openai;

@@ -13,7 +13,7 @@ const API_KEY: &str = "sk-e2e-0b5e7d";
 const TOKENS: &[&str] = &["Bonjour", " 👋", ", here is\na list:\n", "- ünïcødé", "\n- done", "."];
 
 /// The fake model as an OpenAI-compatible server, its key in a secret.
-const OPENAI: Config = Config {
+pub(crate) const OPENAI: Config = Config {
     name: "openai",
     configure: |settings, model| {
         settings.function_env.extend(env(&[
