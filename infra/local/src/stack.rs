@@ -410,6 +410,9 @@ fn start_functions(
             .env("JWT_JWKS_URL", format!("{}/.well-known/jwks.json", front.url)),
         None => watch.env("AUTH_MODE", "none"),
     };
+    // The functions are built as `make functions` built them: not through a test build's clippy
+    // (`make test LINT=1`), whose variables a test run passes on.
+    watch.env_remove("RUSTC_WORKSPACE_WRAPPER").env_remove("CLIPPY_ARGS");
     aws_credentials(&mut watch, settings);
     let (out, err) = output.stdio()?;
     watch.envs(settings.function_env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).stdout(out).stderr(err);
