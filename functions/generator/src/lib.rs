@@ -260,6 +260,8 @@ impl Generator {
             Outcome::Applied(_) => {
                 let usage = writer.usage();
                 info!(
+                    outcome = ending.outcome(),
+                    ttft_ms = writer.first_token_ms(),
                     tokens = writer.tokens_stored(),
                     chunks = writer.chunks_stored(),
                     input = usage.input,

@@ -45,6 +45,17 @@ pub(crate) enum Ending {
 }
 
 impl Ending {
+    /// What the user got, for the turn's log line.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            Ending::Complete => "committed",
+            Ending::Stopped => "stopped",
+            Ending::Capped => "reply_limit",
+            Ending::Failed(..) => "error",
+            Ending::LeaseLost => "lease_lost",
+        }
+    }
+
     /// Why a committed reply was cut short, if it was.
     pub(crate) fn stop_reason(&self) -> Option<StopReason> {
         match self {

@@ -52,6 +52,8 @@ pub(crate) struct TurnWriter<'a> {
     /// When the turn's message was accepted (epoch ms), until its first chunk is written; only
     /// for a turn's first attempt (a takeover's first chunk is not the reply's).
     accepted_at: Option<u64>,
+    /// How long after that the first chunk was written (ms), for the turn's log line.
+    first_token_ms: Option<u64>,
     /// When the lease was last read back or extended.
     lease_read: Option<Instant>,
     /// When the last token arrived, and how long after the one before it.
@@ -93,6 +95,7 @@ impl<'a> TurnWriter<'a> {
             store,
             settings,
             accepted_at: None,
+            first_token_ms: None,
             lease_read: None,
             last_token: None,
             token_gap: None,
@@ -119,6 +122,12 @@ impl<'a> TurnWriter<'a> {
     /// Whether this is the turn's first claim, not a takeover.
     pub(crate) fn first_claim(&self) -> bool {
         self.lease.next_seq == 0
+    }
+
+    /// How long after the turn's message was accepted its first chunk was stored (ms), when this
+    /// attempt timed it.
+    pub(crate) fn first_token_ms(&self) -> Option<u64> {
+        self.first_token_ms
     }
 
     /// Times the reply's first stored token from `accepted_at` (epoch ms), on a first claim.
@@ -270,8 +279,9 @@ impl<'a> TurnWriter<'a> {
             }
             if let Some(accepted_at) = self.accepted_at.take() {
                 // The reply's first token is stored: what the user waits for.
-                let waited = self.store.now_ms().saturating_sub(accepted_at) as f64;
-                metrics::millis(metrics::name::TIME_TO_FIRST_TOKEN, &[waited], &[]);
+                let waited = self.store.now_ms().saturating_sub(accepted_at);
+                self.first_token_ms = Some(waited);
+                metrics::millis(metrics::name::TIME_TO_FIRST_TOKEN, &[waited as f64], &[]);
             }
             self.written();
         }

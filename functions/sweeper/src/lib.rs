@@ -196,11 +196,11 @@ impl Sweeper {
         }
         match self.store.end_turn(session, event, reason, "sweeper").await? {
             Outcome::Applied(_) => {
-                info!(session = %session.id, turn = %session.turn, %event, "turn ended");
+                let ended = fsm::transition(Some(session.state), event).unwrap_or(State::Error);
+                info!(session = %session.id, turn = %session.turn, %event, outcome = %ended, "turn ended");
                 if let Err(err) = self.store.close_turn_slot(&session.user_id, session.id).await {
                     warn!(session = %session.id, error = %err, "could not give back the turn's slot; it lapses on its own");
                 }
-                let ended = fsm::transition(Some(session.state), event).unwrap_or(State::Error);
                 Ok(Action::Ended(ended))
             }
             Outcome::Conflict(_) => Ok(Action::None),

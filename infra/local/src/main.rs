@@ -1,15 +1,21 @@
-//! `make dev`: the whole stack in the foreground until Ctrl-C.
+//! `make dev`: the whole stack in the foreground until Ctrl-C. The terminal gets the banner, a
+//! line per finished turn and every warning and error; everything else goes to the log
+//! (`DEV_LOG`, `target/dev.log`).
 
 use chat_core::config::Env;
-use chat_local::{Stack, StackSettings};
+use chat_local::{Output, Stack, StackSettings};
+use std::path::PathBuf;
 use std::time::Duration;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let env = Env::process();
     let root = std::env::current_dir()?;
-    let mut settings = StackSettings::new(root);
-    settings.reload_on_change = true;
+    let log = env.optional("DEV_LOG").map_or_else(|| PathBuf::from("target/dev.log"), PathBuf::from);
+    let mut settings = StackSettings::new(&root);
+    settings.output = Output::Calm(root.join(&log));
+    settings.reload_on_change = env.parse_or("RELOAD_ON_CHANGE", true)?;
     settings.api_port = env.parse_or("API_PORT", settings.api_port)?;
     settings.dynamodb_port = env.parse_or("DYNAMODB_PORT", settings.dynamodb_port)?;
     settings.sqs_port = env.parse_or("SQS_PORT", settings.sqs_port)?;
@@ -45,6 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let concurrency = settings.slots();
     let started = std::time::Instant::now();
+    eprintln!("==> the emulators' and functions' output goes to {}", log.display());
     let stack = match Stack::start(settings, |step| eprintln!("==> {step}")).await {
         Ok(stack) => stack,
         Err(err) => {
@@ -52,6 +59,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(1);
         }
     };
+    // From here on, this process's own warnings (the gateway, the event source, the schedule)
+    // go to the terminal; while the stack starts, the gateway's "did not answer" is expected.
+    // The DynamoDB emulator warns of every error it answers, a failed condition (an ordinary
+    // outcome here) among them; a function logs the errors that matter to it.
+    chat_runtime::aws::subscriber("warn,dynoxide=error", false, std::io::stderr).init();
     let api = &stack.api;
     // With the local issuer: ready tokens, and the flags that send one.
     let (sign_in, token_line, bearer, query_token) = match &stack.issuer {
@@ -80,7 +92,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     DynamoDB          {}\n\
     SQS               {}  (queue {})\n\
     Model             {}\n\
-    Sign-in           {}\n\n\
+    Sign-in           {}\n\
+    Log               {}  (the emulators, cargo lambda watch and the functions; here, a line per turn and every warning)\n\n\
 Try it:\n\
     {}curl -s -X POST {api}/sessions/alice/messages -H 'content-type: application/json'{} -d '{{\"message\": \"Hello there\"}}'\n\
     curl -N {api}/sessions/SESSION_ID/stream{}\n\
@@ -94,6 +107,7 @@ Ctrl-C stops everything.\n",
         stack.queue_url,
         model.describe(),
         sign_in,
+        log.display(),
         token_line,
         bearer,
         query_token,

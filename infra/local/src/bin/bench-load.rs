@@ -143,7 +143,7 @@ async fn run(
                 chat_runtime::aws::LOCAL_INVOCATIONS_PER_INSTANCE,
                 settings.invocations_per_instance,
             )?;
-            settings.log_file = Some(root.join("target/bench-load.log"));
+            settings.output = chat_local::Output::File(root.join("target/bench-load.log"));
             settings.function_env = vec![
                 ("DEMO_REPLY_TOKENS".into(), REPLY_TOKENS.into()),
                 ("DEMO_TOKEN_DELAY_MS".into(), model_delay_ms().to_string()),

@@ -1,24 +1,14 @@
 //! End to end: HTTP clients against the one-origin API served by `cargo lambda watch` (the real
 //! Lambda runtime API), with SQS (moto) and DynamoDB (dynoxide) behind it.
 
-mod common;
-
-use common::*;
+use crate::harness::{self, *};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 const TURN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The demo model's price here, USD per million tokens.
-const DEMO_PRICE: (f64, f64) = (2.0, 4.0);
-
-fn info() -> &'static StackInfo {
-    let prices = json!({"demo": {"input": DEMO_PRICE.0, "output": DEMO_PRICE.1}}).to_string();
-    stack_with("e2e", vec![("MODEL_PRICES".to_owned(), prices)], Vec::new())
-}
-
 fn api() -> &'static str {
-    &info().api
+    &app(&DEFAULT).api
 }
 
 /// The `message_end` event's data.
@@ -250,7 +240,7 @@ async fn cancel_stops_generation_and_commits_the_partial_reply_as_streamed() {
 
 #[tokio::test]
 async fn a_duplicate_sqs_delivery_after_the_commit_changes_nothing() {
-    let info = info();
+    let info = app(&DEFAULT);
     let user = user();
     let id = session_id(&send_text(api(), &user, "once", None).await);
     let before = wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
@@ -355,7 +345,7 @@ async fn a_turn_no_generator_picks_up_is_redriven_then_ends_in_timeout() {
     assert_eq!(data["message"], "no generator picked the turn up in time");
 
     // Exactly MAX_REDRIVES re-drives, then the timeout, in the audit trail.
-    let info = info();
+    let info = app(&DEFAULT);
     let store = chat_core::Store::new(
         chat_local::dynamodb_client(&info.dynamodb_endpoint),
         info.table.as_str(),
@@ -439,7 +429,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         assert!(answer.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     // Another user's session is not found.
-    let other = send_text(api(), &common::user(), "hi", Some(&id)).await;
+    let other = send_text(api(), &harness::user(), "hi", Some(&id)).await;
     assert_eq!((other.status, other.body["error"]["code"].as_str()), (404, Some("session_not_found")));
     // Routes and methods.
     let unknown = request(reqwest::Method::GET, format!("{}/nowhere", api()), None).await;

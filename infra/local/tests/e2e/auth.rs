@@ -2,17 +2,12 @@
 //! User B tries every route on user A's session and gets nothing: 0 reads, 0 writes, 0 cancels,
 //! 0 deletes; A's session is exactly as A left it.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
 fn api() -> &'static str {
-    &stack_configured("e2e_auth", Vec::new(), Vec::new(), |settings| {
-        settings.auth = chat_local::LocalAuth::Jwt;
-    })
-    .api
+    &app(&JWT).api
 }
 
 async fn token(sub: &str) -> String {

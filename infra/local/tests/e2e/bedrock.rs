@@ -2,33 +2,36 @@
 //! Lambda), reaches a fake `ConverseStream` endpoint through `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`,
 //! signs with the credentials it finds, and its event-stream tokens reach an SSE client.
 
-mod common;
-
+use crate::harness::*;
 use chat_local::fake_llm;
-use common::*;
 use serde_json::json;
 use std::time::Duration;
 
 const TOKENS: &[&str] = &["Hola", " 🌍", "\nline two", " — fin."];
 
+/// The fake model as Bedrock's runtime endpoint.
+const BEDROCK: Config = Config {
+    name: "bedrock",
+    configure: |settings, model| {
+        settings.function_env.extend(env(&[
+            ("LLM_PROVIDER", "bedrock"),
+            ("LLM_MODEL", "anthropic.fake-v1:0"),
+            ("LLM_MAX_TOKENS", "77"),
+            ("LLM_RETRY_BASE_MS", "10"),
+            ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", model),
+            // Bedrock keeps the caller's credentials; give the functions test ones.
+            ("AWS_ACCESS_KEY_ID", "AKIDE2ETEST"),
+            ("AWS_SECRET_ACCESS_KEY", "e2e-secret"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]));
+    },
+};
+
 #[tokio::test]
 async fn a_bedrock_reply_streams_through_the_stack_to_an_sse_client() {
-    let server = fake_llm(vec![fake_llm::bedrock_stream(fake_llm::bedrock_frames(TOKENS))]);
-    let env = [
-        ("LLM_PROVIDER", "bedrock"),
-        ("LLM_MODEL", "anthropic.fake-v1:0"),
-        ("LLM_MAX_TOKENS", "77"),
-        ("LLM_RETRY_BASE_MS", "10"),
-        ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", server.url.as_str()),
-        // Bedrock keeps the caller's credentials; give the functions test ones.
-        ("AWS_ACCESS_KEY_ID", "AKIDE2ETEST"),
-        ("AWS_SECRET_ACCESS_KEY", "e2e-secret"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
-    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-    let info = stack_with("e2e_bedrock", env, Vec::new());
-    let api = &info.api;
+    let info = app(&BEDROCK);
+    let (api, server) = (&info.api, info.model);
 
     // Throttled inside the opened stream first: retried before any token.
     server.script(vec![
@@ -63,4 +66,14 @@ async fn a_bedrock_reply_streams_through_the_stack_to_an_sse_client() {
     let body = request.json();
     assert_eq!(body["inferenceConfig"]["maxTokens"], 77);
     assert_eq!(body["messages"], json!([{"role": "user", "content": [{"text": "¿Qué tal?"}]}]));
+
+    // The stack saw the generator's calls to the model, and the template's policy allows them.
+    let calls = info.calls.snapshot();
+    let model =
+        calls.keys().find(|c| c.operation == "bedrock:ConverseStream").expect("the model call recorded");
+    assert_eq!(
+        (model.caller.as_str(), model.action.as_str(), model.resource.as_str()),
+        ("generator", "bedrock:InvokeModelWithResponseStream", "foundation-model/anthropic.fake-v1:0")
+    );
+    crate::iam::assert_allowed(info);
 }

@@ -2,14 +2,18 @@
 //! sweeper (on its schedule) expires a quiet session and queues its summary, the generator
 //! writes it, `GET /sessions/{id}` shows it, and the conversation goes on from there.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
+/// Sessions expire after 2 s of quiet.
+const LIFECYCLE: Config = Config {
+    name: "lifecycle",
+    configure: |settings, _| settings.function_env.extend(env(&[("SESSION_IDLE_TIMEOUT", "2s")])),
+};
+
 fn api() -> &'static str {
-    &stack_with("e2e_lifecycle", vec![("SESSION_IDLE_TIMEOUT".to_owned(), "2s".to_owned())], Vec::new()).api
+    &app(&LIFECYCLE).api
 }
 
 /// Polls the session until it carries a summary; panics after `timeout`.

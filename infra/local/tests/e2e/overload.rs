@@ -4,23 +4,26 @@
 //! Without the gateway, `cargo lambda watch` wedges for good once more than 100 invocations wait
 //! for one function (see `chat_local::gateway`); this burst is three times that.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use std::time::{Duration, Instant};
 
 const BURST: usize = 300;
 /// The gateway's longest wait for a slot in this stack.
 const MAX_WAIT: Duration = Duration::from_millis(500);
 
-fn api() -> &'static str {
-    &stack_configured("overload", Vec::new(), Vec::new(), |settings| {
+/// Two slots per function, and a short queue in front of them.
+const OVERLOAD: Config = Config {
+    name: "overload",
+    configure: |settings, _| {
         settings.concurrency = 1;
         settings.invocations_per_instance = 2;
         settings.max_waiting = 16;
         settings.max_wait = MAX_WAIT;
-    })
-    .api
+    },
+};
+
+fn api() -> &'static str {
+    &app(&OVERLOAD).api
 }
 
 struct Answered {

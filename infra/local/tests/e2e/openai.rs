@@ -3,10 +3,8 @@
 //! The fake server's tokens reach an SSE client in order; a reply cut mid-stream reaches it as
 //! tokens then an `error` event, and the session ends in `error`.
 
-mod common;
-
+use crate::harness::*;
 use chat_local::fake_llm;
-use common::*;
 use serde_json::json;
 use std::time::Duration;
 
@@ -15,22 +13,28 @@ const API_KEY: &str = "sk-e2e-0b5e7d";
 /// Streamed a few ms apart; SSE carries line breaks as `\n` (it has no way to send a bare `\r`).
 const TOKENS: &[&str] = &["Bonjour", " 👋", ", here is\na list:\n", "- ünïcødé", "\n- done", "."];
 
+/// The fake model as an OpenAI-compatible server, its key in a secret.
+pub(crate) const OPENAI: Config = Config {
+    name: "openai",
+    configure: |settings, model| {
+        settings.function_env.extend(env(&[
+            ("LLM_PROVIDER", "openai"),
+            ("LLM_MODEL", "fake-model"),
+            ("OPENAI_BASE_URL", &format!("{model}/v1")),
+            ("OPENAI_API_KEY_SECRET_ARN", SECRET_NAME),
+            ("LLM_SYSTEM_PROMPT", "You are the e2e test."),
+            ("LLM_MAX_ATTEMPTS", "3"),
+            ("LLM_RETRY_BASE_MS", "10"),
+            ("MODEL_PRICES", r#"{"fake-model": {"input": 1.0, "output": 2.0}}"#),
+        ]));
+        settings.secrets = vec![(SECRET_NAME.to_owned(), API_KEY.to_owned())];
+    },
+};
+
 #[tokio::test]
 async fn an_openai_compatible_server_streams_through_the_stack_to_an_sse_client() {
-    let server = fake_llm(vec![fake_llm::openai_reply(TOKENS, Duration::from_millis(30))]);
-    let env = [
-        ("LLM_PROVIDER", "openai"),
-        ("LLM_MODEL", "fake-model"),
-        ("OPENAI_BASE_URL", &format!("{}/v1", server.url)),
-        ("OPENAI_API_KEY_SECRET_ARN", SECRET_NAME),
-        ("LLM_SYSTEM_PROMPT", "You are the e2e test."),
-        ("LLM_MAX_ATTEMPTS", "3"),
-        ("LLM_RETRY_BASE_MS", "10"),
-        ("MODEL_PRICES", r#"{"fake-model": {"input": 1.0, "output": 2.0}}"#),
-    ];
-    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-    let info = stack_with("e2e_openai", env, vec![(SECRET_NAME.to_owned(), API_KEY.to_owned())]);
-    let api = &info.api;
+    let info = app(&OPENAI);
+    let (api, server) = (&info.api, info.model);
 
     // A rate limit first: retried before any token, invisible to the client.
     server.script(vec![

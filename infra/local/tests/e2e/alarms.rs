@@ -3,11 +3,9 @@
 //! EMF metrics for them: the template's failed-turn alarm, its metric math applied to those
 //! figures, is in ALARM. With the model healthy, the same alarm is not.
 
-mod common;
-
+use crate::harness::*;
 use chat_local::fake_llm;
 use chat_runtime::metrics::{self, name};
-use common::*;
 use serde_norway::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,25 +13,32 @@ use std::time::{Duration, Instant};
 
 const TURNS: usize = 6;
 
+/// The fake model as an OpenAI-compatible server, tried once per turn; its own stack, so that
+/// the metrics in its log are this test's alone.
+const ALARMS: Config = Config {
+    name: "alarms",
+    configure: |settings, model| {
+        settings.function_env.extend(env(&[
+            ("LLM_PROVIDER", "openai"),
+            ("LLM_MODEL", "fake-model"),
+            ("OPENAI_BASE_URL", &format!("{model}/v1")),
+            ("LLM_MAX_ATTEMPTS", "1"),
+            ("TOOLS", "none"),
+        ]));
+    },
+};
+
 #[tokio::test]
 async fn the_failed_turn_alarm_fires_on_a_model_outage_and_not_on_a_healthy_model() {
-    let server = fake_llm(vec![fake_llm::status(500, &[], r#"{"error": {"message": "the model is down"}}"#)]);
-    let env = [
-        ("LLM_PROVIDER", "openai"),
-        ("LLM_MODEL", "fake-model"),
-        ("OPENAI_BASE_URL", &format!("{}/v1", server.url)),
-        ("LLM_MAX_ATTEMPTS", "1"),
-        ("TOOLS", "none"),
-    ];
-    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-    let info = stack_with("alarms", env, Vec::new());
-    let log = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/e2e-logs/alarms.log");
+    let info = app(&ALARMS);
+    let (server, log) = (info.model, &info.log);
     let alarm = FailedTurnsAlarm::from_template();
 
     // The outage: every turn ends in error.
-    let from = log_length(&log);
+    server.script(vec![fake_llm::status(500, &[], r#"{"error": {"message": "the model is down"}}"#)]);
+    let from = log_length(log);
     run_turns(&info.api, "error").await;
-    let outage = emitted_since(&log, from, name::TURNS_FAILED, TURNS).await;
+    let outage = emitted_since(log, from, name::TURNS_FAILED, TURNS).await;
     assert_eq!(outage.get(name::TURNS_FAILED), Some(&(TURNS as f64)), "{outage:?}");
     assert_eq!(outage.get(name::TURNS_COMMITTED), None);
     assert!(outage.get(name::MODEL_ERRORS).is_some_and(|n| *n >= TURNS as f64), "{outage:?}");
@@ -42,9 +47,9 @@ async fn the_failed_turn_alarm_fires_on_a_model_outage_and_not_on_a_healthy_mode
 
     // The model is back: the same alarm, on the next window's figures, is OK.
     server.script(vec![fake_llm::openai_reply(&["All", " good"], Duration::from_millis(5))]);
-    let from = log_length(&log);
+    let from = log_length(log);
     run_turns(&info.api, "ai_committed").await;
-    let healthy = emitted_since(&log, from, name::TURNS_COMMITTED, TURNS).await;
+    let healthy = emitted_since(log, from, name::TURNS_COMMITTED, TURNS).await;
     assert_eq!(healthy.get(name::TURNS_COMMITTED), Some(&(TURNS as f64)), "{healthy:?}");
     assert_eq!(healthy.get(name::TURNS_FAILED), None);
     assert!(healthy.contains_key(name::TIME_TO_FIRST_TOKEN), "first tokens are timed: {healthy:?}");

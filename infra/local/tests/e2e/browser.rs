@@ -2,30 +2,16 @@
 //! by `make browser`), driven over WebDriver (fantoccini) against the local stack with sign-in
 //! (`AUTH_MODE=jwt`, its own issuer). Each scenario saves a screenshot under `target/browser/`.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// With sign-in; two turns a minute per user (see [`JWT`]).
 fn api() -> &'static str {
-    // Two turns a minute per user: each scenario's user sends at most that, but the one that
-    // shows a 429. The demo model has a price, so replies show a cost.
-    let env = vec![
-        ("TURNS_PER_MINUTE".to_owned(), "2".to_owned()),
-        ("MODEL_PRICES".to_owned(), r#"{"demo": {"input": 2.0, "output": 4.0}}"#.to_owned()),
-    ];
-    &stack_configured("browser", env, Vec::new(), |settings| {
-        settings.auth = chat_local::LocalAuth::Jwt;
-    })
-    .api
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    &app(&JWT).api
 }
 
 /// One browser at a time: two cores cannot run several Chromiums and the stack well.

@@ -4,9 +4,7 @@
 //! (or 413) with a JSON error and, for 429, `Retry-After`; it changes nothing, and other users
 //! are not affected.
 
-mod common;
-
-use common::*;
+use crate::harness::{self, *};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -17,18 +15,25 @@ const MAX_STREAMS: usize = 2;
 /// Tokens a user's turns may use a day: a few short turns fit, a long reply or two do not.
 const DAILY_TOKENS: u64 = 1000;
 
+const LIMITS: Config = Config {
+    name: "limits",
+    configure: |settings, _| {
+        let env = [
+            ("TURNS_PER_MINUTE", TURNS_PER_MINUTE.to_string()),
+            ("MAX_SESSIONS_PER_USER", MAX_SESSIONS.to_string()),
+            ("MAX_OPEN_STREAMS", MAX_STREAMS.to_string()),
+            ("MAX_STREAMS_PER_TURN", "1".to_owned()),
+            ("DAILY_TOKEN_BUDGET", DAILY_TOKENS.to_string()),
+            // 300 tokens of prompt, 293 of them for the message with no system prompt.
+            ("MEMORY_MAX_TOKENS", "300".to_owned()),
+            ("REPLY_MAX_BYTES", "3000".to_owned()),
+        ];
+        settings.function_env.extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    },
+};
+
 fn api() -> &'static str {
-    let env = [
-        ("TURNS_PER_MINUTE", TURNS_PER_MINUTE.to_string()),
-        ("MAX_SESSIONS_PER_USER", MAX_SESSIONS.to_string()),
-        ("MAX_OPEN_STREAMS", MAX_STREAMS.to_string()),
-        ("MAX_STREAMS_PER_TURN", "1".to_owned()),
-        ("DAILY_TOKEN_BUDGET", DAILY_TOKENS.to_string()),
-        // 300 tokens of prompt, 293 of them for the message with no system prompt.
-        ("MEMORY_MAX_TOKENS", "300".to_owned()),
-        ("REPLY_MAX_BYTES", "3000".to_owned()),
-    ];
-    &stack_with("limits", env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(), Vec::new()).api
+    &app(&LIMITS).api
 }
 
 /// A request's status, `Retry-After` and JSON body.
@@ -93,7 +98,7 @@ async fn turns_beyond_the_rate_and_sessions_beyond_the_cap_get_429_and_change_no
     assert_eq!(sessions_of(&user).await.len() as u64, MAX_SESSIONS - 1);
 
     // Another user is unaffected by all of this.
-    let (status, _, body) = post(&common::user(), json!({"message": "hello"})).await;
+    let (status, _, body) = post(&harness::user(), json!({"message": "hello"})).await;
     assert_eq!(status, 202, "{body}");
 }
 
@@ -142,7 +147,7 @@ async fn streams_beyond_the_turns_or_the_users_limit_get_429_until_one_closes() 
     assert!(body["error"]["message"].as_str().unwrap().contains("you have 2 streams open"), "{body}");
     assert!(retry_after.is_some_and(|s| s >= 1));
     // Another user's streams are their own.
-    let (other_status, _, other) = post(&common::user(), json!({"message": "hi"})).await;
+    let (other_status, _, other) = post(&harness::user(), json!({"message": "hi"})).await;
     assert_eq!(other_status, 202, "{other}");
     let other_url = format!("{}/sessions/{}/stream", api(), other["session_id"].as_str().unwrap());
     let (status, mut other_reader) = SseReader::open(&other_url, None).await;
@@ -192,7 +197,7 @@ async fn a_user_past_the_daily_token_budget_gets_429_until_midnight_utc_and_noth
     let (status, _, body) = post(&user, json!({"message": "elsewhere"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (429, Some("daily_budget_exhausted")), "{body}");
     assert_eq!(sessions_of(&user).await.len(), 1);
-    let (status, _, body) = post(&common::user(), json!({"message": "hello"})).await;
+    let (status, _, body) = post(&harness::user(), json!({"message": "hello"})).await;
     assert_eq!(status, 202, "{body}");
 }
 

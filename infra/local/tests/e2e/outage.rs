@@ -1,10 +1,11 @@
 //! SQS goes down: a send gets a clear 503, and the turn it had claimed ends in `error` (visible to
 //! the client, and the session takes a new message) instead of waiting for a generator forever.
 
-mod common;
-
-use common::*;
+use crate::harness::{self, *};
 use std::time::Duration;
+
+/// Its own stack: the SQS emulator stays down.
+const OUTAGE: Config = Config { name: "outage", configure: |_, _| {} };
 
 /// SIGKILLs the moto server listening on `endpoint`'s port.
 fn kill_sqs(endpoint: &str) {
@@ -29,7 +30,7 @@ fn kill_sqs(endpoint: &str) {
 
 #[tokio::test]
 async fn a_send_while_sqs_is_down_gets_503_and_its_turn_ends_in_error() {
-    let info = stack("outage");
+    let info = app(&OUTAGE);
     let api = &info.api;
     let user = user();
     let first = send_text(api, &user, "before the outage", None).await;
@@ -53,7 +54,7 @@ async fn a_send_while_sqs_is_down_gets_503_and_its_turn_ends_in_error() {
     assert_eq!(events.last().unwrap().event, "error", "{events:?}");
 
     // A first message (no session yet) is refused the same way.
-    let fresh = send_text(api, &common::user(), "new session during the outage", None).await;
+    let fresh = send_text(api, &harness::user(), "new session during the outage", None).await;
     assert_eq!(fresh.status, 503);
 
     // Its idempotency key was released with the dead turn: a retry is a new attempt (503 again

@@ -6,14 +6,15 @@
 //! SIGKILL would. (Killing every instance from outside is not survivable under `cargo lambda
 //! watch` 1.9.2, which keeps routing to dead idle instances; Lambda itself starts new ones.)
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use std::time::Duration;
+
+/// Its own stack: the crash takes every turn on the aborted instance with it.
+const CRASH: Config = Config { name: "crash", configure: |_, _| {} };
 
 #[tokio::test]
 async fn a_generator_killed_mid_turn_is_recovered_and_never_leaves_the_turn_stuck() {
-    let info = stack("crash");
+    let info = app(&CRASH);
     let api = &info.api;
     let user = user();
     let answer = send_text(api, &user, "survive a crash [[crash-after:10]]", None).await;
