@@ -192,6 +192,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let settings = [
         setting("default: flush 100 ms / 32 tokens, poll 50 ms", 100, 32, 50),
         setting("flush 100 ms / 32 tokens, poll 100 ms", 100, 32, 100),
+        setting("flush 125 ms / 32 tokens, poll 50 ms", 125, 32, 50),
         setting("flush 150 ms / 32 tokens, poll 50 ms", 150, 32, 50),
         setting("flush 200 ms / 32 tokens, poll 50 ms", 200, 32, 50),
         setting("flush 250 ms / 32 tokens, poll 50 ms", 250, 32, 50),
@@ -224,7 +225,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("                           {:>8.1}   generator", totals.generator_read_units / n);
         println!("                           {:>8.1}   per SSE client", totals.stream_read_units / n);
         println!(
-            "  Lambda seconds per turn  {:>8.2}   ingest, {:.2} generator, {:.2} stream",
+            "  Lambda seconds per turn  {:>8.3}   ingest, {:.2} generator, {:.2} stream",
             totals.ingest_seconds / n,
             totals.generator_seconds / n,
             totals.stream_seconds / n
