@@ -112,7 +112,7 @@ preflight: $(DEPLOY_VENV)/.installed ## Check that your AWS account can hold ENV
 deploy: preflight sam-build ## The preflight, sam build and its checks, then sam deploy of ENV (default or prod; samconfig.toml) to your AWS account
 	$(NO_TELEMETRY) $(DEPLOY_VENV)/bin/sam deploy --config-env $(ENV)
 
-bench-turn: check-toolchain ## Capacity units and relay lag of 500-token turns at two flush settings
+bench-turn: check-toolchain ## Capacity units, relay lag and dollars per million 500-token turns at each flush and poll setting
 	$(CARGO) run --locked -q -p chat-local --bin bench-turn
 
 # The generator's metric lines (EMF JSON) go to stdout too: the table is what is left.

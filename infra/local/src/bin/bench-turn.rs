@@ -2,12 +2,15 @@
 //!
 //! Runs whole turns (500-token demo replies at 50 tokens/s by default) through the real store,
 //! generator and stream code against a fresh DynamoDB emulator, with one SSE client per turn, at
-//! two chunk-flush settings, and reports:
+//! several flush and poll settings (the levers that exist as settings), and reports:
 //! - write and read capacity units per turn, from DynamoDB's own consumed-capacity figures;
 //! - relay lag per token: the moment the generator receives it from the model (handed to the
 //!   chunk writer) to the moment the SSE client reads it, as percentiles;
 //! - what a session's idle expiry costs: the sweeper's transitions and the generator's summary
-//!   job (measured on the first session of each setting).
+//!   job (measured on the first session of each setting);
+//! - the dollars per million turns those units and each function's wall time (GB-seconds at
+//!   256 MB) cost at the list prices in `price`, and which setting is cheapest while the relay
+//!   lag stays within p50 <= 100 ms and p99 <= 250 ms.
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
@@ -15,7 +18,7 @@ use chat_core::job::TurnMessage;
 use chat_core::{NewMessage, Outcome, Read, Role, SendOutcome, StoreOptions, UserId};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
-use generator::llm::{DemoModel, Model, ModelError, ModelProvider, Prompt, RetryPolicy, TokenStream};
+use generator::llm::{DemoModel, Model, ModelError, ModelProvider, Output, Prompt, RetryPolicy, TokenStream};
 use lambda_http::RequestExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,32 +37,131 @@ impl ModelProvider for TimedModel {
         Box::pin(async move {
             let tokens = opened.await?;
             Ok(tokens
-                .map(move |token| {
-                    handed.lock().unwrap().push(Instant::now());
-                    token
+                .map(move |output| {
+                    // Only text reaches the chunk writer; the closing usage report does not.
+                    if let Ok(Output::Token(_)) = &output {
+                        handed.lock().unwrap().push(Instant::now());
+                    }
+                    output
                 })
                 .boxed())
         })
     }
 }
 
+/// us-east-1 list prices, USD, the same as docs/deploy.md's "What 1M turns cost" states.
+mod price {
+    /// DynamoDB on-demand, per write request unit.
+    pub const WRITE_UNIT: f64 = 0.625 / 1e6;
+    /// DynamoDB on-demand, per read request unit.
+    pub const READ_UNIT: f64 = 0.125 / 1e6;
+    /// Lambda (arm64), per request.
+    pub const LAMBDA_REQUEST: f64 = 0.20 / 1e6;
+    /// Lambda (arm64), per GB-second.
+    pub const LAMBDA_GB_SECOND: f64 = 0.000_013_333_4;
+    /// SQS standard queue, per request.
+    pub const SQS_REQUEST: f64 = 0.40 / 1e6;
+    /// Each function's memory in GB: 256 MB, decided from bench-coldstart.
+    pub const LAMBDA_MEMORY_GB: f64 = 0.25;
+    /// Lambda invocations a turn: ingest's POST, the generator's SQS batch, the stream.
+    pub const LAMBDA_REQUESTS_PER_TURN: f64 = 3.0;
+    /// SQS requests a turn: ingest's send, the event source's receive and delete.
+    pub const SQS_REQUESTS_PER_TURN: f64 = 3.0;
+}
+
+/// The relay lag goals a configuration must meet to be a candidate.
+const LAG_P50_GOAL_MS: f64 = 100.0;
+const LAG_P99_GOAL_MS: f64 = 250.0;
+
 struct Setting {
     name: &'static str,
     flush_interval: Duration,
     flush_max_tokens: usize,
+    poll_fast: Duration,
 }
 
 #[derive(Default)]
 struct Totals {
     write_units: f64,
+    ingest_read_units: f64,
     generator_read_units: f64,
     stream_read_units: f64,
+    /// Wall time of each function's work, summed over the turns.
+    ingest_seconds: f64,
+    generator_seconds: f64,
+    stream_seconds: f64,
     lags_ms: Vec<f64>,
     turns: usize,
     chunks: usize,
     /// The idle expiry (sweeper) and the summary job (generator) of one session.
     idle_write_units: f64,
     idle_read_units: f64,
+}
+
+/// What one turn of a setting costs, per turn.
+struct TurnCost {
+    write_units: f64,
+    read_units: f64,
+    gb_seconds: f64,
+    lag_p50: f64,
+    lag_p99: f64,
+}
+
+impl TurnCost {
+    fn of(totals: &Totals) -> Self {
+        let n = totals.turns as f64;
+        let mut lags = totals.lags_ms.clone();
+        lags.sort_by(f64::total_cmp);
+        let seconds = totals.ingest_seconds + totals.generator_seconds + totals.stream_seconds;
+        TurnCost {
+            write_units: totals.write_units / n,
+            read_units: (totals.ingest_read_units + totals.generator_read_units + totals.stream_read_units)
+                / n,
+            gb_seconds: seconds / n * price::LAMBDA_MEMORY_GB,
+            lag_p50: percentile(&lags, 50.0),
+            lag_p99: percentile(&lags, 99.0),
+        }
+    }
+
+    /// (item, units a turn, USD per million turns), the model excluded.
+    fn items(&self) -> [(&'static str, String, f64); 5] {
+        let million = 1e6;
+        [
+            (
+                "DynamoDB writes",
+                format!("{:.1} WRU", self.write_units),
+                self.write_units * price::WRITE_UNIT * million,
+            ),
+            (
+                "DynamoDB reads",
+                format!("{:.1} RRU", self.read_units),
+                self.read_units * price::READ_UNIT * million,
+            ),
+            (
+                "Lambda duration",
+                format!("{:.2} GB-s", self.gb_seconds),
+                self.gb_seconds * price::LAMBDA_GB_SECOND * million,
+            ),
+            (
+                "Lambda requests",
+                format!("{:.0}", price::LAMBDA_REQUESTS_PER_TURN),
+                price::LAMBDA_REQUESTS_PER_TURN * price::LAMBDA_REQUEST * million,
+            ),
+            (
+                "SQS requests",
+                format!("{:.0}", price::SQS_REQUESTS_PER_TURN),
+                price::SQS_REQUESTS_PER_TURN * price::SQS_REQUEST * million,
+            ),
+        ]
+    }
+
+    fn per_million(&self) -> f64 {
+        self.items().iter().map(|(_, _, usd)| usd).sum()
+    }
+
+    fn meets_lag_goals(&self) -> bool {
+        self.lag_p50 <= LAG_P50_GOAL_MS && self.lag_p99 <= LAG_P99_GOAL_MS
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -70,39 +172,64 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank]
 }
 
+fn setting(name: &'static str, flush_ms: u64, flush_max_tokens: usize, poll_fast_ms: u64) -> Setting {
+    Setting {
+        name,
+        flush_interval: Duration::from_millis(flush_ms),
+        flush_max_tokens,
+        poll_fast: Duration::from_millis(poll_fast_ms),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let env = Env::process();
     let turns: usize = env.parse_or("BENCH_TURNS", 5)?;
     let reply_tokens: usize = env.parse_or("BENCH_REPLY_TOKENS", 500)?;
     let token_delay = env.millis_or("BENCH_TOKEN_DELAY_MS", Duration::from_millis(20))?;
-    let poll_fast = env.millis_or("STREAM_POLL_FAST_MS", Duration::from_millis(50))?;
+    // The levers that exist as settings: the flush (FLUSH_INTERVAL_MS / FLUSH_MAX_TOKENS) and the
+    // relay's fast poll (STREAM_POLL_FAST_MS). An hour's interval means "by token count only".
     let settings = [
-        Setting {
-            name: "default (flush every 100 ms or 32 tokens)",
-            flush_interval: Duration::from_millis(100),
-            flush_max_tokens: 32,
-        },
-        Setting {
-            name: "economy (flush every 32 tokens)",
-            flush_interval: Duration::from_secs(3600),
-            flush_max_tokens: 32,
-        },
+        setting("default: flush 100 ms / 32 tokens, poll 50 ms", 100, 32, 50),
+        setting("flush 100 ms / 32 tokens, poll 100 ms", 100, 32, 100),
+        setting("flush 125 ms / 32 tokens, poll 50 ms", 125, 32, 50),
+        setting("flush 150 ms / 32 tokens, poll 50 ms", 150, 32, 50),
+        setting("flush 200 ms / 32 tokens, poll 50 ms", 200, 32, 50),
+        setting("flush 250 ms / 32 tokens, poll 50 ms", 250, 32, 50),
+        setting("economy: flush every 32 tokens, poll 50 ms", 3_600_000, 32, 50),
     ];
     println!(
-        "bench-turn: {turns} turns per setting, {reply_tokens}-token replies at {:.0} tokens/s, stream polling every {poll_fast:?} while generating\n",
+        "bench-turn: {turns} turns per setting, {reply_tokens}-token replies at {:.0} tokens/s, one SSE client per turn",
         1.0 / token_delay.as_secs_f64()
     );
+    println!(
+        "prices (us-east-1 list): DynamoDB on-demand ${:.3}/M WRU, ${:.3}/M RRU; Lambda arm64 ${:.2}/M requests, ${:.10}/GB-s at {:.0} MB; SQS ${:.2}/M requests\n",
+        price::WRITE_UNIT * 1e6,
+        price::READ_UNIT * 1e6,
+        price::LAMBDA_REQUEST * 1e6,
+        price::LAMBDA_GB_SECOND,
+        price::LAMBDA_MEMORY_GB * 1024.0,
+        price::SQS_REQUEST * 1e6,
+    );
+    let mut summary = Vec::new();
     for setting in &settings {
-        let totals = run(setting, turns, reply_tokens, token_delay, poll_fast).await?;
+        let totals = run(setting, turns, reply_tokens, token_delay).await?;
         let mut lags = totals.lags_ms.clone();
         lags.sort_by(f64::total_cmp);
         let n = totals.turns as f64;
+        let cost = TurnCost::of(&totals);
         println!("{}", setting.name);
         println!("  write units per turn     {:>8.1}   (one write per token would be ~{reply_tokens}: {:.1}x fewer)", totals.write_units / n, reply_tokens as f64 / (totals.write_units / n));
         println!("  chunks per turn          {:>8.1}", totals.chunks as f64 / n);
-        println!("  read units per turn      {:>8.1}   generator", totals.generator_read_units / n);
+        println!("  read units per turn      {:>8.1}   ingest", totals.ingest_read_units / n);
+        println!("                           {:>8.1}   generator", totals.generator_read_units / n);
         println!("                           {:>8.1}   per SSE client", totals.stream_read_units / n);
+        println!(
+            "  Lambda seconds per turn  {:>8.3}   ingest, {:.2} generator, {:.2} stream",
+            totals.ingest_seconds / n,
+            totals.generator_seconds / n,
+            totals.stream_seconds / n
+        );
         println!(
             "  idle expiry + summary    {:>8.1}   write units, {:.1} read units, once per quiet session",
             totals.idle_write_units, totals.idle_read_units
@@ -115,6 +242,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             lags.last().copied().unwrap_or(f64::NAN),
             lags.len()
         );
+        println!("  | item | per turn | $ per 1M turns |");
+        println!("  |---|---|---|");
+        for (item, units, usd) in cost.items() {
+            println!("  | {item} | {units} | {usd:.2} |");
+        }
+        println!("  | **total, model excluded** | | **{:.2}** |\n", cost.per_million());
+        summary.push((setting.name, cost));
+    }
+    println!("| configuration | WRU | RRU | GB-s | $ per 1M turns | lag p50 | lag p99 | lag goals |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, cost) in &summary {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
+            cost.write_units,
+            cost.read_units,
+            cost.gb_seconds,
+            cost.per_million(),
+            cost.lag_p50,
+            cost.lag_p99,
+            if cost.meets_lag_goals() { "met" } else { "missed" }
+        );
+    }
+    let cheapest = summary
+        .iter()
+        .filter(|(_, cost)| cost.meets_lag_goals())
+        .min_by(|a, b| a.1.per_million().total_cmp(&b.1.per_million()));
+    match cheapest {
+        Some((name, cost)) => println!(
+            "\ncheapest meeting p50 <= {LAG_P50_GOAL_MS:.0} ms and p99 <= {LAG_P99_GOAL_MS:.0} ms: {name}, ${:.2} per 1M turns",
+            cost.per_million()
+        ),
+        None => println!(
+            "\nno configuration met p50 <= {LAG_P50_GOAL_MS:.0} ms and p99 <= {LAG_P99_GOAL_MS:.0} ms"
+        ),
     }
     Ok(())
 }
@@ -124,7 +285,6 @@ async fn run(
     turns: usize,
     reply_tokens: usize,
     token_delay: Duration,
-    poll_fast: Duration,
 ) -> Result<Totals, Box<dyn std::error::Error>> {
     let table = "bench";
     let dynamo = chat_local::LocalDynamo::start(0, table).await?;
@@ -151,7 +311,7 @@ async fn run(
     let relay = stream::Relay::new(
         stream_store.clone(),
         stream::RelaySettings {
-            poll_fast,
+            poll_fast: setting.poll_fast,
             poll_slow: Duration::from_millis(500),
             keepalive: Duration::from_secs(15),
             max_duration: Duration::from_secs(600),
@@ -165,6 +325,7 @@ async fn run(
         handed.lock().unwrap().clear();
         let before = (ingest_store.capacity(), generator_store.capacity(), stream_store.capacity());
         let user = UserId::parse(&format!("bench-{turn}"))?;
+        let ingest_started = Instant::now();
         let SendOutcome::Accepted(ticket) = ingest_store
             .send_message(NewMessage {
                 user: &user,
@@ -180,11 +341,14 @@ async fn run(
         let Outcome::Applied(ticket) = ingest_store.commit_user_message(&ticket, "bench").await? else {
             return Err("commit was refused".into());
         };
+        totals.ingest_seconds += ingest_started.elapsed().as_secs_f64();
+        let ingest_reads = ingest_store.capacity().read_units;
         // The SSE client connects first, as a browser would right after the 202.
         let request = lambda_http::http::Request::builder()
             .uri(format!("/sessions/{}/stream", ticket.session_id))
             .body(lambda_http::Body::Empty)?
             .with_query_string_parameters(HashMap::from([("turn".to_owned(), "1".to_owned())]));
+        let stream_started = Instant::now();
         let response = relay.handle(request).await;
         let reader = tokio::spawn(async move {
             let body = http_body_util::BodyDataStream::new(response.into_body()).boxed();
@@ -198,18 +362,21 @@ async fn run(
                     received.push((index, Instant::now()));
                 }
             }
-            received
+            (received, stream_started.elapsed())
         });
         let mut message = SqsMessage::default();
         message.message_id = Some(format!("bench-{turn}"));
         message.body = Some(serde_json::to_string(&TurnMessage::reply(ticket.session_id, ticket.turn))?);
         let mut event = SqsEvent::default();
         event.records = vec![message];
+        let generator_started = Instant::now();
         let response = generator.handle(event).await;
+        totals.generator_seconds += generator_started.elapsed().as_secs_f64();
         if !response.batch_item_failures.is_empty() {
             return Err("the generator reported a failure".into());
         }
-        let received = reader.await?;
+        let (received, stream_time) = reader.await?;
+        totals.stream_seconds += stream_time.as_secs_f64();
         let handed = handed.lock().unwrap().clone();
         if received.len() != handed.len() || handed.len() != reply_tokens {
             return Err(format!("{} tokens handed over, {} received", handed.len(), received.len()).into());
@@ -227,6 +394,7 @@ async fn run(
         let after = (ingest_store.capacity(), generator_store.capacity(), stream_store.capacity());
         totals.write_units +=
             (after.0.write_units - before.0.write_units) + (after.1.write_units - before.1.write_units);
+        totals.ingest_read_units += ingest_reads - before.0.read_units;
         totals.generator_read_units += after.1.read_units - before.1.read_units;
         totals.stream_read_units += after.2.read_units - before.2.read_units;
         totals.turns += 1;
