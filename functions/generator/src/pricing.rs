@@ -38,6 +38,10 @@ impl ModelPrice {
     }
 }
 
+/// The least and the most a price may be, USD per million tokens (or exactly 0).
+const MIN_PRICE: f64 = 1e-6;
+const MAX_PRICE: f64 = 10_000.0;
+
 /// The configured prices, by model id (`MODEL_PRICES`); empty when none are configured.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Prices(HashMap<String, ModelPrice>);
@@ -58,8 +62,13 @@ impl Prices {
         })?;
         for (model, price) in &table {
             let prices = [Some(price.input), Some(price.output), price.cache_read, price.cache_write];
-            if prices.into_iter().flatten().any(|p| !p.is_finite() || p < 0.0) {
-                return Err(invalid(format!("gives {model:?} a negative price")));
+            // A cost is stored as a DynamoDB number: prices far outside what any model costs would
+            // make costs it cannot hold, and every priced commit would be refused.
+            let sane = |p: f64| p == 0.0 && p.is_sign_positive() || (MIN_PRICE..=MAX_PRICE).contains(&p);
+            if !prices.into_iter().flatten().all(sane) {
+                return Err(invalid(format!(
+                    "gives {model:?} a price outside 0 or {MIN_PRICE}..={MAX_PRICE} USD per million tokens"
+                )));
             }
         }
         Ok(Prices(table))
@@ -140,11 +149,17 @@ mod tests {
             "not json",
             r#"{"m": {"input": 1.0}}"#,
             r#"{"m": {"input": 1.0, "output": -2.0}}"#,
+            r#"{"m": {"input": -0.0, "output": 2.0}}"#,
+            r#"{"m": {"input": 1e200, "output": 2.0}}"#,
+            r#"{"m": {"input": 1e-200, "output": 2.0}}"#,
+            r#"{"m": {"input": 1.0, "output": 2.0, "cache_read": 10001.0}}"#,
             r#"{"m": {"input": 1.0, "output": 2.0, "cached": 0.1}}"#,
         ] {
             let err = Prices::parse(raw).unwrap_err();
             assert_eq!(err.variable, "MODEL_PRICES", "{raw}");
         }
+        let free_cache = r#"{"m": {"input": 0.000001, "output": 10000, "cache_read": 0}}"#;
+        assert!(Prices::parse(free_cache).is_ok(), "the bounds and zero are prices");
     }
 
     #[test]
