@@ -31,6 +31,14 @@ pub struct OverBudget {
     pub budget: usize,
 }
 
+/// The messages without the turns a regenerate or an edit superseded: those are earlier versions,
+/// which the history keeps and the model does not see.
+pub fn current_versions(messages: Vec<Message>) -> Vec<Message> {
+    let superseded: Vec<Turn> =
+        messages.iter().filter(|m| m.superseded_by.is_some()).map(|m| m.id.turn).collect();
+    messages.into_iter().filter(|m| !superseded.contains(&m.id.turn)).collect()
+}
+
 /// The history for `turn`: the messages of the newest turns up to and including this turn's user
 /// message that fit `limits` with `system`, oldest first. Earlier turns are whole (user message
 /// and reply) or left out; the current turn's message is always there, or [`OverBudget`].
@@ -42,7 +50,7 @@ pub fn select(
     counter: TokenCounter,
 ) -> Result<Vec<(Role, String)>, OverBudget> {
     let mut turns: Vec<Vec<Message>> = Vec::new();
-    for message in messages {
+    for message in current_versions(messages) {
         if message.id.turn > turn || (message.id.turn == turn && message.id.role != Role::User) {
             continue;
         }
@@ -162,6 +170,8 @@ mod tests {
                     tool_uses: Vec::new(),
                     usage: None,
                     cost_usd: None,
+                    revises: None,
+                    superseded_by: None,
                 });
             }
         }
@@ -211,6 +221,20 @@ mod tests {
         let kept = select(conversation(10, 3), Turn::new(10).unwrap(), None, limits, counter).unwrap();
         let turns: Vec<&str> = kept.iter().map(|(_, t)| &t[..7]).collect();
         assert_eq!(turns, ["turn 8 ", "turn 8 ", "turn 9 ", "turn 9 ", "turn 10"]);
+    }
+
+    #[test]
+    fn a_superseded_turn_is_left_out_and_its_revision_kept() {
+        let counter = TokenCounter::o200k();
+        let limits = MemoryLimits { max_tokens: 1_000_000, max_turns: 20 };
+        // Turn 2 was regenerated as turn 3: the prompt of turn 4 has turns 1 and 3.
+        let mut history = conversation(4, 3);
+        history.iter_mut().filter(|m| m.id.turn.get() == 2 && m.id.role == Role::User).for_each(|m| {
+            m.superseded_by = Some(Turn::new(3).unwrap());
+        });
+        let kept = select(history, Turn::new(4).unwrap(), None, limits, counter).unwrap();
+        let turns: Vec<&str> = kept.iter().map(|(_, t)| &t[..7]).collect();
+        assert_eq!(turns, ["turn 1 ", "turn 1 ", "turn 3 ", "turn 3 ", "turn 4 "]);
     }
 
     #[test]

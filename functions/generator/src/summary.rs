@@ -22,7 +22,8 @@ impl Generator {
             return Ok(());
         }
         let first = session.summary.as_ref().map_or(Turn::FIRST, |s| s.through.next());
-        let messages = self.store.messages_between(session.id, first, session.turn).await?;
+        let messages =
+            memory::current_versions(self.store.messages_between(session.id, first, session.turn).await?);
         if messages.is_empty() {
             self.store.drop_summary(&session).await?;
             return Ok(());

@@ -15,6 +15,8 @@ fn message(turn: u64, role: Role, content: &str) -> Message {
         tool_uses: Vec::new(),
         usage: None,
         cost_usd: None,
+        revises: None,
+        superseded_by: None,
     }
 }
 

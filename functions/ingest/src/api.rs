@@ -158,60 +158,110 @@ pub struct SendBody {
 
 impl SendBody {
     pub fn parse(body: &Body) -> Result<SendBody, ApiError> {
-        let bytes: &[u8] = match body {
-            Body::Empty => b"",
-            Body::Text(text) => text.as_bytes(),
-            Body::Binary(bytes) => bytes,
-            _ => b"",
-        };
-        if bytes.len() > crate::MAX_BODY_BYTES {
-            return Err(ApiError::TooLarge);
-        }
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::bad_request(
-                "missing_body",
-                r#"send a JSON object such as {"message": "hello"}"#,
-            ));
-        }
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
-        })?;
-        let Value::Object(fields) = value else {
-            return Err(ApiError::bad_request("malformed_json", "the body must be a JSON object"));
-        };
-        let message = match fields.get("message") {
-            None | Some(Value::Null) => {
-                return Err(ApiError::bad_request("missing_message", "the body needs a \"message\" string"))
-            }
-            Some(Value::String(text)) if text.trim().is_empty() => {
-                return Err(ApiError::bad_request("empty_message", "\"message\" must not be empty or blank"))
-            }
-            Some(Value::String(text)) => text.clone(),
-            Some(_) => return Err(ApiError::bad_request("invalid_message", "\"message\" must be a string")),
-        };
-        let optional_string = |name: &str| -> Result<Option<&str>, ApiError> {
-            match fields.get(name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.as_str())),
-                Some(_) => {
-                    Err(ApiError::bad_request("invalid_field", format!("\"{name}\" must be a string")))
-                }
-            }
-        };
-        let session_id = optional_string("session_id")?.map(parse_session).transpose()?;
-        let client_message_id = optional_string("client_message_id")?
-            .map(|raw| {
-                ClientMessageId::parse(raw)
-                    .map_err(|e| ApiError::bad_request("invalid_client_message_id", e.to_string()))
-            })
-            .transpose()?;
+        let fields = json_object(body)?;
         Ok(SendBody {
-            message,
-            session_id,
-            user_id: optional_string("user_id")?.map(str::to_owned),
-            client_message_id,
+            message: message_field(&fields)?,
+            session_id: optional_string(&fields, "session_id")?.map(parse_session).transpose()?,
+            user_id: optional_string(&fields, "user_id")?.map(str::to_owned),
+            client_message_id: client_message_id(&fields)?,
         })
     }
+}
+
+/// A valid body of `POST /sessions/{id}/regenerate`, `/edit` or `/fork`: the turn meant (for a
+/// revision, the last turn as the client saw it; for a fork, the turn to fork at), the new
+/// message of an edit, and the idempotency key.
+#[derive(Debug)]
+pub struct TurnBody {
+    pub message: Option<String>,
+    pub turn: Option<Turn>,
+    pub client_message_id: Option<ClientMessageId>,
+}
+
+impl TurnBody {
+    /// Parses the body; `message` is required when `needs_message` (an edit) and ignored
+    /// otherwise. An empty body is `{}`.
+    pub fn parse(body: &Body, needs_message: bool) -> Result<TurnBody, ApiError> {
+        let fields = if body_bytes(body).iter().all(u8::is_ascii_whitespace) && !needs_message {
+            serde_json::Map::new()
+        } else {
+            json_object(body)?
+        };
+        let turn = match fields.get("turn") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(value.as_u64().and_then(|n| Turn::new(n).ok()).ok_or_else(|| {
+                ApiError::bad_request("invalid_turn", "\"turn\" must be a turn number: a whole number from 1")
+            })?),
+        };
+        Ok(TurnBody {
+            message: if needs_message { Some(message_field(&fields)?) } else { None },
+            turn,
+            client_message_id: client_message_id(&fields)?,
+        })
+    }
+}
+
+fn body_bytes(body: &Body) -> &[u8] {
+    match body {
+        Body::Empty => b"",
+        Body::Text(text) => text.as_bytes(),
+        Body::Binary(bytes) => bytes,
+        _ => b"",
+    }
+}
+
+/// The body as a JSON object, within [`crate::MAX_BODY_BYTES`].
+fn json_object(body: &Body) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let bytes = body_bytes(body);
+    if bytes.len() > crate::MAX_BODY_BYTES {
+        return Err(ApiError::TooLarge);
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "missing_body",
+            r#"send a JSON object such as {"message": "hello"}"#,
+        ));
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}")))?;
+    match value {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::bad_request("malformed_json", "the body must be a JSON object")),
+    }
+}
+
+/// The `message` field: a string with something in it.
+fn message_field(fields: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    match fields.get("message") {
+        None | Some(Value::Null) => {
+            Err(ApiError::bad_request("missing_message", "the body needs a \"message\" string"))
+        }
+        Some(Value::String(text)) if text.trim().is_empty() => {
+            Err(ApiError::bad_request("empty_message", "\"message\" must not be empty or blank"))
+        }
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(_) => Err(ApiError::bad_request("invalid_message", "\"message\" must be a string")),
+    }
+}
+
+fn optional_string<'a>(
+    fields: &'a serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(ApiError::bad_request("invalid_field", format!("\"{name}\" must be a string"))),
+    }
+}
+
+fn client_message_id(fields: &serde_json::Map<String, Value>) -> Result<Option<ClientMessageId>, ApiError> {
+    optional_string(fields, "client_message_id")?
+        .map(|raw| {
+            ClientMessageId::parse(raw)
+                .map_err(|e| ApiError::bad_request("invalid_client_message_id", e.to_string()))
+        })
+        .transpose()
 }
 
 impl From<chat_auth::AuthError> for ApiError {

@@ -99,6 +99,13 @@ impl App {
         };
         let (messages, oldest) = newest_turns_within(messages, MAX_PAGE_BYTES);
         let next_cursor = oldest.filter(|t| t.get() > 1).map(|t| t.to_string());
+        // A turn a regenerate or an edit redid is an earlier version: both its messages say so.
+        let superseded_by = |turn: Turn| {
+            messages
+                .iter()
+                .find(|m| m.id.turn == turn && m.id.role == Role::User)
+                .and_then(|m| m.superseded_by)
+        };
         let messages_json: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -127,6 +134,12 @@ impl App {
                 }
                 if let Some(cost) = m.cost_usd {
                     value["cost_usd"] = json!(cost);
+                }
+                if let Some(earlier) = m.revises {
+                    value["revises"] = json!(earlier);
+                }
+                if let Some(later) = superseded_by(m.id.turn) {
+                    value["superseded_by"] = json!(later);
                 }
                 value
             })
@@ -219,6 +232,9 @@ fn session_overview(session: &Session) -> Value {
         // When the session is removed unless it is used again (SESSION_TTL_DAYS).
         value["expires_at"] = Value::String(rfc3339_ms(until * 1000));
     }
+    if let Some((source, turn)) = session.forked_from {
+        value["forked_from"] = json!({"session_id": source, "turn": turn});
+    }
     value
 }
 
@@ -240,6 +256,8 @@ mod tests {
                 tool_uses: Vec::new(),
                 usage: None,
                 cost_usd: None,
+                revises: None,
+                superseded_by: None,
             })
             .collect()
     }

@@ -1,7 +1,9 @@
 //! The ingest function: accepts a user's message for a session (claim the turn, store the
-//! message, enqueue generation) and serves reads, cancel and delete, and the chat page
+//! message, enqueue generation), redoes the last turn (regenerate, edit), forks a session, and
+//! serves reads, cancel and delete, and the chat page
 //! ([`web`]). Every route of the ingest contract in docs/architecture.md is in [`App::handle`]'s
-//! routing; the routes are served by `send.rs` (sending, cancelling) and `history.rs` (a
+//! routing; the routes are served by `send.rs` (sending, regenerating, editing, forking,
+//! cancelling) and `history.rs` (a
 //! session's pages, a user's sessions, deleting), their errors mapped to answers by `api.rs`.
 
 mod api;
@@ -181,7 +183,16 @@ impl App {
                 Err(ApiError::method_not_allowed("GET"))
             }
             (["sessions", id, "cancel"], &Method::POST) => self.cancel(id, caller).await,
-            (["sessions", _, "cancel"], _) => Err(ApiError::method_not_allowed("POST")),
+            (["sessions", id, "regenerate"], &Method::POST) => {
+                self.revise(request, id, caller, request_id, false).await
+            }
+            (["sessions", id, "edit"], &Method::POST) => {
+                self.revise(request, id, caller, request_id, true).await
+            }
+            (["sessions", id, "fork"], &Method::POST) => self.fork(request, id, caller, request_id).await,
+            (["sessions", _, "cancel" | "regenerate" | "edit" | "fork"], _) => {
+                Err(ApiError::method_not_allowed("POST"))
+            }
             (["sessions", id], &Method::GET) => self.get_session(request, id, caller).await,
             (["sessions", id], &Method::DELETE) => self.delete_session(id, caller).await,
             (["sessions", _], _) => Err(ApiError::method_not_allowed("GET, DELETE")),

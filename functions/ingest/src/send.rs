@@ -1,6 +1,7 @@
 //! The send path: `POST /sessions/{user}/messages` (the limits, the claim of the turn with its
-//! message, the commit and the enqueue, a repeated idempotency key answered as the original), and
-//! `POST /sessions/{id}/cancel`.
+//! message, the commit and the enqueue, a repeated idempotency key answered as the original);
+//! the same for `POST /sessions/{id}/regenerate` and `/edit`, which redo the last turn;
+//! `POST /sessions/{id}/fork`; and `POST /sessions/{id}/cancel`.
 
 use crate::api::{self, json, parse_session, ApiError};
 use crate::App;
@@ -8,8 +9,9 @@ use chat_auth::Caller;
 use chat_core::job::TurnMessage;
 use chat_core::time::rfc3339_ms;
 use chat_core::{
-    Admission, BudgetSpent, CancelOutcome, ClientMessageId, Event, NewMessage, Outcome, Read, Role,
-    SendOutcome, SessionId, State, StoreError, Turn, TurnTicket, UserId,
+    Admission, BudgetSpent, CancelOutcome, ClientMessageId, Event, ForkOutcome, ForkRequest, NewMessage,
+    Outcome, Read, RevisedTurn, Revision, Role, SendOutcome, SessionId, State, StoreError, Turn, TurnTicket,
+    UserId,
 };
 use chat_runtime::metrics;
 use lambda_http::http::StatusCode;
@@ -43,14 +45,8 @@ impl App {
         if let Some((tokens, limit)) = self.budget.over(&body.message) {
             return Err(ApiError::MessageTooLong { tokens, limit });
         }
-        self.take_turn(&user).await?;
-        // The turn's slot among the user's turns in flight, under its session (a new session's
-        // id is chosen here): taken before anything is written, so a refusal changes nothing.
         let slot = body.session_id.unwrap_or_else(SessionId::new);
-        if let Err(err) = self.take_turn_slot(&user, slot).await {
-            self.return_turn(&user).await;
-            return Err(err);
-        }
+        let expect = Expected { message: Some(&body.message), session: body.session_id, revision: false };
         let message = NewMessage {
             user: &user,
             session: body.session_id,
@@ -58,38 +54,117 @@ impl App {
             client_message_id: body.client_message_id.as_ref(),
             by: request_id,
         };
-        let outcome = match self.store.send_message_creating(message, slot).await {
+        self.start_turn(&user, slot, TurnStart::Send(message), expect, request_id).await
+    }
+
+    /// `POST /sessions/{id}/regenerate` and `/edit`: a new turn that redoes the session's last,
+    /// with its message again or with the new one; the last turn stays as an earlier version.
+    pub(crate) async fn revise(
+        &self,
+        request: &Request,
+        id: &str,
+        caller: &Caller,
+        request_id: &str,
+        edit: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let id = parse_session(id)?;
+        api::require_json(request.headers())?;
+        let body = api::TurnBody::parse(request.body(), edit)?;
+        if let Some((tokens, limit)) = body.message.as_deref().and_then(|m| self.budget.over(m)) {
+            return Err(ApiError::MessageTooLong { tokens, limit });
+        }
+        let user = self.owner_of(id, caller).await?;
+        tracing::Span::current().record("session", id.to_string());
+        let revision = match &body.message {
+            Some(text) => Revision::Edit(text),
+            None => Revision::Regenerate,
+        };
+        let expect = Expected { message: body.message.as_deref(), session: Some(id), revision: true };
+        let revised = RevisedTurn {
+            user: &user,
+            session: id,
+            revision,
+            expected_last: body.turn,
+            client_message_id: body.client_message_id.as_ref(),
+            by: request_id,
+        };
+        self.start_turn(&user, id, TurnStart::Revise(revised), expect, request_id).await
+    }
+
+    /// The owner of session `id`, when the caller may act on it; else 404.
+    async fn owner_of(&self, id: SessionId, caller: &Caller) -> Result<UserId, ApiError> {
+        let session = self
+            .store
+            .get_session(id, Read::Consistent)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?;
+        session.filter(|s| caller.owns(&s.user_id)).map(|s| s.user_id).ok_or_else(ApiError::session_not_found)
+    }
+
+    /// Starts a turn of `user` under the in-flight slot `slot` (its session): the rate limits,
+    /// the slot, the claim with its message, then the commit and the enqueue. A refusal changes
+    /// nothing and gives back what it took; a repeated idempotency key answers as the original.
+    async fn start_turn(
+        &self,
+        user: &UserId,
+        slot: SessionId,
+        start: TurnStart<'_>,
+        expect: Expected<'_>,
+        request_id: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        self.take_turn(user).await?;
+        // The turn's slot among the user's turns in flight, under its session (a new session's
+        // id is chosen by the caller): taken before anything is written, so a refusal changes
+        // nothing.
+        if let Err(err) = self.take_turn_slot(user, slot).await {
+            self.return_turn(user).await;
+            return Err(err);
+        }
+        let (key, result) = match start {
+            TurnStart::Send(message) => {
+                (message.client_message_id, self.store.send_message_creating(message, slot).await)
+            }
+            TurnStart::Revise(revised) => (revised.client_message_id, self.store.revise_turn(revised).await),
+        };
+        let outcome = match result {
             Ok(outcome) => outcome,
             Err(err) => {
-                self.return_turn(&user).await;
-                self.give_back_turn_slot(&user, slot).await;
+                self.return_turn(user).await;
+                self.give_back_turn_slot(user, slot).await;
                 return Err(ApiError::store_unavailable(&err));
             }
         };
         if !matches!(outcome, SendOutcome::Accepted(_)) {
             // No turn started: the send does not count against the rates, and the slot goes
             // back, unless it is the slot of the session's turn already in flight.
-            self.return_turn(&user).await;
+            self.return_turn(user).await;
             let held_by_another = match &outcome {
                 SendOutcome::InFlight { .. } => true,
                 SendOutcome::Duplicate { session_id, .. } => *session_id == slot,
                 _ => false,
             };
             if !held_by_another {
-                self.give_back_turn_slot(&user, slot).await;
+                self.give_back_turn_slot(user, slot).await;
             }
         }
         match outcome {
             SendOutcome::Accepted(ticket) => {
                 tracing::Span::current().record("session", ticket.session_id.to_string());
-                let release = body.client_message_id.as_ref().map(|k| (&user, k));
+                let release = key.map(|k| (user, k));
                 self.commit_and_enqueue(&ticket, request_id, release).await?;
                 metrics::count(metrics::name::TURNS_ACCEPTED, 1, &[]);
-                Ok(self.accepted(ticket.session_id, ticket.turn, &body.message))
+                let revises =
+                    expect.revision.then(|| Turn::new(u64::from(ticket.turn.get()) - 1).ok()).flatten();
+                let message = match (expect.message, revises) {
+                    (Some(message), _) => message.to_owned(),
+                    // A regenerate's message is the last turn's, read back.
+                    (None, _) => self.message_of(ticket.session_id, ticket.turn).await?,
+                };
+                Ok(self.accepted(ticket.session_id, ticket.turn, &message, revises))
             }
             SendOutcome::Duplicate { session_id, turn } => {
-                let key = body.client_message_id.as_ref().expect("a duplicate has a key");
-                self.repeat(session_id, turn, &body, request_id, (&user, key)).await
+                let key = key.expect("a duplicate has a key");
+                self.repeat(session_id, turn, expect, request_id, (user, key)).await
             }
             SendOutcome::InFlight { state, turn } => Err(ApiError::TurnInFlight { state, turn }),
             SendOutcome::NotFound => Err(ApiError::session_not_found()),
@@ -100,7 +175,29 @@ impl App {
                 details: None,
             }),
             SendOutcome::BudgetExhausted(spent) => Err(budget_exhausted(spent, self.store.now_ms())),
+            SendOutcome::NotLastTurn { last, state } => Err(ApiError::Conflict {
+                code: "not_last_turn",
+                message: format!(
+                    "only the last turn can be redone, and the session's last is now turn {last}; reload it"
+                ),
+                state,
+            }),
+            SendOutcome::NothingToRevise { last, state } => Err(ApiError::Conflict {
+                code: "nothing_to_regenerate",
+                message: format!("turn {last}'s message is no longer kept; send it again instead"),
+                state,
+            }),
         }
+    }
+
+    /// The user message of a turn, as stored.
+    async fn message_of(&self, id: SessionId, turn: Turn) -> Result<String, ApiError> {
+        let message = self
+            .store
+            .get_message(id, turn, Role::User, Read::Consistent)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?;
+        Ok(message.map(|m| m.content).unwrap_or_default())
     }
 
     /// Takes a slot among the user's turns in flight for a turn of `session`; a 429 when they are
@@ -260,12 +357,13 @@ impl App {
 
     /// A repeated idempotency key: the original answer. If the original request died between
     /// claiming the turn and queueing it, this one finishes the job. The same key with another
-    /// message or session is a client bug, refused rather than answered with the original.
+    /// message, session or kind of request is a client bug, refused rather than answered with
+    /// the original.
     async fn repeat(
         &self,
         id: SessionId,
         turn: Turn,
-        body: &api::SendBody,
+        expect: Expected<'_>,
         request_id: &str,
         key: (&UserId, &ClientMessageId),
     ) -> Result<Response<Body>, ApiError> {
@@ -278,35 +376,92 @@ impl App {
             .ok_or_else(ApiError::session_not_found)?;
         let original =
             self.store.get_message(id, turn, Role::User, Read::Consistent).await.map_err(unavailable)?;
-        let same_message = original.as_ref().is_none_or(|m| m.content == body.message);
-        if !same_message || body.session_id.is_some_and(|asked| asked != id) {
-            return Err(ApiError::Conflict {
-                code: "idempotency_key_mismatch",
-                message: format!(
-                    "client_message_id {:?} was used for another message or session; use a new key for a new message",
-                    key.1.as_str()
-                ),
-                state: session.state,
-            });
+        let same_message = match (&original, expect.message) {
+            (Some(original), Some(message)) => original.content == message,
+            _ => true,
+        };
+        let same_kind = original.as_ref().is_none_or(|m| m.revises.is_some() == expect.revision);
+        if !same_message || !same_kind || expect.session.is_some_and(|asked| asked != id) {
+            return Err(key_mismatch(key.1, session.state));
         }
         if session.turn == turn && session.state == State::UserWriting {
             let ticket = TurnTicket { session_id: id, turn, version: session.version };
             self.commit_and_enqueue(&ticket, request_id, Some(key)).await?;
         }
-        Ok(self.accepted(id, turn, original.as_ref().map_or("", |m| m.content.as_str())))
+        let revises = original.as_ref().and_then(|m| m.revises);
+        Ok(self.accepted(id, turn, original.as_ref().map_or("", |m| m.content.as_str()), revises))
     }
 
-    fn accepted(&self, id: SessionId, turn: Turn, message: &str) -> Response<Body> {
-        json(
-            StatusCode::ACCEPTED,
-            json!({
-                "session_id": id,
-                "turn": turn,
-                "status": "ok",
-                "message": message,
-                "stream_url": format!("{}/sessions/{id}/stream?turn={turn}", self.stream_url_base),
+    /// `POST /sessions/{id}/fork`: a new session of the same user with this one's history up to
+    /// a turn (the last by default), `201`.
+    pub(crate) async fn fork(
+        &self,
+        request: &Request,
+        id: &str,
+        caller: &Caller,
+        request_id: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        let id = parse_session(id)?;
+        api::require_json(request.headers())?;
+        let body = api::TurnBody::parse(request.body(), false)?;
+        let user = self.owner_of(id, caller).await?;
+        tracing::Span::current().record("session", id.to_string());
+        let fork = ForkRequest {
+            user: &user,
+            source: id,
+            through: body.turn,
+            client_message_id: body.client_message_id.as_ref(),
+            by: request_id,
+        };
+        let outcome = self.store.fork_session(fork).await.map_err(|e| ApiError::store_unavailable(&e))?;
+        match outcome {
+            ForkOutcome::Forked { session_id, source, through } => {
+                if source != id || body.turn.is_some_and(|asked| asked != through) {
+                    let key = body.client_message_id.as_ref().expect("only a repeat forks another");
+                    return Err(key_mismatch(key, State::Idle));
+                }
+                Ok(json(
+                    StatusCode::CREATED,
+                    json!({
+                        "session_id": session_id,
+                        "turn": through,
+                        "state": State::Idle,
+                        "forked_from": {"session_id": source, "turn": through},
+                    }),
+                ))
+            }
+            ForkOutcome::NotFound => Err(ApiError::session_not_found()),
+            ForkOutcome::InFlight { state, turn } => Err(ApiError::TurnInFlight { state, turn }),
+            ForkOutcome::TurnNotFound { last } => Err(ApiError::NotFound {
+                code: "turn_not_found",
+                message: format!("the session's last turn is {last}; fork at it or an earlier one"),
             }),
-        )
+            ForkOutcome::SessionLimit { limit } => Err(ApiError::TooManyRequests {
+                code: "session_limit",
+                message: format!("you have {limit} sessions, the most allowed; delete one to fork this one"),
+                retry_after: std::time::Duration::from_secs(60),
+                details: None,
+            }),
+            ForkOutcome::KeyUsed { .. } => {
+                let key = body.client_message_id.as_ref().expect("a used key was sent");
+                Err(key_mismatch(key, State::Idle))
+            }
+        }
+    }
+
+    /// `202`: the turn is accepted; a revision also names the turn it redoes.
+    fn accepted(&self, id: SessionId, turn: Turn, message: &str, revises: Option<Turn>) -> Response<Body> {
+        let mut body = json!({
+            "session_id": id,
+            "turn": turn,
+            "status": "ok",
+            "message": message,
+            "stream_url": format!("{}/sessions/{id}/stream?turn={turn}", self.stream_url_base),
+        });
+        if let Some(earlier) = revises {
+            body["revises"] = json!(earlier);
+        }
+        json(StatusCode::ACCEPTED, body)
     }
 
     pub(crate) async fn cancel(&self, id: &str, caller: &Caller) -> Result<Response<Body>, ApiError> {
@@ -328,6 +483,36 @@ impl App {
             }),
             CancelOutcome::NotFound => Err(ApiError::session_not_found()),
         }
+    }
+}
+
+/// What a turn's request was, to tell a repeat of it from another request with the same key.
+struct Expected<'a> {
+    /// The message sent (`None`: a regenerate, whose message is the last turn's).
+    message: Option<&'a str>,
+    /// The session named, if one was.
+    session: Option<SessionId>,
+    /// A regenerate or an edit, rather than a send.
+    revision: bool,
+}
+
+/// How a turn starts.
+enum TurnStart<'a> {
+    /// A message sent.
+    Send(NewMessage<'a>),
+    /// The last turn redone.
+    Revise(RevisedTurn<'a>),
+}
+
+/// `409 idempotency_key_mismatch`.
+fn key_mismatch(key: &ClientMessageId, state: State) -> ApiError {
+    ApiError::Conflict {
+        code: "idempotency_key_mismatch",
+        message: format!(
+            "client_message_id {:?} was used for another request; use a new key for a new one",
+            key.as_str()
+        ),
+        state,
     }
 }
 

@@ -57,6 +57,13 @@ pub enum Event {
     Recover,
     /// The session stayed idle past its limit.
     IdleExpired,
+    /// The user asks for the last reply again: a new turn with the last turn's message, which
+    /// it supersedes.
+    Regenerate,
+    /// The user rewrites the last message: a new turn with the new text, superseding the last.
+    Edit,
+    /// A new session starts as a copy of another's history up to a turn, with no turn in flight.
+    Fork,
 }
 
 /// The transition table: the state `event` leads to from `from` (`None`: no session yet),
@@ -78,6 +85,11 @@ pub fn transition(from: Option<State>, event: Event) -> Option<State> {
         (Some(S::AiCommitted), E::Settle) => Some(S::Idle),
         (Some(S::Error | S::Timeout), E::Recover) => Some(S::Idle),
         (Some(S::Idle), E::IdleExpired) => Some(S::Timeout),
+        // A revision is a send that needs a last turn to supersede: never a new session.
+        (Some(S::Idle | S::AiCommitted | S::Error | S::Timeout), E::Regenerate | E::Edit) => {
+            Some(S::UserWriting)
+        }
+        (None, E::Fork) => Some(S::Idle),
         _ => None,
     }
 }
@@ -150,7 +162,7 @@ pub fn retryable(state: State, attempts: u32, max_attempts: u32) -> bool {
 
 impl Event {
     /// Every event, for exhaustive checks.
-    pub const ALL: [Event; 13] = [
+    pub const ALL: [Event; 16] = [
         Event::UserSend,
         Event::UserStored,
         Event::StoreFailed,
@@ -164,6 +176,9 @@ impl Event {
         Event::Settle,
         Event::Recover,
         Event::IdleExpired,
+        Event::Regenerate,
+        Event::Edit,
+        Event::Fork,
     ];
 
     /// The name stored in transition records.
@@ -182,6 +197,9 @@ impl Event {
             Event::Settle => "settle",
             Event::Recover => "recover",
             Event::IdleExpired => "idle_expired",
+            Event::Regenerate => "regenerate",
+            Event::Edit => "edit",
+            Event::Fork => "fork",
         }
     }
 
@@ -249,6 +267,15 @@ mod tests {
         (Some(State::Error), Event::Recover, State::Idle),
         (Some(State::Timeout), Event::Recover, State::Idle),
         (Some(State::Idle), Event::IdleExpired, State::Timeout),
+        (Some(State::Idle), Event::Regenerate, State::UserWriting),
+        (Some(State::AiCommitted), Event::Regenerate, State::UserWriting),
+        (Some(State::Error), Event::Regenerate, State::UserWriting),
+        (Some(State::Timeout), Event::Regenerate, State::UserWriting),
+        (Some(State::Idle), Event::Edit, State::UserWriting),
+        (Some(State::AiCommitted), Event::Edit, State::UserWriting),
+        (Some(State::Error), Event::Edit, State::UserWriting),
+        (Some(State::Timeout), Event::Edit, State::UserWriting),
+        (None, Event::Fork, State::Idle),
     ];
 
     #[test]
@@ -263,7 +290,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 8 * 13);
+        assert_eq!(checked, 8 * 16);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub use record::{
 };
 pub use store::limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
 pub use store::{
-    AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, InvalidCursor,
-    Lease, LeaseStatus, NewMessage, Outcome, Read, Reply, SendOutcome, SessionPage, Store, StoreOptions,
-    TurnTicket,
+    AppendOutcome, CancelOutcome, Capacity, ClaimOutcome, Clock, Conflict, DeleteOutcome, ForkOutcome,
+    ForkRequest, InvalidCursor, Lease, LeaseStatus, NewMessage, Outcome, Read, Reply, RevisedTurn, Revision,
+    SendOutcome, SessionPage, Store, StoreOptions, TurnTicket,
 };

@@ -47,6 +47,8 @@ pub struct Session {
     pub summary: Option<Summary>,
     /// The session went idle and its summary is still to be written.
     pub summary_pending: bool,
+    /// The session and turn this one was forked from: its history up to that turn is a copy.
+    pub forked_from: Option<(SessionId, Turn)>,
 }
 
 /// A summary of a conversation up to a turn: the compact memory of what came before.
@@ -90,6 +92,11 @@ pub struct Message {
     /// What those calls cost in US dollars, by the configured prices (`MODEL_PRICES`); `None`
     /// when a model the reply used has no price.
     pub cost_usd: Option<f64>,
+    /// On a turn's user message: the earlier turn this one redoes (a regenerate or an edit).
+    pub revises: Option<Turn>,
+    /// On a turn's user message: the later turn that redid this one, which makes this turn an
+    /// earlier version, left out of prompts.
+    pub superseded_by: Option<Turn>,
 }
 
 /// One tool call of a reply and what the tool answered.
@@ -257,7 +264,7 @@ impl<'a> Fields<'a> {
         format!("{}/{}", part("pk"), part("sk"))
     }
 
-    fn bad(&self, name: &str, why: &str) -> StoreError {
+    pub(crate) fn bad(&self, name: &str, why: &str) -> StoreError {
         StoreError::corrupt(self.key(), format!("{name} {why}"))
     }
 
@@ -316,6 +323,12 @@ impl<'a> Fields<'a> {
         Turn::new(self.number(name)?).map_err(|_| self.bad(name, "is not a turn number"))
     }
 
+    pub(crate) fn opt_turn(&self, name: &str) -> Result<Option<Turn>, StoreError> {
+        self.opt_number(name)?
+            .map(|n| Turn::new(n).map_err(|_| self.bad(name, "is not a turn number")))
+            .transpose()
+    }
+
     pub(crate) fn state(&self, name: &str) -> Result<State, StoreError> {
         self.parsed(name, State::from_str)
     }
@@ -354,6 +367,14 @@ impl Session {
                 None => None,
             },
             summary_pending: fields.flag(attr::SUMMARY_PENDING)?,
+            forked_from: match fields.opt_string(attr::FORKED_FROM)? {
+                Some(parent) => Some((
+                    SessionId::parse(parent)
+                        .map_err(|_| fields.bad(attr::FORKED_FROM, "is not a session id"))?,
+                    fields.turn(attr::FORKED_TURN)?,
+                )),
+                None => None,
+            },
         })
     }
 }
@@ -401,6 +422,8 @@ impl Message {
                 None => None,
             },
             cost_usd: fields.opt_number(attr::COST_USD)?,
+            revises: fields.opt_turn(attr::REVISES)?,
+            superseded_by: fields.opt_turn(attr::SUPERSEDED_BY)?,
         })
     }
 }
@@ -487,6 +510,10 @@ pub(crate) mod attr {
     pub const EVENT: &str = "event";
     pub const AT: &str = "at";
     pub const BY: &str = "by";
+    pub const REVISES: &str = "revises";
+    pub const SUPERSEDED_BY: &str = "superseded_by";
+    pub const FORKED_FROM: &str = "forked_from";
+    pub const FORKED_TURN: &str = "forked_turn";
 }
 
 #[cfg(test)]

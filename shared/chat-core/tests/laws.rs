@@ -33,6 +33,23 @@ async fn send(store: &Store, user: &UserId, session: Option<SessionId>, text: &s
         .expect("send")
 }
 
+async fn revise(
+    store: &Store,
+    current: &Session,
+    revision: Revision<'_>,
+    key: Option<&ClientMessageId>,
+) -> SendOutcome {
+    let revised = RevisedTurn {
+        user: &current.user_id,
+        session: current.id,
+        revision,
+        expected_last: None,
+        client_message_id: key,
+        by: "req-test",
+    };
+    store.revise_turn(revised).await.expect("revise")
+}
+
 fn accepted(outcome: SendOutcome) -> TurnTicket {
     match outcome {
         SendOutcome::Accepted(ticket) => ticket,
@@ -143,6 +160,23 @@ async fn apply_through_store(db: &TestDb, store: &Store, current: &Session, even
                 store.commit_reply(&stale_lease(&owner), &Reply::new("r")).await.unwrap(),
                 Outcome::Applied(_)
             )
+        }
+        Event::Regenerate | Event::Edit => {
+            let revision = if event == Event::Edit { Revision::Edit("edited") } else { Revision::Regenerate };
+            matches!(revise(store, current, revision, None).await, SendOutcome::Accepted(_))
+        }
+        Event::Fork => {
+            // A fork makes a new session; from an existing one the event has no edge.
+            let fork = ForkRequest {
+                user: &current.user_id,
+                source: current.id,
+                through: None,
+                client_message_id: None,
+                by: "t",
+            };
+            let forked = store.fork_session(fork).await.unwrap();
+            assert!(matches!(forked, ForkOutcome::Forked { .. } | ForkOutcome::InFlight { .. }));
+            false
         }
         Event::Settle | Event::Recover => match store.return_to_idle(current, event, "t").await {
             Ok(Outcome::Applied(_)) => true,
@@ -904,4 +938,245 @@ async fn a_message_racing_the_idle_expiry_is_never_refused_and_never_marked_for_
         }
     }
     eprintln!("the expiry won {expired_first} of 12 rounds");
+}
+
+/// Answers the turn `ticket` claimed: commits its message, claims it, commits `reply`.
+async fn answer(store: &Store, ticket: &TurnTicket, reply: &str) {
+    let Outcome::Applied(t) = store.commit_user_message(ticket, "t").await.unwrap() else { panic!() };
+    let lease = claimed(claim(store, t.session_id, t.turn).await);
+    assert!(matches!(store.commit_reply(&lease, &Reply::new(reply)).await.unwrap(), Outcome::Applied(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_regenerates_edits_and_sends_start_exactly_one_turn() {
+    const ROUNDS: usize = 12;
+    const RACERS: usize = 12;
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let id = session_in(&store, &user, State::AiCommitted).await.id;
+    for round in 0..ROUNDS {
+        let before = session(&store, id).await;
+        let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
+        let tasks: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let (store, user, barrier, before) =
+                    (store.clone(), user.clone(), barrier.clone(), before.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let text = format!("round {round} racer {i}");
+                    match i % 3 {
+                        0 => revise(&store, &before, Revision::Regenerate, None).await,
+                        1 => revise(&store, &before, Revision::Edit(&text), None).await,
+                        _ => send(&store, &user, Some(id), &text).await,
+                    }
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                SendOutcome::Accepted(ticket) => winners.push(ticket),
+                SendOutcome::InFlight { state, turn } => {
+                    assert_eq!((state, turn), (State::UserWriting, before.turn.next()), "round {round}");
+                }
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: exactly one must win, got {winners:?}");
+        let turn = winners[0].turn;
+        assert_eq!(turn, before.turn.next());
+        let (_, messages) = store.get_conversation(id).await.unwrap().unwrap();
+        let new: Vec<&Message> = messages.iter().filter(|m| m.id.turn == turn).collect();
+        assert_eq!(new.len(), 1, "round {round}: one user message for the new turn");
+        let earlier = messages.iter().find(|m| m.id.turn == before.turn && m.id.role == Role::User).unwrap();
+        let records = store.transitions(id).await.unwrap();
+        let event = records.last().unwrap().event;
+        // A revision marks the turn it redoes, once; a send marks nothing.
+        match event {
+            Event::Regenerate => {
+                assert_eq!(new[0].content, earlier.content, "a regenerate asks the same again");
+                assert_eq!((new[0].revises, earlier.superseded_by), (Some(before.turn), Some(turn)));
+            }
+            Event::Edit => {
+                assert!(new[0].content.contains("racer"));
+                assert_eq!((new[0].revises, earlier.superseded_by), (Some(before.turn), Some(turn)));
+            }
+            Event::UserSend => assert_eq!((new[0].revises, earlier.superseded_by), (None, None)),
+            other => panic!("round {round}: the winner recorded {other}"),
+        }
+        answer(&store, &winners[0], &format!("reply {round}")).await;
+    }
+    let records = store.transitions(id).await.unwrap();
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].version, pair[0].version + 1);
+        assert_eq!(pair[1].from, Some(pair[0].to));
+    }
+}
+
+#[tokio::test]
+async fn a_regenerate_keeps_the_earlier_reply_and_refuses_a_turn_that_is_no_longer_last() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let first = session_in(&store, &user, State::AiCommitted).await;
+    // While a turn is in flight, nothing can be redone.
+    let ticket = accepted(revise(&store, &first, Revision::Regenerate, None).await);
+    assert_eq!(ticket.turn.get(), 2);
+    let writing = session(&store, first.id).await;
+    assert_eq!(
+        revise(&store, &writing, Revision::Edit("no"), None).await,
+        SendOutcome::InFlight { state: State::UserWriting, turn: ticket.turn }
+    );
+    answer(&store, &ticket, "second reply").await;
+    // Both replies are kept: turn 1 is the earlier version, turn 2 redoes it.
+    let (_, messages) = store.get_conversation(first.id).await.unwrap().unwrap();
+    let texts: Vec<(u32, Role, &str, Option<Turn>)> =
+        messages.iter().map(|m| (m.id.turn.get(), m.id.role, m.content.as_str(), m.superseded_by)).collect();
+    let two = Some(Turn::new(2).unwrap());
+    assert_eq!(
+        texts,
+        vec![
+            (1, Role::User, "hello", two),
+            (1, Role::Assistant, "reply", None),
+            (2, Role::User, "hello", None),
+            (2, Role::Assistant, "second reply", None),
+        ]
+    );
+    // A client that still sees turn 1 as the last is told it is not.
+    let now = session(&store, first.id).await;
+    let stale = RevisedTurn {
+        user: &user,
+        session: first.id,
+        revision: Revision::Regenerate,
+        expected_last: Some(Turn::FIRST),
+        client_message_id: None,
+        by: "t",
+    };
+    assert_eq!(
+        store.revise_turn(stale).await.unwrap(),
+        SendOutcome::NotLastTurn { last: now.turn, state: State::AiCommitted }
+    );
+    assert_eq!(session(&store, first.id).await.version, now.version, "nothing written");
+    // Another user's session is not found, and nothing moves.
+    let other = new_user();
+    let theirs = Session { user_id: other, ..now.clone() };
+    assert_eq!(revise(&store, &theirs, Revision::Regenerate, None).await, SendOutcome::NotFound);
+    // A repeated key is the same turn, and changes nothing.
+    let key = ClientMessageId::parse("regen-1").unwrap();
+    let again = accepted(revise(&store, &now, Revision::Regenerate, Some(&key)).await);
+    let repeat = revise(&store, &session(&store, first.id).await, Revision::Regenerate, Some(&key)).await;
+    assert_eq!(repeat, SendOutcome::Duplicate { session_id: first.id, turn: again.turn });
+}
+
+#[tokio::test]
+async fn a_fork_is_a_session_of_its_own_with_the_history_through_its_turn() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let source = session_in(&store, &user, State::AiCommitted).await;
+    for text in ["two", "three"] {
+        let ticket = accepted(send(&store, &user, Some(source.id), text).await);
+        answer(&store, &ticket, &format!("reply {text}")).await;
+    }
+    // Turn 3 is regenerated as turn 4: the fork at 3 does not carry the mark of a turn it lacks.
+    let current = session(&store, source.id).await;
+    let ticket = accepted(revise(&store, &current, Revision::Regenerate, None).await);
+    answer(&store, &ticket, "reply three again").await;
+    let fork_at = |through: Option<u64>, key: Option<&'static str>| {
+        let store = store.clone();
+        let user = user.clone();
+        async move {
+            let key = key.map(|k| ClientMessageId::parse(k).unwrap());
+            let request = ForkRequest {
+                user: &user,
+                source: source.id,
+                through: through.map(|t| Turn::new(t).unwrap()),
+                client_message_id: key.as_ref(),
+                by: "fork",
+            };
+            store.fork_session(request).await.unwrap()
+        }
+    };
+    let ForkOutcome::Forked { session_id: fork, through, .. } = fork_at(Some(3), Some("fork-1")).await else {
+        panic!("fork")
+    };
+    assert_eq!(through.get(), 3);
+    let forked = session(&store, fork).await;
+    assert_eq!((forked.state, forked.turn, forked.user_id.clone()), (State::Idle, through, user.clone()));
+    assert_eq!(forked.forked_from, Some((source.id, through)));
+    let (_, copied) = store.get_conversation(fork).await.unwrap().unwrap();
+    let (_, original) = store.get_conversation(source.id).await.unwrap().unwrap();
+    let texts = |messages: &[Message]| -> Vec<(u32, Role, String)> {
+        messages.iter().map(|m| (m.id.turn.get(), m.id.role, m.content.clone())).collect()
+    };
+    assert_eq!(texts(&copied), texts(&original[..6]));
+    assert!(copied.iter().all(|m| m.id.session == fork && m.superseded_by.is_none()));
+    // The same key is the same fork; a fork past the last turn, or of a turn in flight, is refused.
+    assert!(
+        matches!(fork_at(Some(3), Some("fork-1")).await, ForkOutcome::Forked { session_id, .. } if session_id == fork)
+    );
+    assert_eq!(fork_at(Some(9), None).await, ForkOutcome::TurnNotFound { last: Turn::new(4).unwrap() });
+    let in_flight = accepted(send(&store, &user, Some(source.id), "five").await);
+    assert_eq!(
+        fork_at(None, None).await,
+        ForkOutcome::InFlight { state: State::UserWriting, turn: in_flight.turn }
+    );
+    // The fork lives on its own: the source's deletion leaves it whole, and it takes new turns.
+    store.delete_session(source.id, Some(&user)).await.unwrap();
+    let (_, after) = store.get_conversation(fork).await.unwrap().unwrap();
+    assert_eq!(texts(&after), texts(&copied));
+    let next = accepted(send(&store, &user, Some(fork), "four in the fork").await);
+    assert_eq!(next.turn.get(), 4);
+    let records = store.transitions(fork).await.unwrap();
+    assert_eq!((records[0].from, records[0].to, records[0].event), (None, State::Idle, Event::Fork));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_forks_with_one_key_make_one_session_and_a_refused_fork_leaves_nothing() {
+    let db = TestDb::start().await;
+    let user = new_user();
+    let options = StoreOptions { max_sessions_per_user: 2, ..StoreOptions::default() };
+    let limited = Store::new(db.client(), common::TABLE, options).with_clock(Clock::Manual(db.clock.clone()));
+    let source = session_in(&limited, &user, State::AiCommitted).await;
+    let key = ClientMessageId::parse("fork-race").unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, user, key, barrier) = (limited.clone(), user.clone(), key.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let request = ForkRequest {
+                    user: &user,
+                    source: source.id,
+                    through: None,
+                    client_message_id: Some(&key),
+                    by: "race",
+                };
+                store.fork_session(request).await.unwrap()
+            })
+        })
+        .collect();
+    let mut forks = HashSet::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            ForkOutcome::Forked { session_id, .. } => forks.insert(session_id),
+            other => panic!("unexpected {other:?}"),
+        };
+    }
+    assert_eq!(forks.len(), 1, "one key, one fork: {forks:?}");
+    let listed = limited.list_user_sessions(&user, 10, None).await.unwrap().sessions;
+    assert_eq!(listed.len(), 2, "the source and one fork");
+    // At the session limit the fork is refused, and its copies are gone with it.
+    let request =
+        ForkRequest { user: &user, source: source.id, through: None, client_message_id: None, by: "over" };
+    let before = item_count(&db).await;
+    assert_eq!(limited.fork_session(request).await.unwrap(), ForkOutcome::SessionLimit { limit: 2 });
+    assert_eq!(item_count(&db).await, before, "the refused fork's copies are removed");
+}
+
+/// Every item in the table, by a scan.
+async fn item_count(db: &TestDb) -> usize {
+    let pages = db.client().scan().table_name(common::TABLE).into_paginator().items().send();
+    pages.collect::<Vec<_>>().await.len()
 }

@@ -19,6 +19,8 @@ fn message(session: SessionId, turn: u64, role: Role, content: String) -> Messag
         tool_uses: Vec::new(),
         usage: None,
         cost_usd: None,
+        revises: None,
+        superseded_by: None,
     }
 }
 
@@ -116,6 +118,8 @@ fn history(turns: u32, words: usize) -> Vec<Message> {
             tool_uses: Vec::new(),
             usage: None,
             cost_usd: None,
+            revises: None,
+            superseded_by: None,
         })
         .collect()
 }

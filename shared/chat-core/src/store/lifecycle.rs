@@ -380,16 +380,21 @@ impl Store {
     }
 
     /// Deletes items by key, 25 to a batch, retrying what DynamoDB leaves unprocessed.
-    async fn delete_keys(&self, keys: Vec<Item>) -> Result<(), StoreError> {
-        for batch in keys.chunks(25) {
-            let mut requests: Vec<WriteRequest> = batch
-                .iter()
-                .map(|k| {
-                    let delete =
-                        DeleteRequest::builder().set_key(Some(k.clone())).build().expect("key is set");
-                    WriteRequest::builder().delete_request(delete).build()
-                })
-                .collect();
+    pub(super) async fn delete_keys(&self, keys: Vec<Item>) -> Result<(), StoreError> {
+        let deletes = keys
+            .into_iter()
+            .map(|k| {
+                let delete = DeleteRequest::builder().set_key(Some(k)).build().expect("key is set");
+                WriteRequest::builder().delete_request(delete).build()
+            })
+            .collect();
+        self.write_batches(deletes).await
+    }
+
+    /// Sends write requests 25 to a `BatchWriteItem`, retrying what DynamoDB leaves unprocessed.
+    pub(super) async fn write_batches(&self, requests: Vec<WriteRequest>) -> Result<(), StoreError> {
+        for batch in requests.chunks(25) {
+            let mut requests = batch.to_vec();
             let mut attempt = 0;
             while !requests.is_empty() {
                 attempt += 1;

@@ -10,12 +10,14 @@
 //! - `request.rs`: sending a request (capacity, metering, errors, conditions, pages);
 //! - `reads.rs`: sessions, messages, chunks, transitions, a user's sessions, overdue turns;
 //! - `transition.rs`: the transition writer and the items written with transitions;
-//! - `user_turn.rs`: a user's send, its commit and cancel;
+//! - `user_turn.rs`: a user's send, regenerate and edit, the message's commit, and cancel;
+//! - `fork.rs`: a new session from another's history up to a turn;
 //! - `generation.rs`: a generator's claim, lease, chunks and reply;
 //! - `lifecycle.rs`: ending turns, re-drives and deletion;
 //! - `limits.rs`: the limits kept in the table (turn buckets, stream and turn slots, the daily
 //!   token budget, the session count).
 
+mod fork;
 mod generation;
 mod lifecycle;
 pub mod limits;

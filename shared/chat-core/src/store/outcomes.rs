@@ -57,6 +57,42 @@ pub struct NewMessage<'a> {
     pub by: &'a str,
 }
 
+/// How a revision redoes the session's last turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revision<'a> {
+    /// Its message again, for a new reply.
+    Regenerate,
+    /// A rewritten message.
+    Edit(&'a str),
+}
+
+impl Revision<'_> {
+    /// The event of the table it is.
+    pub fn event(self) -> crate::fsm::Event {
+        match self {
+            Revision::Regenerate => crate::fsm::Event::Regenerate,
+            Revision::Edit(_) => crate::fsm::Event::Edit,
+        }
+    }
+}
+
+/// A user's request to redo the last turn of a session ([`crate::Store::revise_turn`]).
+#[derive(Debug, Clone)]
+pub struct RevisedTurn<'a> {
+    /// Who asks.
+    pub user: &'a UserId,
+    /// The session.
+    pub session: SessionId,
+    /// Regenerate or edit.
+    pub revision: Revision<'a>,
+    /// The turn the client means to redo, when it says: it must still be the last.
+    pub expected_last: Option<Turn>,
+    /// The client's idempotency key, if it sent one.
+    pub client_message_id: Option<&'a ClientMessageId>,
+    /// Who is writing (the request id), recorded with the transition.
+    pub by: &'a str,
+}
+
 /// A generator's finished reply, handed to [`crate::Store::commit_reply`]: what is stored as the
 /// assistant message, and what the turn's model calls consumed (stored with it, and charged in
 /// the same transaction).
@@ -112,6 +148,20 @@ pub enum SendOutcome {
     },
     /// The user's turns have used up today's token budget; nothing was written.
     BudgetExhausted(super::limits::BudgetSpent),
+    /// A revision named a turn that is no longer the session's last.
+    NotLastTurn {
+        /// The session's last turn.
+        last: Turn,
+        /// The session's state.
+        state: State,
+    },
+    /// A regenerate found the last turn's message gone (aged out by its TTL).
+    NothingToRevise {
+        /// The session's last turn.
+        last: Turn,
+        /// The session's state.
+        state: State,
+    },
 }
 
 /// A generator's claim on a turn: the fencing version and what was already streamed.
@@ -222,4 +272,60 @@ pub enum DeleteOutcome {
     },
     /// There was no such session.
     NotFound,
+}
+
+/// A user's request to fork a session ([`crate::Store::fork_session`]).
+#[derive(Debug, Clone)]
+pub struct ForkRequest<'a> {
+    /// Who asks: the source's owner, and the fork's.
+    pub user: &'a UserId,
+    /// The session forked.
+    pub source: SessionId,
+    /// The last turn the fork keeps; `None`: the source's last.
+    pub through: Option<Turn>,
+    /// The client's idempotency key, if it sent one.
+    pub client_message_id: Option<&'a ClientMessageId>,
+    /// Who is writing (the request id), recorded with the transition.
+    pub by: &'a str,
+}
+
+/// What became of a fork.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ForkOutcome {
+    /// The new session exists, `idle`, with the source's history through `through` (also the
+    /// answer to a repeated idempotency key).
+    Forked {
+        /// The new session.
+        session_id: SessionId,
+        /// The session it was forked from.
+        source: SessionId,
+        /// Its last turn, the source's turn it was forked at.
+        through: Turn,
+    },
+    /// No such session for this user.
+    NotFound,
+    /// The source has a turn in flight.
+    InFlight {
+        /// The source's state.
+        state: State,
+        /// The turn in flight.
+        turn: Turn,
+    },
+    /// The turn asked for is past the source's last.
+    TurnNotFound {
+        /// The source's last turn.
+        last: Turn,
+    },
+    /// The user has `limit` sessions already.
+    SessionLimit {
+        /// The limit.
+        limit: u32,
+    },
+    /// The idempotency key started a turn, not a fork.
+    KeyUsed {
+        /// The session of that turn.
+        session_id: SessionId,
+        /// That turn.
+        turn: Turn,
+    },
 }

@@ -3,15 +3,17 @@
 
 use super::transition::{Rejection, TransitionWrite, WriteResult};
 use super::{
-    key, ms, number, session_key, string, CancelOutcome, Conflict, NewMessage, Outcome, Read, SendOutcome,
-    Store, TurnTicket, Written,
+    key, ms, number, session_key, string, CancelOutcome, Conflict, NewMessage, Outcome, Read, RevisedTurn,
+    Revision, SendOutcome, Store, TurnTicket, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{Event, State};
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
 use crate::record::{attr, Fields, Item, Session};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, TTL_ATTRIBUTE};
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+};
 
 impl Store {
     async fn find_idempotent(
@@ -52,7 +54,7 @@ impl Store {
             }
         }
         let Some(session_id) = msg.session else {
-            return self.claim_turn(&msg, new_session, None).await;
+            return self.claim_turn(&msg, new_session, None, None).await;
         };
         for _ in 0..self.options.max_write_attempts {
             let current = match self.get_session(session_id, Read::Consistent).await? {
@@ -62,7 +64,7 @@ impl Store {
             if current.state.turn_in_flight() {
                 return Ok(SendOutcome::InFlight { state: current.state, turn: current.turn });
             }
-            match self.claim_turn(&msg, session_id, Some(&current)).await? {
+            match self.claim_turn(&msg, session_id, Some(&current), None).await? {
                 // The session moved between the read and the write but may still accept a turn.
                 SendOutcome::InFlight { state, .. } if !state.turn_in_flight() => continue,
                 outcome => return Ok(outcome),
@@ -71,11 +73,66 @@ impl Store {
         Err(StoreError::Contention { attempts: self.options.max_write_attempts })
     }
 
+    /// Claims a new turn that redoes the session's last one (`Regenerate`: its message again;
+    /// `Edit`: a new text), into `user_writing`. The last turn is marked superseded in the same
+    /// transaction, so it stays in the history as an earlier version and leaves the prompts.
+    /// `expected_last`, when given, must be the session's last turn (else `NotLastTurn`: another
+    /// turn came first). Follow with [`Store::commit_user_message`], as a send.
+    pub async fn revise_turn(&self, revised: RevisedTurn<'_>) -> Result<SendOutcome, StoreError> {
+        let RevisedTurn { user, session: session_id, revision, expected_last, client_message_id, by } =
+            revised;
+        if let Some(idem) = client_message_id {
+            if let Some((session_id, turn)) = self.find_idempotent(user, idem).await? {
+                return Ok(SendOutcome::Duplicate { session_id, turn });
+            }
+        }
+        for _ in 0..self.options.max_write_attempts {
+            let current = match self.get_session(session_id, Read::Consistent).await? {
+                Some(current) if &current.user_id == user => current,
+                _ => return Ok(SendOutcome::NotFound),
+            };
+            if current.state.turn_in_flight() {
+                return Ok(SendOutcome::InFlight { state: current.state, turn: current.turn });
+            }
+            if expected_last.is_some_and(|turn| turn != current.turn) {
+                return Ok(SendOutcome::NotLastTurn { last: current.turn, state: current.state });
+            }
+            let content = match revision {
+                Revision::Edit(text) => text.to_owned(),
+                Revision::Regenerate => {
+                    match self.get_message(session_id, current.turn, Role::User, Read::Consistent).await? {
+                        Some(message) => message.content,
+                        // The message aged out (its TTL runs from when it was written).
+                        None => {
+                            return Ok(SendOutcome::NothingToRevise {
+                                last: current.turn,
+                                state: current.state,
+                            })
+                        }
+                    }
+                }
+            };
+            let msg =
+                NewMessage { user, session: Some(session_id), content: &content, client_message_id, by };
+            match self
+                .claim_turn(&msg, session_id, Some(&current), Some((revision.event(), current.turn)))
+                .await?
+            {
+                SendOutcome::InFlight { state, .. } if !state.turn_in_flight() => continue,
+                outcome => return Ok(outcome),
+            }
+        }
+        Err(StoreError::Contention { attempts: self.options.max_write_attempts })
+    }
+
+    /// Writes a turn's claim: `UserSend` (`revises` `None`), or the revision `event` of the
+    /// session's last turn `revises`.
     async fn claim_turn(
         &self,
         msg: &NewMessage<'_>,
         session_id: SessionId,
         current: Option<&Session>,
+        revises: Option<(Event, Turn)>,
     ) -> Result<SendOutcome, StoreError> {
         let now = self.now_ms();
         let turn = current.map_or(Turn::FIRST, |c| c.turn.next());
@@ -97,8 +154,11 @@ impl Store {
                 (GSI1_SK, string(table::by_user_sk(now, session_id))),
             ]);
         }
-        let mut extra_items =
-            vec![self.put_new(self.message_item(session_id, turn, Role::User, msg.content, None))];
+        let mut message = self.message_item(session_id, turn, Role::User, msg.content, None);
+        if let Some((_, earlier)) = revises {
+            message.insert(attr::REVISES.to_owned(), number(earlier.get()));
+        }
+        let mut extra_items = vec![self.put_new(message)];
         if let Some(idem) = msg.client_message_id {
             let mut record = key(table::user_pk(msg.user), table::idempotency_sk(idem));
             record.extend([
@@ -123,10 +183,15 @@ impl Store {
             extra_items.push(self.budget_check(msg.user, budget));
             extra_items.len() - 1
         });
+        // A revision marks the turn it redoes, once: the marker's condition refuses a second.
+        let marker_index = revises.map(|(_, earlier)| {
+            extra_items.push(self.mark_superseded(session_id, earlier, turn));
+            extra_items.len() - 1
+        });
         let write = TransitionWrite {
             session: session_id,
             expected: current.map(|c| (c.state, c.version)),
-            event: Event::UserSend,
+            event: revises.map_or(Event::UserSend, |(event, _)| event),
             turn,
             by: msg.by.to_owned(),
             set,
@@ -157,6 +222,12 @@ impl Store {
         {
             return Ok(SendOutcome::BudgetExhausted(self.budget_spent(day.as_ref(), budget)));
         }
+        if marker_index.is_some_and(|i| rejection.extra(i).is_some()) && !rejection.session_failed {
+            return Err(StoreError::corrupt(
+                table::message_sk(revises.map_or(turn, |(_, earlier)| earlier), Role::User),
+                "the turn being revised was revised already, or its message is missing",
+            ));
+        }
         Ok(match rejection {
             Rejection { session_failed: true, current: Some(c), .. } if &c.user_id == msg.user => {
                 SendOutcome::InFlight { state: c.state, turn: c.turn }
@@ -169,6 +240,23 @@ impl Store {
                 ))
             }
         })
+    }
+
+    /// Marks turn `earlier`'s user message as superseded by `by_turn`: it must exist and not be
+    /// marked yet.
+    fn mark_superseded(&self, session: SessionId, earlier: Turn, by_turn: Turn) -> TransactWriteItem {
+        let update = Update::builder()
+            .table_name(&*self.table)
+            .set_key(Some(key(table::session_pk(session), table::message_sk(earlier, Role::User))))
+            .update_expression("SET #by = :by")
+            .condition_expression("attribute_exists(#pk) AND attribute_not_exists(#by)")
+            .expression_attribute_names("#by", attr::SUPERSEDED_BY)
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":by", number(by_turn.get()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .expect("update fields are set");
+        TransactWriteItem::builder().update(update).build()
     }
 
     /// `UserStored`: the user message is durable; the turn waits for a generator until its
