@@ -19,3 +19,4 @@ mod limits;
 mod openai;
 mod outage;
 mod overload;
+mod revisions;
