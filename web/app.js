@@ -28,6 +28,8 @@ const state = {
   olderCursor: null,
   stream: null, // { source, bubble, session, turn, lastId }
   retry: null, // what the notice's Retry button does
+  lastTurn: 0, // the open session's last turn: the one Regenerate and Edit redo
+  editing: null, // the turn whose message the composer is rewriting, if any
 };
 
 class ApiError extends Error {
@@ -319,6 +321,7 @@ function closeStream() {
   state.stream = null;
   connection("");
   generating(false);
+  updateControls();
 }
 
 /// Follows `turn` of `session` into `bubble` from the start (or after `lastId`): the stream replays
@@ -332,6 +335,7 @@ function follow(session, turn, bubble, lastId) {
   const stream = { source, bubble, session, turn, lastId, text: bubble.dataset.raw || "", stopped: null };
   state.stream = stream;
   generating(true);
+  updateControls();
   bubble.dataset.state = "streaming";
   // The reply is rendered again as it grows, at most every 100 ms, and less often as it gets
   // long (rendering is linear, but a long reply re-rendered every frame is not).
@@ -467,6 +471,7 @@ async function openSession(id, older) {
       const li = el("li", "user");
       li.dataset.turn = turn;
       li.textContent = message.content;
+      if (message.superseded_by) markSuperseded(li, message.superseded_by);
       nodes.push(li);
     } else {
       const li = el("li", "assistant");
@@ -479,11 +484,14 @@ async function openSession(id, older) {
       }
       setReply(li, message.content, message.stopped ? "stopped" : "done", stopDetail(message.stop_reason || (message.stopped ? "cancelled" : null)));
       showUsage(li, message.usage, message.cost_usd);
+      if (message.superseded_by) markSuperseded(li, message.superseded_by);
     }
   }
   for (const node of nodes) list.insertBefore(node, firstBefore);
-  if (older) return;
+  if (older) return updateControls();
   const latest = session.turn;
+  state.lastTurn = latest;
+  endEdit();
   const answered = session.messages.some((m) => m.role === "assistant" && m.id.endsWith(":" + latest + ":assistant"));
   if (IN_FLIGHT.has(session.state) && !answered) {
     // A reply is on its way (or this page was reloaded mid-reply): follow it from the start.
@@ -493,6 +501,7 @@ async function openSession(id, older) {
     const li = assistantBubble(latest);
     setReply(li, "", "failed", session.error || "The assistant could not answer this message.");
   }
+  updateControls();
   scrollDown();
 }
 
@@ -520,10 +529,116 @@ async function send(text, key) {
     $("messages").replaceChildren();
     loadSessions();
   }
+  state.lastTurn = accepted.turn;
   userBubble(text, accepted.turn);
   const bubble = assistantBubble(accepted.turn);
   scrollDown();
   follow(accepted.session_id, accepted.turn, bubble);
+}
+
+// ----- regenerate, edit, fork --------------------------------------------------------------
+
+function button(label, action, onClick) {
+  const b = el("button");
+  b.type = "button";
+  b.textContent = label;
+  b.dataset.action = action;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+/// A turn a regenerate or an edit redid: kept, shown as an earlier version.
+function markSuperseded(li, by) {
+  li.classList.add("superseded");
+  li.dataset.supersededBy = by;
+}
+
+/// The finished replies' controls, while no reply is being written: Fork on every answered turn,
+/// Regenerate on the last turn's reply (answered or failed), and Edit on the last turn's message.
+function updateControls() {
+  for (const controls of document.querySelectorAll("#messages .controls")) controls.remove();
+  if (state.stream || !state.session) return;
+  for (const bubble of document.querySelectorAll("#messages li.assistant")) {
+    const turn = Number(bubble.dataset.turn);
+    const controls = el("div", "controls");
+    if (turn === state.lastTurn) {
+      controls.append(button("Regenerate", "regenerate", () => regenerate(turn, crypto.randomUUID())));
+      controls.append(button("Edit", "edit", () => startEdit(turn)));
+    }
+    if (bubble.dataset.state === "done" || bubble.dataset.state === "stopped") {
+      controls.append(button("Fork", "fork", () => fork(turn, crypto.randomUUID())));
+    }
+    if (controls.childElementCount) bubble.append(controls);
+  }
+}
+
+/// A new turn redoing the last one was accepted: the redone turn stays, marked, and the new
+/// reply streams below it.
+function revised(accepted) {
+  for (const li of document.querySelectorAll('#messages li[data-turn="' + accepted.revises + '"]')) {
+    markSuperseded(li, accepted.turn);
+  }
+  state.lastTurn = accepted.turn;
+  userBubble(accepted.message, accepted.turn);
+  const bubble = assistantBubble(accepted.turn);
+  scrollDown();
+  follow(accepted.session_id, accepted.turn, bubble);
+}
+
+async function regenerate(turn, key) {
+  clearNotice();
+  let accepted;
+  try {
+    accepted = await api("POST", "/sessions/" + encodeURIComponent(state.session) + "/regenerate", { turn, client_message_id: key });
+  } catch (err) {
+    return fail(err, () => regenerate(turn, key));
+  }
+  revised(accepted);
+}
+
+/// Puts the last turn's message in the composer; sending it then redoes the turn with the new text.
+function startEdit(turn) {
+  const message = document.querySelector('#messages li.user[data-turn="' + turn + '"]');
+  state.editing = turn;
+  $("input").value = message ? message.textContent : "";
+  $("send").textContent = "Save & send";
+  $("cancel-edit").hidden = false;
+  $("input").focus();
+}
+
+function endEdit() {
+  state.editing = null;
+  $("send").textContent = "Send";
+  $("cancel-edit").hidden = true;
+}
+
+async function edit(turn, text, key) {
+  clearNotice();
+  $("send").disabled = true;
+  let accepted;
+  try {
+    accepted = await api("POST", "/sessions/" + encodeURIComponent(state.session) + "/edit", { turn, message: text, client_message_id: key });
+  } catch (err) {
+    $("send").disabled = false;
+    return fail(err, () => edit(turn, text, key));
+  }
+  endEdit();
+  $("input").value = "";
+  revised(accepted);
+}
+
+/// A new chat with this one's history up to `turn`, opened.
+async function fork(turn, key) {
+  clearNotice();
+  let forked;
+  try {
+    forked = await api("POST", "/sessions/" + encodeURIComponent(state.session) + "/fork", { turn, client_message_id: key });
+  } catch (err) {
+    return fail(err, () => fork(turn, key));
+  }
+  history.replaceState(null, "", "#" + forked.session_id);
+  await loadSessions();
+  await openSession(forked.session_id);
 }
 
 /// Sends the last message again as a new turn (after the assistant failed to answer it).
@@ -642,7 +757,12 @@ $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("input").value;
   if (!text.trim() || state.stream) return;
-  send(text, crypto.randomUUID());
+  if (state.editing !== null) edit(state.editing, text, crypto.randomUUID());
+  else send(text, crypto.randomUUID());
+});
+$("cancel-edit").addEventListener("click", () => {
+  endEdit();
+  $("input").value = "";
 });
 $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
@@ -655,6 +775,8 @@ $("new-chat").addEventListener("click", () => {
   closeStream();
   clearNotice();
   state.session = null;
+  state.lastTurn = 0;
+  endEdit();
   history.replaceState(null, "", location.pathname + location.search);
   $("messages").replaceChildren();
   $("older").hidden = true;

@@ -499,3 +499,111 @@ async fn a_tool_the_model_called_is_shown_with_its_answer_live_and_after_a_reloa
     assert_eq!(browser.js(tools).await, live, "the history shows the tool call as the stream did");
     browser.close().await;
 }
+
+/// How the page shows the messages: per bubble, its role, turn, whether it is an earlier
+/// version, and its controls.
+async fn bubbles(browser: &Browser) -> Value {
+    browser
+        .js("return [...document.querySelectorAll('#messages > li')].map(li => ({
+                 role: li.className.split(' ')[0], turn: Number(li.dataset.turn),
+                 earlier: li.classList.contains('superseded'),
+                 controls: [...li.querySelectorAll('.controls button')].map(b => b.dataset.action)}))")
+        .await
+}
+
+#[tokio::test]
+async fn regenerate_keeps_the_earlier_reply_as_a_version_and_fork_opens_a_chat_from_it() {
+    let browser = browser().await;
+    let user = format!("regen-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    browser.send("Hello there").await;
+    browser.until_reply("done").await;
+    let id = browser.session_id().await;
+    browser.click("#messages li.assistant .controls button[data-action=regenerate]").await;
+    browser
+        .until(
+            "the regenerated reply",
+            "const all = document.querySelectorAll('#messages li.assistant');
+             return all.length === 2 && all[1].dataset.state === 'done'",
+            Duration::from_secs(30),
+        )
+        .await;
+    let expected = json!([
+        {"role": "user", "turn": 1, "earlier": true, "controls": []},
+        {"role": "assistant", "turn": 1, "earlier": true, "controls": ["fork"]},
+        {"role": "user", "turn": 2, "earlier": false, "controls": []},
+        {"role": "assistant", "turn": 2, "earlier": false, "controls": ["regenerate", "edit", "fork"]},
+    ]);
+    assert_eq!(bubbles(&browser).await, expected, "live");
+    let session = stored(&user, &id).await;
+    assert_eq!(session["messages"][1]["superseded_by"], 2);
+    assert_eq!(browser.reply().await["raw"], reply_of(&session, 2).unwrap()["content"]);
+    browser.client.refresh().await.unwrap();
+    browser.until_reply("done").await;
+    assert_eq!(bubbles(&browser).await, expected, "after a reload, from the history");
+    browser.screenshot("regenerate").await;
+
+    // Fork at the earlier version: a new chat with that exchange, where it is the current one.
+    browser.click("#messages li.assistant[data-turn='1'] .controls button[data-action=fork]").await;
+    let check = format!("return location.hash.length > 1 && location.hash.slice(1) !== {}", json!(id));
+    browser.until("the fork opened", &check, Duration::from_secs(10)).await;
+    browser
+        .until(
+            "the fork's history",
+            "return document.querySelectorAll('#messages > li').length === 2",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        bubbles(&browser).await,
+        json!([
+            {"role": "user", "turn": 1, "earlier": false, "controls": []},
+            {"role": "assistant", "turn": 1, "earlier": false, "controls": ["regenerate", "edit", "fork"]},
+        ])
+    );
+    let fork = browser.session_id().await;
+    assert_eq!(stored(&user, &fork).await["forked_from"], json!({"session_id": id, "turn": 1}));
+    let listed = browser
+        .until("both chats listed", "const s = [...document.querySelectorAll('#sessions a')]; return s.length === 2 && s.map(a => a.dataset.session)", Duration::from_secs(10))
+        .await;
+    assert_eq!(listed, json!([fork, id]), "newest first");
+    browser.screenshot("fork").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn edit_rewrites_the_last_message_and_the_reply_answers_the_new_text() {
+    let browser = browser().await;
+    let user = format!("edit-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    browser.send("the first words").await;
+    browser.until_reply("done").await;
+    browser.click("#messages li.assistant .controls button[data-action=edit]").await;
+    let editing = browser
+        .js("return {input: document.getElementById('input').value, send: document.getElementById('send').textContent,
+                     cancel: !document.getElementById('cancel-edit').hidden}")
+        .await;
+    assert_eq!(editing, json!({"input": "the first words", "send": "Save & send", "cancel": true}));
+    browser.type_into("#input", "the second words").await;
+    browser.click("#send").await;
+    browser
+        .until(
+            "the reply to the edit",
+            "const all = document.querySelectorAll('#messages li.assistant');
+             return all.length === 2 && all[1].dataset.state === 'done'",
+            Duration::from_secs(30),
+        )
+        .await;
+    let reply = browser.reply().await;
+    assert!(reply["raw"].as_str().unwrap().contains("the second words"), "{reply}");
+    let shown = bubbles(&browser).await;
+    assert_eq!(shown[0]["earlier"], true);
+    assert_eq!(shown[2]["earlier"], false);
+    let user_texts = browser
+        .js("return [...document.querySelectorAll('#messages li.user')].map(li => li.textContent)")
+        .await;
+    assert_eq!(user_texts, json!(["the first words", "the second words"]));
+    assert_eq!(browser.js("return document.getElementById('send').textContent").await, json!("Send"));
+    browser.screenshot("edit").await;
+    browser.close().await;
+}
