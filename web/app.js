@@ -420,11 +420,16 @@ async function loadSessions(more) {
       const a = el("a");
       a.href = "#" + session.id;
       a.dataset.session = session.id;
-      a.textContent = "Chat of " + new Date(session.created_at).toLocaleString();
+      a.textContent = session.title || "New chat";
       const small = el("small");
-      small.textContent = session.turn + (session.turn === 1 ? " turn" : " turns") + " · " + session.state.replace("_", " ");
+      small.textContent = ago(session.updated_at);
+      small.title = new Date(session.updated_at).toLocaleString();
       a.append(small);
-      if (session.id === state.session) a.setAttribute("aria-current", "true");
+      if (session.id === state.session) {
+        a.setAttribute("aria-current", "true");
+        // The open chat's name as the server has it now (the small model may have named it).
+        if ($("title-form").hidden) $("chat-title").textContent = session.title || "New chat";
+      }
       li.append(a);
       list.append(li);
     }
@@ -435,6 +440,71 @@ async function loadSessions(more) {
     fail(err, () => loadSessions(more));
     return false;
   }
+}
+
+/// How long ago an instant was, in words: "just now", "5 min ago", "3 h ago", "yesterday", a date.
+function ago(iso) {
+  const seconds = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (seconds < 45) return "just now";
+  if (seconds < 3600) return Math.max(1, Math.round(seconds / 60)) + " min ago";
+  if (seconds < 86400) return Math.round(seconds / 3600) + " h ago";
+  if (seconds < 2 * 86400) return "yesterday";
+  return new Date(iso).toLocaleDateString();
+}
+
+/// The open chat's bar: its name, and renaming and exporting it.
+function showChatBar(title) {
+  $("chat-bar").hidden = !state.session;
+  $("chat-title").textContent = title || "New chat";
+  $("chat-title").hidden = false;
+  $("title-form").hidden = true;
+  $("rename").hidden = false;
+}
+
+function startRename() {
+  $("title-input").value = $("chat-title").textContent;
+  $("chat-title").hidden = true;
+  $("rename").hidden = true;
+  $("title-form").hidden = false;
+  $("title-input").focus();
+  $("title-input").select();
+}
+
+async function rename(title) {
+  clearNotice();
+  let renamed;
+  try {
+    renamed = await api("PATCH", "/sessions/" + encodeURIComponent(state.session), { title });
+  } catch (err) {
+    return fail(err, () => rename(title));
+  }
+  showChatBar(renamed.title);
+  loadSessions();
+}
+
+/// Downloads the whole chat as Markdown or JSON.
+async function exportChat(format) {
+  clearNotice();
+  const headers = {};
+  if (state.token) headers.authorization = "Bearer " + state.token;
+  let response;
+  try {
+    response = await fetch(API + "/sessions/" + encodeURIComponent(state.session) + "/export?format=" + format, { headers });
+  } catch {
+    return notice("The server cannot be reached. Check your connection and try again.", () => exportChat(format));
+  }
+  if (!response.ok) {
+    const error = ((await response.json().catch(() => null)) || {}).error || {};
+    return fail(new ApiError(response.status, error.code || "http_" + response.status, error.message || response.statusText), () => exportChat(format));
+  }
+  const blob = await response.blob();
+  const link = el("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = "chat-" + state.session + (format === "markdown" ? ".md" : ".json");
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
 }
 
 async function openSession(id, older) {
@@ -448,6 +518,7 @@ async function openSession(id, older) {
   } catch (err) {
     if (!older) {
       state.session = null;
+      showChatBar();
       $("messages").replaceChildren();
       if (err.status === 404) history.replaceState(null, "", location.pathname + location.search);
     }
@@ -455,6 +526,7 @@ async function openSession(id, older) {
   }
   const session = page.session;
   state.session = session.id;
+  if (!older) showChatBar(session.title);
   state.olderCursor = page.next_cursor;
   $("older").hidden = !page.next_cursor;
   for (const a of document.querySelectorAll("#sessions a")) {
@@ -527,6 +599,7 @@ async function send(text, key) {
     state.session = accepted.session_id;
     history.replaceState(null, "", "#" + accepted.session_id);
     $("messages").replaceChildren();
+    showChatBar("New chat");
     loadSessions();
   }
   state.lastTurn = accepted.turn;
@@ -760,6 +833,18 @@ $("composer").addEventListener("submit", (e) => {
   if (state.editing !== null) edit(state.editing, text, crypto.randomUUID());
   else send(text, crypto.randomUUID());
 });
+$("rename").addEventListener("click", startRename);
+$("title-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const title = $("title-input").value.trim();
+  if (title) rename(title);
+  else showChatBar($("chat-title").textContent);
+});
+$("title-input").addEventListener("keydown", (e) => {
+  if (e.key === "Escape") showChatBar($("chat-title").textContent);
+});
+$("export-md").addEventListener("click", () => exportChat("markdown"));
+$("export-json").addEventListener("click", () => exportChat("json"));
 $("cancel-edit").addEventListener("click", () => {
   endEdit();
   $("input").value = "";
@@ -777,6 +862,7 @@ $("new-chat").addEventListener("click", () => {
   state.session = null;
   state.lastTurn = 0;
   endEdit();
+  showChatBar();
   history.replaceState(null, "", location.pathname + location.search);
   $("messages").replaceChildren();
   $("older").hidden = true;

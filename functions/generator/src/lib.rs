@@ -21,6 +21,7 @@ pub mod pricing;
 mod reply;
 pub mod routing;
 mod summary;
+mod title;
 pub mod tools;
 mod writer;
 
@@ -77,6 +78,8 @@ pub struct Generator {
     settings: GenerationSettings,
     counter: TokenCounter,
     prices: pricing::Prices,
+    /// Title a session from its first exchange with the small model (`SESSION_TITLES=model`).
+    model_titles: bool,
 }
 
 /// Why a record should be delivered again.
@@ -118,7 +121,22 @@ impl Generator {
         let routes = model_config.build_routes(&aws).await?;
         info!(model = %model_config.describe(), "model ready");
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), common.table_name, common.store);
-        Ok(Generator::new(store, routes, settings).with_tools(tools).with_prices(prices))
+        let model_titles = match env.optional("SESSION_TITLES").as_deref() {
+            None | Some("model") => true,
+            Some("words") => false,
+            Some(other) => {
+                return Err(ConfigError {
+                    variable: "SESSION_TITLES".to_owned(),
+                    problem: format!(
+                        "is {other:?}; use model (the small model, when routing has one) or words"
+                    ),
+                })
+            }
+        };
+        Ok(Generator::new(store, routes, settings)
+            .with_tools(tools)
+            .with_prices(prices)
+            .with_model_titles(model_titles))
     }
 
     /// A generator over explicit parts. The tokenizer is decoded only if a turn needs an exact count.
@@ -130,7 +148,15 @@ impl Generator {
             settings,
             counter: TokenCounter::o200k(),
             prices: pricing::Prices::default(),
+            model_titles: false,
         }
+    }
+
+    /// The same generator titling sessions from their first exchange with the small model, when
+    /// routing has one.
+    pub fn with_model_titles(mut self, on: bool) -> Generator {
+        self.model_titles = on;
+        self
     }
 
     /// The same generator pricing its replies by `prices` (with none, replies have no cost).
@@ -273,6 +299,9 @@ impl Generator {
                 );
                 turn_metrics(&ending, writer);
                 self.give_back_turn_slot(lease).await;
+                if matches!(ending, Ending::Complete) {
+                    self.write_title(lease, &writer.reply(None).text).await;
+                }
             }
             Outcome::Conflict(Conflict { current: None }) => {
                 return self.abandon(lease, writer.usage()).await

@@ -637,3 +637,50 @@ async fn a_message_that_leaves_the_summary_no_room_is_answered_without_it() {
     assert_eq!(system, "Be brief.", "without the summary");
     assert_eq!(texts, [message.trim()]);
 }
+
+#[tokio::test]
+async fn the_first_exchange_titles_the_session_with_the_small_model_and_a_rename_stands() {
+    let server = FakeLlm::start(vec![
+        fake_llm::openai_reply(&["Noon."], Duration::ZERO),
+        fake_llm::openai_reply(&["\"Telling", " the time.\"", "\nMore"], Duration::ZERO),
+        fake_llm::openai_reply(&["Later."], Duration::ZERO),
+    ])
+    .await
+    .unwrap();
+    let mut h = harness_routed(&server, Some(RouteRule { max_chars: 40 }), Tools::none()).await;
+    let generator = Arc::try_unwrap(h.generator).ok().expect("one owner").with_model_titles(true);
+    h.generator = Arc::new(generator);
+    let (session, _) = h.turn(None, "What time is it?").await;
+    let stored = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
+    assert_eq!(stored.title.as_deref(), Some("Telling the time"));
+    let (system, texts) = system_and_texts(&server, 1);
+    assert!(system.starts_with("Write a title"), "{system}");
+    assert_eq!(texts, ["User: What time is it?\n\nAssistant: Noon."]);
+    assert_eq!(server.requests()[1].json()["model"], "small-model");
+    // Later turns ask for no title; a user's name stands against the model's.
+    h.turn(Some(session), "And now?").await;
+    assert_eq!(server.requests().len(), 3);
+    let user = UserId::parse(USER).unwrap();
+    let renamed =
+        h.store.set_title(session, Some(&user), "  My chat  ", chat_core::TitleBy::User).await.unwrap();
+    assert_eq!(renamed, Outcome::Applied(()));
+    let model = h.store.set_title(session, None, "Another", chat_core::TitleBy::Model).await.unwrap();
+    assert!(matches!(model, Outcome::Conflict(_)));
+    let other = UserId::parse("someone-else").unwrap();
+    let theirs = h.store.set_title(session, Some(&other), "Theirs", chat_core::TitleBy::User).await.unwrap();
+    assert!(matches!(theirs, Outcome::Conflict(_)));
+    let stored = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
+    assert_eq!(stored.title.as_deref(), Some("My chat"));
+}
+
+#[tokio::test]
+async fn without_a_small_model_a_session_is_titled_by_its_first_words() {
+    let server = FakeLlm::start(vec![fake_llm::openai_reply(&["Hi."], Duration::ZERO)]).await.unwrap();
+    let mut h = harness(&server).await;
+    let generator = Arc::try_unwrap(h.generator).ok().expect("one owner").with_model_titles(true);
+    h.generator = Arc::new(generator);
+    let (session, _) = h.turn(None, "## Hello   there, how are you today my good friend?").await;
+    assert_eq!(server.requests().len(), 1, "no title call without a small model");
+    let stored = h.store.get_session(session, Read::Consistent).await.unwrap().unwrap();
+    assert_eq!(stored.title.as_deref(), Some("Hello there, how are you today my good…"));
+}

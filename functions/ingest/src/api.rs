@@ -35,6 +35,8 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String, state: State },
     /// 413: the body is over the limit.
     TooLarge,
+    /// 413: a session's export would be over what one answer carries.
+    ExportTooLarge { message: String },
     /// 413: the message has more tokens than the model's prompt budget leaves for it.
     MessageTooLong { tokens: usize, limit: usize },
     /// 429: a limit; `Retry-After` says when to try again, `details` (an object) what the limit
@@ -109,6 +111,9 @@ impl ApiError {
                 "body_too_large",
                 format!("the body is over {} bytes", crate::MAX_BODY_BYTES),
             ),
+            ApiError::ExportTooLarge { message } => {
+                ErrorAnswer::new(StatusCode::PAYLOAD_TOO_LARGE, "export_too_large", message)
+            }
             ApiError::UnsupportedMediaType { found } => ErrorAnswer::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -166,6 +171,31 @@ impl SendBody {
             client_message_id: client_message_id(&fields)?,
         })
     }
+}
+
+/// The `title` of a `PATCH /sessions/{id}` body: a string of 1 to
+/// [`chat_core::record::TITLE_MAX_CHARS`] characters once trimmed, with no control characters.
+pub fn title_field(body: &Body) -> Result<String, ApiError> {
+    let fields = json_object(body)?;
+    let limit = chat_core::record::TITLE_MAX_CHARS;
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_title",
+            format!("\"title\" must be a string of 1 to {limit} characters, on one line"),
+        )
+    };
+    let title = match fields.get("title") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_request("missing_title", "the body needs a \"title\" string"))
+        }
+        Some(Value::String(title)) => title.trim(),
+        Some(_) => return Err(invalid()),
+    };
+    let count = title.chars().count();
+    if count == 0 || count > limit || title.chars().any(char::is_control) {
+        return Err(invalid());
+    }
+    Ok(title.to_owned())
 }
 
 /// A valid body of `POST /sessions/{id}/regenerate`, `/edit` or `/fork`: the turn meant (for a

@@ -106,62 +106,70 @@ impl App {
                 .find(|m| m.id.turn == turn && m.id.role == Role::User)
                 .and_then(|m| m.superseded_by)
         };
-        let messages_json: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                let mut value = json!({
-                    "id": m.id.to_string(),
-                    "role": m.id.role,
-                    "content": m.content,
-                    "timestamp": rfc3339_ms(m.timestamp),
-                });
-                if let Some(reason) = m.stopped {
-                    value["stopped"] = Value::Bool(true);
-                    value["stop_reason"] = json!(reason);
-                }
-                if !m.tool_uses.is_empty() {
-                    // The tools called while writing this reply, with what they answered.
-                    value["tool_calls"] = json!(m.tool_uses);
-                }
-                if let Some(routing) = &m.routing {
-                    // Which route (ROUTE_SMALL_*) and model wrote this reply.
-                    value["route"] = json!(routing.route);
-                    value["model"] = json!(routing.model);
-                }
-                // What writing this reply consumed and cost, as its message_end said.
-                if let Some(usage) = m.usage {
-                    value["usage"] = json!(usage);
-                }
-                if let Some(cost) = m.cost_usd {
-                    value["cost_usd"] = json!(cost);
-                }
-                if let Some(earlier) = m.revises {
-                    value["revises"] = json!(earlier);
-                }
-                if let Some(later) = superseded_by(m.id.turn) {
-                    value["superseded_by"] = json!(later);
-                }
-                value
-            })
-            .collect();
+        let messages_json: Vec<Value> =
+            messages.iter().map(|m| message_json(m, superseded_by(m.id.turn))).collect();
         let page_usage = page_usage(&messages);
         let mut body = session_overview(&session);
         body["messages"] = Value::Array(messages_json);
-        // The compact memory written after the session went idle; null until then.
-        body["summary"] = match &session.summary {
-            Some(summary) => json!({
-                "text": summary.text,
-                "through_turn": summary.through,
-                "created_at": rfc3339_ms(summary.at),
-            }),
-            None => Value::Null,
-        };
+        body["summary"] = summary_json(&session);
         Ok(json(
             StatusCode::OK,
             json!({ "session": body, "next_cursor": next_cursor, "page_usage": page_usage }),
         ))
     }
+}
 
+/// A message as the history shows it; `superseded_by` is its turn's (a redone turn's messages
+/// both say so).
+pub(crate) fn message_json(m: &Message, superseded_by: Option<Turn>) -> Value {
+    let mut value = json!({
+        "id": m.id.to_string(),
+        "role": m.id.role,
+        "content": m.content,
+        "timestamp": rfc3339_ms(m.timestamp),
+    });
+    if let Some(reason) = m.stopped {
+        value["stopped"] = Value::Bool(true);
+        value["stop_reason"] = json!(reason);
+    }
+    if !m.tool_uses.is_empty() {
+        // The tools called while writing this reply, with what they answered.
+        value["tool_calls"] = json!(m.tool_uses);
+    }
+    if let Some(routing) = &m.routing {
+        // Which route (ROUTE_SMALL_*) and model wrote this reply.
+        value["route"] = json!(routing.route);
+        value["model"] = json!(routing.model);
+    }
+    // What writing this reply consumed and cost, as its message_end said.
+    if let Some(usage) = m.usage {
+        value["usage"] = json!(usage);
+    }
+    if let Some(cost) = m.cost_usd {
+        value["cost_usd"] = json!(cost);
+    }
+    if let Some(earlier) = m.revises {
+        value["revises"] = json!(earlier);
+    }
+    if let Some(later) = superseded_by {
+        value["superseded_by"] = json!(later);
+    }
+    value
+}
+
+/// The compact memory written after the session went idle; null until then.
+pub(crate) fn summary_json(session: &Session) -> Value {
+    match &session.summary {
+        Some(summary) => json!({
+            "text": summary.text,
+            "through_turn": summary.through,
+            "created_at": rfc3339_ms(summary.at),
+        }),
+        None => Value::Null,
+    }
+}
+
+impl App {
     pub(crate) async fn list_sessions(
         &self,
         request: &Request,
@@ -216,10 +224,11 @@ impl App {
 }
 
 /// A session's identity and position, as both the session and the list answers carry it.
-fn session_overview(session: &Session) -> Value {
+pub(crate) fn session_overview(session: &Session) -> Value {
     let mut value = json!({
         "id": session.id,
         "user_id": session.user_id,
+        "title": session.title,
         "state": session.state,
         "turn": session.turn,
         "created_at": rfc3339_ms(session.created_at),

@@ -3,10 +3,11 @@
 //! serves reads, cancel and delete, and the chat page
 //! ([`web`]). Every route of the ingest contract in docs/architecture.md is in [`App::handle`]'s
 //! routing; the routes are served by `send.rs` (sending, regenerating, editing, forking,
-//! cancelling) and `history.rs` (a
-//! session's pages, a user's sessions, deleting), their errors mapped to answers by `api.rs`.
+//! cancelling), `history.rs` (a session's pages, a user's sessions, deleting) and `export.rs`
+//! (renaming, exporting), their errors mapped to answers by `api.rs`.
 
 mod api;
+mod export;
 mod history;
 mod send;
 pub mod web;
@@ -193,9 +194,12 @@ impl App {
             (["sessions", _, "cancel" | "regenerate" | "edit" | "fork"], _) => {
                 Err(ApiError::method_not_allowed("POST"))
             }
+            (["sessions", id, "export"], &Method::GET) => self.export(request, id, caller).await,
+            (["sessions", _, "export"], _) => Err(ApiError::method_not_allowed("GET")),
             (["sessions", id], &Method::GET) => self.get_session(request, id, caller).await,
+            (["sessions", id], &Method::PATCH) => self.rename(request, id, caller).await,
             (["sessions", id], &Method::DELETE) => self.delete_session(id, caller).await,
-            (["sessions", _], _) => Err(ApiError::method_not_allowed("GET, DELETE")),
+            (["sessions", _], _) => Err(ApiError::method_not_allowed("GET, PATCH, DELETE")),
             _ => Err(ApiError::NotFound {
                 code: "route_not_found",
                 message: format!("no route for {method} {path}; see the API in docs/architecture.md"),

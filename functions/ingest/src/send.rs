@@ -92,7 +92,7 @@ impl App {
     }
 
     /// The owner of session `id`, when the caller may act on it; else 404.
-    async fn owner_of(&self, id: SessionId, caller: &Caller) -> Result<UserId, ApiError> {
+    pub(crate) async fn owner_of(&self, id: SessionId, caller: &Caller) -> Result<UserId, ApiError> {
         let session = self
             .store
             .get_session(id, Read::Consistent)

@@ -172,7 +172,10 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         let mut response =
             Response::builder().status(StatusCode::NO_CONTENT).body(Body::empty()).expect("valid");
         let headers = response.headers_mut();
-        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE"));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PATCH, DELETE"),
+        );
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("authorization, content-type, last-event-id"),

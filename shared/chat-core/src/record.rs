@@ -49,6 +49,63 @@ pub struct Session {
     pub summary_pending: bool,
     /// The session and turn this one was forked from: its history up to that turn is a copy.
     pub forked_from: Option<(SessionId, Turn)>,
+    /// Its title: the first words of its first message, the small model's, or the user's own.
+    pub title: Option<String>,
+}
+
+/// Who wrote a session's title; a user's rename is never overwritten by the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TitleBy {
+    /// The first words of the first message, when the session was created.
+    Words,
+    /// The small model, from the first exchange.
+    Model,
+    /// The user, renaming the session.
+    User,
+}
+
+impl TitleBy {
+    /// The name stored with the title.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TitleBy::Words => "words",
+            TitleBy::Model => "model",
+            TitleBy::User => "user",
+        }
+    }
+}
+
+/// The longest title kept, in characters.
+pub const TITLE_MAX_CHARS: usize = 120;
+
+/// A title from the first words of a message: whitespace collapsed, markdown's leading marks
+/// dropped, at most eight words and 60 characters (cut at a word, with an ellipsis).
+pub fn title_from_words(text: &str) -> String {
+    let words: Vec<&str> = text
+        .split_whitespace()
+        .map(|w| w.trim_start_matches(['#', '>', '*', '`', '-']))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut title = String::new();
+    for (i, word) in words.iter().enumerate() {
+        let longer = title.chars().count() + word.chars().count() + usize::from(!title.is_empty());
+        if i == 8 || longer > 60 {
+            if title.is_empty() {
+                title = word.chars().take(59).collect();
+            }
+            title.push('…');
+            return title;
+        }
+        if !title.is_empty() {
+            title.push(' ');
+        }
+        title.push_str(word);
+    }
+    if title.is_empty() {
+        "New chat".to_owned()
+    } else {
+        title
+    }
 }
 
 /// A summary of a conversation up to a turn: the compact memory of what came before.
@@ -375,6 +432,7 @@ impl Session {
                 )),
                 None => None,
             },
+            title: fields.opt_string(attr::TITLE)?.map(str::to_owned),
         })
     }
 }
@@ -514,11 +572,27 @@ pub(crate) mod attr {
     pub const SUPERSEDED_BY: &str = "superseded_by";
     pub const FORKED_FROM: &str = "forked_from";
     pub const FORKED_TURN: &str = "forked_turn";
+    pub const TITLE: &str = "title";
+    pub const TITLE_BY: &str = "title_by";
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_title_is_the_first_words_cut_at_a_word() {
+        assert_eq!(title_from_words("  # How do   I\nsort a *list*?  "), "How do I sort a list*?");
+        assert_eq!(
+            title_from_words("one two three four five six seven eight nine"),
+            "one two three four five six seven eight…"
+        );
+        let long = "a".repeat(100);
+        assert_eq!(title_from_words(&long).chars().count(), 60);
+        assert_eq!(title_from_words(" \n "), "New chat");
+        let many = "word ".repeat(20);
+        assert!(title_from_words(&format!("supercalifragilistic {many}")).chars().count() <= 61);
+    }
 
     #[test]
     fn a_reply_event_round_trips_through_its_token_and_text_is_never_taken_for_one() {

@@ -607,3 +607,55 @@ async fn edit_rewrites_the_last_message_and_the_reply_answers_the_new_text() {
     browser.screenshot("edit").await;
     browser.close().await;
 }
+
+#[tokio::test]
+async fn the_list_shows_titles_and_times_and_a_chat_is_renamed_and_exported_from_the_page() {
+    let browser = browser().await;
+    let user = format!("title-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    browser.send("Hello from the list, with many words to make a title of").await;
+    browser.until_reply("done").await;
+    let listed = browser
+        .until(
+            "the titled chat listed",
+            "const a = document.querySelector('#sessions a');
+             return a && a.firstChild.textContent !== 'New chat' && [a.firstChild.textContent, a.querySelector('small').textContent]",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(listed, json!(["Hello from the list, with many words to…", "just now"]));
+    assert_eq!(browser.js("return document.getElementById('chat-title').textContent").await, listed[0]);
+
+    browser.click("#rename").await;
+    browser.type_into("#title-input", "Greetings").await;
+    browser.click("#title-form button[type=submit]").await;
+    browser
+        .until(
+            "the new name listed",
+            "return document.querySelector('#sessions a').firstChild.textContent === 'Greetings'",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        browser.js("return document.getElementById('chat-title').textContent").await,
+        json!("Greetings")
+    );
+    let id = browser.session_id().await;
+    assert_eq!(stored(&user, &id).await["title"], "Greetings");
+
+    // The download's content, caught where the page hands it to the browser.
+    browser
+        .js("window.exported = [];
+             const make = URL.createObjectURL;
+             URL.createObjectURL = (blob) => { blob.text().then(t => window.exported.push(t)); return make(blob); };
+             return true")
+        .await;
+    browser.click("#export-md").await;
+    let text = browser.until("the export", "return window.exported[0]", Duration::from_secs(10)).await;
+    let text = text.as_str().unwrap();
+    assert!(text.starts_with("# Greetings\n"), "{text}");
+    assert!(text.contains("## You · turn 1\n\nHello from the list"), "{text}");
+    assert!(text.contains("## Assistant · turn 1\n"), "{text}");
+    browser.screenshot("title-and-export").await;
+    browser.close().await;
+}

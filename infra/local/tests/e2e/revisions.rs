@@ -141,3 +141,64 @@ async fn an_edit_answers_the_new_message_and_a_fork_starts_a_session_from_a_turn
     // The source did not move.
     assert_eq!(get_session(api(), &id).await.body["session"]["turn"], 2);
 }
+
+#[tokio::test]
+async fn a_session_is_titled_by_its_first_words_renamed_by_its_user_and_exported_whole() {
+    let user = user();
+    let first =
+        send_text(api(), &user, "## Planning a   trip to the mountains in winter, with dogs", None).await;
+    let id = first.body["session_id"].as_str().unwrap().to_owned();
+    wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
+    let listed =
+        harness::request(reqwest::Method::GET, format!("{}/users/{user}/sessions", api()), None).await;
+    assert_eq!(listed.body["sessions"][0]["title"], "Planning a trip to the mountains in winter,…");
+
+    // A rename is checked, then stands.
+    let patch = |body: Value| {
+        harness::request(reqwest::Method::PATCH, format!("{}/sessions/{id}", api()), Some(body.to_string()))
+    };
+    for (body, code) in [
+        (json!({}), "missing_title"),
+        (json!({"title": "   "}), "invalid_title"),
+        (json!({"title": "a\nb"}), "invalid_title"),
+        (json!({"title": "x".repeat(121)}), "invalid_title"),
+        (json!({"title": 7}), "invalid_title"),
+    ] {
+        let answer = patch(body.clone()).await;
+        assert_eq!((answer.status, answer.body["error"]["code"].as_str()), (400, Some(code)), "{body}");
+    }
+    let renamed = patch(json!({"title": "  Winter trip  "})).await;
+    assert_eq!((renamed.status, renamed.body["title"].as_str()), (200, Some("Winter trip")));
+    assert_eq!(get_session(api(), &id).await.body["session"]["title"], "Winter trip");
+
+    // A second turn, redone once, then the whole session as JSON and as Markdown.
+    send_text(api(), &user, "and the cats?", Some(&id)).await;
+    wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
+    post(format!("/sessions/{id}/regenerate"), json!({})).await;
+    let session = wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
+    let export =
+        |format: &str| harness::http().get(format!("{}/sessions/{id}/export?format={format}", api())).send();
+    let as_json = export("json").await.unwrap();
+    assert_eq!(as_json.status(), 200);
+    assert_eq!(as_json.headers()["content-type"], "application/json");
+    let disposition = as_json.headers()["content-disposition"].to_str().unwrap().to_owned();
+    assert_eq!(disposition, format!("attachment; filename=\"chat-{id}.json\""));
+    let exported: Value = as_json.json().await.unwrap();
+    assert_eq!(exported["session"]["title"], "Winter trip");
+    assert_eq!(exported["session"]["messages"], session["messages"], "the same messages as the history");
+    assert_eq!(exported["session"]["messages"].as_array().unwrap().len(), 6);
+    let markdown = export("markdown").await.unwrap();
+    assert_eq!(markdown.headers()["content-type"], "text/markdown; charset=utf-8");
+    let text = markdown.text().await.unwrap();
+    assert!(text.starts_with("# Winter trip\n"), "{text}");
+    assert!(text.contains("## You · turn 2 (earlier version, redone in turn 3)"), "{text}");
+    assert!(text.contains("## Assistant · turn 3\n"), "{text}");
+    let bad = export("xml").await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let gone = harness::http()
+        .get(format!("{}/sessions/{}/export", api(), uuid::Uuid::new_v4()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+}

@@ -8,7 +8,7 @@ use super::{key, number, string, ForkOutcome, ForkRequest, Read, Store};
 use crate::error::StoreError;
 use crate::fsm::Event;
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
-use crate::record::{attr, Fields, Item};
+use crate::record::{attr, Fields, Item, TitleBy};
 use crate::table::{self, GSI1_PK, GSI1_SK, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
 
@@ -87,6 +87,12 @@ impl Store {
             (GSI1_PK, string(table::user_pk(user))),
             (GSI1_SK, string(table::by_user_sk(now, fork))),
         ];
+        if let Some(title) = &parent.title {
+            set.extend([
+                (attr::TITLE, string(title.clone())),
+                (attr::TITLE_BY, string(TitleBy::User.as_str())),
+            ]);
+        }
         // The source's summary covers turns the fork has too: it stands in for them as well.
         if let Some(summary) = parent.summary.as_ref().filter(|s| s.through <= through) {
             set.extend([

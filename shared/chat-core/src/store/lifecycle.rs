@@ -8,7 +8,7 @@ use super::{
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
-use crate::record::{attr, Fields, Item, Session};
+use crate::record::{attr, Fields, Item, Session, TitleBy};
 use crate::table::{self, DUE_AT, DUE_SHARD, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, DeleteRequest, ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem,
@@ -202,6 +202,47 @@ impl Store {
                 .expression_attribute_names("#pk", PK)
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         Ok(match self.send_conditional(newer).await? {
+            Written::Applied(_) => Outcome::Applied(()),
+            Written::Refused(item) => Outcome::Conflict(Conflict::of_refused(item.as_ref())?),
+        })
+    }
+
+    /// Sets session `id`'s title, trimmed to [`crate::record::TITLE_MAX_CHARS`]. `User` (a
+    /// rename, scoped to `owner` when given) always applies; `Model` never replaces a user's.
+    /// Not a transition: the state and version stay. `Conflict` when the session is gone, not
+    /// the owner's, or renamed by its user.
+    pub async fn set_title(
+        &self,
+        id: SessionId,
+        owner: Option<&UserId>,
+        title: &str,
+        by: TitleBy,
+    ) -> Result<Outcome<()>, StoreError> {
+        let title: String = title.trim().chars().take(crate::record::TITLE_MAX_CHARS).collect();
+        let mut condition = "attribute_exists(#pk)".to_owned();
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(session_key(id)))
+            .update_expression("SET #title = :title, #by = :by")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#title", attr::TITLE)
+            .expression_attribute_names("#by", attr::TITLE_BY)
+            .expression_attribute_values(":title", string(title))
+            .expression_attribute_values(":by", string(by.as_str()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if let Some(owner) = owner {
+            condition.push_str(" AND #user = :user");
+            request = request
+                .expression_attribute_names("#user", attr::USER_ID)
+                .expression_attribute_values(":user", string(owner.as_str()));
+        }
+        if by != TitleBy::User {
+            condition.push_str(" AND (attribute_not_exists(#by) OR #by <> :renamed)");
+            request = request.expression_attribute_values(":renamed", string(TitleBy::User.as_str()));
+        }
+        Ok(match self.send_conditional(request.condition_expression(condition)).await? {
             Written::Applied(_) => Outcome::Applied(()),
             Written::Refused(item) => Outcome::Conflict(Conflict::of_refused(item.as_ref())?),
         })

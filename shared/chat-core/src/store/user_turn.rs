@@ -9,7 +9,7 @@ use super::{
 use crate::error::StoreError;
 use crate::fsm::{Event, State};
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
-use crate::record::{attr, Fields, Item, Session};
+use crate::record::{attr, Fields, Item, Session, TitleBy};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
     AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
@@ -152,6 +152,9 @@ impl Store {
                 (attr::CREATED_AT, number(now)),
                 (GSI1_PK, string(table::user_pk(msg.user))),
                 (GSI1_SK, string(table::by_user_sk(now, session_id))),
+                // Until the small model or the user names it, a session is its first words.
+                (attr::TITLE, string(crate::record::title_from_words(msg.content))),
+                (attr::TITLE_BY, string(TitleBy::Words.as_str())),
             ]);
         }
         let mut message = self.message_item(session_id, turn, Role::User, msg.content, None);
