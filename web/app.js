@@ -30,6 +30,8 @@ const state = {
   retry: null, // what the notice's Retry button does
   lastTurn: 0, // the open session's last turn: the one Regenerate and Edit redo
   editing: null, // the turn whose message the composer is rewriting, if any
+  feed: null, // the EventSource of the user's feed: what other tabs do
+  starting: 0, // requests of this tab that may start a turn, still unanswered
 };
 
 class ApiError extends Error {
@@ -589,7 +591,7 @@ async function send(text, key) {
   $("send").disabled = true;
   let accepted;
   try {
-    accepted = await api("POST", "/sessions/" + encodeURIComponent(state.user) + "/messages", body);
+    accepted = await starting(api("POST", "/sessions/" + encodeURIComponent(state.user) + "/messages", body));
   } catch (err) {
     $("send").disabled = false;
     return fail(err, () => send(text, key));
@@ -603,10 +605,27 @@ async function send(text, key) {
     loadSessions();
   }
   state.lastTurn = accepted.turn;
+  dropTurn(accepted.turn);
   userBubble(text, accepted.turn);
   const bubble = assistantBubble(accepted.turn);
   scrollDown();
   follow(accepted.session_id, accepted.turn, bubble);
+}
+
+/// Counts a request that may start a turn while it is unanswered: the feed's news of that turn
+/// is this tab's own, which it shows itself.
+async function starting(request) {
+  state.starting++;
+  try {
+    return await request;
+  } finally {
+    state.starting--;
+  }
+}
+
+/// Removes a turn's bubbles, so showing it again never shows it twice.
+function dropTurn(turn) {
+  for (const li of document.querySelectorAll('#messages > li[data-turn="' + turn + '"]')) li.remove();
 }
 
 // ----- regenerate, edit, fork --------------------------------------------------------------
@@ -652,6 +671,7 @@ function revised(accepted) {
     markSuperseded(li, accepted.turn);
   }
   state.lastTurn = accepted.turn;
+  dropTurn(accepted.turn);
   userBubble(accepted.message, accepted.turn);
   const bubble = assistantBubble(accepted.turn);
   scrollDown();
@@ -662,7 +682,7 @@ async function regenerate(turn, key) {
   clearNotice();
   let accepted;
   try {
-    accepted = await api("POST", "/sessions/" + encodeURIComponent(state.session) + "/regenerate", { turn, client_message_id: key });
+    accepted = await starting(api("POST", "/sessions/" + encodeURIComponent(state.session) + "/regenerate", { turn, client_message_id: key }));
   } catch (err) {
     return fail(err, () => regenerate(turn, key));
   }
@@ -690,7 +710,7 @@ async function edit(turn, text, key) {
   $("send").disabled = true;
   let accepted;
   try {
-    accepted = await api("POST", "/sessions/" + encodeURIComponent(state.session) + "/edit", { turn, message: text, client_message_id: key });
+    accepted = await starting(api("POST", "/sessions/" + encodeURIComponent(state.session) + "/edit", { turn, message: text, client_message_id: key }));
   } catch (err) {
     $("send").disabled = false;
     return fail(err, () => edit(turn, text, key));
@@ -731,6 +751,68 @@ async function stop() {
   }
 }
 
+// ----- the feed: what the user's other tabs do -------------------------------------------
+
+/// Follows the user's feed: another tab's new chat, rename or delete refreshes the list, and a
+/// turn another tab starts in the open chat streams here too. The feed is a hint: on every
+/// (re)connect the page reloads what it shows.
+function openFeed() {
+  closeFeed();
+  const url = new URL(STREAM + "/users/" + encodeURIComponent(state.user) + "/events", location.href);
+  if (state.token) url.searchParams.set("access_token", state.token);
+  const feed = new EventSource(url);
+  state.feed = feed;
+  let opened = false;
+  feed.onopen = () => {
+    if (opened) {
+      loadSessions();
+      if (state.session && !state.stream) openSession(state.session);
+    }
+    opened = true;
+  };
+  const listChanged = () => loadSessions();
+  feed.addEventListener("session_created", listChanged);
+  feed.addEventListener("session_renamed", listChanged);
+  feed.addEventListener("session_deleted", (e) => {
+    loadSessions();
+    if (JSON.parse(e.data).session_id === state.session) {
+      closeStream();
+      state.session = null;
+      showChatBar();
+      $("messages").replaceChildren();
+      history.replaceState(null, "", location.pathname + location.search);
+      notice("This chat was deleted in another tab.");
+    }
+  });
+  feed.addEventListener("turn_started", (e) => {
+    const event = JSON.parse(e.data);
+    loadSessions();
+    // Another tab's turn in the open chat: show its message and follow its reply live.
+    const shown = document.querySelector('#messages li.user[data-turn="' + event.turn + '"]');
+    if (event.session_id === state.session && !state.stream && !state.starting && !shown) openSession(state.session);
+  });
+  feed.addEventListener("turn_ended", (e) => {
+    const event = JSON.parse(e.data);
+    loadSessions();
+    const following = state.stream && state.stream.session === event.session_id;
+    const reply = document.querySelector('#messages li.assistant[data-turn="' + event.turn + '"]');
+    const ended = reply && ["done", "stopped", "failed"].includes(reply.dataset.state);
+    if (event.session_id === state.session && !following && !state.starting && !ended) openSession(state.session);
+  });
+  feed.addEventListener("resync", () => {
+    loadSessions();
+    if (state.session && !state.stream) openSession(state.session);
+  });
+  feed.addEventListener("error", (e) => {
+    if (e.data && JSON.parse(e.data).code === "token_expired") signOut("Your sign-in has expired. Sign in again.");
+  });
+}
+
+function closeFeed() {
+  if (state.feed) state.feed.close();
+  state.feed = null;
+}
+
 // ----- signing in --------------------------------------------------------------------------
 
 function subjectOf(token) {
@@ -744,6 +826,7 @@ function subjectOf(token) {
 
 function signOut(why) {
   closeStream();
+  closeFeed();
   localStorage.removeItem("chat.user");
   localStorage.removeItem("chat.token");
   state.user = state.token = state.session = null;
@@ -784,6 +867,7 @@ async function enter() {
   $("sign-out").hidden = false;
   $("whoami").textContent = "Signed in as " + state.user;
   const listed = await loadSessions();
+  openFeed();
   const id = location.hash.slice(1);
   if (listed && id) await openSession(id);
   $("input").focus();

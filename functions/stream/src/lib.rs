@@ -1,10 +1,12 @@
-//! The stream function: relays one turn's tokens to a client as Server-Sent Events.
+//! The stream function: relays one turn's tokens to a client as Server-Sent Events, and a user's
+//! feed of what happens to their sessions ([`feed`]: `GET /users/{user}/events`).
 //!
 //! It replays the turn from the start (or after `Last-Event-ID`), then follows it live by polling
 //! DynamoDB — fast while the turn is generating, slower while it waits — until the turn ends
 //! (`message_end` + `commit_done`, or `error`). It closes on its own before the Lambda limit with
 //! a `retry:` hint, and stops reading as soon as the client is gone.
 
+mod feed;
 pub mod sse;
 
 use bytes::Bytes;
@@ -107,6 +109,15 @@ enum StreamError {
     /// 503: DynamoDB failed (logged where it happened).
     #[error("the session store is unavailable; try again")]
     StoreUnavailable,
+    /// 400: the feed's path names no valid user.
+    #[error("{0}")]
+    InvalidUser(String),
+    /// 403: the feed of another user than the caller.
+    #[error("you are not signed in as {0:?}; use your own user id")]
+    Forbidden(String),
+    /// 400: a feed's `Last-Event-ID` is not one of its ids.
+    #[error("{0:?} is not an id this feed sent")]
+    InvalidFeedEventId(String),
 }
 
 impl StreamError {
@@ -128,6 +139,9 @@ impl StreamError {
                 answer(StatusCode::TOO_MANY_REQUESTS, "too_many_streams").retry_after(*retry_after)
             }
             StreamError::StoreUnavailable => answer(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            StreamError::InvalidUser(_) => answer(StatusCode::BAD_REQUEST, "invalid_user_id"),
+            StreamError::Forbidden(_) => answer(StatusCode::FORBIDDEN, "forbidden"),
+            StreamError::InvalidFeedEventId(_) => answer(StatusCode::BAD_REQUEST, "invalid_last_event_id"),
         }
     }
 }
@@ -140,6 +154,8 @@ pub struct Relay {
     settings: Arc<RelaySettings>,
     /// Streams one turn may have open at once (`MAX_STREAMS_PER_TURN`; 0: no limit).
     streams_per_turn: u32,
+    /// How often a user's feed is read (`FEED_POLL_MS`).
+    feed_poll: Duration,
 }
 
 /// Where a relay starts.
@@ -173,13 +189,22 @@ impl Relay {
         let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
         let aws = chat_runtime::aws::load_config().await;
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), table, Default::default());
-        Ok(Relay::new(store, settings, auth).with_streams_per_turn(limits.streams_per_turn))
+        let feed_poll = env.millis_or("FEED_POLL_MS", DEFAULT_FEED_POLL)?;
+        Ok(Relay::new(store, settings, auth)
+            .with_streams_per_turn(limits.streams_per_turn)
+            .with_feed_poll(feed_poll))
     }
 
     /// A relay over explicit parts, with the default streams per turn.
     pub fn new(store: Store, settings: RelaySettings, auth: Authenticator) -> Relay {
         let streams_per_turn = chat_core::UserLimits::default().streams_per_turn;
-        Relay { store, auth, settings: Arc::new(settings), streams_per_turn }
+        Relay { store, auth, settings: Arc::new(settings), streams_per_turn, feed_poll: DEFAULT_FEED_POLL }
+    }
+
+    /// The same relay reading users' feeds every `every`.
+    pub fn with_feed_poll(mut self, every: Duration) -> Relay {
+        self.feed_poll = every;
+        self
     }
 
     /// The same relay letting one turn have at most `max` streams open (0: no limit).
@@ -188,34 +213,59 @@ impl Relay {
         self
     }
 
-    /// Answers `GET /sessions/{id}/stream`: an SSE stream, or a JSON error.
+    /// Answers `GET /sessions/{id}/stream` (a turn) or `GET /users/{user}/events` (a feed): an SSE
+    /// stream, or a JSON error.
     pub async fn handle(&self, request: Request) -> Response<SseBody> {
+        let path = request.uri().path().trim_end_matches('/').to_owned();
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        if let ["users", user, "events"] = segments.as_slice() {
+            return match self.start_feed(&request, user).await {
+                Ok(start) => {
+                    let (tx, rx) = mpsc::channel::<String>(64);
+                    let relay = self.clone();
+                    let span = tracing::info_span!("feed");
+                    tokio::spawn(async move { relay.relay_feed(start, tx).await }.instrument(span));
+                    sse_response(rx)
+                }
+                Err(err) => refused(err),
+            };
+        }
         match self.start(&request).await {
             Ok((position, session)) => {
                 let (tx, rx) = mpsc::channel::<String>(64);
                 let relay = self.clone();
                 let span = tracing::info_span!("stream", session = %position.session, turn = %position.turn);
                 tokio::spawn(async move { relay.relay(position, session, tx).await }.instrument(span));
-                let frames = stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|text| (Ok(http_body::Frame::data(Bytes::from(text))), rx))
-                });
-                Response::builder()
-                    .status(StatusCode::OK)
-                    .header(header::CONTENT_TYPE, "text/event-stream")
-                    .header(header::CACHE_CONTROL, "no-cache")
-                    .header("x-accel-buffering", "no")
-                    .body(StreamBody::new(frames.boxed()))
-                    .expect("valid response")
+                sse_response(rx)
             }
-            Err(err) => {
-                let answer = err.answer();
-                metrics::error_answer(answer.status.as_u16(), answer.code);
-                answer.response().map(|body| {
-                    let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
-                    StreamBody::new(frames.boxed())
-                })
-            }
+            Err(err) => refused(err),
         }
+    }
+
+    /// Who is calling (the token may come as `?access_token=`, since EventSource cannot set
+    /// headers), until when, and the `Last-Event-ID` (or `?last_event_id=`) they sent.
+    async fn identify(
+        &self,
+        request: &Request,
+    ) -> Result<(chat_auth::Caller, Option<u64>, Option<String>), StreamError> {
+        if request.method() != lambda_http::http::Method::GET {
+            return Err(StreamError::MethodNotAllowed);
+        }
+        let query = request.query_string_parameters_ref();
+        let iam = chat_auth::iam_identity(request);
+        let identified = self
+            .auth
+            .authenticate(request.headers(), query.and_then(|q| q.first("access_token")), iam.as_ref())
+            .await
+            .map_err(StreamError::Auth)?;
+        let last_event_id = request
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| query.and_then(|q| q.first("last_event_id")).map(str::to_owned))
+            .filter(|v| !v.trim().is_empty());
+        Ok((identified.caller, identified.expires_at.map(|s| s.saturating_mul(1000)), last_event_id))
     }
 
     async fn start(&self, request: &Request) -> Result<(Position, Session), StreamError> {
@@ -225,27 +275,10 @@ impl Relay {
             ["sessions", id, "stream"] => *id,
             _ => return Err(StreamError::RouteNotFound(path.to_owned())),
         };
-        if request.method() != lambda_http::http::Method::GET {
-            return Err(StreamError::MethodNotAllowed);
-        }
+        let (caller, until, last_event_id) = self.identify(request).await?;
         let query = request.query_string_parameters_ref();
-        // EventSource cannot set headers: the token may come as `?access_token=`.
-        let iam = chat_auth::iam_identity(request);
-        let identified = self
-            .auth
-            .authenticate(request.headers(), query.and_then(|q| q.first("access_token")), iam.as_ref())
-            .await
-            .map_err(StreamError::Auth)?;
-        let (caller, until) = (identified.caller, identified.expires_at.map(|s| s.saturating_mul(1000)));
         let not_found = || StreamError::SessionNotFound(raw_id.to_owned());
         let id = SessionId::parse(raw_id).map_err(|_| not_found())?;
-        let last_event_id = request
-            .headers()
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| query.and_then(|q| q.first("last_event_id")).map(str::to_owned))
-            .filter(|v| !v.trim().is_empty());
         let resume = match &last_event_id {
             None => None,
             Some(raw) => {
@@ -554,6 +587,34 @@ async fn send_tokens(
         tx.send(frame).await.ok()?;
     }
     Some(sent)
+}
+
+/// How often a user's feed is read by default: a tab hears of a change within a second, at half a
+/// read unit a poll.
+const DEFAULT_FEED_POLL: Duration = Duration::from_millis(500);
+
+/// A `200 text/event-stream` answer whose frames come from `rx`.
+fn sse_response(rx: mpsc::Receiver<String>) -> Response<SseBody> {
+    let frames = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|text| (Ok(http_body::Frame::data(Bytes::from(text))), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(StreamBody::new(frames.boxed()))
+        .expect("valid response")
+}
+
+/// A JSON error answer, before any event.
+fn refused(err: StreamError) -> Response<SseBody> {
+    let answer = err.answer();
+    metrics::error_answer(answer.status.as_u16(), answer.code);
+    answer.response().map(|body| {
+        let frames = stream::once(async move { Ok(http_body::Frame::data(Bytes::from(body))) });
+        StreamBody::new(frames.boxed())
+    })
 }
 
 fn unavailable(err: StoreError) -> StreamError {

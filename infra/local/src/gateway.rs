@@ -138,7 +138,7 @@ pub fn start(
 pub fn function_for(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match segments.as_slice() {
-        ["sessions", _, "stream"] => "stream",
+        ["sessions", _, "stream"] | ["users", _, "events"] => "stream",
         _ => "ingest",
     }
 }
@@ -353,6 +353,8 @@ mod tests {
     fn paths_route_like_the_watch_router() {
         assert_eq!(function_for("/sessions/abc/stream"), "stream");
         assert_eq!(function_for("/sessions/abc/stream/"), "stream");
+        assert_eq!(function_for("/users/alice/events"), "stream");
+        assert_eq!(function_for("/users/alice/sessions"), "ingest");
         assert_eq!(function_for("/sessions/abc"), "ingest");
         assert_eq!(function_for("/sessions/alice/messages"), "ingest");
         assert_eq!(function_for("/health"), "ingest");

@@ -16,8 +16,8 @@ pub use error::StoreError;
 pub use fsm::{Event, State};
 pub use ids::{ClientMessageId, InvalidId, MessageId, Role, SessionId, Turn, UserId};
 pub use record::{
-    Chunk, LeaseInfo, Message, ReplyEvent, Routing, Session, StopReason, Summary, TitleBy, ToolUse,
-    TransitionRecord, Usage,
+    Chunk, FeedEvent, FeedKind, LeaseInfo, Message, ReplyEvent, Routing, Session, StopReason, Summary,
+    TitleBy, ToolUse, TransitionRecord, Usage,
 };
 pub use store::limits::{Admission, BudgetSpent, GlobalLimits, UserLimits};
 pub use store::{

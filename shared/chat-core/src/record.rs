@@ -287,6 +287,105 @@ pub struct Chunk {
     pub next_at: Option<u64>,
 }
 
+/// What a user's other tabs are told about their sessions ([`FeedEvent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FeedKind {
+    /// A session was created: by a first message (its first turn started) or a fork.
+    SessionCreated,
+    /// A turn started in an existing session: a message, a regenerate or an edit.
+    TurnStarted,
+    /// A turn ended: committed, failed or timed out.
+    TurnEnded,
+    /// The session got a new title.
+    SessionRenamed,
+    /// The session was deleted.
+    SessionDeleted,
+}
+
+impl FeedKind {
+    /// Every kind.
+    pub const ALL: [FeedKind; 5] = [
+        FeedKind::SessionCreated,
+        FeedKind::TurnStarted,
+        FeedKind::TurnEnded,
+        FeedKind::SessionRenamed,
+        FeedKind::SessionDeleted,
+    ];
+
+    /// The name stored, and sent as the SSE event's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedKind::SessionCreated => "session_created",
+            FeedKind::TurnStarted => "turn_started",
+            FeedKind::TurnEnded => "turn_ended",
+            FeedKind::SessionRenamed => "session_renamed",
+            FeedKind::SessionDeleted => "session_deleted",
+        }
+    }
+
+    /// What a transition from `from` (`None`: no session yet) to `to` tells the feed, read off the
+    /// state machine: a session created, a turn that started (an ended turn's session moves into
+    /// flight) or ended (the reverse); nothing for the steps in between or for settling.
+    pub fn of_transition(from: Option<State>, to: State) -> Option<FeedKind> {
+        match from {
+            None => Some(FeedKind::SessionCreated),
+            Some(from) if from.turn_ended() && to.turn_in_flight() => Some(FeedKind::TurnStarted),
+            Some(from) if from.turn_in_flight() && to.turn_ended() => Some(FeedKind::TurnEnded),
+            Some(_) => None,
+        }
+    }
+}
+
+/// One event of a user's feed: what happened to which session, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEvent {
+    /// Its id: sorts by time; a client resumes after it.
+    pub id: String,
+    /// What happened.
+    pub kind: FeedKind,
+    /// The session it happened to.
+    pub session: SessionId,
+    /// The session's last turn then.
+    pub turn: Option<Turn>,
+    /// The session's state then (`None` for a deleted session, a rename).
+    pub state: Option<State>,
+    /// The transition's event (`user_send`, `regenerate`, `reply_committed`, …), if one.
+    pub event: Option<Event>,
+    /// The session's title (created, renamed).
+    pub title: Option<String>,
+    /// When, epoch ms.
+    pub at: u64,
+}
+
+impl FeedEvent {
+    pub(crate) fn from_item(item: &Item) -> Result<FeedEvent, StoreError> {
+        let fields = Fields::new(item);
+        let sk = fields.string(crate::table::SK)?;
+        let kind = fields.string(attr::EVENT_KIND)?;
+        Ok(FeedEvent {
+            id: sk.strip_prefix(crate::table::FEED_PREFIX).unwrap_or(sk).to_owned(),
+            kind: FeedKind::ALL
+                .into_iter()
+                .find(|k| k.as_str() == kind)
+                .ok_or_else(|| fields.bad(attr::EVENT_KIND, "is not a feed event"))?,
+            session: fields.parsed(attr::SESSION_ID, SessionId::parse)?,
+            turn: fields.opt_turn(attr::TURN)?,
+            state: fields
+                .opt_string(attr::TO)?
+                .map(State::from_str)
+                .transpose()
+                .map_err(|_| fields.bad(attr::TO, "is not a state"))?,
+            event: fields
+                .opt_string(attr::EVENT)?
+                .map(Event::from_str)
+                .transpose()
+                .map_err(|_| fields.bad(attr::EVENT, "is not an event"))?,
+            title: fields.opt_string(attr::TITLE)?.map(str::to_owned),
+            at: fields.number(attr::AT)?,
+        })
+    }
+}
+
 /// One recorded transition, for audit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransitionRecord {
@@ -574,6 +673,7 @@ pub(crate) mod attr {
     pub const FORKED_TURN: &str = "forked_turn";
     pub const TITLE: &str = "title";
     pub const TITLE_BY: &str = "title_by";
+    pub const EVENT_KIND: &str = "feed_kind";
 }
 
 #[cfg(test)]

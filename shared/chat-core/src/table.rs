@@ -11,6 +11,7 @@
 //! | transition | `S#{session}` | `TRANS#{version:010}` |
 //! | idempotency key | `U#{user}` | `IDEM#{client_message_id}` |
 //! | expired-session marker | `U#{user}` | `EXPIRED#{session}` |
+//! | feed event | `U#{user}` | `FEED#{at:013}#{session}#{version}` (kept an hour) |
 //!
 //! Index `by_user` (`gsi1pk` = `U#{user}`, `gsi1sk` = `{created_at:013}#{session}`, keys only) lists a
 //! user's sessions newest first; its keys never change, so session updates do not write to it.
@@ -63,6 +64,8 @@ pub const TRANSITION_PREFIX: &str = "TRANS#";
 pub const IDEMPOTENCY_PREFIX: &str = "IDEM#";
 /// Sort key prefix of the markers that a session removed by its TTL was counted off.
 pub const EXPIRED_PREFIX: &str = "EXPIRED#";
+/// Sort key prefix of a user's feed: what happened to their sessions, by time.
+pub const FEED_PREFIX: &str = "FEED#";
 
 /// Partition key of everything in a session.
 pub fn session_pk(session: SessionId) -> String {
@@ -96,6 +99,12 @@ pub fn chunk_sk(turn: Turn, seq: u32) -> String {
 /// Sort key of the transition record that produced `version`.
 pub fn transition_sk(version: u64) -> String {
     format!("{TRANSITION_PREFIX}{version:010}")
+}
+
+/// Sort key of a feed event: when (epoch ms), then the session and its version (or, for an event
+/// that is no transition, a unique suffix), so ids sort by time and never collide.
+pub fn feed_sk(at_ms: u64, session: SessionId, unique: &str) -> String {
+    format!("{FEED_PREFIX}{at_ms:013}#{session}#{unique}")
 }
 
 /// Sort key of an idempotency record.

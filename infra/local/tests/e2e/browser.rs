@@ -659,3 +659,58 @@ async fn the_list_shows_titles_and_times_and_a_chat_is_renamed_and_exported_from
     browser.screenshot("title-and-export").await;
     browser.close().await;
 }
+
+#[tokio::test]
+async fn a_reply_started_in_one_tab_streams_live_in_another_and_a_rename_shows_in_both() {
+    let browser = browser().await;
+    let user = format!("tabs-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    browser.send("The first message").await;
+    browser.until_reply("done").await;
+    let id = browser.session_id().await;
+    let tab_a = browser.client.window().await.unwrap();
+
+    // Tab B opens the same chat (the sign-in is shared), and shows it as it is.
+    let tab_b = browser.client.new_window(true).await.unwrap().handle;
+    browser.client.switch_to_window(tab_b.clone()).await.unwrap();
+    browser.client.goto(&format!("{}/#{id}", api())).await.unwrap();
+    browser.until_reply("done").await;
+
+    // Tab A sends; tab B, untouched, shows the message and streams the reply as it is written.
+    browser.client.switch_to_window(tab_a.clone()).await.unwrap();
+    browser.send("[[reply-tokens:150]] a longer answer, please").await;
+    browser.client.switch_to_window(tab_b.clone()).await.unwrap();
+    browser
+        .until(
+            "tab B streaming tab A's reply",
+            "const b = document.querySelector('#messages li.assistant[data-turn=\"2\"]');
+             return b && b.dataset.state === 'streaming' && b.dataset.raw.length > 0",
+            Duration::from_secs(5),
+        )
+        .await;
+    let done = browser.until_reply("done").await;
+    let committed = reply_of(&stored(&user, &id).await, 2).unwrap()["content"].clone();
+    assert_eq!(done["raw"], committed, "tab B shows exactly the committed reply");
+    let messages = browser
+        .js("return [...document.querySelectorAll('#messages li.user')].map(li => li.textContent)")
+        .await;
+    assert_eq!(messages, json!(["The first message", "[[reply-tokens:150]] a longer answer, please"]));
+    browser.screenshot("second-tab").await;
+
+    // A rename in tab B reaches tab A's list, without a reload.
+    browser.click("#rename").await;
+    browser.type_into("#title-input", "Shared").await;
+    browser.click("#title-form button[type=submit]").await;
+    browser.client.switch_to_window(tab_a).await.unwrap();
+    browser
+        .until(
+            "tab A's list renamed",
+            "return document.querySelector('#sessions a').firstChild.textContent === 'Shared'
+                 && document.getElementById('chat-title').textContent === 'Shared'",
+            Duration::from_secs(5),
+        )
+        .await;
+    let replies = browser.js("return document.querySelectorAll('#messages li.assistant').length").await;
+    assert_eq!(replies, json!(2), "tab A shows its reply once");
+    browser.close().await;
+}

@@ -126,6 +126,7 @@ impl Store {
             remove: vec![],
             extra_condition: None,
             extra_items,
+            feed: Some(user.clone()),
         };
         let rejection = match self.write_transition(write).await? {
             WriteResult::Applied { .. } => {

@@ -76,6 +76,7 @@ impl Store {
                 remove: vec![],
                 extra_condition: Some(("#turn = :turn", vec![(":turn", number(turn.get()))])),
                 extra_items: vec![],
+                feed: Some(current.user_id.clone()),
             };
             let version = match self.write_transition(write).await? {
                 WriteResult::Applied { version } => version,
@@ -341,6 +342,7 @@ impl Store {
                 .into_iter()
                 .chain(self.charge(&lease.user, reply.usage.total()))
                 .collect(),
+            feed: Some(lease.user.clone()),
         };
         self.outcome(write).await
     }

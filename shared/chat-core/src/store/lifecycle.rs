@@ -1,18 +1,18 @@
 //! How turns and sessions end: a turn ended in `error` or `timeout`, a session settled back to
 //! `idle`, an overdue turn re-driven, and a session deleted with everything under it.
 
-use super::transition::TransitionWrite;
+use super::transition::{FeedNote, TransitionWrite};
 use super::{
     backoff, key, ms, number, session_key, string, Conflict, DeleteOutcome, Outcome, Read, Store, Written,
 };
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{ClientMessageId, SessionId, Turn, UserId};
-use crate::record::{attr, Fields, Item, Session, TitleBy};
+use crate::record::{attr, FeedKind, Fields, Item, Session, TitleBy};
 use crate::table::{self, DUE_AT, DUE_SHARD, PK, SK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::types::{
-    AttributeValue, Delete, DeleteRequest, ReturnValuesOnConditionCheckFailure, Select, TransactWriteItem,
-    WriteRequest,
+    AttributeValue, Delete, DeleteRequest, ReturnValue, ReturnValuesOnConditionCheckFailure, Select,
+    TransactWriteItem, WriteRequest,
 };
 use uuid::Uuid;
 
@@ -82,6 +82,7 @@ impl Store {
             remove,
             extra_condition: None,
             extra_items,
+            feed: Some(current.user_id.clone()),
         };
         self.outcome(write).await
     }
@@ -144,6 +145,7 @@ impl Store {
                 remove: vec![],
                 extra_condition: None,
                 extra_items: vec![],
+                feed: Some(current.user_id.clone()),
             };
             match self.outcome(write).await? {
                 Outcome::Applied(version) if event == Event::IdleExpired => {
@@ -231,6 +233,7 @@ impl Store {
             .expression_attribute_names("#by", attr::TITLE_BY)
             .expression_attribute_values(":title", string(title))
             .expression_attribute_values(":by", string(by.as_str()))
+            .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         if let Some(owner) = owner {
             condition.push_str(" AND #user = :user");
@@ -242,10 +245,32 @@ impl Store {
             condition.push_str(" AND (attribute_not_exists(#by) OR #by <> :renamed)");
             request = request.expression_attribute_values(":renamed", string(TitleBy::User.as_str()));
         }
-        Ok(match self.send_conditional(request.condition_expression(condition)).await? {
-            Written::Applied(_) => Outcome::Applied(()),
-            Written::Refused(item) => Outcome::Conflict(Conflict::of_refused(item.as_ref())?),
-        })
+        let out = match self.send_conditional(request.condition_expression(condition)).await? {
+            Written::Applied(out) => out,
+            Written::Refused(item) => return Ok(Outcome::Conflict(Conflict::of_refused(item.as_ref())?)),
+        };
+        // The user's other tabs are told; the title is stored whether or not they can be.
+        let renamed = Session::from_item(out.attributes().unwrap_or(&Item::new()))?;
+        let note = FeedNote {
+            kind: FeedKind::SessionRenamed,
+            session: id,
+            turn: Some(renamed.turn),
+            state: None,
+            event: None,
+            title: renamed.title.clone(),
+        };
+        let at = self.now_ms();
+        let unique = format!("title-{}", Uuid::new_v4().simple());
+        let put = self.client.put_item().table_name(&*self.table).set_item(Some(self.feed_item(
+            &renamed.user_id,
+            note,
+            at,
+            &unique,
+        )));
+        if let Err(err) = self.send(put).await {
+            tracing::warn!(error = %err, "could not tell the feed of a rename");
+        }
+        Ok(Outcome::Applied(()))
     }
 
     /// Gives up on `current`'s pending summary (its job was re-sent as often as allowed): clears
@@ -291,6 +316,7 @@ impl Store {
             remove: vec![attr::REASON, DUE_SHARD, DUE_AT],
             extra_condition: None,
             extra_items: vec![],
+            feed: Some(current.user_id.clone()),
         };
         self.outcome(write).await
     }
@@ -350,11 +376,20 @@ impl Store {
                 .expression_attribute_names("#pk", PK)
                 .build()
                 .expect("delete fields are set");
+            let note = FeedNote {
+                kind: FeedKind::SessionDeleted,
+                session: id,
+                turn: Some(session.turn),
+                state: None,
+                event: None,
+                title: None,
+            };
             let request = self
                 .client
                 .transact_write_items()
                 .transact_items(TransactWriteItem::builder().delete(delete).build())
                 .transact_items(self.count_sessions(&session.user_id, -1))
+                .transact_items(self.feed_put(&session.user_id, note, self.now_ms(), "deleted"))
                 .client_request_token(Uuid::new_v4().to_string());
             // Refused: a concurrent delete took the session item (and moved the count) first.
             self.send_conditional(request).await?;

@@ -30,6 +30,7 @@ mod user_turn;
 pub use outcomes::*;
 pub use reads::{Read, SessionCursor};
 pub(crate) use request::Written;
+pub use transition::FEED_RETENTION_S;
 
 use crate::error::StoreError;
 use crate::ids::SessionId;

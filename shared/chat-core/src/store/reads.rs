@@ -4,7 +4,7 @@
 use super::{backoff, key, number, prefix_end, session_key, string, InvalidCursor, SessionPage, Store};
 use crate::error::StoreError;
 use crate::ids::{Role, SessionId, Turn, UserId};
-use crate::record::{Chunk, Fields, Item, Message, Session, TransitionRecord};
+use crate::record::{Chunk, FeedEvent, Fields, Item, Message, Session, TransitionRecord};
 use crate::table::{self, DUE_AT, DUE_SHARD, GSI1_PK, GSI1_SK, PK, SK};
 use aws_sdk_dynamodb::types::KeysAndAttributes;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -86,6 +86,24 @@ impl Store {
             .expression_attribute_values(":to", string(to))
             .consistent_read(read.consistent());
         self.query_all(query).await
+    }
+
+    /// `user`'s feed events at or after `from_ms` (epoch ms), oldest first: a query of the user's
+    /// partition, eventually consistent (half a read unit when nothing happened).
+    pub async fn feed_since(&self, user: &UserId, from_ms: u64) -> Result<Vec<FeedEvent>, StoreError> {
+        let prefix = table::FEED_PREFIX;
+        let query = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .key_condition_expression("#pk = :pk AND #sk BETWEEN :from AND :to")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#sk", SK)
+            .expression_attribute_values(":pk", string(table::user_pk(user)))
+            .expression_attribute_values(":from", string(format!("{prefix}{from_ms:013}")))
+            .expression_attribute_values(":to", string(prefix_end(prefix)))
+            .consistent_read(Read::Eventual.consistent());
+        self.query_all(query).await?.iter().map(FeedEvent::from_item).collect()
     }
 
     /// Reads one message of a turn (one `GetItem`), if it exists.

@@ -8,7 +8,7 @@ use super::{backoff, key, number, session_key, string, Conflict, Outcome, Read, 
 use crate::error::StoreError;
 use crate::fsm::{self, Event, State};
 use crate::ids::{Role, SessionId, Turn, UserId};
-use crate::record::{attr, Item, Session, StopReason};
+use crate::record::{attr, FeedKind, Item, Session, StopReason};
 use crate::table::{self, PK, TTL_ATTRIBUTE};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
@@ -31,7 +31,23 @@ pub(super) struct TransitionWrite {
     pub extra_condition: Option<(&'static str, Vec<(&'static str, AttributeValue)>)>,
     /// Items that must land atomically with the transition (message, idempotency record).
     pub extra_items: Vec<TransactWriteItem>,
+    /// The session's owner, whose feed is told of the transition when it starts or ends a turn
+    /// or creates the session (`None`: a step nobody is told of).
+    pub feed: Option<UserId>,
 }
+
+/// What a feed event says, before it is written ([`crate::FeedEvent`] once read).
+pub(super) struct FeedNote {
+    pub kind: FeedKind,
+    pub session: SessionId,
+    pub turn: Option<Turn>,
+    pub state: Option<State>,
+    pub event: Option<Event>,
+    pub title: Option<String>,
+}
+
+/// How long feed events are kept: a tab that was away longer reloads its list.
+pub const FEED_RETENTION_S: u64 = 3600;
 
 // Returned once per write and consumed at once (see `Outcome`).
 #[allow(clippy::large_enum_variant)]
@@ -193,6 +209,20 @@ impl Store {
             record.insert(attr::FROM.to_owned(), string(from.as_str()));
         }
 
+        // The feed's event rides in the same transaction: a tab is told only what happened.
+        let feed = w.feed.as_ref().and_then(|user| {
+            let kind = FeedKind::of_transition(from, to)?;
+            let title = w.set.iter().find(|(name, _)| *name == attr::TITLE).and_then(|(_, v)| v.as_s().ok());
+            let note = FeedNote {
+                kind,
+                session: w.session,
+                turn: Some(w.turn),
+                state: Some(to),
+                event: Some(w.event),
+                title: title.cloned(),
+            };
+            Some(self.feed_put(user, note, now, &format!("{version:010}")))
+        });
         let mut names = HashMap::from([
             ("#state".to_owned(), attr::STATE.to_owned()),
             ("#version".to_owned(), attr::VERSION.to_owned()),
@@ -267,7 +297,43 @@ impl Store {
         let mut items =
             vec![TransactWriteItem::builder().update(session_update).build(), self.put_new(record)];
         items.extend(w.extra_items);
+        items.extend(feed);
         Ok(Transaction { items, version, op })
+    }
+
+    /// A feed event of `user` as a transaction's put; `unique` tells apart events of one session
+    /// in the same millisecond (a transition's version).
+    pub(super) fn feed_put(&self, user: &UserId, note: FeedNote, at: u64, unique: &str) -> TransactWriteItem {
+        let put = Put::builder()
+            .table_name(&*self.table)
+            .set_item(Some(self.feed_item(user, note, at, unique)))
+            .build()
+            .expect("put fields are set");
+        TransactWriteItem::builder().put(put).build()
+    }
+
+    pub(super) fn feed_item(&self, user: &UserId, note: FeedNote, at: u64, unique: &str) -> Item {
+        let mut item = key(table::user_pk(user), table::feed_sk(at, note.session, unique));
+        item.extend([
+            (attr::KIND.to_owned(), string("feed")),
+            (attr::EVENT_KIND.to_owned(), string(note.kind.as_str())),
+            (attr::SESSION_ID.to_owned(), string(note.session.to_string())),
+            (attr::AT.to_owned(), number(at)),
+            (TTL_ATTRIBUTE.to_owned(), number(at / 1000 + FEED_RETENTION_S)),
+        ]);
+        if let Some(turn) = note.turn {
+            item.insert(attr::TURN.to_owned(), number(turn.get()));
+        }
+        if let Some(state) = note.state {
+            item.insert(attr::TO.to_owned(), string(state.as_str()));
+        }
+        if let Some(event) = note.event {
+            item.insert(attr::EVENT.to_owned(), string(event.as_str()));
+        }
+        if let Some(title) = note.title {
+            item.insert(attr::TITLE.to_owned(), string(title));
+        }
+        item
     }
 
     /// Builds a conditional `Put` of a new item.

@@ -201,6 +201,7 @@ impl Store {
             remove: vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, attr::REASON, attr::SUMMARY_PENDING],
             extra_condition: None,
             extra_items,
+            feed: Some(msg.user.clone()),
         };
         let rejection = match self.write_transition(write).await? {
             WriteResult::Applied { version } => {
@@ -280,6 +281,7 @@ impl Store {
             remove: vec![],
             extra_condition: None,
             extra_items: vec![],
+            feed: None,
         };
         Ok(match self.write_transition(write).await? {
             WriteResult::Applied { version } => Outcome::Applied(TurnTicket { version, ..ticket.clone() }),
