@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV := .tools/venv
 FUNCTIONS := ingest generator stream sweeper
 
-.PHONY: help tools browser functions dev test test-build test-infra lint fmt-check fmt check-toolchain check-arm64 bench-turn bench-cancel bench-prompt bench-load bench-cpu bench-sweep bench-coldstart validate build sam-build preflight deploy
+.PHONY: help tools node-tools browser functions dev test test-build test-infra lint fmt-check fmt check-toolchain check-arm64 bench-turn bench-cancel bench-prompt bench-load bench-cpu bench-sweep bench-coldstart validate build sam-build preflight deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,14 @@ $(VENV)/.installed: infra/requirements.txt
 	touch $@
 
 tools: check-toolchain $(VENV)/.installed ## Install the pinned local tools (cargo-lambda, moto, cfn-lint, SAM CLI)
+
+# The Durable Streams client the end-to-end tests read a turn's log with, at the version and
+# hashes package-lock.json pins (npm ci: exactly those, never an upgrade).
+DURABLE_CLIENT := infra/local/durable-client
+node-tools: $(DURABLE_CLIENT)/node_modules/.installed ## Install the pinned npm packages the tests use
+$(DURABLE_CLIENT)/node_modules/.installed: $(DURABLE_CLIENT)/package.json $(DURABLE_CLIENT)/package-lock.json
+	cd $(DURABLE_CLIENT) && npm ci --no-audit --no-fund
+	touch $@
 
 # Headless Chromium and its WebDriver from Debian's packages, for the chat page's browser tests;
 # installed once (apt-get, as root or through sudo), then found at these paths.
@@ -73,7 +81,7 @@ test-build: check-toolchain ## Compile every test (with LINT=1, clippy's lints t
 # tests wait on turns, leases, sweeps and the browser rather than on the CPU: eight at a time run
 # the end-to-end binary in about half the time of two, on two cores.
 RUST_TEST_THREADS ?= 8
-test: tools browser test-build functions validate test-infra ## Run every test: unit, store laws, template drift, end to end through cargo lambda watch, the page in Chromium
+test: tools browser node-tools test-build functions validate test-infra ## Run every test: unit, store laws, template drift, end to end through cargo lambda watch, the page in Chromium
 	@mkdir -p target
 	set -o pipefail; $(TEST_LINT) RUST_TEST_THREADS=$(RUST_TEST_THREADS) $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
 	@infra/test-summary.sh target/test-output.log

@@ -57,6 +57,9 @@ impl Relay {
         request: &lambda_http::Request,
         raw_user: &str,
     ) -> Result<FeedStart, StreamError> {
+        if request.method() != lambda_http::http::Method::GET {
+            return Err(StreamError::MethodNotAllowed);
+        }
         let (caller, until, last_event_id) = self.identify(request).await?;
         let decoded = percent_encoding::percent_decode_str(raw_user).decode_utf8_lossy();
         let user = UserId::parse(&decoded).map_err(|e| StreamError::InvalidUser(e.to_string()))?;

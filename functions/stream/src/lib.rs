@@ -7,6 +7,7 @@
 //! a `retry:` hint, and stops reading as soon as the client is gone.
 
 mod feed;
+pub mod log;
 pub mod sse;
 
 use bytes::Bytes;
@@ -118,6 +119,15 @@ enum StreamError {
     /// 400: a feed's `Last-Event-ID` is not one of its ids.
     #[error("{0:?} is not an id this feed sent")]
     InvalidFeedEventId(String),
+    /// 405: a turn's log is written by the generator alone.
+    #[error("a turn's log is read-only: use GET or HEAD")]
+    LogIsReadOnly,
+    /// 400: `live` is not a read mode of the log.
+    #[error("live={0:?} is not long-poll or sse")]
+    InvalidLive(String),
+    /// 400: `offset` is not one the log gave, or lies past its end.
+    #[error("offset {0:?} is not -1, now, or an offset this log gave")]
+    InvalidOffset(String),
 }
 
 impl StreamError {
@@ -142,6 +152,11 @@ impl StreamError {
             StreamError::InvalidUser(_) => answer(StatusCode::BAD_REQUEST, "invalid_user_id"),
             StreamError::Forbidden(_) => answer(StatusCode::FORBIDDEN, "forbidden"),
             StreamError::InvalidFeedEventId(_) => answer(StatusCode::BAD_REQUEST, "invalid_last_event_id"),
+            StreamError::LogIsReadOnly => {
+                answer(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").allow("GET, HEAD")
+            }
+            StreamError::InvalidLive(_) => answer(StatusCode::BAD_REQUEST, "invalid_live"),
+            StreamError::InvalidOffset(_) => answer(StatusCode::BAD_REQUEST, "invalid_offset"),
         }
     }
 }
@@ -156,6 +171,8 @@ pub struct Relay {
     streams_per_turn: u32,
     /// How often a user's feed is read (`FEED_POLL_MS`).
     feed_poll: Duration,
+    /// How long a long-poll of a turn's log waits for text (`STREAM_LONG_POLL_MS`).
+    long_poll_wait: Duration,
 }
 
 /// Where a relay starts.
@@ -190,15 +207,30 @@ impl Relay {
         let aws = chat_runtime::aws::load_config().await;
         let store = Store::new(chat_runtime::aws::dynamodb(&aws), table, Default::default());
         let feed_poll = env.millis_or("FEED_POLL_MS", DEFAULT_FEED_POLL)?;
+        let long_poll_wait = env.millis_or("STREAM_LONG_POLL_MS", log::LONG_POLL_WAIT)?;
         Ok(Relay::new(store, settings, auth)
             .with_streams_per_turn(limits.streams_per_turn)
-            .with_feed_poll(feed_poll))
+            .with_feed_poll(feed_poll)
+            .with_long_poll_wait(long_poll_wait))
     }
 
     /// A relay over explicit parts, with the default streams per turn.
     pub fn new(store: Store, settings: RelaySettings, auth: Authenticator) -> Relay {
         let streams_per_turn = chat_core::UserLimits::default().streams_per_turn;
-        Relay { store, auth, settings: Arc::new(settings), streams_per_turn, feed_poll: DEFAULT_FEED_POLL }
+        Relay {
+            store,
+            auth,
+            settings: Arc::new(settings),
+            streams_per_turn,
+            feed_poll: DEFAULT_FEED_POLL,
+            long_poll_wait: log::LONG_POLL_WAIT,
+        }
+    }
+
+    /// The same relay answering a long-poll of a turn's log with `204` after `wait` without text.
+    pub fn with_long_poll_wait(mut self, wait: Duration) -> Relay {
+        self.long_poll_wait = wait;
+        self
     }
 
     /// The same relay reading users' feeds every `every`.
@@ -218,6 +250,9 @@ impl Relay {
     pub async fn handle(&self, request: Request) -> Response<SseBody> {
         let path = request.uri().path().trim_end_matches('/').to_owned();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
+        if let ["sessions", session, "turns", turn, "log"] = segments.as_slice() {
+            return self.serve_log(&request, session, turn).await;
+        }
         if let ["users", user, "events"] = segments.as_slice() {
             return match self.start_feed(&request, user).await {
                 Ok(start) => {
@@ -248,9 +283,6 @@ impl Relay {
         &self,
         request: &Request,
     ) -> Result<(chat_auth::Caller, Option<u64>, Option<String>), StreamError> {
-        if request.method() != lambda_http::http::Method::GET {
-            return Err(StreamError::MethodNotAllowed);
-        }
         let query = request.query_string_parameters_ref();
         let iam = chat_auth::iam_identity(request);
         let identified = self
@@ -275,6 +307,9 @@ impl Relay {
             ["sessions", id, "stream"] => *id,
             _ => return Err(StreamError::RouteNotFound(path.to_owned())),
         };
+        if request.method() != lambda_http::http::Method::GET {
+            return Err(StreamError::MethodNotAllowed);
+        }
         let (caller, until, last_event_id) = self.identify(request).await?;
         let query = request.query_string_parameters_ref();
         let not_found = || StreamError::SessionNotFound(raw_id.to_owned());
@@ -594,7 +629,7 @@ async fn send_tokens(
 const DEFAULT_FEED_POLL: Duration = Duration::from_millis(500);
 
 /// A `200 text/event-stream` answer whose frames come from `rx`.
-fn sse_response(rx: mpsc::Receiver<String>) -> Response<SseBody> {
+pub(crate) fn sse_response(rx: mpsc::Receiver<String>) -> Response<SseBody> {
     let frames = stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|text| (Ok(http_body::Frame::data(Bytes::from(text))), rx))
     });
@@ -608,7 +643,7 @@ fn sse_response(rx: mpsc::Receiver<String>) -> Response<SseBody> {
 }
 
 /// A JSON error answer, before any event.
-fn refused(err: StreamError) -> Response<SseBody> {
+pub(crate) fn refused(err: StreamError) -> Response<SseBody> {
     let answer = err.answer();
     metrics::error_answer(answer.status.as_u16(), answer.code);
     answer.response().map(|body| {

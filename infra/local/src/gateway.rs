@@ -138,7 +138,7 @@ pub fn start(
 pub fn function_for(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match segments.as_slice() {
-        ["sessions", _, "stream"] | ["users", _, "events"] => "stream",
+        ["sessions", _, "stream"] | ["sessions", _, "turns", _, "log"] | ["users", _, "events"] => "stream",
         _ => "ingest",
     }
 }
@@ -174,11 +174,11 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         let headers = response.headers_mut();
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, PATCH, DELETE"),
+            HeaderValue::from_static("GET, HEAD, POST, PATCH, DELETE"),
         );
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type, last-event-id"),
+            HeaderValue::from_static("authorization, content-type, last-event-id, if-none-match"),
         );
         headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("3600"));
         response
@@ -190,7 +190,12 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     }
     headers.insert(header::VARY, HeaderValue::from_static("origin"));
-    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(
+            "retry-after, etag, stream-next-offset, stream-up-to-date, stream-closed, stream-cursor",
+        ),
+    );
     response
 }
 
@@ -354,6 +359,7 @@ mod tests {
         assert_eq!(function_for("/sessions/abc/stream"), "stream");
         assert_eq!(function_for("/sessions/abc/stream/"), "stream");
         assert_eq!(function_for("/users/alice/events"), "stream");
+        assert_eq!(function_for("/sessions/abc/turns/2/log"), "stream");
         assert_eq!(function_for("/users/alice/sessions"), "ingest");
         assert_eq!(function_for("/sessions/abc"), "ingest");
         assert_eq!(function_for("/sessions/alice/messages"), "ingest");

@@ -13,6 +13,7 @@ mod browser;
 mod chat;
 mod crash;
 mod dev;
+mod durable;
 mod iam;
 mod lifecycle;
 mod limits;
