@@ -770,11 +770,16 @@ function openFeed() {
     }
     opened = true;
   };
-  const listChanged = () => loadSessions();
+  // A burst of news reloads the list once.
+  let reload = 0;
+  const listChanged = () => {
+    clearTimeout(reload);
+    reload = setTimeout(() => loadSessions(), 300);
+  };
   feed.addEventListener("session_created", listChanged);
   feed.addEventListener("session_renamed", listChanged);
   feed.addEventListener("session_deleted", (e) => {
-    loadSessions();
+    listChanged();
     if (JSON.parse(e.data).session_id === state.session) {
       closeStream();
       state.session = null;
@@ -786,14 +791,14 @@ function openFeed() {
   });
   feed.addEventListener("turn_started", (e) => {
     const event = JSON.parse(e.data);
-    loadSessions();
+    listChanged();
     // Another tab's turn in the open chat: show its message and follow its reply live.
     const shown = document.querySelector('#messages li.user[data-turn="' + event.turn + '"]');
     if (event.session_id === state.session && !state.stream && !state.starting && !shown) openSession(state.session);
   });
   feed.addEventListener("turn_ended", (e) => {
     const event = JSON.parse(e.data);
-    loadSessions();
+    listChanged();
     const following = state.stream && state.stream.session === event.session_id;
     const reply = document.querySelector('#messages li.assistant[data-turn="' + event.turn + '"]');
     const ended = reply && ["done", "stopped", "failed"].includes(reply.dataset.state);
@@ -804,9 +809,22 @@ function openFeed() {
     if (state.session && !state.stream) openSession(state.session);
   });
   feed.addEventListener("error", (e) => {
-    if (e.data && JSON.parse(e.data).code === "token_expired") signOut("Your sign-in has expired. Sign in again.");
+    if (e.data && JSON.parse(e.data).code === "token_expired") return signOut("Your sign-in has expired. Sign in again.");
+    // Refused (too many tabs, say): the browser gives up on it, the page tries again later.
+    if (feed.readyState === EventSource.CLOSED && state.feed === feed) setTimeout(() => state.feed === feed && openFeed(), 30000);
   });
 }
+
+// A hidden tab lets its feed go (it holds a stream and a Lambda), and catches up when shown.
+document.addEventListener("visibilitychange", () => {
+  if (!state.user) return;
+  if (document.hidden) return closeFeed();
+  if (!state.feed) {
+    openFeed();
+    loadSessions();
+    if (state.session && !state.stream) openSession(state.session);
+  }
+});
 
 function closeFeed() {
   if (state.feed) state.feed.close();

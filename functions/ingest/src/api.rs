@@ -37,6 +37,8 @@ pub enum ApiError {
     TooLarge,
     /// 413: a session's export would be over what one answer carries.
     ExportTooLarge { message: String },
+    /// 413: a fork would copy more turns than a fork may.
+    TooManyTurnsToFork { turns: u32, max: u32 },
     /// 413: the message has more tokens than the model's prompt budget leaves for it.
     MessageTooLong { tokens: usize, limit: usize },
     /// 429: a limit; `Retry-After` says when to try again, `details` (an object) what the limit
@@ -114,6 +116,12 @@ impl ApiError {
             ApiError::ExportTooLarge { message } => {
                 ErrorAnswer::new(StatusCode::PAYLOAD_TOO_LARGE, "export_too_large", message)
             }
+            ApiError::TooManyTurnsToFork { turns, max } => ErrorAnswer::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "fork_too_long",
+                format!("a fork copies at most {max} turns; fork at turn {max} or earlier, not {turns}"),
+            )
+            .details(json!({"turns": turns, "max": max})),
             ApiError::UnsupportedMediaType { found } => ErrorAnswer::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",

@@ -81,12 +81,7 @@ impl App {
             let page = self.store.messages_between(id, from, to).await.map_err(unavailable)?;
             bytes += page.iter().map(|m| m.content.len()).sum::<usize>();
             if bytes > MAX_EXPORT_BYTES {
-                return Err(ApiError::ExportTooLarge {
-                    message: format!(
-                        "the session holds over {} MiB of text, more than one answer carries; read it a page at a time with GET /sessions/{id}",
-                        MAX_EXPORT_BYTES >> 20
-                    ),
-                });
+                return Err(too_large(id));
             }
             messages.extend(page);
             first = through + 1;
@@ -97,6 +92,10 @@ impl App {
         } else {
             ("application/json", "json", as_json(&session, &messages, now).to_string())
         };
+        // Tool calls, escaping and framing add to the text: the answer itself must fit.
+        if body.len() > MAX_EXPORT_BYTES {
+            return Err(too_large(id));
+        }
         Ok(Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, content_type)
@@ -104,6 +103,24 @@ impl App {
             .body(Body::Text(body))
             .expect("status and headers are valid"))
     }
+}
+
+fn too_large(id: chat_core::SessionId) -> ApiError {
+    ApiError::ExportTooLarge {
+        message: format!(
+            "the session's export is over {} MiB, more than one answer carries; read it a page at a time with GET /sessions/{id}",
+            MAX_EXPORT_BYTES >> 20
+        ),
+    }
+}
+
+/// `text` as inline code that nothing in it can end: a fence of one more backtick than its
+/// longest run, on one line.
+fn inline_code(text: &str) -> String {
+    let flat = text.replace(['\r', '\n'], " ");
+    let longest = flat.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest + 1);
+    format!("{fence} {flat} {fence}")
 }
 
 /// The turn of `messages` that redid each earlier turn, by the marks on their user messages.
@@ -140,13 +157,9 @@ fn as_markdown(session: &Session, messages: &[Message], now: u64) -> String {
         }
         out.push_str("\n\n");
         for tool in &m.tool_uses {
-            let outcome = if tool.is_error { "failed" } else { "→" };
-            out.push_str(&format!(
-                "> {} `{}` {outcome} {}\n",
-                tool.name,
-                tool.arguments,
-                tool.result.replace('\n', " ")
-            ));
+            let outcome = if tool.is_error { "failed:" } else { "→" };
+            let (name, arguments) = (inline_code(&tool.name), inline_code(&tool.arguments));
+            out.push_str(&format!("> {name} {arguments} {outcome} {}\n", inline_code(&tool.result)));
         }
         if !m.tool_uses.is_empty() {
             out.push('\n');

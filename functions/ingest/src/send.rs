@@ -182,6 +182,7 @@ impl App {
                 ),
                 state,
             }),
+            SendOutcome::KeyUsedByFork => Err(key_mismatch(key.expect("a used key was sent"), State::Idle)),
             SendOutcome::NothingToRevise { last, state } => Err(ApiError::Conflict {
                 code: "nothing_to_regenerate",
                 message: format!("turn {last}'s message is no longer kept; send it again instead"),
@@ -406,6 +407,8 @@ impl App {
         let body = api::TurnBody::parse(request.body(), false)?;
         let user = self.owner_of(id, caller).await?;
         tracing::Span::current().record("session", id.to_string());
+        // A fork writes a copy of the history: it is paced by the user's turn bucket like a turn.
+        self.take_turn(&user).await?;
         let fork = ForkRequest {
             user: &user,
             source: id,
@@ -446,6 +449,7 @@ impl App {
                 let key = body.client_message_id.as_ref().expect("a used key was sent");
                 Err(key_mismatch(key, State::Idle))
             }
+            ForkOutcome::TooLong { turns, max } => Err(ApiError::TooManyTurnsToFork { turns, max }),
         }
     }
 

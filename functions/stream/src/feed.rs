@@ -75,8 +75,21 @@ impl Relay {
         };
         let stream_id = uuid::Uuid::new_v4().simple().to_string();
         let hold = self.settings.max_duration + Duration::from_secs(60);
+        // A feed slot first (feeds may hold only some of the user's streams), then a stream slot.
+        let feeds = self.open_feeds;
+        if let Admission::Limited { retry_after } =
+            self.store.open_feed(&user, &stream_id, feeds, hold).await.map_err(unavailable)?
+        {
+            return Err(StreamError::TooManyFeeds { max: feeds, retry_after });
+        }
         let max = self.settings.max_open_streams;
-        match self.store.open_stream(&user, &stream_id, max, hold).await.map_err(unavailable)? {
+        let stream_slot = self.store.open_stream(&user, &stream_id, max, hold).await;
+        if !matches!(stream_slot, Ok(Admission::Admitted)) {
+            if let Err(err) = self.store.close_feed(&user, &stream_id).await {
+                warn!(error = %err, "could not give back the feed slot; it lapses on its own");
+            }
+        }
+        match stream_slot.map_err(unavailable)? {
             Admission::Admitted => Ok(FeedStart { user, resume, stream_id, until }),
             Admission::Limited { retry_after } => Err(StreamError::TooManyStreams { max, retry_after }),
         }
@@ -93,6 +106,9 @@ impl Relay {
         }
         if let Err(err) = self.store.close_stream(&start.user, &start.stream_id).await {
             warn!(error = %err, "could not give back the stream slot; it lapses on its own");
+        }
+        if let Err(err) = self.store.close_feed(&start.user, &start.stream_id).await {
+            warn!(error = %err, "could not give back the feed slot; it lapses on its own");
         }
     }
 

@@ -104,6 +104,9 @@ enum StreamError {
     /// 429: the user has their most streams open.
     #[error("you have {max} streams open, the most allowed; close one and reconnect")]
     TooManyStreams { max: u32, retry_after: Duration },
+    /// 429: the user has their most feeds open (feeds may not hold all of a user's streams).
+    #[error("you have {max} feeds open (other tabs), the most allowed; close one and reconnect")]
+    TooManyFeeds { max: u32, retry_after: Duration },
     /// 429: the turn has its most streams open (one turn may not hold all of a user's).
     #[error("this turn has {max} streams open, the most allowed; close one and reconnect")]
     TooManyStreamsOfTurn { max: u32, retry_after: Duration },
@@ -145,6 +148,7 @@ impl StreamError {
             StreamError::InvalidLastEventId(_) => answer(StatusCode::BAD_REQUEST, "invalid_last_event_id"),
             StreamError::InvalidTurn(_) => answer(StatusCode::BAD_REQUEST, "invalid_turn"),
             StreamError::TooManyStreams { retry_after, .. }
+            | StreamError::TooManyFeeds { retry_after, .. }
             | StreamError::TooManyStreamsOfTurn { retry_after, .. } => {
                 answer(StatusCode::TOO_MANY_REQUESTS, "too_many_streams").retry_after(*retry_after)
             }
@@ -173,6 +177,9 @@ pub struct Relay {
     feed_poll: Duration,
     /// How long a long-poll of a turn's log waits for text (`STREAM_LONG_POLL_MS`).
     long_poll_wait: Duration,
+    /// Feeds one user may hold open at once (`MAX_OPEN_FEEDS`; 0: no limit besides the
+    /// user's stream slots).
+    open_feeds: u32,
 }
 
 /// Where a relay starts.
@@ -211,7 +218,8 @@ impl Relay {
         Ok(Relay::new(store, settings, auth)
             .with_streams_per_turn(limits.streams_per_turn)
             .with_feed_poll(feed_poll)
-            .with_long_poll_wait(long_poll_wait))
+            .with_long_poll_wait(long_poll_wait)
+            .with_open_feeds(limits.open_feeds))
     }
 
     /// A relay over explicit parts, with the default streams per turn.
@@ -224,7 +232,14 @@ impl Relay {
             streams_per_turn,
             feed_poll: DEFAULT_FEED_POLL,
             long_poll_wait: log::LONG_POLL_WAIT,
+            open_feeds: chat_core::UserLimits::default().open_feeds,
         }
+    }
+
+    /// The same relay letting one user hold at most `max` feeds open (0: no limit of its own).
+    pub fn with_open_feeds(mut self, max: u32) -> Relay {
+        self.open_feeds = max;
+        self
     }
 
     /// The same relay answering a long-poll of a turn's log with `204` after `wait` without text.

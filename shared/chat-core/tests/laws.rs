@@ -1180,3 +1180,40 @@ async fn item_count(db: &TestDb) -> usize {
     let pages = db.client().scan().table_name(common::TABLE).into_paginator().items().send();
     pages.collect::<Vec<_>>().await.len()
 }
+
+#[tokio::test]
+async fn redoing_a_turn_a_summary_covers_drops_the_summary_and_a_forks_key_is_no_send() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let first = session_in(&store, &user, State::AiCommitted).await;
+    // The session goes quiet and is summarised through turn 1.
+    assert!(matches!(store.expire_idle(&first, "sweeper").await.unwrap(), Outcome::Applied(_)));
+    let quiet = session(&store, first.id).await;
+    let saved = store.save_summary(&quiet, "the user said hello", Turn::FIRST).await.unwrap();
+    assert_eq!(saved, Outcome::Applied(()));
+    assert!(session(&store, first.id).await.summary.is_some());
+    // Editing turn 1 takes back what the summary holds: the summary goes with it.
+    let edited =
+        accepted(revise(&store, &session(&store, first.id).await, Revision::Edit("goodbye"), None).await);
+    assert_eq!(edited.turn.get(), 2);
+    assert_eq!(session(&store, first.id).await.summary, None);
+
+    // A key that made a fork is not a send's or a regenerate's.
+    answer(&store, &edited, "bye").await;
+    let key = ClientMessageId::parse("fork-key").unwrap();
+    let request =
+        ForkRequest { user: &user, source: first.id, through: None, client_message_id: Some(&key), by: "f" };
+    assert!(matches!(store.fork_session(request).await.unwrap(), ForkOutcome::Forked { .. }));
+    let send = NewMessage {
+        user: &user,
+        session: Some(first.id),
+        content: "x",
+        client_message_id: Some(&key),
+        by: "s",
+    };
+    assert_eq!(store.send_message(send).await.unwrap(), SendOutcome::KeyUsedByFork);
+    let current = session(&store, first.id).await;
+    assert_eq!(revise(&store, &current, Revision::Regenerate, Some(&key)).await, SendOutcome::KeyUsedByFork);
+    assert_eq!(session(&store, first.id).await.version, current.version, "nothing written");
+}

@@ -10,7 +10,10 @@ use crate::fsm::Event;
 use crate::ids::{ClientMessageId, Role, SessionId, Turn, UserId};
 use crate::record::{attr, Fields, Item, TitleBy};
 use crate::table::{self, GSI1_PK, GSI1_SK, PK, SK, TTL_ATTRIBUTE};
-use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{ConditionCheck, PutRequest, TransactWriteItem, WriteRequest};
+
+/// The most turns a fork copies: a write each, so a fork's cost and time stay bounded.
+pub const MAX_FORK_TURNS: u32 = 1000;
 
 impl Store {
     /// Forks `request.source` at `request.through` (its last turn when `None`) into a new
@@ -34,6 +37,14 @@ impl Store {
         let through = through.unwrap_or(parent.turn);
         if through > parent.turn {
             return Ok(ForkOutcome::TurnNotFound { last: parent.turn });
+        }
+        if through.get() > MAX_FORK_TURNS {
+            return Ok(ForkOutcome::TooLong { turns: through.get(), max: MAX_FORK_TURNS });
+        }
+        // Refused before any copy at the session limit (the transaction still decides a race).
+        let limit = self.options.max_sessions_per_user;
+        if limit > 0 && self.session_count(user).await? >= u64::from(limit) {
+            return Ok(ForkOutcome::SessionLimit { limit });
         }
         let fork = SessionId::new();
         let messages = self
@@ -101,7 +112,19 @@ impl Store {
                 (attr::SUMMARY_AT, number(summary.at)),
             ]);
         }
-        let mut extra_items = vec![self.count_sessions(user, 1)];
+        // The source must still exist as the fork lands: a fork racing a delete of its source
+        // is refused, not left with part of a history.
+        let source_exists = ConditionCheck::builder()
+            .table_name(&*self.table)
+            .set_key(Some(super::session_key(source)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .expect("condition fields are set");
+        let mut extra_items = vec![
+            self.count_sessions(user, 1),
+            TransactWriteItem::builder().condition_check(source_exists).build(),
+        ];
         if let Some(idem) = client_message_id {
             let mut record = key(table::user_pk(user), table::idempotency_sk(idem));
             record.extend([
@@ -128,15 +151,26 @@ impl Store {
             extra_items,
             feed: Some(user.clone()),
         };
-        let rejection = match self.write_transition(write).await? {
-            WriteResult::Applied { .. } => {
+        let written = self.write_transition(write).await;
+        let rejection = match written {
+            Ok(WriteResult::Applied { .. }) => {
                 return Ok(ForkOutcome::Forked { session_id: fork, source, through });
             }
-            WriteResult::Rejected(rejection) => rejection,
+            Ok(WriteResult::Rejected(rejection)) => rejection,
+            Err(err) => {
+                // Not landed (as far as anyone can tell): nothing may point at the copies.
+                if !matches!(self.get_session(fork, Read::Consistent).await, Ok(Some(_))) {
+                    let _ = self.delete_keys(copied).await;
+                }
+                return Err(err);
+            }
         };
-        // Nothing points at the copies: remove them (what a failure leaves, its TTL removes).
+        // Nothing points at the copies: remove them.
         self.delete_keys(copied).await?;
-        if let (Some(idem), Some(_)) = (client_message_id, rejection.extra(1)) {
+        if rejection.extra(1).is_some() {
+            return Ok(ForkOutcome::NotFound);
+        }
+        if let (Some(idem), Some(_)) = (client_message_id, rejection.extra(2)) {
             // A concurrent fork with the same key won: answer with it.
             if let Some(outcome) = self.find_fork(user, idem).await? {
                 return Ok(outcome);

@@ -46,6 +46,9 @@ pub struct UserLimits {
     /// Turns one user may have in flight at once, across sessions (`MAX_TURNS_IN_FLIGHT`), so one
     /// account cannot hold the generators every other user waits for.
     pub turns_in_flight: u32,
+    /// Feeds (`GET /users/{user}/events`) a user may hold open at once (`MAX_OPEN_FEEDS`): each
+    /// also takes one of their stream slots, and this keeps open tabs from taking them all.
+    pub open_feeds: u32,
 }
 
 impl Default for UserLimits {
@@ -57,6 +60,7 @@ impl Default for UserLimits {
             sessions: 1000,
             daily_tokens: 0,
             turns_in_flight: 4,
+            open_feeds: 3,
         }
     }
 }
@@ -70,6 +74,7 @@ impl UserLimits {
         sessions: 0,
         daily_tokens: 0,
         turns_in_flight: 0,
+        open_feeds: 0,
     };
 }
 
@@ -101,6 +106,8 @@ pub const STREAM_SLOTS_SK: &str = "LIMIT#streams";
 /// Sort key of a user's slots of turns in flight, one a session (a session has one turn in
 /// flight at most).
 pub const TURN_SLOTS_SK: &str = "LIMIT#turns_in_flight";
+/// Sort key (in the user's partition) of the user's open feeds, a share of their stream slots.
+pub const FEED_SLOTS_SK: &str = "LIMIT#feeds";
 /// How long a turn's in-flight slot holds if nothing gives it back: past every deadline a turn
 /// can reach (the pickup timeout and the generation lease, with their retries), by which time the
 /// sweeper has ended it.
@@ -149,6 +156,7 @@ enum SlotsOf<'a> {
     User(&'a UserId),
     Turn(SessionId, Turn),
     TurnsOf(&'a UserId),
+    FeedsOf(&'a UserId),
 }
 
 impl SlotsOf<'_> {
@@ -157,6 +165,7 @@ impl SlotsOf<'_> {
             SlotsOf::User(user) => key(table::user_pk(user), STREAM_SLOTS_SK),
             SlotsOf::Turn(session, turn) => key(table::session_pk(*session), turn_stream_slots_sk(*turn)),
             SlotsOf::TurnsOf(user) => key(table::user_pk(user), TURN_SLOTS_SK),
+            SlotsOf::FeedsOf(user) => key(table::user_pk(user), FEED_SLOTS_SK),
         }
     }
 }
@@ -338,6 +347,23 @@ impl Store {
         hold: Duration,
     ) -> Result<Admission, StoreError> {
         self.open_slot(SlotsOf::Turn(session, turn), stream_id, max, hold).await
+    }
+
+    /// Takes one of the user's `max` feed slots (0: no limit) for the feed `stream_id`: feeds may
+    /// hold only so many of the user's stream slots, so open tabs never starve their replies.
+    pub async fn open_feed(
+        &self,
+        user: &UserId,
+        stream_id: &str,
+        max: u32,
+        hold: Duration,
+    ) -> Result<Admission, StoreError> {
+        self.open_slot(SlotsOf::FeedsOf(user), stream_id, max, hold).await
+    }
+
+    /// Gives back the user's feed slot of `stream_id`.
+    pub async fn close_feed(&self, user: &UserId, stream_id: &str) -> Result<(), StoreError> {
+        self.close_slot(SlotsOf::FeedsOf(user), stream_id).await
     }
 
     /// Gives back the user's slot of `stream_id`; a slot already gone (lapsed, or limits off) is

@@ -27,6 +27,7 @@ mod request;
 mod transition;
 mod user_turn;
 
+pub use fork::MAX_FORK_TURNS;
 pub use outcomes::*;
 pub use reads::{Read, SessionCursor};
 pub(crate) use request::Written;

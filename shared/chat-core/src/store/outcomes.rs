@@ -155,6 +155,8 @@ pub enum SendOutcome {
         /// The session's state.
         state: State,
     },
+    /// The idempotency key was used for a fork, not a turn; nothing was written.
+    KeyUsedByFork,
     /// A regenerate found the last turn's message gone (aged out by its TTL).
     NothingToRevise {
         /// The session's last turn.
@@ -320,6 +322,13 @@ pub enum ForkOutcome {
     SessionLimit {
         /// The limit.
         limit: u32,
+    },
+    /// The fork would copy more than [`crate::store::MAX_FORK_TURNS`] turns.
+    TooLong {
+        /// The turns asked for.
+        turns: u32,
+        /// The most a fork copies.
+        max: u32,
     },
     /// The idempotency key started a turn, not a fork.
     KeyUsed {

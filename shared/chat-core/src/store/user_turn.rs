@@ -20,7 +20,7 @@ impl Store {
         &self,
         user: &UserId,
         key_: &ClientMessageId,
-    ) -> Result<Option<(SessionId, Turn)>, StoreError> {
+    ) -> Result<Option<SendOutcome>, StoreError> {
         let item = self.get_item(key(table::user_pk(user), table::idempotency_sk(key_))).await?;
         // DynamoDB removes expired items only eventually (within days): an expired key is absent.
         let live = item.as_ref().filter(|item| !self.expired(item));
@@ -49,8 +49,8 @@ impl Store {
         new_session: SessionId,
     ) -> Result<SendOutcome, StoreError> {
         if let Some(idem) = msg.client_message_id {
-            if let Some((session_id, turn)) = self.find_idempotent(msg.user, idem).await? {
-                return Ok(SendOutcome::Duplicate { session_id, turn });
+            if let Some(repeat) = self.find_idempotent(msg.user, idem).await? {
+                return Ok(repeat);
             }
         }
         let Some(session_id) = msg.session else {
@@ -82,8 +82,8 @@ impl Store {
         let RevisedTurn { user, session: session_id, revision, expected_last, client_message_id, by } =
             revised;
         if let Some(idem) = client_message_id {
-            if let Some((session_id, turn)) = self.find_idempotent(user, idem).await? {
-                return Ok(SendOutcome::Duplicate { session_id, turn });
+            if let Some(repeat) = self.find_idempotent(user, idem).await? {
+                return Ok(repeat);
             }
         }
         for _ in 0..self.options.max_write_attempts {
@@ -97,20 +97,14 @@ impl Store {
             if expected_last.is_some_and(|turn| turn != current.turn) {
                 return Ok(SendOutcome::NotLastTurn { last: current.turn, state: current.state });
             }
+            // The message redone must be there to mark (it ages out by its own TTL).
+            let earlier = self.get_message(session_id, current.turn, Role::User, Read::Consistent).await?;
+            let Some(earlier) = earlier else {
+                return Ok(SendOutcome::NothingToRevise { last: current.turn, state: current.state });
+            };
             let content = match revision {
                 Revision::Edit(text) => text.to_owned(),
-                Revision::Regenerate => {
-                    match self.get_message(session_id, current.turn, Role::User, Read::Consistent).await? {
-                        Some(message) => message.content,
-                        // The message aged out (its TTL runs from when it was written).
-                        None => {
-                            return Ok(SendOutcome::NothingToRevise {
-                                last: current.turn,
-                                state: current.state,
-                            })
-                        }
-                    }
-                }
+                Revision::Regenerate => earlier.content,
             };
             let msg =
                 NewMessage { user, session: Some(session_id), content: &content, client_message_id, by };
@@ -191,6 +185,12 @@ impl Store {
             extra_items.push(self.mark_superseded(session_id, earlier, turn));
             extra_items.len() - 1
         });
+        let mut remove = vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, attr::REASON, attr::SUMMARY_PENDING];
+        // A summary that covers the turn being redone would keep what the user took back.
+        let summarised = current.and_then(|c| c.summary.as_ref()).map(|s| s.through);
+        if revises.is_some_and(|(_, earlier)| summarised.is_some_and(|through| through >= earlier)) {
+            remove.extend([attr::SUMMARY, attr::SUMMARY_THROUGH, attr::SUMMARY_AT]);
+        }
         let write = TransitionWrite {
             session: session_id,
             expected: current.map(|c| (c.state, c.version)),
@@ -198,7 +198,7 @@ impl Store {
             turn,
             by: msg.by.to_owned(),
             set,
-            remove: vec![attr::LEASE_OWNER, attr::LEASE_EXPIRES_AT, attr::REASON, attr::SUMMARY_PENDING],
+            remove,
             extra_condition: None,
             extra_items,
             feed: Some(msg.user.clone()),
@@ -211,13 +211,12 @@ impl Store {
         };
         // A concurrent request with the same key won: answer with its turn.
         if let (Some(idem), Some(item)) = (msg.client_message_id, rejection.extra(1)) {
-            let (session_id, turn) = match item {
-                Some(item) => idempotent_answer(item)?,
+            return match item {
+                Some(item) => idempotent_answer(item),
                 None => self.find_idempotent(msg.user, idem).await?.ok_or_else(|| {
                     StoreError::corrupt(table::idempotency_sk(idem), "conflicted but is missing")
-                })?,
+                }),
             };
-            return Ok(SendOutcome::Duplicate { session_id, turn });
         }
         if count_index.is_some_and(|i| rejection.extra(i).is_some()) && !rejection.session_failed {
             return Ok(SendOutcome::SessionLimit { limit: self.options.max_sessions_per_user });
@@ -335,7 +334,13 @@ impl Store {
     }
 }
 
-fn idempotent_answer(item: &Item) -> Result<(SessionId, Turn), StoreError> {
+/// What a repeated key answers: the turn it started, or, for a key that made a fork instead,
+/// that the key was used for another kind of request.
+fn idempotent_answer(item: &Item) -> Result<SendOutcome, StoreError> {
     let fields = Fields::new(item);
-    Ok((fields.parsed(attr::SESSION_ID, SessionId::parse)?, fields.turn(attr::TURN)?))
+    if fields.opt_string(attr::FORKED_FROM)?.is_some() {
+        return Ok(SendOutcome::KeyUsedByFork);
+    }
+    let (session_id, turn) = (fields.parsed(attr::SESSION_ID, SessionId::parse)?, fields.turn(attr::TURN)?);
+    Ok(SendOutcome::Duplicate { session_id, turn })
 }
