@@ -397,15 +397,77 @@ function follow(session, turn, bubble, lastId) {
       loadSessions();
       return;
     }
+    // SSE that keeps failing (refused, or a proxy in the way) gives way to long-polling the
+    // turn's log, from the last token this page has.
+    stream.failures = (stream.failures || 0) + 1;
+    if (state.stream === stream && (source.readyState === EventSource.CLOSED || stream.failures >= 3)) {
+      source.close();
+      return followByLongPoll(stream);
+    }
     if (source.readyState === EventSource.CONNECTING) {
       // The browser reconnects by itself, sending Last-Event-ID: the stream resumes after it.
       connection("Reconnecting…");
-    } else if (state.stream === stream) {
-      connection("Disconnected");
-      notice("The connection to the reply was lost.", () => follow(session, turn, bubble, stream.lastId));
-      generating(false);
     }
   });
+  source.addEventListener("token", () => (stream.failures = 0));
+}
+
+/// Follows a reply by long-polling its turn's log (the Durable Streams read protocol): where SSE
+/// does not get through. The text arrives as it is written; once the log is closed, the chat is
+/// read again to show how the turn ended, with its tools and usage.
+async function followByLongPoll(stream) {
+  const { session, turn, bubble } = stream;
+  const headers = {};
+  if (state.token) headers.authorization = "Bearer " + state.token;
+  const next = stream.lastId ? Number(stream.lastId.split(":")[1]) + 1 : 0;
+  let offset = String(next).padStart(16, "0");
+  let cursor = "";
+  let failures = 0;
+  stream.source = { close: () => (stream.closed = true) };
+  connection("");
+  while (state.stream === stream && !stream.closed) {
+    const url = new URL(STREAM + "/sessions/" + encodeURIComponent(session) + "/turns/" + turn + "/log", location.href);
+    url.searchParams.set("offset", offset);
+    url.searchParams.set("live", "long-poll");
+    if (cursor) url.searchParams.set("cursor", cursor);
+    let response;
+    try {
+      response = await fetch(url, { headers });
+    } catch {
+      response = null;
+    }
+    if (!response || !(response.ok || response.status === 204)) {
+      if (response && response.status === 401) return signOut("Your sign-in has expired. Sign in again.");
+      if (++failures >= 5) {
+        connection("Disconnected");
+        notice("The connection to the reply was lost.", () => follow(session, turn, bubble, stream.lastId));
+        generating(false);
+        return;
+      }
+      connection("Reconnecting…");
+      await new Promise((resolve) => setTimeout(resolve, 1000 * failures));
+      continue;
+    }
+    failures = 0;
+    connection("");
+    if (response.status === 200) {
+      const text = await response.text();
+      if (state.stream !== stream) return;
+      stream.text += text;
+      setReply(bubble, stream.text, "streaming");
+      scrollDown();
+    }
+    offset = response.headers.get("stream-next-offset") || offset;
+    cursor = response.headers.get("stream-cursor") || cursor;
+    const index = Number(offset) - 1;
+    if (index >= 0) stream.lastId = turn + ":" + index;
+    if (response.headers.get("stream-closed") === "true") {
+      closeStream();
+      await openSession(session);
+      loadSessions();
+      return;
+    }
+  }
 }
 
 // ----- sessions ----------------------------------------------------------------------------

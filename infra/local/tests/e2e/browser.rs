@@ -714,3 +714,44 @@ async fn a_reply_started_in_one_tab_streams_live_in_another_and_a_rename_shows_i
     assert_eq!(replies, json!(2), "tab A shows its reply once");
     browser.close().await;
 }
+
+#[tokio::test]
+async fn where_sse_is_blocked_the_page_long_polls_the_reply_and_shows_exactly_the_committed_text() {
+    let browser = browser().await;
+    let user = format!("lp-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    // SSE is refused, as by a proxy that blocks text/event-stream: every EventSource fails.
+    browser
+        .js("window.EventSource = class {
+               static CONNECTING = 0; static OPEN = 1; static CLOSED = 2;
+               constructor(url) {
+                 this.url = String(url); this.readyState = 0; this.listeners = {};
+                 setTimeout(() => { this.readyState = 2; (this.listeners.error || []).forEach(f => f(new Event('error'))); }, 20);
+               }
+               addEventListener(type, f) { (this.listeners[type] ||= []).push(f); }
+               close() { this.readyState = 2; }
+             };
+             return true")
+        .await;
+    browser.send("[[reply-tokens:120]] please answer anyway").await;
+    browser
+        .until(
+            "the reply arriving by long-poll",
+            "const b = document.querySelector('#messages li.assistant');
+             return b && b.dataset.state === 'streaming' && b.dataset.raw.length > 20",
+            Duration::from_secs(10),
+        )
+        .await;
+    let reply = browser.until_reply("done").await;
+    let id = browser.session_id().await;
+    let committed = reply_of(&stored(&user, &id).await, 1).unwrap()["content"].clone();
+    assert_eq!(reply["raw"], committed, "exactly the committed reply");
+    let polls = browser
+        .js("return performance.getEntriesByType('resource').map(e => e.name)
+                 .filter(n => n.includes('/turns/1/log?') && n.includes('live=long-poll')).length")
+        .await;
+    assert!(polls.as_u64().unwrap() >= 2, "the page long-polled the log: {polls}");
+    assert_eq!(reply["count"], 1, "one reply bubble");
+    browser.screenshot("long-poll-fallback").await;
+    browser.close().await;
+}
