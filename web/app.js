@@ -402,7 +402,7 @@ function follow(session, turn, bubble, lastId) {
     stream.failures = (stream.failures || 0) + 1;
     if (state.stream === stream && (source.readyState === EventSource.CLOSED || stream.failures >= 3)) {
       source.close();
-      return followByLongPoll(stream);
+      return fallBack(stream, url);
     }
     if (source.readyState === EventSource.CONNECTING) {
       // The browser reconnects by itself, sending Last-Event-ID: the stream resumes after it.
@@ -410,6 +410,23 @@ function follow(session, turn, bubble, lastId) {
     }
   });
   source.addEventListener("token", () => (stream.failures = 0));
+}
+
+/// SSE failed: a limit the server set (429: too many streams open) is told as it is; anything
+/// else (a proxy in the way) is worked around by long-polling.
+async function fallBack(stream, url) {
+  const probe = new AbortController();
+  const headers = state.token ? { authorization: "Bearer " + state.token } : {};
+  const response = await fetch(url, { headers, signal: probe.signal }).catch(() => null);
+  probe.abort();
+  if (state.stream !== stream) return;
+  if (response && response.status === 429) {
+    connection("");
+    notice("You have too many replies open in other tabs; close one and retry.", () => follow(stream.session, stream.turn, stream.bubble, stream.lastId));
+    generating(false);
+    return;
+  }
+  followByLongPoll(stream);
 }
 
 /// Follows a reply by long-polling its turn's log (the Durable Streams read protocol): where SSE
@@ -423,7 +440,13 @@ async function followByLongPoll(stream) {
   let offset = String(next).padStart(16, "0");
   let cursor = "";
   let failures = 0;
-  stream.source = { close: () => (stream.closed = true) };
+  const aborter = new AbortController();
+  stream.source = {
+    close: () => {
+      stream.closed = true;
+      aborter.abort();
+    },
+  };
   connection("");
   while (state.stream === stream && !stream.closed) {
     const url = new URL(STREAM + "/sessions/" + encodeURIComponent(session) + "/turns/" + turn + "/log", location.href);
@@ -432,8 +455,9 @@ async function followByLongPoll(stream) {
     if (cursor) url.searchParams.set("cursor", cursor);
     let response;
     try {
-      response = await fetch(url, { headers });
+      response = await fetch(url, { headers, signal: aborter.signal });
     } catch {
+      if (stream.closed) return;
       response = null;
     }
     if (!response || !(response.ok || response.status === 204)) {

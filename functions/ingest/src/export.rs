@@ -79,7 +79,9 @@ impl App {
             let through = (first + TURNS_PER_READ - 1).min(last);
             let (from, to) = (Turn::new(first).expect("from 1"), Turn::new(through).expect("from 1"));
             let page = self.store.messages_between(id, from, to).await.map_err(unavailable)?;
-            bytes += page.iter().map(|m| m.content.len()).sum::<usize>();
+            let tools =
+                |m: &Message| m.tool_uses.iter().map(|t| t.arguments.len() + t.result.len()).sum::<usize>();
+            bytes += page.iter().map(|m| m.content.len() + tools(m)).sum::<usize>();
             if bytes > MAX_EXPORT_BYTES {
                 return Err(too_large(id));
             }

@@ -416,7 +416,17 @@ impl App {
             client_message_id: body.client_message_id.as_ref(),
             by: request_id,
         };
-        let outcome = self.store.fork_session(fork).await.map_err(|e| ApiError::store_unavailable(&e))?;
+        let outcome = match self.store.fork_session(fork).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                self.return_turn(&user).await;
+                return Err(ApiError::store_unavailable(&err));
+            }
+        };
+        // A refused fork does not count against the rates, as a refused send does not.
+        if !matches!(outcome, ForkOutcome::Forked { .. }) {
+            self.return_turn(&user).await;
+        }
         match outcome {
             ForkOutcome::Forked { session_id, source, through } => {
                 if source != id || body.turn.is_some_and(|asked| asked != through) {

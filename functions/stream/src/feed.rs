@@ -204,7 +204,7 @@ mod tests {
         for bad in [
             "1:2".to_owned(),
             format!("179616218424#{session}#1"),
-            format!("1796162184246#not-a-session#1"),
+            "1796162184246#not-a-session#1".to_owned(),
             format!("1796162184246#{session}#"),
             format!("1796162184246#{session}#a b"),
         ] {

@@ -36,7 +36,7 @@ pub type SseBody = StreamBody<BoxStream<'static, Result<http_body::Frame<Bytes>,
 
 /// How often, at most, a relay that finds no new tokens re-reads the session to see whether the
 /// turn has ended: ending detection may lag by this much, reads per client drop accordingly.
-const SESSION_CHECK_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const SESSION_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// A relay whose turn waits for a generator polls every `waited / WAITING_BACKOFF`, between the
 /// fast and the slow interval: the first token is late by at most an eighth of the wait, and a
@@ -128,6 +128,10 @@ enum StreamError {
     /// 400: `live` is not a read mode of the log.
     #[error("live={0:?} is not long-poll or sse")]
     InvalidLive(String),
+    /// 410: the turn's tokens are no longer all kept (a fork's copied turn, or chunks past their
+    /// 7 days): the log cannot serve the reply, which `GET /sessions/{id}` has.
+    #[error("this turn's tokens are no longer kept; read its reply with GET /sessions/{{id}}")]
+    LogGone,
     /// 400: `offset` is not one the log gave, or lies past its end.
     #[error("offset {0:?} is not -1, now, or an offset this log gave")]
     InvalidOffset(String),
@@ -161,6 +165,7 @@ impl StreamError {
             }
             StreamError::InvalidLive(_) => answer(StatusCode::BAD_REQUEST, "invalid_live"),
             StreamError::InvalidOffset(_) => answer(StatusCode::BAD_REQUEST, "invalid_offset"),
+            StreamError::LogGone => answer(StatusCode::GONE, "log_gone"),
         }
     }
 }

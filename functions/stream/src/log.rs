@@ -13,7 +13,7 @@
 
 use crate::{sse, unavailable, Relay, SseBody, StreamError};
 use bytes::Bytes;
-use chat_core::{Read, ReplyEvent, Session, SessionId, Turn};
+use chat_core::{Read, ReplyEvent, Role, Session, SessionId, Turn};
 use futures::stream::{self, StreamExt};
 use http_body_util::StreamBody;
 use lambda_http::http::{header, Method, StatusCode};
@@ -48,10 +48,12 @@ enum Live {
     Sse,
 }
 
-/// The turn's text as read now: each offset's text (empty for a tool entry), and whether the
-/// turn has ended (then the list is final: read consistently).
+/// The turn's text as read so far: each offset's text (empty for a tool entry), the last chunk
+/// read, and whether the turn has ended (then the list is final: read consistently).
+#[derive(Default)]
 struct Snapshot {
     entries: Vec<String>,
+    last_seq: Option<u32>,
     closed: bool,
 }
 
@@ -86,7 +88,7 @@ fn cursor(now_ms: u64, client: Option<u64>) -> String {
     let interval = now_ms.saturating_sub(CURSOR_EPOCH_MS) / CURSOR_INTERVAL_MS;
     let jitter = 1 + (now_ms % 180);
     match client {
-        Some(theirs) if theirs >= interval => (theirs + jitter).to_string(),
+        Some(theirs) if theirs >= interval => theirs.saturating_add(jitter).to_string(),
         _ => interval.to_string(),
     }
 }
@@ -116,7 +118,7 @@ impl Relay {
             Method::HEAD => true,
             _ => return Err(StreamError::LogIsReadOnly),
         };
-        let (caller, _until, _) = self.identify(request).await?;
+        let (caller, until, _) = self.identify(request).await?;
         let not_found = || StreamError::SessionNotFound(raw_session.to_owned());
         let id = SessionId::parse(raw_session).map_err(|_| not_found())?;
         let turn = Turn::parse(raw_turn).map_err(|e| StreamError::InvalidTurn(e.to_string()))?;
@@ -139,15 +141,29 @@ impl Relay {
             Some(other) => return Err(StreamError::InvalidLive(other.to_owned())),
         };
         let client_cursor = param("cursor").and_then(|c| c.parse::<u64>().ok());
-        let snapshot = self.snapshot(id, turn, &session).await.map_err(unavailable)?;
-        let from = match param("offset").as_deref() {
-            None | Some("-1") => 0,
-            Some("now") => snapshot.tail(),
-            Some(raw) => match raw.parse::<u64>() {
-                Ok(n) if raw.len() == 16 && n <= snapshot.tail() => n,
-                _ => return Err(StreamError::InvalidOffset(raw.to_owned())),
-            },
+        let mut snapshot = Snapshot::default();
+        self.advance(id, turn, &mut snapshot, Some(&session)).await.map_err(unavailable)?;
+        let offset_param = param("offset");
+        let asked = match offset_param.as_deref() {
+            None | Some("-1") => Some(0),
+            Some("now") => Some(snapshot.tail()),
+            Some(raw) if raw.len() == 16 => raw.parse::<u64>().ok(),
+            Some(_) => None,
         };
+        // An offset this log gave may lie past an eventually consistent read: read it whole.
+        if asked.is_some_and(|n| n > snapshot.tail()) && !snapshot.closed {
+            snapshot = Snapshot::default();
+            self.advance_with(id, turn, &mut snapshot, Some(&session), Read::Consistent)
+                .await
+                .map_err(unavailable)?;
+        }
+        let from = match asked {
+            Some(n) if n <= snapshot.tail() => n,
+            _ => return Err(StreamError::InvalidOffset(offset_param.unwrap_or_default())),
+        };
+        if snapshot.closed && !self.whole(id, turn, &snapshot).await.map_err(unavailable)? {
+            return Err(StreamError::LogGone);
+        }
         if head {
             let mut response = Response::builder()
                 .status(StatusCode::OK)
@@ -162,44 +178,96 @@ impl Relay {
         match live {
             Live::CatchUp => Ok(self.chunk_answer(request, id, turn, &snapshot, from, None)),
             Live::LongPoll => self.long_poll(request, (id, turn), snapshot, from, client_cursor).await,
-            Live::Sse => self.log_sse(&session, turn, snapshot, from, client_cursor).await,
+            Live::Sse => self.log_sse(&session, turn, snapshot, (from, client_cursor), until).await,
         }
     }
 
-    /// The turn's entries as stored now; consistent once the turn has ended, so the closed list
-    /// is whole.
-    async fn snapshot(
+    /// Reads the turn's chunks after what `snapshot` has, with the session (`Some`: as read, or
+    /// `None`: not read this time, so the turn is taken as still going): once the turn has ended
+    /// the read is consistent, so the closed list is whole.
+    async fn advance(
         &self,
         id: SessionId,
         turn: Turn,
-        session: &Session,
-    ) -> Result<Snapshot, chat_core::StoreError> {
-        let closed = session.turn > turn || session.state.turn_ended();
+        snapshot: &mut Snapshot,
+        session: Option<&Session>,
+    ) -> Result<(), chat_core::StoreError> {
+        let closed = session.is_some_and(|s| s.turn > turn || s.state.turn_ended());
         let read = if closed { Read::Consistent } else { Read::Eventual };
-        let chunks = self.store.read_chunks(id, turn, None, read).await?;
-        let mut entries = Vec::new();
-        // An eventually consistent read may miss the newest chunk: stop at any gap.
-        for (expected, chunk) in chunks.iter().enumerate() {
-            if chunk.seq as usize != expected {
+        self.advance_with(id, turn, snapshot, session, read).await
+    }
+
+    async fn advance_with(
+        &self,
+        id: SessionId,
+        turn: Turn,
+        snapshot: &mut Snapshot,
+        session: Option<&Session>,
+        read: Read,
+    ) -> Result<(), chat_core::StoreError> {
+        let closed = session.is_some_and(|s| s.turn > turn || s.state.turn_ended());
+        let chunks = self.store.read_chunks(id, turn, snapshot.last_seq, read).await?;
+        // An eventually consistent read may miss the newest chunk: stop at any gap. A token
+        // before the next offset was had already (a takeover's chunks overlap), as in the relay.
+        for chunk in chunks {
+            if chunk.seq != snapshot.last_seq.map_or(0, |s| s + 1) {
                 break;
             }
+            snapshot.last_seq = Some(chunk.seq);
             for (i, token) in chunk.tokens.iter().enumerate() {
-                if chunk.start + i as u64 == entries.len() as u64 {
-                    entries.push(if ReplyEvent::decode(token).is_some() {
-                        String::new()
-                    } else {
-                        token.clone()
-                    });
+                if chunk.start + i as u64 == snapshot.tail() {
+                    let text =
+                        if ReplyEvent::decode(token).is_some() { String::new() } else { token.clone() };
+                    snapshot.entries.push(text);
                 }
             }
         }
-        Ok(Snapshot { entries, closed })
+        snapshot.closed = closed;
+        Ok(())
     }
 
-    /// The session and snapshot now (the session re-read to see whether the turn ended).
-    async fn reread(&self, id: SessionId, turn: Turn) -> Result<Option<Snapshot>, chat_core::StoreError> {
-        let Some(session) = self.store.get_session(id, Read::Eventual).await? else { return Ok(None) };
-        self.snapshot(id, turn, &session).await.map(Some)
+    /// Whether a closed log holds the whole reply: a fork's copied turns and turns older than
+    /// their chunks' 7 days have a reply but not all of its tokens.
+    async fn whole(
+        &self,
+        id: SessionId,
+        turn: Turn,
+        snapshot: &Snapshot,
+    ) -> Result<bool, chat_core::StoreError> {
+        let reply = self.store.get_message(id, turn, Role::Assistant, Read::Consistent).await?;
+        Ok(reply.is_none_or(|reply| snapshot.entries.concat() == reply.content))
+    }
+
+    /// Waits for the log to move: polls its chunks, from every `poll_fast` doubling to
+    /// `poll_slow` while nothing comes, and the session (has the turn ended?) at most every
+    /// [`crate::SESSION_CHECK_EVERY`]. Returns once there is text past `from`, the turn has
+    /// ended, or `deadline` passed; `false` when the session is gone.
+    async fn wait_for_text(
+        &self,
+        id: SessionId,
+        turn: Turn,
+        snapshot: &mut Snapshot,
+        from: u64,
+        deadline: Instant,
+    ) -> Result<bool, chat_core::StoreError> {
+        let (fast, slow) = (self.settings.poll_fast.max(Duration::from_millis(20)), self.settings.poll_slow);
+        let mut wait = fast;
+        let mut session_read = Instant::now();
+        while from >= snapshot.tail() && !snapshot.closed && Instant::now() < deadline {
+            tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
+            let session = if session_read.elapsed() >= crate::SESSION_CHECK_EVERY {
+                session_read = Instant::now();
+                match self.store.get_session(id, Read::Eventual).await? {
+                    Some(session) => Some(session),
+                    None => return Ok(false),
+                }
+            } else {
+                None
+            };
+            self.advance(id, turn, snapshot, session.as_ref()).await?;
+            wait = if from < snapshot.tail() { fast } else { (wait * 2).min(slow.max(fast)) };
+        }
+        Ok(true)
     }
 
     /// A catch-up answer (also a long-poll's with data): the text from `from`, its next offset,
@@ -222,7 +290,9 @@ impl Relay {
             .header(header::ETAG, &etag)
             .header("stream-next-offset", offset(next))
             // Text at an offset never changes; the tail of an open stream does.
-            .header(header::CACHE_CONTROL, if next > from { "private, max-age=60" } else { "no-store" });
+            .header(header::CACHE_CONTROL, if next > from { "private, max-age=60" } else { "no-store" })
+            // A browser's cache is keyed by the URL: a cached answer is one caller's.
+            .header(header::VARY, "authorization");
         if up_to_date {
             response = response.header("stream-up-to-date", "true");
         }
@@ -251,12 +321,11 @@ impl Relay {
         client_cursor: Option<u64>,
     ) -> Result<Response<SseBody>, StreamError> {
         let deadline = Instant::now() + self.long_poll_wait;
-        while from >= snapshot.tail() && !snapshot.closed && Instant::now() < deadline {
-            tokio::time::sleep(self.settings.poll_fast.max(Duration::from_millis(50))).await;
-            match self.reread(id, turn).await.map_err(unavailable)? {
-                Some(now) => snapshot = now,
-                None => return Err(StreamError::SessionNotFound(id.to_string())),
-            }
+        if !self.wait_for_text(id, turn, &mut snapshot, from, deadline).await.map_err(unavailable)? {
+            return Err(StreamError::SessionNotFound(id.to_string()));
+        }
+        if snapshot.closed && !self.whole(id, turn, &snapshot).await.map_err(unavailable)? {
+            return Err(StreamError::LogGone);
         }
         let cursor = cursor(self.store.now_ms(), client_cursor);
         if from < snapshot.tail() {
@@ -283,8 +352,8 @@ impl Relay {
         session: &Session,
         turn: Turn,
         snapshot: Snapshot,
-        from: u64,
-        client_cursor: Option<u64>,
+        (from, client_cursor): (u64, Option<u64>),
+        until: Option<u64>,
     ) -> Result<Response<SseBody>, StreamError> {
         let stream_id = uuid::Uuid::new_v4().simple().to_string();
         let max = self.settings.max_open_streams;
@@ -299,7 +368,8 @@ impl Relay {
         let relay = self.clone();
         let (id, owner) = (session.id, session.user_id.clone());
         tokio::spawn(async move {
-            if let Err(err) = relay.follow_log(id, turn, snapshot, from, client_cursor, &tx).await {
+            if let Err(err) = relay.follow_log((id, turn), snapshot, (from, client_cursor), until, &tx).await
+            {
                 warn!(error = %err, "log stream ended by a DynamoDB fault");
             }
             if let Err(err) = relay.store.close_stream(&owner, &stream_id).await {
@@ -311,11 +381,10 @@ impl Relay {
 
     async fn follow_log(
         &self,
-        id: SessionId,
-        turn: Turn,
+        (id, turn): (SessionId, Turn),
         mut snapshot: Snapshot,
-        mut from: u64,
-        client_cursor: Option<u64>,
+        (mut from, client_cursor): (u64, Option<u64>),
+        until: Option<u64>,
         tx: &mpsc::Sender<String>,
     ) -> Result<(), chat_core::StoreError> {
         let started = Instant::now();
@@ -325,7 +394,8 @@ impl Relay {
                 return Ok(());
             }
             let tail = snapshot.tail();
-            if from < tail || !announced {
+            // A turn that ends with nothing more to send is told too (the reader is waiting).
+            if from < tail || !announced || snapshot.closed {
                 let mut frame = String::new();
                 if from < tail {
                     let (text, next) = snapshot.text_from(from);
@@ -355,14 +425,25 @@ impl Relay {
                     continue;
                 }
             }
-            if started.elapsed() >= SSE_WINDOW {
-                // The client reconnects from the last control event's offset.
+            if started.elapsed() >= SSE_WINDOW || until.is_some_and(|until| self.store.now_ms() >= until) {
+                // The client reconnects from the last control event's offset (signed in again
+                // if its token is what ran out).
                 return Ok(());
             }
-            tokio::time::sleep(self.settings.poll_fast.max(Duration::from_millis(50))).await;
-            match self.reread(id, turn).await? {
-                Some(now) => snapshot = now,
-                None => return Ok(()),
+            let deadline = (Instant::now() + self.settings.keepalive).min(started + SSE_WINDOW);
+            if !self.wait_for_text(id, turn, &mut snapshot, from, deadline).await? {
+                return Ok(());
+            }
+            if snapshot.closed && !self.whole(id, turn, &snapshot).await? {
+                let data = json!({"code": "log_gone", "message": "this turn's tokens are no longer kept"});
+                let _ = tx.send(sse::event("error", None, &data.to_string())).await;
+                return Ok(());
+            }
+            if from >= snapshot.tail()
+                && !snapshot.closed
+                && tx.send(sse::comment("keepalive")).await.is_err()
+            {
+                return Ok(());
             }
         }
     }

@@ -168,3 +168,81 @@ async fn a_turns_text_reads_by_offset_long_polls_until_written_and_closes_when_t
     let other = chat_core::Lease { user: UserId::parse("mallory").unwrap(), ..lease.clone() };
     assert_eq!(read(&relay, Method::GET, &other, &[], None).await.status, StatusCode::NOT_FOUND);
 }
+
+/// The events of an SSE read of the log, until it ends or `within` passes.
+async fn sse_events(
+    relay: &stream::Relay,
+    lease: &Lease,
+    from: &str,
+    within: Duration,
+) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    let params = HashMap::from([
+        ("offset".to_owned(), vec![from.to_owned()]),
+        ("live".to_owned(), vec!["sse".to_owned()]),
+    ]);
+    let request = lambda_http::http::Request::builder()
+        .uri(format!("/sessions/{}/turns/{}/log", lease.session_id, lease.turn))
+        .header("x-user-id", lease.user.as_str())
+        .body(Body::Empty)
+        .unwrap()
+        .with_query_string_parameters(params);
+    let response = relay.handle(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut events: chat_testkit::sse_reader::SseStream<std::convert::Infallible> =
+        chat_testkit::sse_reader::SseStream::from_bytes(
+            http_body_util::BodyDataStream::new(response.into_body()).boxed(),
+        );
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        while let Some(event) = events.next().await.unwrap() {
+            seen.push((event.event, event.data));
+        }
+    })
+    .await;
+    seen
+}
+
+#[tokio::test]
+async fn an_sse_reader_is_told_the_log_closed_even_when_no_text_follows_and_a_log_without_its_tokens_is_gone()
+{
+    let dynamo = LocalDynamo::start(0, TABLE).await.unwrap();
+    let store = dynamo.store(TABLE, StoreOptions::default());
+    let relay = relay(&store);
+    let lease = generating(&store, &UserId::parse("bob").unwrap()).await;
+    append(&store, &lease, 0, 0, &["All ", "of it."]).await;
+    // The reader has all the text; the turn is then committed with nothing more written.
+    let committer = {
+        let (store, lease) = (store.clone(), lease.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let reply = Reply::new("All of it.");
+            assert!(matches!(store.commit_reply(&lease, &reply).await.unwrap(), Outcome::Applied(_)));
+        })
+    };
+    let started = Instant::now();
+    let events = sse_events(&relay, &lease, "-1", Duration::from_secs(5)).await;
+    committer.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed when the turn ended: {:?}",
+        started.elapsed()
+    );
+    let (data, controls): (Vec<_>, Vec<_>) = events.iter().partition(|(name, _)| name == "data");
+    assert_eq!(data.iter().map(|(_, d)| d.as_str()).collect::<String>(), "All of it.");
+    let last: serde_json::Value = serde_json::from_str(&controls.last().unwrap().1).unwrap();
+    assert_eq!(last["streamClosed"], true, "{events:?}");
+    assert_eq!(last["streamNextOffset"], "0000000000000002");
+
+    // A reply whose tokens are not all kept (a fork's copy; chunks past their days) is not
+    // served as if whole.
+    let other = generating(&store, &UserId::parse("bob").unwrap()).await;
+    append(&store, &other, 0, 0, &["Only the start"]).await;
+    assert!(matches!(
+        store.commit_reply(&other, &Reply::new("Only the start, and more")).await.unwrap(),
+        Outcome::Applied(_)
+    ));
+    let gone = read(&relay, Method::GET, &other, &[("offset", "-1")], None).await;
+    assert_eq!(gone.status, StatusCode::GONE, "{}", gone.body);
+    assert!(gone.body.contains("log_gone"));
+}

@@ -674,6 +674,7 @@ pub(crate) mod attr {
     pub const TITLE: &str = "title";
     pub const TITLE_BY: &str = "title_by";
     pub const EVENT_KIND: &str = "feed_kind";
+    pub const REDONE_THROUGH: &str = "redone_through";
 }
 
 #[cfg(test)]

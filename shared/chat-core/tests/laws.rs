@@ -1217,3 +1217,18 @@ async fn redoing_a_turn_a_summary_covers_drops_the_summary_and_a_forks_key_is_no
     assert_eq!(revise(&store, &current, Revision::Regenerate, Some(&key)).await, SendOutcome::KeyUsedByFork);
     assert_eq!(session(&store, first.id).await.version, current.version, "nothing written");
 }
+
+#[tokio::test]
+async fn a_summary_written_for_a_session_the_user_redid_meanwhile_is_not_stored() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let first = session_in(&store, &user, State::AiCommitted).await;
+    assert!(matches!(store.expire_idle(&first, "sweeper").await.unwrap(), Outcome::Applied(_)));
+    // The summary job read the quiet session; the user regenerates turn 1 before it saves.
+    let quiet = session(&store, first.id).await;
+    accepted(revise(&store, &quiet, Revision::Regenerate, None).await);
+    let late = store.save_summary(&quiet, "summary of the turn taken back", Turn::FIRST).await.unwrap();
+    assert!(matches!(late, Outcome::Conflict(_)), "{late:?}");
+    assert_eq!(session(&store, first.id).await.summary, None);
+}

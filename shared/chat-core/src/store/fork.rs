@@ -159,7 +159,7 @@ impl Store {
             Ok(WriteResult::Rejected(rejection)) => rejection,
             Err(err) => {
                 // Not landed (as far as anyone can tell): nothing may point at the copies.
-                if !matches!(self.get_session(fork, Read::Consistent).await, Ok(Some(_))) {
+                if matches!(self.get_session(fork, Read::Consistent).await, Ok(None)) {
                     let _ = self.delete_keys(copied).await;
                 }
                 return Err(err);

@@ -198,11 +198,16 @@ impl Store {
         if let Written::Applied(_) = self.send_conditional(pending).await? {
             return Ok(Outcome::Applied(()));
         }
-        let newer =
-            update("attribute_exists(#pk) AND (attribute_not_exists(#through) OR #through < :through)")
-                .update_expression("SET #summary = :summary, #through = :through, #at = :at")
-                .expression_attribute_names("#pk", PK)
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        // Not over a newer one, and not through a turn the user redid since (it would hold what
+        // they took back).
+        let newer = update(
+            "attribute_exists(#pk) AND (attribute_not_exists(#through) OR #through < :through) \
+             AND (attribute_not_exists(#redone) OR #redone > :through)",
+        )
+        .update_expression("SET #summary = :summary, #through = :through, #at = :at")
+        .expression_attribute_names("#pk", PK)
+        .expression_attribute_names("#redone", attr::REDONE_THROUGH)
+        .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         Ok(match self.send_conditional(newer).await? {
             Written::Applied(_) => Outcome::Applied(()),
             Written::Refused(item) => Outcome::Conflict(Conflict::of_refused(item.as_ref())?),

@@ -154,6 +154,8 @@ impl Store {
         let mut message = self.message_item(session_id, turn, Role::User, msg.content, None);
         if let Some((_, earlier)) = revises {
             message.insert(attr::REVISES.to_owned(), number(earlier.get()));
+            // No summary through a redone turn may be stored after this (one in the works).
+            set.push((attr::REDONE_THROUGH, number(earlier.get())));
         }
         let mut extra_items = vec![self.put_new(message)];
         if let Some(idem) = msg.client_message_id {
