@@ -44,6 +44,12 @@ impl Store {
         // Refused before any copy at the session limit (the transaction still decides a race).
         let limit = self.options.max_sessions_per_user;
         if limit > 0 && self.session_count(user).await? >= u64::from(limit) {
+            // The same key's fork may be what just reached the limit: answer with it.
+            if let Some(idem) = client_message_id {
+                if let Some(outcome) = self.find_fork(user, idem).await? {
+                    return Ok(outcome);
+                }
+            }
             return Ok(ForkOutcome::SessionLimit { limit });
         }
         let fork = SessionId::new();
