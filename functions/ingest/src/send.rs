@@ -265,6 +265,29 @@ impl App {
         Ok(())
     }
 
+    /// Takes a fork from the user's bucket; a 429 when it is empty.
+    async fn take_fork(&self, user: &UserId) -> Result<(), ApiError> {
+        let per_minute = self.limits.forks_per_minute;
+        let admission =
+            self.store.take_fork(user, per_minute).await.map_err(|e| ApiError::store_unavailable(&e))?;
+        match admission {
+            Admission::Admitted => Ok(()),
+            Admission::Limited { retry_after } => Err(ApiError::TooManyRequests {
+                code: "fork_rate_limited",
+                message: format!("you may fork {per_minute} times a minute; wait and fork again"),
+                retry_after,
+                details: None,
+            }),
+        }
+    }
+
+    /// Gives back a fork that made none.
+    async fn return_fork(&self, user: &UserId) {
+        if let Err(err) = self.store.return_fork(user, self.limits.forks_per_minute).await {
+            warn!(error = %err, "could not give back an unused fork");
+        }
+    }
+
     /// Gives back the turn [`App::take_turn`] took from both buckets (the send started none).
     async fn return_turn(&self, user: &UserId) {
         self.return_user_turn(user).await;
@@ -407,8 +430,8 @@ impl App {
         let body = api::TurnBody::parse(request.body(), false)?;
         let user = self.owner_of(id, caller).await?;
         tracing::Span::current().record("session", id.to_string());
-        // A fork writes a copy of the history: it is paced by the user's turn bucket like a turn.
-        self.take_turn(&user).await?;
+        // A fork writes a copy of the history: it is paced by a bucket of its own.
+        self.take_fork(&user).await?;
         let fork = ForkRequest {
             user: &user,
             source: id,
@@ -419,13 +442,13 @@ impl App {
         let outcome = match self.store.fork_session(fork).await {
             Ok(outcome) => outcome,
             Err(err) => {
-                self.return_turn(&user).await;
+                self.return_fork(&user).await;
                 return Err(ApiError::store_unavailable(&err));
             }
         };
-        // A refused fork does not count against the rates, as a refused send does not.
+        // A refused fork does not count against the rate, as a refused send does not.
         if !matches!(outcome, ForkOutcome::Forked { .. }) {
-            self.return_turn(&user).await;
+            self.return_fork(&user).await;
         }
         match outcome {
             ForkOutcome::Forked { session_id, source, through } => {

@@ -90,7 +90,7 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
 
 impl UserLimits {
     /// Reads `TURNS_PER_MINUTE`, `MAX_OPEN_STREAMS`, `MAX_STREAMS_PER_TURN`,
-    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET`, `MAX_TURNS_IN_FLIGHT` and `MAX_OPEN_FEEDS`.
+    /// `MAX_SESSIONS_PER_USER`, `DAILY_TOKEN_BUDGET`, `MAX_TURNS_IN_FLIGHT`, `MAX_OPEN_FEEDS` and `FORKS_PER_MINUTE`.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let defaults = UserLimits::default();
         Ok(UserLimits {
@@ -101,6 +101,7 @@ impl UserLimits {
             daily_tokens: env.parse_or("DAILY_TOKEN_BUDGET", defaults.daily_tokens)?,
             turns_in_flight: env.parse_or("MAX_TURNS_IN_FLIGHT", defaults.turns_in_flight)?,
             open_feeds: env.parse_or("MAX_OPEN_FEEDS", defaults.open_feeds)?,
+            forks_per_minute: env.parse_or("FORKS_PER_MINUTE", defaults.forks_per_minute)?,
         })
     }
 }

@@ -202,3 +202,30 @@ async fn a_session_is_titled_by_its_first_words_renamed_by_its_user_and_exported
         .unwrap();
     assert_eq!(gone.status(), 404);
 }
+
+#[tokio::test]
+async fn forks_are_paced_apart_from_turns() {
+    let user = user();
+    let first = send_text(api(), &user, "a chat to fork", None).await;
+    let id = first.body["session_id"].as_str().unwrap().to_owned();
+    wait_for_state(api(), &id, TURN_TIMEOUT, |s| s == "ai_committed").await;
+    // FORKS_PER_MINUTE is 10 by default: ten forks, then a 429 that says when to try again.
+    for n in 0..10 {
+        let fork = post(format!("/sessions/{id}/fork"), json!({})).await;
+        assert_eq!(fork.status, 201, "fork {n}: {}", fork.body);
+    }
+    let refused = harness::http()
+        .post(format!("{}/sessions/{id}/fork", api()))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "fork_rate_limited");
+    // Turns are another bucket: the chat still takes a message.
+    let next = send_text(api(), &user, "still here", Some(&id)).await;
+    assert_eq!(next.status, 202, "{}", next.body);
+}

@@ -49,6 +49,8 @@ pub struct UserLimits {
     /// Feeds (`GET /users/{user}/events`) a user may hold open at once (`MAX_OPEN_FEEDS`): each
     /// also takes one of their stream slots, and this keeps open tabs from taking them all.
     pub open_feeds: u32,
+    /// Forks a user may make per minute, in bursts of up to this many (`FORKS_PER_MINUTE`).
+    pub forks_per_minute: u32,
 }
 
 impl Default for UserLimits {
@@ -61,6 +63,7 @@ impl Default for UserLimits {
             daily_tokens: 0,
             turns_in_flight: 4,
             open_feeds: 3,
+            forks_per_minute: 10,
         }
     }
 }
@@ -75,6 +78,7 @@ impl UserLimits {
         daily_tokens: 0,
         turns_in_flight: 0,
         open_feeds: 0,
+        forks_per_minute: 0,
     };
 }
 
@@ -101,6 +105,8 @@ pub enum Admission {
 
 /// Sort key of a user's turn-rate bucket (partition `U#{user}`).
 pub const TURN_RATE_SK: &str = "LIMIT#turns";
+/// Sort key (in the user's partition) of the user's fork bucket.
+pub const FORK_RATE_SK: &str = "LIMIT#forks";
 /// Sort key of a user's open-stream slots.
 pub const STREAM_SLOTS_SK: &str = "LIMIT#streams";
 /// Sort key of a user's slots of turns in flight, one a session (a session has one turn in
@@ -174,6 +180,7 @@ impl SlotsOf<'_> {
 #[derive(Debug, Clone, Copy)]
 enum BucketOf<'a> {
     User(&'a UserId),
+    ForksOf(&'a UserId),
     Everyone,
 }
 
@@ -181,6 +188,7 @@ impl BucketOf<'_> {
     fn key(&self) -> Item {
         match self {
             BucketOf::User(user) => key(table::user_pk(user), TURN_RATE_SK),
+            BucketOf::ForksOf(user) => key(table::user_pk(user), FORK_RATE_SK),
             BucketOf::Everyone => key(GLOBAL_PK.to_owned(), GLOBAL_TURN_RATE_SK),
         }
     }
@@ -234,6 +242,17 @@ impl Store {
     /// Takes one turn from the user's bucket of `per_minute` turns (0: no limit).
     pub async fn take_turn(&self, user: &UserId, per_minute: u32) -> Result<Admission, StoreError> {
         self.take_from(BucketOf::User(user), per_minute).await
+    }
+
+    /// Takes one fork from the user's bucket of `per_minute` forks (0: no limit): a fork copies a
+    /// history, so it is paced apart from turns.
+    pub async fn take_fork(&self, user: &UserId, per_minute: u32) -> Result<Admission, StoreError> {
+        self.take_from(BucketOf::ForksOf(user), per_minute).await
+    }
+
+    /// Gives back a fork taken by [`Store::take_fork`] that made none.
+    pub async fn return_fork(&self, user: &UserId, per_minute: u32) -> Result<(), StoreError> {
+        self.return_to(BucketOf::ForksOf(user), per_minute).await
     }
 
     /// Takes one turn from everyone's bucket of `per_minute` turns (0: no limit).
