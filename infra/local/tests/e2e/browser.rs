@@ -5,6 +5,7 @@
 use crate::harness::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,7 +35,11 @@ impl Drop for TempDir {
 }
 
 impl Drop for Browser {
+    /// Ends ChromeDriver and the Chromium it started, which a failed test did not close: they
+    /// share a process group of their own, and all of it goes.
     fn drop(&mut self) {
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -59,6 +64,8 @@ async fn browser() -> Browser {
         .arg("--allowed-ips=127.0.0.1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        // A group of its own, which the Chromium it starts joins: dropping the browser ends both.
+        .process_group(0)
         .spawn()
         .expect("chromedriver starts");
     let profile =
