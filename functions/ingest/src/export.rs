@@ -7,7 +7,7 @@ use crate::history::{message_json, session_overview, summary_json};
 use crate::App;
 use chat_auth::Caller;
 use chat_core::time::rfc3339_ms;
-use chat_core::{Message, Outcome, Read, Role, Session, StoreError, TitleBy, Turn};
+use chat_core::{Message, Outcome, Role, Session, StoreError, TitleBy, Turn};
 use lambda_http::http::{header, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Value};
@@ -30,7 +30,7 @@ impl App {
         let id = parse_session(id)?;
         api::require_json(request.headers())?;
         let title = api::title_field(request.body())?;
-        let owner = self.owner_of(id, caller).await?;
+        let owner = self.owned_session(id, caller).await?.user_id;
         let renamed = self
             .store
             .set_title(id, Some(&owner), &title, TitleBy::User)
@@ -64,13 +64,7 @@ impl App {
             }
         };
         let unavailable = |e: StoreError| ApiError::store_unavailable(&e);
-        let session = self
-            .store
-            .get_session(id, Read::Consistent)
-            .await
-            .map_err(unavailable)?
-            .filter(|session| caller.owns(&session.user_id))
-            .ok_or_else(ApiError::session_not_found)?;
+        let session = self.owned_session(id, caller).await?;
         let mut messages: Vec<Message> = Vec::new();
         let mut bytes = 0;
         let last = u64::from(session.turn.get());

@@ -6,7 +6,7 @@ use crate::App;
 use chat_auth::Caller;
 use chat_core::store::SessionCursor;
 use chat_core::time::rfc3339_ms;
-use chat_core::{DeleteOutcome, Message, Read, Role, Session, StoreError, Turn, Usage, UserId};
+use chat_core::{DeleteOutcome, Message, Read, Role, Session, SessionId, StoreError, Turn, Usage, UserId};
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Value};
@@ -78,13 +78,7 @@ impl App {
             })?),
         };
         let unavailable = |e: StoreError| ApiError::store_unavailable(&e);
-        let session = self
-            .store
-            .get_session(id, Read::Consistent)
-            .await
-            .map_err(unavailable)?
-            .filter(|session| caller.owns(&session.user_id))
-            .ok_or_else(ApiError::session_not_found)?;
+        let session = self.owned_session(id, caller).await?;
         let through = match cursor {
             None => Some(session.turn),
             Some(before) => Turn::new(u64::from(before.get()).saturating_sub(1)).ok(),
@@ -170,6 +164,17 @@ pub(crate) fn summary_json(session: &Session) -> Value {
 }
 
 impl App {
+    /// Session `id` as it is now, when the caller may see it; else 404 (another user's session
+    /// is not found, as an unknown one).
+    pub(crate) async fn owned_session(&self, id: SessionId, caller: &Caller) -> Result<Session, ApiError> {
+        let session = self
+            .store
+            .get_session(id, Read::Consistent)
+            .await
+            .map_err(|e| ApiError::store_unavailable(&e))?;
+        session.filter(|s| caller.owns(&s.user_id)).ok_or_else(ApiError::session_not_found)
+    }
+
     pub(crate) async fn list_sessions(
         &self,
         request: &Request,

@@ -73,7 +73,7 @@ impl App {
         if let Some((tokens, limit)) = body.message.as_deref().and_then(|m| self.budget.over(m)) {
             return Err(ApiError::MessageTooLong { tokens, limit });
         }
-        let user = self.owner_of(id, caller).await?;
+        let user = self.owned_session(id, caller).await?.user_id;
         tracing::Span::current().record("session", id.to_string());
         let revision = match &body.message {
             Some(text) => Revision::Edit(text),
@@ -89,16 +89,6 @@ impl App {
             by: request_id,
         };
         self.start_turn(&user, id, TurnStart::Revise(revised), expect, request_id).await
-    }
-
-    /// The owner of session `id`, when the caller may act on it; else 404.
-    pub(crate) async fn owner_of(&self, id: SessionId, caller: &Caller) -> Result<UserId, ApiError> {
-        let session = self
-            .store
-            .get_session(id, Read::Consistent)
-            .await
-            .map_err(|e| ApiError::store_unavailable(&e))?;
-        session.filter(|s| caller.owns(&s.user_id)).map(|s| s.user_id).ok_or_else(ApiError::session_not_found)
     }
 
     /// Starts a turn of `user` under the in-flight slot `slot` (its session): the rate limits,
@@ -428,7 +418,7 @@ impl App {
         let id = parse_session(id)?;
         api::require_json(request.headers())?;
         let body = api::TurnBody::parse(request.body(), false)?;
-        let user = self.owner_of(id, caller).await?;
+        let user = self.owned_session(id, caller).await?.user_id;
         tracing::Span::current().record("session", id.to_string());
         // A fork writes a copy of the history: it is paced by a bucket of its own.
         self.take_fork(&user).await?;
