@@ -416,8 +416,13 @@ function follow(session, turn, bubble, lastId) {
 /// else (a proxy in the way) is worked around by long-polling.
 async function fallBack(stream, url) {
   const probe = new AbortController();
+  const timer = setTimeout(() => probe.abort(), 5000);
   const headers = state.token ? { authorization: "Bearer " + state.token } : {};
-  const response = await fetch(url, { headers, signal: probe.signal }).catch(() => null);
+  // The token rides in the header here, not in the address.
+  const bare = new URL(url);
+  bare.searchParams.delete("access_token");
+  const response = await fetch(bare, { headers, signal: probe.signal }).catch(() => null);
+  clearTimeout(timer);
   probe.abort();
   if (state.stream !== stream) return;
   if (response && response.status === 429) {

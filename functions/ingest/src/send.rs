@@ -431,13 +431,20 @@ impl App {
         };
         let outcome = match self.store.fork_session(fork).await {
             Ok(outcome) => outcome,
-            Err(err) => {
-                self.return_fork(&user).await;
-                return Err(ApiError::store_unavailable(&err));
-            }
+            // It may have copied, or even landed: the token is kept.
+            Err(err) => return Err(ApiError::store_unavailable(&err)),
         };
-        // A refused fork does not count against the rate, as a refused send does not.
-        if !matches!(outcome, ForkOutcome::Forked { .. }) {
+        // A fork refused before it copied anything does not count against the rate, as a
+        // refused send does not; one refused at the session limit may have copied, and keeps it.
+        let before_copying = matches!(
+            outcome,
+            ForkOutcome::NotFound
+                | ForkOutcome::InFlight { .. }
+                | ForkOutcome::TurnNotFound { .. }
+                | ForkOutcome::TooLong { .. }
+                | ForkOutcome::KeyUsed { .. }
+        );
+        if before_copying {
             self.return_fork(&user).await;
         }
         match outcome {

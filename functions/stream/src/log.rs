@@ -31,6 +31,9 @@ pub const LONG_POLL_WAIT: Duration = Duration::from_secs(20);
 /// offset), as the protocol recommends for collapsing.
 pub const SSE_WINDOW: Duration = Duration::from_secs(60);
 
+/// How long a long-poll waits for text before it holds a stream slot.
+const FREE_WAIT: Duration = Duration::from_secs(1);
+
 /// The most text one catch-up or long-poll answer carries; the rest follows at its next offset.
 const MAX_BODY_BYTES: usize = 256 * 1024;
 
@@ -177,7 +180,9 @@ impl Relay {
         }
         match live {
             Live::CatchUp => Ok(self.chunk_answer(request, id, turn, &snapshot, from, None)),
-            Live::LongPoll => self.long_poll(request, (id, turn), snapshot, from, client_cursor).await,
+            Live::LongPoll => {
+                self.long_poll(request, (id, turn), &session.user_id, snapshot, (from, client_cursor)).await
+            }
             Live::Sse => self.log_sse(&session, turn, snapshot, (from, client_cursor), until).await,
         }
     }
@@ -316,12 +321,32 @@ impl Relay {
         &self,
         request: &Request,
         (id, turn): (SessionId, Turn),
+        owner: &chat_core::UserId,
         mut snapshot: Snapshot,
-        from: u64,
-        client_cursor: Option<u64>,
+        (from, client_cursor): (u64, Option<u64>),
     ) -> Result<Response<SseBody>, StreamError> {
         let deadline = Instant::now() + self.long_poll_wait;
-        if !self.wait_for_text(id, turn, &mut snapshot, from, deadline).await.map_err(unavailable)? {
+        // The short waits between a live reply's chunks hold no slot; a wait past
+        // [`FREE_WAIT`] holds one of the user's stream slots, so idle long-polls are bounded like
+        // streams (`MAX_OPEN_STREAMS`).
+        let free_until = (Instant::now() + FREE_WAIT).min(deadline);
+        let mut found =
+            self.wait_for_text(id, turn, &mut snapshot, from, free_until).await.map_err(unavailable)?;
+        if found && from >= snapshot.tail() && !snapshot.closed && Instant::now() < deadline {
+            let stream_id = uuid::Uuid::new_v4().simple().to_string();
+            let (max, hold) = (self.settings.max_open_streams, self.long_poll_wait + Duration::from_secs(5));
+            if let chat_core::Admission::Limited { retry_after } =
+                self.store.open_stream(owner, &stream_id, max, hold).await.map_err(unavailable)?
+            {
+                return Err(StreamError::TooManyStreams { max, retry_after });
+            }
+            let waited = self.wait_for_text(id, turn, &mut snapshot, from, deadline).await;
+            if let Err(err) = self.store.close_stream(owner, &stream_id).await {
+                warn!(error = %err, "could not give back the stream slot; it lapses on its own");
+            }
+            found = waited.map_err(unavailable)?;
+        }
+        if !found {
             return Err(StreamError::SessionNotFound(id.to_string()));
         }
         if snapshot.closed && !self.whole(id, turn, &snapshot).await.map_err(unavailable)? {

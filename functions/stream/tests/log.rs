@@ -246,3 +246,32 @@ async fn an_sse_reader_is_told_the_log_closed_even_when_no_text_follows_and_a_lo
     assert_eq!(gone.status, StatusCode::GONE, "{}", gone.body);
     assert!(gone.body.contains("log_gone"));
 }
+
+#[tokio::test]
+async fn a_long_poll_that_waits_past_a_second_holds_one_of_the_users_stream_slots() {
+    let dynamo = LocalDynamo::start(0, TABLE).await.unwrap();
+    let store = dynamo.store(TABLE, StoreOptions::default());
+    let settings = stream::RelaySettings {
+        poll_fast: Duration::from_millis(20),
+        poll_slow: Duration::from_millis(100),
+        keepalive: Duration::from_secs(5),
+        max_duration: Duration::from_secs(60),
+        retry: Duration::from_secs(1),
+        max_open_streams: 1,
+    };
+    let relay = stream::Relay::new(store.clone(), settings, chat_auth::Authenticator::trusted())
+        .with_long_poll_wait(Duration::from_secs(3));
+    let lease = generating(&store, &UserId::parse("carol").unwrap()).await;
+    let query = [("offset", "0000000000000000"), ("live", "long-poll")];
+    // Two idle long-polls at once with one slot: the first waits it out, the second is refused
+    // once its free second is over.
+    let (first, second) = tokio::join!(read(&relay, Method::GET, &lease, &query, None), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        read(&relay, Method::GET, &lease, &query, None).await
+    });
+    let mut statuses = [first.status, second.status];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::NO_CONTENT, StatusCode::TOO_MANY_REQUESTS]);
+    // The slot is given back: the next long-poll waits again.
+    assert_eq!(read(&relay, Method::GET, &lease, &query, None).await.status, StatusCode::NO_CONTENT);
+}

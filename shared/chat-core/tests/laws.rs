@@ -1230,5 +1230,31 @@ async fn a_summary_written_for_a_session_the_user_redid_meanwhile_is_not_stored(
     accepted(revise(&store, &quiet, Revision::Regenerate, None).await);
     let late = store.save_summary(&quiet, "summary of the turn taken back", Turn::FIRST).await.unwrap();
     assert!(matches!(late, Outcome::Conflict(_)), "{late:?}");
+    // Redone twice (turn 2 redone as turn 3): the job's summary through turn 1 is still refused.
+    let second = session(&store, first.id).await;
+    let ticket = TurnTicket { session_id: first.id, turn: second.turn, version: second.version };
+    answer(&store, &ticket, "again").await;
+    accepted(revise(&store, &session(&store, first.id).await, Revision::Regenerate, None).await);
+    let later = store.save_summary(&quiet, "summary of the turn taken back", Turn::FIRST).await.unwrap();
+    assert!(matches!(later, Outcome::Conflict(_)), "{later:?}");
     assert_eq!(session(&store, first.id).await.summary, None);
+}
+
+#[tokio::test]
+async fn a_summary_past_a_turn_redone_earlier_is_stored_when_the_user_moved_on_meanwhile() {
+    let db = TestDb::start().await;
+    let store = db.store();
+    let user = new_user();
+    let first = session_in(&store, &user, State::AiCommitted).await;
+    // Turn 1 redone as turn 2, answered; the session goes quiet and its job reads it.
+    let redo = accepted(revise(&store, &first, Revision::Regenerate, None).await);
+    answer(&store, &redo, "the second try").await;
+    let answered = session(&store, first.id).await;
+    assert!(matches!(store.expire_idle(&answered, "sweeper").await.unwrap(), Outcome::Applied(_)));
+    let quiet = session(&store, first.id).await;
+    // The user sends again before the job saves: the summary through turn 2 is still kept.
+    accepted(send(&store, &user, Some(first.id), "and now?").await);
+    let saved = store.save_summary(&quiet, "the user asked twice", redo.turn).await.unwrap();
+    assert_eq!(saved, Outcome::Applied(()));
+    assert_eq!(session(&store, first.id).await.summary.map(|s| s.through), Some(redo.turn));
 }

@@ -198,11 +198,11 @@ impl Store {
         if let Written::Applied(_) = self.send_conditional(pending).await? {
             return Ok(Outcome::Applied(()));
         }
-        // Not over a newer one, and not through a turn the user redid since (it would hold what
-        // they took back).
+        // Not over a newer one, and not through a turn the user redid (it would hold what they
+        // took back): the last turn redone must lie before the summary's last.
         let newer = update(
             "attribute_exists(#pk) AND (attribute_not_exists(#through) OR #through < :through) \
-             AND (attribute_not_exists(#redone) OR #redone > :through)",
+             AND (attribute_not_exists(#redone) OR #redone < :through)",
         )
         .update_expression("SET #summary = :summary, #through = :through, #at = :at")
         .expression_attribute_names("#pk", PK)
