@@ -305,14 +305,16 @@ impl<'a> TurnWriter<'a> {
 
     /// When, counting from now (a chunk just written), the next chunk is due at the earliest: a
     /// flush interval after the next token, or sooner when tokens come fast enough to fill a
-    /// chunk first. Unknown before two tokens have been seen: a flush interval.
+    /// chunk first. The next token is expected a token gap after the last one came (not after
+    /// now: the write may have waited for the timer), so a relay polling then finds the chunk
+    /// just landed. Unknown before two tokens have been seen: a flush interval.
     fn next_chunk_in(&self) -> Duration {
         let (flush_interval, flush_max_tokens) =
             (self.settings.flush_interval, self.settings.flush_max_tokens);
-        match self.token_gap {
-            Some(gap) => (gap + flush_interval).min(gap.saturating_mul(flush_max_tokens.max(1) as u32)),
-            None => flush_interval,
-        }
+        let (Some(gap), Some(last)) = (self.token_gap, self.last_token) else { return flush_interval };
+        let due =
+            (last + gap + flush_interval).min(last + gap.saturating_mul(flush_max_tokens.max(1) as u32));
+        due.saturating_duration_since(Instant::now())
     }
 
     /// The buffer is stored: it becomes part of the reply.
@@ -327,5 +329,91 @@ impl<'a> TurnWriter<'a> {
             }
         }
         self.oldest = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::{SessionId, StoreOptions, Turn, UserId};
+
+    fn settings(flush_interval_ms: u64) -> GenerationSettings {
+        GenerationSettings {
+            lease: Duration::from_secs(30),
+            max_generation_attempts: 3,
+            flush_interval: Duration::from_millis(flush_interval_ms),
+            flush_max_tokens: 32,
+            faults: false,
+            system_prompt: None,
+            memory: Default::default(),
+            reply_max_bytes: 300_000,
+            tool_deadline: Duration::from_secs(60),
+        }
+    }
+
+    fn lease() -> Lease {
+        Lease {
+            session_id: SessionId::new(),
+            turn: Turn::new(1).unwrap(),
+            owner: "lease".to_owned(),
+            version: 3,
+            expires_at: u64::MAX,
+            cancel_requested: false,
+            next_seq: 0,
+            resumed_tokens: vec![],
+            summary: None,
+            user: UserId::parse("user").unwrap(),
+        }
+    }
+
+    fn writer_with<'a>(store: &'a Store, settings: &'a GenerationSettings) -> TurnWriter<'a> {
+        TurnWriter::new(store, settings, lease(), vec![])
+    }
+
+    /// Within a millisecond of `expected` (the test's own steps take microseconds).
+    fn about(actual: Duration, expected_ms: u64) {
+        let expected = Duration::from_millis(expected_ms);
+        assert!(
+            actual <= expected && expected - actual < Duration::from_millis(1),
+            "{actual:?}, expected {expected:?}"
+        );
+    }
+
+    /// Relays poll when the writer says the next chunk lands: a flush interval after the next
+    /// token, which comes a token gap after the last one, however late the timer fired.
+    #[tokio::test]
+    async fn the_next_chunk_is_due_a_flush_interval_after_the_next_token() {
+        let store = Store::new(
+            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
+            "unused",
+            StoreOptions::default(),
+        );
+        let settings = settings(175);
+        let mut writer = writer_with(&store, &settings);
+        // The last token came 155 ms ago, 20 ms after the one before: the flush timer fires now,
+        // 175 ms after the oldest. The next token is expected 135 ms ago, and the chunk it
+        // opens goes 175 ms after it: 40 ms from now (not 20 + 175 from now).
+        writer.last_token = Some(Instant::now() - Duration::from_millis(155));
+        writer.token_gap = Some(Duration::from_millis(20));
+        about(writer.next_chunk_in(), 40);
+    }
+
+    /// When tokens come fast, the chunk fills (`FLUSH_MAX_TOKENS`) before the interval ends.
+    #[tokio::test]
+    async fn a_full_chunk_comes_before_the_interval() {
+        let store = Store::new(
+            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
+            "unused",
+            StoreOptions::default(),
+        );
+        let settings = settings(175);
+        let mut writer = writer_with(&store, &settings);
+        writer.last_token = Some(Instant::now());
+        writer.token_gap = Some(Duration::from_millis(2));
+        // 32 tokens 2 ms apart fill a chunk in 64 ms, before 2 + 175.
+        about(writer.next_chunk_in(), 64);
+        // Before two tokens, a flush interval.
+        writer.token_gap = None;
+        about(writer.next_chunk_in(), 175);
     }
 }

@@ -52,13 +52,54 @@ struct PollState {
     generating: bool,
     /// Polls in a row that found nothing new.
     empty_polls: u32,
-    /// When the last chunk read said the next one is due (epoch ms).
+    /// When the last chunk read said the next one is due (epoch ms), until it is read.
     next_due: Option<u64>,
+    /// How long after that to read it.
+    margin: Duration,
 }
 
-/// A relay polls this long after the time its writer said the next chunk was due at the
-/// earliest (`Chunk::next_at`): the write itself takes a few milliseconds.
-const AFTER_DUE: Duration = Duration::from_millis(10);
+/// How long after the time its writer said the next chunk was due (`Chunk::next_at`) a relay
+/// reads it: the put itself takes a few milliseconds, more in some places and moments. It starts
+/// at 5 ms and learns: a read that finds the chunk not there yet adds 2 ms (up to 25 ms), and
+/// eight in a row that find it take 1 ms off (down to 2 ms). Too early costs a read (a tenth of a
+/// write); too late, lag every reader feels.
+#[derive(Debug, Clone, Copy)]
+struct DueMargin {
+    margin: Duration,
+    found_in_a_row: u32,
+}
+
+impl Default for DueMargin {
+    fn default() -> Self {
+        DueMargin { margin: Duration::from_millis(5), found_in_a_row: 0 }
+    }
+}
+
+impl DueMargin {
+    const MIN: Duration = Duration::from_millis(2);
+    const MAX: Duration = Duration::from_millis(25);
+
+    /// A read at the due time (plus the margin) found the chunk.
+    fn found(&mut self) {
+        self.found_in_a_row += 1;
+        if self.found_in_a_row == 8 {
+            self.found_in_a_row = 0;
+            self.margin = self.margin.saturating_sub(Duration::from_millis(1)).max(Self::MIN);
+        }
+    }
+
+    /// It was not there yet.
+    fn missed(&mut self) {
+        self.found_in_a_row = 0;
+        self.margin = (self.margin + Duration::from_millis(2)).min(Self::MAX);
+    }
+}
+
+/// A chunk not there yet when due is polled for again every `DUE_RETRY`, this many times,
+/// before the relay backs off: a read costs a tenth of a write, and a late chunk is what the
+/// reader feels.
+const DUE_RETRIES: u32 = 4;
+const DUE_RETRY: Duration = Duration::from_millis(5);
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -429,6 +470,9 @@ impl Relay {
         let mut next_index = position.after_index.map_or(0, |i| i + 1);
         let mut generating = first_read.state == State::AiGenerating;
         let mut empty_polls = 0u32;
+        let mut next_due = None;
+        let mut margin = DueMargin::default();
+        let mut polled_at_due = false;
         let mut state = first_read.state;
         let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
         let mut sent_tokens = 0usize;
@@ -453,7 +497,6 @@ impl Relay {
             let chunks =
                 self.store.read_chunks(position.session, position.turn, last_seq, Read::Eventual).await?;
             let mut progressed = false;
-            let mut next_due = None;
             // An eventually consistent read may miss the newest chunk; stop at any gap and re-poll.
             for chunk in chunks {
                 if chunk.seq != last_seq.map_or(0, |s| s + 1) {
@@ -469,6 +512,13 @@ impl Relay {
                 }
                 sent_tokens += sent;
                 progressed |= sent > 0;
+            }
+            if std::mem::take(&mut polled_at_due) {
+                if progressed {
+                    margin.found();
+                } else {
+                    margin.missed();
+                }
             }
             if progressed {
                 last_sent = Instant::now();
@@ -509,7 +559,9 @@ impl Relay {
                 last_sent = Instant::now();
             }
             empty_polls = if progressed { 0 } else { empty_polls + 1 };
-            let poll = PollState { tokens_seen: last_seq.is_some(), generating, empty_polls, next_due };
+            let tokens_seen = last_seq.is_some();
+            let poll = PollState { tokens_seen, generating, empty_polls, next_due, margin: margin.margin };
+            polled_at_due = empty_polls == 0 && tokens_seen && next_due.is_some();
             let wait = self.next_poll(poll, started.elapsed());
             tokio::time::sleep(wait).await;
         }
@@ -517,7 +569,8 @@ impl Relay {
 
     /// How long to wait before the next poll:
     /// - after new tokens, until the writer's next chunk is due (its `next_at`), or the fast
-    ///   interval when it gave no time;
+    ///   interval when it gave no time; when that chunk is not there yet, again every
+    ///   `DUE_RETRY`, [`DUE_RETRIES`] times;
     /// - before the first chunk, an eighth of the wait so far, between the fast interval and four
     ///   times it while the turn generates (the model is thinking), or the slow interval while it
     ///   waits for a generator: the first token is late by at most an eighth of its wait, and a
@@ -527,11 +580,15 @@ impl Relay {
     fn next_poll(&self, poll: PollState, waited: Duration) -> Duration {
         let settings = &self.settings;
         let fast = settings.poll_fast;
+        let due_passed = poll.next_due.is_some_and(|due| due <= self.store.now_ms());
+        if poll.tokens_seen && (1..=DUE_RETRIES).contains(&poll.empty_polls) && due_passed {
+            return DUE_RETRY;
+        }
         if poll.empty_polls == 0 && poll.tokens_seen {
             return match poll.next_due {
                 Some(due) => {
-                    let until = Duration::from_millis(due.saturating_sub(self.store.now_ms())) + AFTER_DUE;
-                    until.clamp(AFTER_DUE, settings.poll_slow)
+                    let until = Duration::from_millis(due.saturating_sub(self.store.now_ms())) + poll.margin;
+                    until.clamp(poll.margin, settings.poll_slow)
                 }
                 None => fast,
             };
@@ -540,7 +597,9 @@ impl Relay {
             let most = if poll.generating { fast * 4 } else { settings.poll_slow.max(fast) };
             return (waited / WAITING_BACKOFF).clamp(fast, most);
         }
-        let doubled = (fast / 2).saturating_mul(1 << (poll.empty_polls - 1).min(3));
+        // After the quick re-polls of a late chunk, the backoff starts from its beginning.
+        let empty = if due_passed { poll.empty_polls - DUE_RETRIES } else { poll.empty_polls };
+        let doubled = (fast / 2).saturating_mul(1 << (empty.max(1) - 1).min(3));
         doubled.min(fast * 4)
     }
 
@@ -675,4 +734,99 @@ pub(crate) fn refused(err: StreamError) -> Response<SseBody> {
 fn unavailable(err: StoreError) -> StreamError {
     tracing::error!(error = %err, "DynamoDB request failed");
     StreamError::StoreUnavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::{Clock, StoreOptions};
+    use std::sync::atomic::AtomicU64;
+
+    const NOW: u64 = 1_000_000;
+
+    /// A relay whose clock stands at `NOW` (no request is sent).
+    fn relay() -> Relay {
+        let client = chat_testkit::emulators::dynamodb_client("http://127.0.0.1:9");
+        let store = Store::new(client, "unused", StoreOptions::default())
+            .with_clock(Clock::Manual(Arc::new(AtomicU64::new(NOW))));
+        let settings = RelaySettings {
+            poll_fast: Duration::from_millis(50),
+            poll_slow: Duration::from_millis(500),
+            keepalive: Duration::from_secs(15),
+            max_duration: Duration::from_secs(600),
+            retry: Duration::from_secs(1),
+            max_open_streams: 0,
+        };
+        Relay::new(store, settings, Authenticator::trusted())
+    }
+
+    const MARGIN: Duration = Duration::from_millis(7);
+
+    fn after_tokens(empty_polls: u32, next_due: Option<u64>) -> PollState {
+        PollState { tokens_seen: true, generating: true, empty_polls, next_due, margin: MARGIN }
+    }
+
+    #[test]
+    fn a_relay_polls_when_the_next_chunk_is_due() {
+        let relay = relay();
+        let wait = relay.next_poll(after_tokens(0, Some(NOW + 170)), Duration::ZERO);
+        assert_eq!(wait, Duration::from_millis(170) + MARGIN);
+    }
+
+    #[test]
+    fn the_margin_after_a_due_time_grows_when_chunks_are_late_and_shrinks_when_they_are_not() {
+        let mut margin = DueMargin::default();
+        assert_eq!(margin.margin, Duration::from_millis(5));
+        margin.missed();
+        assert_eq!(margin.margin, Duration::from_millis(7));
+        for _ in 0..20 {
+            margin.missed();
+        }
+        assert_eq!(margin.margin, DueMargin::MAX);
+        for _ in 0..7 {
+            margin.found();
+        }
+        assert_eq!(margin.margin, DueMargin::MAX, "seven found in a row change nothing");
+        margin.found();
+        assert_eq!(margin.margin, DueMargin::MAX - Duration::from_millis(1));
+        for _ in 0..8 * 30 {
+            margin.found();
+        }
+        assert_eq!(margin.margin, DueMargin::MIN);
+        // A miss starts the count of found reads again.
+        for _ in 0..7 {
+            margin.found();
+        }
+        margin.missed();
+        margin.found();
+        assert_eq!(margin.margin, DueMargin::MIN + Duration::from_millis(2));
+    }
+
+    #[test]
+    fn a_due_chunk_not_there_yet_is_polled_for_again_soon_then_backed_off() {
+        let relay = relay();
+        let due = Some(NOW - 5);
+        for empty in 1..=DUE_RETRIES {
+            assert_eq!(relay.next_poll(after_tokens(empty, due), Duration::ZERO), DUE_RETRY, "poll {empty}");
+        }
+        // Then the model has paused: the backoff starts from half the fast interval.
+        let backoff: Vec<u64> = (DUE_RETRIES + 1..=DUE_RETRIES + 5)
+            .map(|empty| relay.next_poll(after_tokens(empty, due), Duration::ZERO).as_millis() as u64)
+            .collect();
+        assert_eq!(backoff, [25, 50, 100, 200, 200]);
+    }
+
+    #[test]
+    fn without_a_due_time_empty_polls_back_off_at_once() {
+        let relay = relay();
+        let waits: Vec<u64> = (1..=4)
+            .map(|empty| relay.next_poll(after_tokens(empty, None), Duration::ZERO).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [25, 50, 100, 200]);
+        // A chunk due later than now is not late: no quick re-poll.
+        assert_eq!(
+            relay.next_poll(after_tokens(1, Some(NOW + 100)), Duration::ZERO),
+            Duration::from_millis(25)
+        );
+    }
 }
