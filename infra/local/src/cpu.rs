@@ -7,6 +7,7 @@
 //! parsing around it excluded.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::field::{Field, Visit};
@@ -198,5 +199,80 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EmulatorProfile {
             }
             _ => {}
         }
+    }
+}
+
+/// Lambda's memory size for one full vCPU.
+pub const MB_PER_VCPU: f64 = 1769.0;
+
+/// A cgroup v1 `cpu` group whose CFS quota gives its processes (or threads) the CPU share
+/// Lambda gives a function of `memory_mb`; removed on drop. Needs root.
+pub struct CpuLimit {
+    dir: PathBuf,
+    memory_mb: u32,
+    share: f64,
+}
+
+impl CpuLimit {
+    /// A group for `memory_mb`, quota per 100 ms period.
+    pub fn new(memory_mb: u32) -> Result<CpuLimit, String> {
+        Self::named(memory_mb, "all")
+    }
+
+    /// A group for `memory_mb` of its own, when several run at once (`name` tells them apart).
+    pub fn named(memory_mb: u32, name: &str) -> Result<CpuLimit, String> {
+        let share = (f64::from(memory_mb) / MB_PER_VCPU).min(1.0);
+        let dir =
+            PathBuf::from(format!("/sys/fs/cgroup/cpu/chat-bench-{}-{name}-{memory_mb}", std::process::id()));
+        let period = 100_000u64;
+        let quota = ((period as f64) * share).round().max(1000.0) as u64;
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()))
+            .and_then(|()| std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()))
+            .map_err(|e| {
+                format!("BENCH_MEMORY_MB needs a writable cgroup v1 cpu controller ({}): {e}", dir.display())
+            })?;
+        Ok(CpuLimit { dir, memory_mb, share })
+    }
+
+    /// The memory size it stands for.
+    pub fn memory_mb(&self) -> u32 {
+        self.memory_mb
+    }
+
+    /// `, 128 MB (0.072 vCPU)`, for headings.
+    pub fn label(&self) -> String {
+        format!(", {} MB ({:.3} vCPU)", self.memory_mb, self.share)
+    }
+
+    /// Where a process writes `0` to join the group.
+    pub fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// How often the quota held the group back so far: (periods it ran in, periods it was
+    /// throttled in, time throttled).
+    pub fn throttled(&self) -> (u64, u64, Duration) {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        let field = |name: &str| {
+            stat.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0)
+        };
+        (field("nr_periods "), field("nr_throttled "), Duration::from_nanos(field("throttled_time ")))
+    }
+
+    /// Moves the calling thread (only it) into the group.
+    pub fn join_this_thread(&self) -> Result<(), String> {
+        let tid = std::fs::read_link("/proc/thread-self")
+            .ok()
+            .and_then(|path| path.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+            .ok_or("cannot tell this thread's id from /proc/thread-self")?;
+        std::fs::write(self.dir.join("tasks"), tid)
+            .map_err(|e| format!("joining {}: {e}", self.dir.display()))
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }

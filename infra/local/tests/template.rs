@@ -744,3 +744,26 @@ fn the_table_and_the_user_pool_outlive_the_stack() {
         assert_eq!(resource["Properties"][protection], on, "{logical}");
     }
 }
+
+/// The sizes and the flush `make bench-turn` prices and measures are the ones the stack deploys:
+/// the generator and the stream (which live as long as a reply streams) have sizes of their
+/// own, and the template's flush is the generator's default.
+#[test]
+fn memory_sizes_and_the_flush_are_the_ones_the_cost_bench_measures() {
+    let template = template();
+    let default = |name: &str| template["Parameters"][name]["Default"].as_u64();
+    assert_eq!(default("GeneratorMemorySize"), Some(256));
+    assert_eq!(default("StreamMemorySize"), Some(128));
+    assert_eq!(template["Globals"]["Function"]["MemorySize"].as_u64(), Some(256));
+    for (function, parameter) in [("generator", "GeneratorMemorySize"), ("stream", "StreamMemorySize")] {
+        let properties = &resource(&template, &logical(function))["Properties"];
+        assert_eq!(properties["MemorySize"], resource_ref(parameter), "{function}");
+    }
+    for function in ["ingest", "sweeper"] {
+        assert!(
+            resource(&template, &logical(function))["Properties"].get("MemorySize").is_none(),
+            "{function}"
+        );
+    }
+    assert_eq!(default("FlushIntervalMs"), Some(generator::DEFAULT_FLUSH_INTERVAL.as_millis() as u64));
+}

@@ -25,6 +25,7 @@ use chat_core::job::TurnMessage;
 use chat_core::{
     ClaimOutcome, NewMessage, Outcome, Read, Reply, SendOutcome, SessionId, Store, StoreOptions, Turn, UserId,
 };
+use chat_local::cpu::CpuLimit;
 use chat_local::runtime_api::RuntimeApi;
 use chat_local::LocalDynamo;
 use chat_testkit::StubSqs;
@@ -35,8 +36,6 @@ use std::time::{Duration, Instant};
 
 const TABLE: &str = "coldstart";
 const FUNCTIONS: [&str; 4] = ["ingest", "generator", "stream", "sweeper"];
-/// Lambda's memory size for one full vCPU.
-const MB_PER_VCPU: f64 = 1769.0;
 
 #[derive(Default)]
 struct Runs {
@@ -99,7 +98,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("LLM_PROVIDER", "demo".to_owned()),
             ("DEMO_REPLY_TOKENS", "20".to_owned()),
             ("DEMO_TOKEN_DELAY_MS", "20".to_owned()),
-            ("FLUSH_INTERVAL_MS", "100".to_owned()),
+            ("FLUSH_INTERVAL_MS", "150".to_owned()),
             ("RUST_LOG", "warn".to_owned()),
             ("LOG_FORMAT", "json".to_owned()),
         ]
@@ -139,45 +138,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// A cgroup v1 `cpu` group whose CFS quota gives its processes the CPU share Lambda gives a
-/// function of `memory_mb`; removed on drop.
-struct CpuLimit {
-    dir: PathBuf,
-    memory_mb: u32,
-    share: f64,
-}
-
-impl CpuLimit {
-    fn new(memory_mb: u32) -> Result<CpuLimit, String> {
-        let share = (f64::from(memory_mb) / MB_PER_VCPU).min(1.0);
-        let dir = PathBuf::from(format!("/sys/fs/cgroup/cpu/chat-bench-{}-{memory_mb}", std::process::id()));
-        let period = 100_000u64;
-        let quota = ((period as f64) * share).round().max(1000.0) as u64;
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()))
-            .and_then(|()| std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()))
-            .map_err(|e| {
-                format!("BENCH_MEMORY_MB needs a writable cgroup v1 cpu controller ({}): {e}", dir.display())
-            })?;
-        Ok(CpuLimit { dir, memory_mb, share })
-    }
-
-    fn label(&self) -> String {
-        format!(", {} MB ({:.3} vCPU)", self.memory_mb, self.share)
-    }
-
-    /// Where a process writes `0` to join the group.
-    fn procs(&self) -> PathBuf {
-        self.dir.join("cgroup.procs")
-    }
-}
-
-impl Drop for CpuLimit {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 /// What one cold start of one binary measured.
 struct One {
     init: Duration,
@@ -208,7 +168,7 @@ async fn cold_start(
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true);
     if let Some(limit) = limit {
-        command.env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", limit.memory_mb.to_string());
+        command.env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", limit.memory_mb().to_string());
     }
     // Opened before the fork, so the child joins the group with one write before it execs and
     // its whole init runs under the quota.

@@ -2,20 +2,29 @@
 //!
 //! Runs whole turns (500-token demo replies at 50 tokens/s by default) through the real store,
 //! generator and stream code against a fresh DynamoDB emulator, with one SSE client per turn, at
-//! several flush and poll settings (the levers that exist as settings), and reports:
+//! several flush intervals (`BENCH_FLUSH_MS`, `100,125,150,175,200`, plus a flush by token count
+//! only) and memory sizes, and reports:
 //! - write and read capacity units per turn, from DynamoDB's own consumed-capacity figures;
 //! - relay lag per token: the moment the generator receives it from the model (handed to the
 //!   chunk writer) to the moment the SSE client reads it, as percentiles;
 //! - what a session's idle expiry costs: the sweeper's transitions and the generator's summary
 //!   job (measured on the first session of each setting);
 //! - the dollars per million turns those units and each function's wall time (GB-seconds at
-//!   256 MB) cost at the list prices in `price`, and which setting is cheapest while the relay
-//!   lag stays within p50 <= 100 ms and p99 <= 250 ms.
+//!   its memory size) cost at the list prices in `price`, and which setting is cheapest while
+//!   the relay lag stays within p50 <= 100 ms and p99 <= 250 ms.
+//!
+//! The generator and the stream each run on a thread and runtime of their own, as each runs in
+//! a process of its own in Lambda. `BENCH_MEMORY_MB` (`256/128,128/128`: generator/stream; one
+//! number for both) repeats every setting with each thread held to the CPU share Lambda gives
+//! its memory size (a cgroup v1 CFS quota each, which needs root; `none` runs them unthrottled,
+//! priced at the template's sizes), so a smaller size's price comes with the lag it causes. The
+//! emulator, ingest and the SSE client run unthrottled; ingest is priced at 256 MB.
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
 use chat_core::job::TurnMessage;
 use chat_core::{NewMessage, Outcome, Read, Role, SendOutcome, StoreOptions, UserId};
+use chat_local::cpu::CpuLimit;
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
 use generator::llm::{DemoModel, Model, ModelError, ModelProvider, Output, Prompt, RetryPolicy, TokenStream};
@@ -61,12 +70,34 @@ mod price {
     pub const LAMBDA_GB_SECOND: f64 = 0.000_013_333_4;
     /// SQS standard queue, per request.
     pub const SQS_REQUEST: f64 = 0.40 / 1e6;
-    /// Each function's memory in GB: 256 MB, decided from bench-coldstart.
-    pub const LAMBDA_MEMORY_GB: f64 = 0.25;
     /// Lambda invocations a turn: ingest's POST, the generator's SQS batch, the stream.
     pub const LAMBDA_REQUESTS_PER_TURN: f64 = 3.0;
     /// SQS requests a turn: ingest's send, the event source's receive and delete.
     pub const SQS_REQUESTS_PER_TURN: f64 = 3.0;
+}
+
+/// The memory sizes `template.yaml` gives the generator, the stream and ingest by default.
+const TEMPLATE_MEMORY_MB: Memory = Memory { generator: 256, stream: 128 };
+const INGEST_MEMORY_MB: u32 = 256;
+
+/// Each long-lived function's memory size, MB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Memory {
+    generator: u32,
+    stream: u32,
+}
+
+impl Memory {
+    /// `256/128` (generator/stream), or one size for both.
+    fn parse(text: &str) -> Option<Memory> {
+        match text.split_once('/') {
+            Some((generator, stream)) => Some(Memory {
+                generator: generator.trim().parse().ok()?,
+                stream: stream.trim().parse().ok()?,
+            }),
+            None => text.parse().ok().map(|mb| Memory { generator: mb, stream: mb }),
+        }
+    }
 }
 
 /// The relay lag goals a configuration must meet to be a candidate.
@@ -74,7 +105,7 @@ const LAG_P50_GOAL_MS: f64 = 100.0;
 const LAG_P99_GOAL_MS: f64 = 250.0;
 
 struct Setting {
-    name: &'static str,
+    name: String,
     flush_interval: Duration,
     flush_max_tokens: usize,
     poll_fast: Duration,
@@ -91,6 +122,13 @@ struct Totals {
     generator_seconds: f64,
     stream_seconds: f64,
     lags_ms: Vec<f64>,
+    /// The turn handed to the generator -> its first token read by the SSE client, per turn.
+    first_token_ms: Vec<f64>,
+    /// Quota periods in which the CPU quota held the generator and the stream back while they
+    /// answered turns (the summary job excluded), and for how long.
+    throttled_periods: [u64; 2],
+    throttled_time: [Duration; 2],
+    throttled_runs: bool,
     turns: usize,
     chunks: usize,
     /// The idle expiry (sweeper) and the summary job (generator) of one session.
@@ -108,16 +146,20 @@ struct TurnCost {
 }
 
 impl TurnCost {
-    fn of(totals: &Totals) -> Self {
+    /// With each function at its size in `memory`.
+    fn of(totals: &Totals, memory: Memory) -> Self {
         let n = totals.turns as f64;
         let mut lags = totals.lags_ms.clone();
         lags.sort_by(f64::total_cmp);
-        let seconds = totals.ingest_seconds + totals.generator_seconds + totals.stream_seconds;
+        let gb = |mb: u32| f64::from(mb) / 1024.0;
+        let gb_seconds = totals.ingest_seconds * gb(INGEST_MEMORY_MB)
+            + totals.generator_seconds * gb(memory.generator)
+            + totals.stream_seconds * gb(memory.stream);
         TurnCost {
             write_units: totals.write_units / n,
             read_units: (totals.ingest_read_units + totals.generator_read_units + totals.stream_read_units)
                 / n,
-            gb_seconds: seconds / n * price::LAMBDA_MEMORY_GB,
+            gb_seconds: gb_seconds / n,
             lag_p50: percentile(&lags, 50.0),
             lag_p99: percentile(&lags, 99.0),
         }
@@ -172,7 +214,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank]
 }
 
-fn setting(name: &'static str, flush_ms: u64, flush_max_tokens: usize, poll_fast_ms: u64) -> Setting {
+fn setting(name: String, flush_ms: u64, flush_max_tokens: usize, poll_fast_ms: u64) -> Setting {
     Setting {
         name,
         flush_interval: Duration::from_millis(flush_ms),
@@ -187,68 +229,111 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let turns: usize = env.parse_or("BENCH_TURNS", 5)?;
     let reply_tokens: usize = env.parse_or("BENCH_REPLY_TOKENS", 500)?;
     let token_delay = env.millis_or("BENCH_TOKEN_DELAY_MS", Duration::from_millis(20))?;
-    // The levers that exist as settings: the flush (FLUSH_INTERVAL_MS / FLUSH_MAX_TOKENS) and the
-    // relay's fast poll (STREAM_POLL_FAST_MS). An hour's interval means "by token count only".
-    let settings = [
-        setting("default: flush 100 ms / 32 tokens, poll 50 ms", 100, 32, 50),
-        setting("flush 100 ms / 32 tokens, poll 100 ms", 100, 32, 100),
-        setting("flush 125 ms / 32 tokens, poll 50 ms", 125, 32, 50),
-        setting("flush 150 ms / 32 tokens, poll 50 ms", 150, 32, 50),
-        setting("flush 200 ms / 32 tokens, poll 50 ms", 200, 32, 50),
-        setting("flush 250 ms / 32 tokens, poll 50 ms", 250, 32, 50),
-        setting("economy: flush every 32 tokens, poll 50 ms", 3_600_000, 32, 50),
-    ];
+    // The flush is the lever (FLUSH_INTERVAL_MS / FLUSH_MAX_TOKENS). The relay's fast poll
+    // (STREAM_POLL_FAST_MS) stays at its default: while tokens flow a relay polls when a chunk is
+    // due, whatever it is. An hour's interval means "by token count only".
+    let flushes = env.optional("BENCH_FLUSH_MS").unwrap_or_else(|| "100,125,150,175,200".to_owned());
+    let default_ms = generator::DEFAULT_FLUSH_INTERVAL.as_millis() as u64;
+    let mut settings = Vec::new();
+    for ms in flushes.split(',').map(str::trim).filter(|ms| !ms.is_empty()) {
+        let ms: u64 = ms.parse().map_err(|_| format!("BENCH_FLUSH_MS: {ms:?} is not a number of ms"))?;
+        let name = if ms == default_ms {
+            format!("default: flush {ms} ms / 32 tokens")
+        } else {
+            format!("flush {ms} ms / 32 tokens")
+        };
+        settings.push(setting(name, ms, 32, 50));
+    }
+    settings.push(setting("economy: flush every 32 tokens".to_owned(), 3_600_000, 32, 50));
     println!(
         "bench-turn: {turns} turns per setting, {reply_tokens}-token replies at {:.0} tokens/s, one SSE client per turn",
         1.0 / token_delay.as_secs_f64()
     );
     println!(
-        "prices (us-east-1 list): DynamoDB on-demand ${:.3}/M WRU, ${:.3}/M RRU; Lambda arm64 ${:.2}/M requests, ${:.10}/GB-s at {:.0} MB; SQS ${:.2}/M requests\n",
+        "prices (us-east-1 list): DynamoDB on-demand ${:.3}/M WRU, ${:.3}/M RRU; Lambda arm64 ${:.2}/M requests, ${:.10}/GB-s; SQS ${:.2}/M requests\n",
         price::WRITE_UNIT * 1e6,
         price::READ_UNIT * 1e6,
         price::LAMBDA_REQUEST * 1e6,
         price::LAMBDA_GB_SECOND,
-        price::LAMBDA_MEMORY_GB * 1024.0,
         price::SQS_REQUEST * 1e6,
     );
+    let mut sizes: Vec<Option<Memory>> = Vec::new();
+    for size in env
+        .optional("BENCH_MEMORY_MB")
+        .unwrap_or_else(|| "256/128,128/128".to_owned())
+        .split(',')
+        .map(str::trim)
+    {
+        sizes.push(match size {
+            "none" => None,
+            mb => Some(Memory::parse(mb).ok_or_else(|| {
+                format!("BENCH_MEMORY_MB: {mb:?} is not generator/stream sizes in MB (256/128), one size, or none")
+            })?),
+        });
+    }
     let mut summary = Vec::new();
-    for setting in &settings {
-        let totals = run(setting, turns, reply_tokens, token_delay).await?;
-        let mut lags = totals.lags_ms.clone();
-        lags.sort_by(f64::total_cmp);
-        let n = totals.turns as f64;
-        let cost = TurnCost::of(&totals);
-        println!("{}", setting.name);
-        println!("  write units per turn     {:>8.1}   (one write per token would be ~{reply_tokens}: {:.1}x fewer)", totals.write_units / n, reply_tokens as f64 / (totals.write_units / n));
-        println!("  chunks per turn          {:>8.1}", totals.chunks as f64 / n);
-        println!("  read units per turn      {:>8.1}   ingest", totals.ingest_read_units / n);
-        println!("                           {:>8.1}   generator", totals.generator_read_units / n);
-        println!("                           {:>8.1}   per SSE client", totals.stream_read_units / n);
-        println!(
-            "  Lambda seconds per turn  {:>8.3}   ingest, {:.2} generator, {:.2} stream",
-            totals.ingest_seconds / n,
-            totals.generator_seconds / n,
-            totals.stream_seconds / n
+    for &size in &sizes {
+        for setting in &settings {
+            let totals = run(setting, size, turns, reply_tokens, token_delay).await?;
+            let mut lags = totals.lags_ms.clone();
+            lags.sort_by(f64::total_cmp);
+            let n = totals.turns as f64;
+            // Unthrottled runs are priced at the template's sizes.
+            let memory = size.unwrap_or(TEMPLATE_MEMORY_MB);
+            let cost = TurnCost::of(&totals, memory);
+            let sizes = format!("generator {} MB, stream {} MB", memory.generator, memory.stream);
+            let name = match size {
+                Some(_) => format!("{}, {sizes}", setting.name),
+                None => format!("{}, unthrottled ({sizes})", setting.name),
+            };
+            println!("{name}");
+            println!("  write units per turn     {:>8.1}   (one write per token would be ~{reply_tokens}: {:.1}x fewer)", totals.write_units / n, reply_tokens as f64 / (totals.write_units / n));
+            println!("  chunks per turn          {:>8.1}", totals.chunks as f64 / n);
+            println!("  read units per turn      {:>8.1}   ingest", totals.ingest_read_units / n);
+            println!("                           {:>8.1}   generator", totals.generator_read_units / n);
+            println!("                           {:>8.1}   per SSE client", totals.stream_read_units / n);
+            println!(
+                "  Lambda seconds per turn  {:>8.3}   ingest, {:.2} generator, {:.2} stream",
+                totals.ingest_seconds / n,
+                totals.generator_seconds / n,
+                totals.stream_seconds / n
+            );
+            println!(
+                "  idle expiry + summary    {:>8.1}   write units, {:.1} read units, once per quiet session",
+                totals.idle_write_units, totals.idle_read_units
+            );
+            let mut first_tokens = totals.first_token_ms.clone();
+            first_tokens.sort_by(f64::total_cmp);
+            println!(
+            "  first token (ms)         p50 {:.0}   max {:.0}   (the turn handed to the generator -> the SSE client)",
+            percentile(&first_tokens, 50.0),
+            first_tokens.last().copied().unwrap_or(f64::NAN)
         );
-        println!(
-            "  idle expiry + summary    {:>8.1}   write units, {:.1} read units, once per quiet session",
-            totals.idle_write_units, totals.idle_read_units
-        );
-        println!(
-            "  relay lag (ms)           p50 {:.0}   p90 {:.0}   p99 {:.0}   max {:.0}   ({} tokens)\n",
-            percentile(&lags, 50.0),
-            percentile(&lags, 90.0),
-            percentile(&lags, 99.0),
-            lags.last().copied().unwrap_or(f64::NAN),
-            lags.len()
-        );
-        println!("  | item | per turn | $ per 1M turns |");
-        println!("  |---|---|---|");
-        for (item, units, usd) in cost.items() {
-            println!("  | {item} | {units} | {usd:.2} |");
+            if totals.throttled_runs {
+                println!(
+                "  CPU quota                generator held back in {} periods ({} ms), stream in {} ({} ms), over {turns} turns",
+                totals.throttled_periods[0],
+                totals.throttled_time[0].as_millis(),
+                totals.throttled_periods[1],
+                totals.throttled_time[1].as_millis()
+            );
+            }
+            println!(
+                "  relay lag (ms)           p50 {:.0}   p90 {:.0}   p99 {:.0}   max {:.0}   ({} tokens)\n",
+                percentile(&lags, 50.0),
+                percentile(&lags, 90.0),
+                percentile(&lags, 99.0),
+                lags.last().copied().unwrap_or(f64::NAN),
+                lags.len()
+            );
+            println!("  | item | per turn | $ per 1M turns |");
+            println!("  |---|---|---|");
+            for (item, units, usd) in cost.items() {
+                println!("  | {item} | {units} | {usd:.2} |");
+            }
+            println!("  | **total, model excluded** | | **{:.2}** |\n", cost.per_million());
+            summary.push((name, cost));
         }
-        println!("  | **total, model excluded** | | **{:.2}** |\n", cost.per_million());
-        summary.push((setting.name, cost));
     }
     println!("| configuration | WRU | RRU | GB-s | $ per 1M turns | lag p50 | lag p99 | lag goals |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -280,8 +365,84 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A function's own thread and single-threaded runtime (a Lambda function runs in a process of
+/// its own), held to a memory size's CPU share when one is given.
+struct FunctionThread {
+    runtime: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropped after the thread has ended (a group with threads in it cannot be removed).
+    _limit: Option<Arc<CpuLimit>>,
+}
+
+impl FunctionThread {
+    fn start(name: &str, memory_mb: Option<u32>) -> Result<FunctionThread, String> {
+        let limit = memory_mb.map(|mb| CpuLimit::named(mb, name)).transpose()?.map(Arc::new);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let group = limit.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let joined = group.as_ref().map_or(Ok(()), |g| g.join_this_thread());
+                let blocking_group = group.clone();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .on_thread_start(move || {
+                        if let Some(group) = &blocking_group {
+                            let _ = group.join_this_thread();
+                        }
+                    })
+                    .build()
+                    .map_err(|e| e.to_string());
+                match (joined, runtime) {
+                    (Ok(()), Ok(runtime)) => {
+                        let _ = started_tx.send(Ok(runtime.handle().clone()));
+                        runtime.block_on(async move {
+                            let _ = stopped.await;
+                        });
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = started_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let runtime = started_rx.recv().map_err(|e| e.to_string())??;
+        Ok(FunctionThread { runtime, stop: Some(stop), thread: Some(thread), _limit: limit })
+    }
+
+    /// How the quota held this function back so far: (periods throttled, time throttled).
+    fn throttled(&self) -> (u64, Duration) {
+        self._limit.as_ref().map_or((0, Duration::ZERO), |limit| {
+            let (_, throttled, time) = limit.throttled();
+            (throttled, time)
+        })
+    }
+
+    /// Runs `work` on this function's runtime.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        self.runtime.spawn(work).await
+    }
+}
+
+impl Drop for FunctionThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 async fn run(
     setting: &Setting,
+    memory: Option<Memory>,
     turns: usize,
     reply_tokens: usize,
     token_delay: Duration,
@@ -293,7 +454,9 @@ async fn run(
     let handed = Arc::new(Mutex::new(Vec::new()));
     let model =
         TimedModel { inner: DemoModel { reply_tokens, token_delay, faults: false }, handed: handed.clone() };
-    let generator = generator::Generator::new(
+    let generator_thread = FunctionThread::start("generator", memory.map(|m| m.generator))?;
+    let stream_thread = FunctionThread::start("stream", memory.map(|m| m.stream))?;
+    let generator = Arc::new(generator::Generator::new(
         generator_store.clone(),
         Model::new(Arc::new(model), RetryPolicy::default()),
         generator::GenerationSettings {
@@ -307,7 +470,7 @@ async fn run(
             reply_max_bytes: 300_000,
             tool_deadline: Duration::from_secs(60),
         },
-    );
+    ));
     let relay = stream::Relay::new(
         stream_store.clone(),
         stream::RelaySettings {
@@ -348,8 +511,11 @@ async fn run(
             .uri(format!("/sessions/{}/stream", ticket.session_id))
             .body(lambda_http::Body::Empty)?
             .with_query_string_parameters(HashMap::from([("turn".to_owned(), "1".to_owned())]));
+        let throttled_before = [generator_thread.throttled(), stream_thread.throttled()];
         let stream_started = Instant::now();
-        let response = relay.handle(request).await;
+        let relay = relay.clone();
+        // The relay's task, which feeds the response body, runs where `handle` runs.
+        let response = stream_thread.run(async move { relay.handle(request).await }).await?;
         let reader = tokio::spawn(async move {
             let body = http_body_util::BodyDataStream::new(response.into_body()).boxed();
             let mut events = chat_local::sse_reader::SseStream::from_bytes(body);
@@ -370,16 +536,25 @@ async fn run(
         let mut event = SqsEvent::default();
         event.records = vec![message];
         let generator_started = Instant::now();
-        let response = generator.handle(event).await;
+        let handler = generator.clone();
+        let response = generator_thread.run(async move { handler.handle(event).await }).await?;
         totals.generator_seconds += generator_started.elapsed().as_secs_f64();
         if !response.batch_item_failures.is_empty() {
             return Err("the generator reported a failure".into());
         }
         let (received, stream_time) = reader.await?;
+        for (i, thread) in [&generator_thread, &stream_thread].into_iter().enumerate() {
+            let (periods, time) = thread.throttled();
+            totals.throttled_periods[i] += periods - throttled_before[i].0;
+            totals.throttled_time[i] += time - throttled_before[i].1;
+        }
         totals.stream_seconds += stream_time.as_secs_f64();
         let handed = handed.lock().unwrap().clone();
         if received.len() != handed.len() || handed.len() != reply_tokens {
             return Err(format!("{} tokens handed over, {} received", handed.len(), received.len()).into());
+        }
+        if let Some((_, first)) = received.iter().find(|(index, _)| *index == 0) {
+            totals.first_token_ms.push(first.duration_since(generator_started).as_secs_f64() * 1000.0);
         }
         for (index, at) in received {
             totals.lags_ms.push(at.duration_since(handed[index]).as_secs_f64() * 1000.0);
@@ -414,7 +589,13 @@ async fn run(
                 Some(serde_json::to_string(&TurnMessage::summary(ticket.session_id, ticket.turn))?);
             let mut event = SqsEvent::default();
             event.records = vec![message];
-            if !generator.handle(event).await.batch_item_failures.is_empty() {
+            let handler = generator.clone();
+            if !generator_thread
+                .run(async move { handler.handle(event).await })
+                .await?
+                .batch_item_failures
+                .is_empty()
+            {
                 return Err("the summary job failed".into());
             }
             let summarised = ingest_store
@@ -431,5 +612,6 @@ async fn run(
                 (after.0.read_units - before.0.read_units) + (after.1.read_units - before.1.read_units);
         }
     }
+    totals.throttled_runs = memory.is_some();
     Ok(totals)
 }
