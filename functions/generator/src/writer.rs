@@ -24,6 +24,9 @@ const EVENT_CHUNK_BYTES: usize = 64 * 1024;
 /// reads it.
 const LEASE_CHECK_EVERY: Duration = Duration::from_millis(250);
 
+/// Tokens that come this close together came in one burst (one network read).
+const SAME_BURST: Duration = Duration::from_millis(2);
+
 /// Whether a flush reads the lease back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LeaseCheck {
@@ -56,9 +59,12 @@ pub(crate) struct TurnWriter<'a> {
     first_token_ms: Option<u64>,
     /// When the lease was last read back or extended.
     lease_read: Option<Instant>,
-    /// When the last token arrived, and how long after the one before it.
+    /// When the last token arrived, and the time between tokens, averaged.
     last_token: Option<Instant>,
     token_gap: Option<Duration>,
+    /// The time between bursts of tokens, averaged: models often send several tokens in one
+    /// network read, then none for a while; the next token comes a burst gap after the last.
+    burst_gap: Option<Duration>,
     buffer: Vec<String>,
     /// When the oldest buffered token arrived.
     oldest: Option<Instant>,
@@ -99,6 +105,7 @@ impl<'a> TurnWriter<'a> {
             lease_read: None,
             last_token: None,
             token_gap: None,
+            burst_gap: None,
             buffer: Vec::new(),
             oldest: None,
             next_seq: lease.next_seq,
@@ -219,12 +226,23 @@ impl<'a> TurnWriter<'a> {
             token.replace_range(..EVENT_MARK.len_utf8(), "\u{fffd}");
         }
         let now = Instant::now();
-        if let Some(previous) = self.last_token {
-            self.token_gap = Some(now - previous);
-        }
-        self.last_token = Some(now);
+        self.note_token_at(now);
         self.oldest.get_or_insert(now);
         self.buffer.push(token);
+    }
+
+    /// A token came at `at`: the pace of tokens, for when the next chunk is due.
+    fn note_token_at(&mut self, at: Instant) {
+        let average =
+            |average: Option<Duration>, gap: Duration| Some(average.map_or(gap, |a| (a * 7 + gap) / 8));
+        if let Some(previous) = self.last_token {
+            let gap = at.saturating_duration_since(previous);
+            self.token_gap = average(self.token_gap, gap);
+            if gap > SAME_BURST {
+                self.burst_gap = average(self.burst_gap, gap);
+            }
+        }
+        self.last_token = Some(at);
     }
 
     /// Whether the buffer should be written now: it is full (`FLUSH_MAX_TOKENS`), or it holds
@@ -268,8 +286,9 @@ impl<'a> TurnWriter<'a> {
     pub(crate) async fn flush(&mut self, check: LeaseCheck) -> Result<Option<Halt>, StoreError> {
         if !self.buffer.is_empty() {
             // Mid-reply, relays poll for the next chunk when it is due.
+            let flushed_at = Instant::now();
             let next_at = (check == LeaseCheck::WhenDue)
-                .then(|| self.store.now_ms() + self.next_chunk_in().as_millis() as u64);
+                .then(|| self.store.now_ms() + self.next_chunk_in(flushed_at).as_millis() as u64);
             let outcome = self
                 .store
                 .append_chunk_expecting(&self.lease, self.next_seq, self.next_index, &self.buffer, next_at)
@@ -303,18 +322,19 @@ impl<'a> TurnWriter<'a> {
         })
     }
 
-    /// When, counting from now (a chunk just written), the next chunk is due at the earliest: a
-    /// flush interval after the next token, or sooner when tokens come fast enough to fill a
-    /// chunk first. The next token is expected a token gap after the last one came (not after
+    /// When, counting from `now` (a chunk being written), the next chunk is due at the earliest:
+    /// a flush interval after the next token, or sooner when tokens come fast enough to fill a
+    /// chunk first. The next token is expected a burst gap after the last one came (not after
     /// now: the write may have waited for the timer), so a relay polling then finds the chunk
     /// just landed. Unknown before two tokens have been seen: a flush interval.
-    fn next_chunk_in(&self) -> Duration {
+    fn next_chunk_in(&self, now: Instant) -> Duration {
         let (flush_interval, flush_max_tokens) =
             (self.settings.flush_interval, self.settings.flush_max_tokens);
         let (Some(gap), Some(last)) = (self.token_gap, self.last_token) else { return flush_interval };
+        let next_token = last + self.burst_gap.unwrap_or(gap);
         let due =
-            (last + gap + flush_interval).min(last + gap.saturating_mul(flush_max_tokens.max(1) as u32));
-        due.saturating_duration_since(Instant::now())
+            (next_token + flush_interval).min(last + gap.saturating_mul(flush_max_tokens.max(1) as u32));
+        due.saturating_duration_since(now)
     }
 
     /// The buffer is stored: it becomes part of the reply.
@@ -370,13 +390,8 @@ mod tests {
         TurnWriter::new(store, settings, lease(), vec![])
     }
 
-    /// Within a millisecond of `expected` (the test's own steps take microseconds).
-    fn about(actual: Duration, expected_ms: u64) {
-        let expected = Duration::from_millis(expected_ms);
-        assert!(
-            actual <= expected && expected - actual < Duration::from_millis(1),
-            "{actual:?}, expected {expected:?}"
-        );
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     /// Relays poll when the writer says the next chunk lands: a flush interval after the next
@@ -390,12 +405,13 @@ mod tests {
         );
         let settings = settings(175);
         let mut writer = writer_with(&store, &settings);
+        let now = Instant::now();
         // The last token came 155 ms ago, 20 ms after the one before: the flush timer fires now,
         // 175 ms after the oldest. The next token is expected 135 ms ago, and the chunk it
         // opens goes 175 ms after it: 40 ms from now (not 20 + 175 from now).
-        writer.last_token = Some(Instant::now() - Duration::from_millis(155));
-        writer.token_gap = Some(Duration::from_millis(20));
-        about(writer.next_chunk_in(), 40);
+        writer.last_token = Some(now - ms(155));
+        writer.token_gap = Some(ms(20));
+        assert_eq!(writer.next_chunk_in(now), ms(40));
     }
 
     /// When tokens come fast, the chunk fills (`FLUSH_MAX_TOKENS`) before the interval ends.
@@ -408,12 +424,43 @@ mod tests {
         );
         let settings = settings(175);
         let mut writer = writer_with(&store, &settings);
-        writer.last_token = Some(Instant::now());
-        writer.token_gap = Some(Duration::from_millis(2));
+        let now = Instant::now();
+        writer.last_token = Some(now);
+        writer.token_gap = Some(ms(2));
         // 32 tokens 2 ms apart fill a chunk in 64 ms, before 2 + 175.
-        about(writer.next_chunk_in(), 64);
+        assert_eq!(writer.next_chunk_in(now), ms(64));
         // Before two tokens, a flush interval.
         writer.token_gap = None;
-        about(writer.next_chunk_in(), 175);
+        assert_eq!(writer.next_chunk_in(now), ms(175));
+    }
+
+    /// A model that sends tokens in bursts (several in one network read, then a pause) is
+    /// expected at its average pace, not at the pace inside a burst (which would tell relays
+    /// the next chunk fills at once).
+    #[tokio::test]
+    async fn the_token_gap_is_an_average() {
+        let store = Store::new(
+            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
+            "unused",
+            StoreOptions::default(),
+        );
+        let settings = settings(150);
+        let mut writer = writer_with(&store, &settings);
+        let mut at = Instant::now();
+        // Bursts of 5 tokens 0.1 ms apart, every 100 ms: 20 ms a token on average.
+        for _ in 0..20 {
+            for i in 0..5 {
+                writer.note_token_at(at + Duration::from_micros(100 * i));
+            }
+            at += ms(100);
+        }
+        let gap = writer.token_gap.expect("tokens came");
+        assert!(gap >= ms(8) && gap <= ms(40), "{gap:?}");
+        assert_eq!(writer.burst_gap.map(|g| g.as_micros()), Some(99_600));
+        // The flush timer fires 150 ms after the last burst began: the next burst is due 100 ms
+        // after that one, and its chunk 150 ms later, 100 ms from now (not 150 + 20 ms or so).
+        let now = at - ms(100) + ms(150);
+        let due = writer.next_chunk_in(now);
+        assert!(due >= ms(99) && due <= ms(100), "{due:?}");
     }
 }

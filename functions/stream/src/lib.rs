@@ -88,17 +88,16 @@ impl DueMargin {
         }
     }
 
-    /// It was not there yet.
+    /// It was not there yet, and the next read found it.
     fn missed(&mut self) {
         self.found_in_a_row = 0;
         self.margin = (self.margin + Duration::from_millis(2)).min(Self::MAX);
     }
 }
 
-/// A chunk not there yet when due is polled for again every `DUE_RETRY`, this many times,
-/// before the relay backs off: a read costs a tenth of a write, and a late chunk is what the
-/// reader feels.
-const DUE_RETRIES: u32 = 4;
+/// A chunk not there yet when due is read for again this soon, then after twice as long, and so
+/// on: a put that took a little longer is read a few milliseconds late, a model that slowed
+/// down or paused costs a handful of reads (a read costs a tenth of a write).
 const DUE_RETRY: Duration = Duration::from_millis(5);
 
 /// Relay settings.
@@ -472,7 +471,9 @@ impl Relay {
         let mut empty_polls = 0u32;
         let mut next_due = None;
         let mut margin = DueMargin::default();
+        // The last read was at a chunk's due time; it found nothing, so this one is the first again.
         let mut polled_at_due = false;
+        let mut reread_after_due = false;
         let mut state = first_read.state;
         let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
         let mut sent_tokens = 0usize;
@@ -513,12 +514,16 @@ impl Relay {
                 sent_tokens += sent;
                 progressed |= sent > 0;
             }
+            // The margin learns how long a put takes: a chunk found at its due time, or found at
+            // the first read after (a later find says the model's pace changed, not the put's).
             if std::mem::take(&mut polled_at_due) {
                 if progressed {
                     margin.found();
                 } else {
-                    margin.missed();
+                    reread_after_due = true;
                 }
+            } else if std::mem::take(&mut reread_after_due) && progressed {
+                margin.missed();
             }
             if progressed {
                 last_sent = Instant::now();
@@ -568,27 +573,23 @@ impl Relay {
     }
 
     /// How long to wait before the next poll:
-    /// - after new tokens, until the writer's next chunk is due (its `next_at`), or the fast
-    ///   interval when it gave no time; when that chunk is not there yet, again every
-    ///   `DUE_RETRY`, [`DUE_RETRIES`] times;
+    /// - after new tokens, until the writer's next chunk is due (its `next_at`) and the margin
+    ///   after it, or the fast interval when it gave no time;
     /// - before the first chunk, an eighth of the wait so far, between the fast interval and four
     ///   times it while the turn generates (the model is thinking), or the slow interval while it
     ///   waits for a generator: the first token is late by at most an eighth of its wait, and a
     ///   crowd of turns queued behind busy generators does not spend the machine polling;
-    /// - when polls find nothing after tokens flowed (the model paused), half the fast interval,
-    ///   doubling with each empty poll up to four times it.
+    /// - when polls find nothing after tokens flowed: after a due time, `DUE_RETRY` doubling
+    ///   (the chunk's put took longer, or the model's pace changed); else (the model paused) half
+    ///   the fast interval doubling; both up to four times the fast interval.
     fn next_poll(&self, poll: PollState, waited: Duration) -> Duration {
         let settings = &self.settings;
         let fast = settings.poll_fast;
-        let due_passed = poll.next_due.is_some_and(|due| due <= self.store.now_ms());
-        if poll.tokens_seen && (1..=DUE_RETRIES).contains(&poll.empty_polls) && due_passed {
-            return DUE_RETRY;
-        }
         if poll.empty_polls == 0 && poll.tokens_seen {
             return match poll.next_due {
                 Some(due) => {
                     let until = Duration::from_millis(due.saturating_sub(self.store.now_ms())) + poll.margin;
-                    until.clamp(poll.margin, settings.poll_slow)
+                    until.min(settings.poll_slow).max(poll.margin)
                 }
                 None => fast,
             };
@@ -597,10 +598,10 @@ impl Relay {
             let most = if poll.generating { fast * 4 } else { settings.poll_slow.max(fast) };
             return (waited / WAITING_BACKOFF).clamp(fast, most);
         }
-        // After the quick re-polls of a late chunk, the backoff starts from its beginning.
-        let empty = if due_passed { poll.empty_polls - DUE_RETRIES } else { poll.empty_polls };
-        let doubled = (fast / 2).saturating_mul(1 << (empty.max(1) - 1).min(3));
-        doubled.min(fast * 4)
+        let due_passed = poll.next_due.is_some_and(|due| due <= self.store.now_ms());
+        let first = if due_passed { DUE_RETRY } else { fast / 2 };
+        let doubled = first.saturating_mul(1 << (poll.empty_polls - 1).min(8));
+        doubled.min((fast * 4).max(first))
     }
 
     /// The turn is over: sends what is left (read consistently, so nothing written before the
@@ -803,17 +804,20 @@ mod tests {
     }
 
     #[test]
-    fn a_due_chunk_not_there_yet_is_polled_for_again_soon_then_backed_off() {
+    fn a_due_chunk_not_there_yet_is_read_again_soon_then_less_and_less_often() {
         let relay = relay();
         let due = Some(NOW - 5);
-        for empty in 1..=DUE_RETRIES {
-            assert_eq!(relay.next_poll(after_tokens(empty, due), Duration::ZERO), DUE_RETRY, "poll {empty}");
-        }
-        // Then the model has paused: the backoff starts from half the fast interval.
-        let backoff: Vec<u64> = (DUE_RETRIES + 1..=DUE_RETRIES + 5)
+        let waits: Vec<u64> = (1..=9)
             .map(|empty| relay.next_poll(after_tokens(empty, due), Duration::ZERO).as_millis() as u64)
             .collect();
-        assert_eq!(backoff, [25, 50, 100, 200, 200]);
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 200, 200, 200]);
+    }
+
+    #[test]
+    fn a_slow_interval_under_the_margin_cannot_make_a_relay_read_before_it() {
+        let mut relay = relay();
+        Arc::get_mut(&mut relay.settings).unwrap().poll_slow = Duration::from_millis(3);
+        assert_eq!(relay.next_poll(after_tokens(0, Some(NOW + 170)), Duration::ZERO), MARGIN);
     }
 
     #[test]
@@ -823,6 +827,7 @@ mod tests {
             .map(|empty| relay.next_poll(after_tokens(empty, None), Duration::ZERO).as_millis() as u64)
             .collect();
         assert_eq!(waits, [25, 50, 100, 200]);
+        assert_eq!(relay.next_poll(after_tokens(9, None), Duration::ZERO), Duration::from_millis(200));
         // A chunk due later than now is not late: no quick re-poll.
         assert_eq!(
             relay.next_poll(after_tokens(1, Some(NOW + 100)), Duration::ZERO),

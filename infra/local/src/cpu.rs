@@ -205,6 +205,16 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EmulatorProfile {
 /// Lambda's memory size for one full vCPU.
 pub const MB_PER_VCPU: f64 = 1769.0;
 
+/// The memory sizes (MB) `template.yaml` gives by default: the generator's and the stream's
+/// parameters, and every other function's. `make bench-turn` prices these; a template test
+/// keeps them equal.
+pub const GENERATOR_MEMORY_MB: u32 = 256;
+pub const STREAM_MEMORY_MB: u32 = 128;
+pub const OTHER_MEMORY_MB: u32 = 256;
+
+/// The root `cpu` group, where a thread goes back before it ends.
+const ROOT_TASKS: &str = "/sys/fs/cgroup/cpu/tasks";
+
 /// A cgroup v1 `cpu` group whose CFS quota gives its processes (or threads) the CPU share
 /// Lambda gives a function of `memory_mb`; removed on drop. Needs root.
 pub struct CpuLimit {
@@ -230,6 +240,7 @@ impl CpuLimit {
             .and_then(|()| std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()))
             .and_then(|()| std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()))
             .map_err(|e| {
+                let _ = std::fs::remove_dir(&dir);
                 format!("BENCH_MEMORY_MB needs a writable cgroup v1 cpu controller ({}): {e}", dir.display())
             })?;
         Ok(CpuLimit { dir, memory_mb, share })
@@ -262,17 +273,35 @@ impl CpuLimit {
 
     /// Moves the calling thread (only it) into the group.
     pub fn join_this_thread(&self) -> Result<(), String> {
-        let tid = std::fs::read_link("/proc/thread-self")
-            .ok()
-            .and_then(|path| path.file_name().and_then(|n| n.to_str()).map(str::to_owned))
-            .ok_or("cannot tell this thread's id from /proc/thread-self")?;
-        std::fs::write(self.dir.join("tasks"), tid)
+        std::fs::write(self.dir.join("tasks"), this_thread_id()?)
             .map_err(|e| format!("joining {}: {e}", self.dir.display()))
     }
+
+    /// Moves the calling thread back to the root group, so the group can be removed once every
+    /// thread that joined it has left.
+    pub fn leave_this_thread() {
+        if let Ok(tid) = this_thread_id() {
+            let _ = std::fs::write(ROOT_TASKS, tid);
+        }
+    }
+}
+
+fn this_thread_id() -> Result<String, String> {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|path| path.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+        .ok_or_else(|| "cannot tell this thread's id from /proc/thread-self".to_owned())
 }
 
 impl Drop for CpuLimit {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        // A thread that just ended may still be counted in the group for a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("warning: could not remove {} (rmdir it once its threads are gone)", self.dir.display());
     }
 }

@@ -751,10 +751,11 @@ fn the_table_and_the_user_pool_outlive_the_stack() {
 #[test]
 fn memory_sizes_and_the_flush_are_the_ones_the_cost_bench_measures() {
     let template = template();
+    use chat_local::cpu::{GENERATOR_MEMORY_MB, OTHER_MEMORY_MB, STREAM_MEMORY_MB};
     let default = |name: &str| template["Parameters"][name]["Default"].as_u64();
-    assert_eq!(default("GeneratorMemorySize"), Some(256));
-    assert_eq!(default("StreamMemorySize"), Some(128));
-    assert_eq!(template["Globals"]["Function"]["MemorySize"].as_u64(), Some(256));
+    assert_eq!(default("GeneratorMemorySize"), Some(u64::from(GENERATOR_MEMORY_MB)));
+    assert_eq!(default("StreamMemorySize"), Some(u64::from(STREAM_MEMORY_MB)));
+    assert_eq!(template["Globals"]["Function"]["MemorySize"].as_u64(), Some(u64::from(OTHER_MEMORY_MB)));
     for (function, parameter) in [("generator", "GeneratorMemorySize"), ("stream", "StreamMemorySize")] {
         let properties = &resource(&template, &logical(function))["Properties"];
         assert_eq!(properties["MemorySize"], resource_ref(parameter), "{function}");

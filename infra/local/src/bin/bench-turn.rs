@@ -3,7 +3,8 @@
 //! Runs whole turns (500-token demo replies at 50 tokens/s by default) through the real store,
 //! generator and stream code against a fresh DynamoDB emulator, with one SSE client per turn, at
 //! several flush intervals (`BENCH_FLUSH_MS`, `100,125,150,175,200`, plus a flush by token count
-//! only) and memory sizes, and reports:
+//! only) and memory sizes, and reports (`BENCH_BURST=5` gives the tokens in bursts of five, as a
+//! real provider's arrive several to a network read):
 //! - write and read capacity units per turn, from DynamoDB's own consumed-capacity figures;
 //! - relay lag per token: the moment the generator receives it from the model (handed to the
 //!   chunk writer) to the moment the SSE client reads it, as percentiles;
@@ -24,7 +25,7 @@ use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use chat_core::config::Env;
 use chat_core::job::TurnMessage;
 use chat_core::{NewMessage, Outcome, Read, Role, SendOutcome, StoreOptions, UserId};
-use chat_local::cpu::CpuLimit;
+use chat_local::cpu::{CpuLimit, GENERATOR_MEMORY_MB, OTHER_MEMORY_MB, STREAM_MEMORY_MB};
 use futures::future::BoxFuture;
 use futures::stream::StreamExt;
 use generator::llm::{DemoModel, Model, ModelError, ModelProvider, Output, Prompt, RetryPolicy, TokenStream};
@@ -37,15 +38,51 @@ use std::time::{Duration, Instant};
 struct TimedModel {
     inner: DemoModel,
     handed: Arc<Mutex<Vec<Instant>>>,
+    /// Tokens come in bursts of this many, a burst every `pause`, as a real provider's arrive
+    /// several to a network read (1: one every token delay, paced by the demo model).
+    burst: usize,
+    pause: Duration,
+}
+
+impl TimedModel {
+    fn new(
+        reply_tokens: usize,
+        token_delay: Duration,
+        burst: usize,
+        handed: Arc<Mutex<Vec<Instant>>>,
+    ) -> Self {
+        let burst = burst.max(1);
+        // In bursts, the pace is the wrapper's; the demo model then gives its tokens at once.
+        let pause = token_delay * burst as u32;
+        let token_delay = if burst > 1 { Duration::ZERO } else { token_delay };
+        TimedModel { inner: DemoModel { reply_tokens, token_delay, faults: false }, handed, burst, pause }
+    }
 }
 
 impl ModelProvider for TimedModel {
     fn open(&self, prompt: Arc<Prompt>) -> BoxFuture<'static, Result<TokenStream, ModelError>> {
         let handed = self.handed.clone();
         let opened = self.inner.open(prompt);
+        let (burst, pause) = (self.burst, self.pause);
         Box::pin(async move {
             let tokens = opened.await?;
+            let mut given = 0usize;
             Ok(tokens
+                .then(move |output| {
+                    let wait = match &output {
+                        Ok(Output::Token(_)) if burst > 1 => {
+                            given += 1;
+                            (given % burst == 1).then_some(pause)
+                        }
+                        _ => None,
+                    };
+                    async move {
+                        if let Some(wait) = wait {
+                            tokio::time::sleep(wait).await;
+                        }
+                        output
+                    }
+                })
                 .map(move |output| {
                     // Only text reaches the chunk writer; the closing usage report does not.
                     if let Ok(Output::Token(_)) = &output {
@@ -76,9 +113,8 @@ mod price {
     pub const SQS_REQUESTS_PER_TURN: f64 = 3.0;
 }
 
-/// The memory sizes `template.yaml` gives the generator, the stream and ingest by default.
-const TEMPLATE_MEMORY_MB: Memory = Memory { generator: 256, stream: 128 };
-const INGEST_MEMORY_MB: u32 = 256;
+/// The memory sizes `template.yaml` gives the generator and the stream by default.
+const TEMPLATE_MEMORY_MB: Memory = Memory { generator: GENERATOR_MEMORY_MB, stream: STREAM_MEMORY_MB };
 
 /// Each long-lived function's memory size, MB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +188,7 @@ impl TurnCost {
         let mut lags = totals.lags_ms.clone();
         lags.sort_by(f64::total_cmp);
         let gb = |mb: u32| f64::from(mb) / 1024.0;
-        let gb_seconds = totals.ingest_seconds * gb(INGEST_MEMORY_MB)
+        let gb_seconds = totals.ingest_seconds * gb(OTHER_MEMORY_MB)
             + totals.generator_seconds * gb(memory.generator)
             + totals.stream_seconds * gb(memory.stream);
         TurnCost {
@@ -229,6 +265,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let turns: usize = env.parse_or("BENCH_TURNS", 5)?;
     let reply_tokens: usize = env.parse_or("BENCH_REPLY_TOKENS", 500)?;
     let token_delay = env.millis_or("BENCH_TOKEN_DELAY_MS", Duration::from_millis(20))?;
+    let burst: usize = env.parse_or("BENCH_BURST", 1)?;
     // The flush is the lever (FLUSH_INTERVAL_MS / FLUSH_MAX_TOKENS). The relay's fast poll
     // (STREAM_POLL_FAST_MS) stays at its default: while tokens flow a relay polls when a chunk is
     // due, whatever it is. An hour's interval means "by token count only".
@@ -246,8 +283,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     settings.push(setting("economy: flush every 32 tokens".to_owned(), 3_600_000, 32, 50));
     println!(
-        "bench-turn: {turns} turns per setting, {reply_tokens}-token replies at {:.0} tokens/s, one SSE client per turn",
-        1.0 / token_delay.as_secs_f64()
+        "bench-turn: {turns} turns per setting, {reply_tokens}-token replies at {:.0} tokens/s{}, one SSE client per turn",
+        1.0 / token_delay.as_secs_f64(),
+        if burst > 1 { format!(" in bursts of {burst}") } else { String::new() }
     );
     println!(
         "prices (us-east-1 list): DynamoDB on-demand ${:.3}/M WRU, ${:.3}/M RRU; Lambda arm64 ${:.2}/M requests, ${:.10}/GB-s; SQS ${:.2}/M requests\n",
@@ -274,7 +312,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut summary = Vec::new();
     for &size in &sizes {
         for setting in &settings {
-            let totals = run(setting, size, turns, reply_tokens, token_delay).await?;
+            let totals = run(setting, size, turns, reply_tokens, token_delay, burst).await?;
             let mut lags = totals.lags_ms.clone();
             lags.sort_by(f64::total_cmp);
             let n = totals.turns as f64;
@@ -393,6 +431,7 @@ impl FunctionThread {
                             let _ = group.join_this_thread();
                         }
                     })
+                    .on_thread_stop(CpuLimit::leave_this_thread)
                     .build()
                     .map_err(|e| e.to_string());
                 match (joined, runtime) {
@@ -401,6 +440,8 @@ impl FunctionThread {
                         runtime.block_on(async move {
                             let _ = stopped.await;
                         });
+                        runtime.shutdown_timeout(Duration::from_secs(5));
+                        CpuLimit::leave_this_thread();
                     }
                     (Err(e), _) | (_, Err(e)) => {
                         let _ = started_tx.send(Err(e));
@@ -435,7 +476,9 @@ impl Drop for FunctionThread {
             let _ = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            if thread.join().is_err() {
+                eprintln!("warning: a function thread of the bench panicked");
+            }
         }
     }
 }
@@ -446,14 +489,14 @@ async fn run(
     turns: usize,
     reply_tokens: usize,
     token_delay: Duration,
+    burst: usize,
 ) -> Result<Totals, Box<dyn std::error::Error>> {
     let table = "bench";
     let dynamo = chat_local::LocalDynamo::start(0, table).await?;
     let store = || dynamo.store(table, StoreOptions::default());
     let (ingest_store, generator_store, stream_store) = (store(), store(), store());
     let handed = Arc::new(Mutex::new(Vec::new()));
-    let model =
-        TimedModel { inner: DemoModel { reply_tokens, token_delay, faults: false }, handed: handed.clone() };
+    let model = TimedModel::new(reply_tokens, token_delay, burst, handed.clone());
     let generator_thread = FunctionThread::start("generator", memory.map(|m| m.generator))?;
     let stream_thread = FunctionThread::start("stream", memory.map(|m| m.stream))?;
     let generator = Arc::new(generator::Generator::new(
