@@ -120,8 +120,9 @@ preflight: $(DEPLOY_VENV)/.installed ## Check that your AWS account can hold ENV
 deploy: preflight sam-build ## The preflight, sam build and its checks, then sam deploy of ENV (default or prod; samconfig.toml) to your AWS account
 	$(NO_TELEMETRY) $(DEPLOY_VENV)/bin/sam deploy --config-env $(ENV)
 
-bench-turn: check-toolchain ## Capacity units, relay lag and dollars per million 500-token turns at each flush and poll setting
-	$(CARGO) run --locked -q -p chat-local --bin bench-turn
+# The functions' metric lines (EMF JSON) go to stdout too: the tables are what is left.
+bench-turn: check-toolchain ## Capacity units, relay lag and dollars per million 500-token turns at each flush and memory setting (CPU quotas need root and cgroup v1)
+	set -o pipefail; $(CARGO) run --locked -q -p chat-local --bin bench-turn | grep -v '^{"'
 
 # The generator's metric lines (EMF JSON) go to stdout too: the table is what is left.
 bench-cancel: check-toolchain ## How soon a cancel closes the model's stream (before the first token, mid-reply, in a tool step) and the usage a stopped turn reports

@@ -27,6 +27,9 @@ const LEASE_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Tokens that come this close together came in one burst (one network read).
 const SAME_BURST: Duration = Duration::from_millis(2);
 
+/// No token for this long is a pause, not the model's pace.
+const PAUSE: Duration = Duration::from_secs(1);
+
 /// Whether a flush reads the lease back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LeaseCheck {
@@ -231,11 +234,12 @@ impl<'a> TurnWriter<'a> {
         self.buffer.push(token);
     }
 
-    /// A token came at `at`: the pace of tokens, for when the next chunk is due.
+    /// A token came at `at`: the pace of tokens, for when the next chunk is due. A gap over
+    /// [`PAUSE`] is a pause (a tool step, the model thinking), not the pace.
     fn note_token_at(&mut self, at: Instant) {
         let average =
             |average: Option<Duration>, gap: Duration| Some(average.map_or(gap, |a| (a * 7 + gap) / 8));
-        if let Some(previous) = self.last_token {
+        if let Some(previous) = self.last_token.filter(|p| at.saturating_duration_since(*p) <= PAUSE) {
             let gap = at.saturating_duration_since(previous);
             self.token_gap = average(self.token_gap, gap);
             if gap > SAME_BURST {
@@ -395,7 +399,7 @@ mod tests {
     }
 
     /// Relays poll when the writer says the next chunk lands: a flush interval after the next
-    /// token, which comes a token gap after the last one, however late the timer fired.
+    /// token, which comes a burst gap after the last one, however late the timer fired.
     #[tokio::test]
     async fn the_next_chunk_is_due_a_flush_interval_after_the_next_token() {
         let store = Store::new(
@@ -462,5 +466,25 @@ mod tests {
         let now = at - ms(100) + ms(150);
         let due = writer.next_chunk_in(now);
         assert!(due >= ms(99) && due <= ms(100), "{due:?}");
+    }
+
+    /// A pause (a tool step, the model thinking) is not the pace of tokens.
+    #[tokio::test]
+    async fn a_pause_does_not_count_as_the_pace() {
+        let store = Store::new(
+            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
+            "unused",
+            StoreOptions::default(),
+        );
+        let settings = settings(150);
+        let mut writer = writer_with(&store, &settings);
+        let mut at = Instant::now();
+        for _ in 0..10 {
+            writer.note_token_at(at);
+            at += ms(20);
+        }
+        writer.note_token_at(at + ms(3000));
+        assert_eq!(writer.token_gap, Some(ms(20)));
+        assert_eq!(writer.burst_gap, Some(ms(20)));
     }
 }

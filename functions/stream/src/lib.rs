@@ -52,7 +52,7 @@ struct PollState {
     generating: bool,
     /// Polls in a row that found nothing new.
     empty_polls: u32,
-    /// When the last chunk read said the next one is due (epoch ms), until it is read.
+    /// When the last chunk read said the next one is due (epoch ms).
     next_due: Option<u64>,
     /// How long after that to read it.
     margin: Duration,
@@ -60,8 +60,9 @@ struct PollState {
 
 /// How long after the time its writer said the next chunk was due (`Chunk::next_at`) a relay
 /// reads it: the put itself takes a few milliseconds, more in some places and moments. It starts
-/// at 5 ms and learns: a read that finds the chunk not there yet adds 2 ms (up to 25 ms), and
-/// eight in a row that find it take 1 ms off (down to 2 ms). Too early costs a read (a tenth of a
+/// at 5 ms and learns: a read at the due time that finds the chunk not there yet, when the next
+/// read finds it, adds 2 ms (up to 25 ms), and eight in a row that find it take 1 ms off (down
+/// to 2 ms). Too early costs a read (a tenth of a
 /// write); too late, lag every reader feels.
 #[derive(Debug, Clone, Copy)]
 struct DueMargin {
@@ -471,8 +472,9 @@ impl Relay {
         let mut empty_polls = 0u32;
         let mut next_due = None;
         let mut margin = DueMargin::default();
-        // The last read was at a chunk's due time; it found nothing, so this one is the first again.
+        // This read is at a chunk's due time (plus the margin).
         let mut polled_at_due = false;
+        // The read at the due time found nothing: this read is the first after it.
         let mut reread_after_due = false;
         let mut state = first_read.state;
         let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
@@ -566,7 +568,12 @@ impl Relay {
             empty_polls = if progressed { 0 } else { empty_polls + 1 };
             let tokens_seen = last_seq.is_some();
             let poll = PollState { tokens_seen, generating, empty_polls, next_due, margin: margin.margin };
-            polled_at_due = empty_polls == 0 && tokens_seen && next_due.is_some();
+            // A wait cut short by the slow interval reads before the due time: not a lesson.
+            let before_slow = |due: u64| {
+                Duration::from_millis(due.saturating_sub(self.store.now_ms())) + margin.margin
+                    <= settings.poll_slow
+            };
+            polled_at_due = empty_polls == 0 && tokens_seen && next_due.is_some_and(before_slow);
             let wait = self.next_poll(poll, started.elapsed());
             tokio::time::sleep(wait).await;
         }
@@ -600,7 +607,7 @@ impl Relay {
         }
         let due_passed = poll.next_due.is_some_and(|due| due <= self.store.now_ms());
         let first = if due_passed { DUE_RETRY } else { fast / 2 };
-        let doubled = first.saturating_mul(1 << (poll.empty_polls - 1).min(8));
+        let doubled = first.saturating_mul(1 << poll.empty_polls.saturating_sub(1).min(8));
         doubled.min((fast * 4).max(first))
     }
 

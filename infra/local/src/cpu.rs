@@ -241,9 +241,17 @@ impl CpuLimit {
             .and_then(|()| std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()))
             .map_err(|e| {
                 let _ = std::fs::remove_dir(&dir);
-                format!("BENCH_MEMORY_MB needs a writable cgroup v1 cpu controller ({}): {e}", dir.display())
+                format!(
+                    "BENCH_MEMORY_MB needs a writable cgroup v1 cpu controller, so root ({}: {e}); set BENCH_MEMORY_MB=none to run unthrottled",
+                    dir.display()
+                )
             })?;
         Ok(CpuLimit { dir, memory_mb, share })
+    }
+
+    /// Whether groups can be made here (root, and a cgroup v1 `cpu` controller).
+    pub fn available() -> bool {
+        CpuLimit::named(128, "probe").is_ok()
     }
 
     /// The memory size it stands for.

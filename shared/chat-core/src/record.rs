@@ -281,7 +281,7 @@ pub struct Chunk {
     /// When it was written (epoch ms, the writer's clock); `None` for chunks written before
     /// chunks carried it.
     pub at: Option<u64>,
-    /// When the writer expected, as it wrote this chunk, to write the next one at the earliest
+    /// When the writer expected, as it wrote this chunk, to write the next one
     /// (epoch ms): a relay polls for it then, rather than on a fixed beat. `None` when it gave no
     /// hint (a takeover's fence).
     pub next_at: Option<u64>,

@@ -188,7 +188,7 @@ async fn run(config: &Config) -> BenchResult<Vec<Sample>> {
             generator::GenerationSettings {
                 lease: Duration::from_secs(30),
                 max_generation_attempts: 3,
-                flush_interval: Duration::from_millis(150),
+                flush_interval: generator::DEFAULT_FLUSH_INTERVAL,
                 flush_max_tokens: 32,
                 faults: false,
                 system_prompt: None,

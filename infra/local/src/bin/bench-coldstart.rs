@@ -98,7 +98,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("LLM_PROVIDER", "demo".to_owned()),
             ("DEMO_REPLY_TOKENS", "20".to_owned()),
             ("DEMO_TOKEN_DELAY_MS", "20".to_owned()),
-            ("FLUSH_INTERVAL_MS", "150".to_owned()),
+            ("FLUSH_INTERVAL_MS", generator::DEFAULT_FLUSH_INTERVAL.as_millis().to_string()),
             ("RUST_LOG", "warn".to_owned()),
             ("LOG_FORMAT", "json".to_owned()),
         ]

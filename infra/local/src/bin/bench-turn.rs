@@ -17,8 +17,8 @@
 //! The generator and the stream each run on a thread and runtime of their own, as each runs in
 //! a process of its own in Lambda. `BENCH_MEMORY_MB` (`256/128,128/128`: generator/stream; one
 //! number for both) repeats every setting with each thread held to the CPU share Lambda gives
-//! its memory size (a cgroup v1 CFS quota each, which needs root; `none` runs them unthrottled,
-//! priced at the template's sizes), so a smaller size's price comes with the lag it causes. The
+//! its memory size (a cgroup v1 CFS quota each, which needs root; `none`, the default where
+//! quotas cannot be made, runs them unthrottled, priced at the template's sizes), so a smaller size's price comes with the lag it causes. The
 //! emulator, ingest and the SSE client run unthrottled; ingest is priced at 256 MB.
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
@@ -295,13 +295,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         price::LAMBDA_GB_SECOND,
         price::SQS_REQUEST * 1e6,
     );
+    let sizes_asked = env.optional("BENCH_MEMORY_MB").unwrap_or_else(|| {
+        if CpuLimit::available() {
+            "256/128,128/128".to_owned()
+        } else {
+            println!(
+                "no CPU quotas here (they need root and a cgroup v1 cpu controller): running unthrottled\n"
+            );
+            "none".to_owned()
+        }
+    });
     let mut sizes: Vec<Option<Memory>> = Vec::new();
-    for size in env
-        .optional("BENCH_MEMORY_MB")
-        .unwrap_or_else(|| "256/128,128/128".to_owned())
-        .split(',')
-        .map(str::trim)
-    {
+    for size in sizes_asked.split(',').map(str::trim) {
         sizes.push(match size {
             "none" => None,
             mb => Some(Memory::parse(mb).ok_or_else(|| {

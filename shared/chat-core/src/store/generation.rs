@@ -198,7 +198,7 @@ impl Store {
         self.append_chunk_expecting(lease, seq, start, tokens, None).await
     }
 
-    /// [`Store::append_chunk`], telling relays when the next chunk is due at the earliest
+    /// [`Store::append_chunk`], telling relays when the next chunk is expected
     /// (`next_at`, epoch ms), so they poll for it then.
     pub async fn append_chunk_expecting(
         &self,
