@@ -62,8 +62,7 @@ struct PollState {
 /// reads it: the put itself takes a few milliseconds, more in some places and moments. It starts
 /// at 5 ms and learns: a read at the due time that finds the chunk not there yet, when the next
 /// read finds it, adds 2 ms (up to 25 ms), and eight in a row that find it take 1 ms off (down
-/// to 2 ms). Too early costs a read (a tenth of a
-/// write); too late, lag every reader feels.
+/// to 2 ms). Too early costs a read (a tenth of a write); too late, lag every reader feels.
 #[derive(Debug, Clone, Copy)]
 struct DueMargin {
     margin: Duration,
