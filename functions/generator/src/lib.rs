@@ -66,6 +66,24 @@ pub struct GenerationSettings {
     pub tool_deadline: Duration,
 }
 
+impl Default for GenerationSettings {
+    /// What the function runs with when nothing is set: `LEASE_MS` 30 s, 3 attempts, a flush
+    /// every 150 ms or 32 tokens, replies up to 300,000 bytes, tool steps for 120 s.
+    fn default() -> Self {
+        GenerationSettings {
+            lease: Duration::from_secs(30),
+            max_generation_attempts: 3,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            flush_max_tokens: 32,
+            faults: false,
+            system_prompt: None,
+            memory: MemoryLimits::default(),
+            reply_max_bytes: 300_000,
+            tool_deadline: Duration::from_secs(120),
+        }
+    }
+}
+
 /// The largest `REPLY_MAX_BYTES`: a message item also carries its keys and attributes, and must
 /// stay under DynamoDB's 400 KB.
 pub const REPLY_MAX_BYTES_CEILING: usize = 380_000;
@@ -99,12 +117,13 @@ impl Generator {
         let common = CommonConfig::from_env(&env)?;
         let faults = faults_setting(env.parse_or("DEMO_FAULTS", false)?, FAULTS_BUILT)?;
         let model_config = model_config::ModelConfig::from_env(&env, faults)?;
+        let defaults = GenerationSettings::default();
         let settings = GenerationSettings {
             lease: common.lease,
             max_generation_attempts: common.max_generation_attempts,
-            flush_interval: env.millis_or("FLUSH_INTERVAL_MS", DEFAULT_FLUSH_INTERVAL)?,
-            flush_max_tokens: env.parse_or("FLUSH_MAX_TOKENS", 32)?,
-            reply_max_bytes: match env.parse_or("REPLY_MAX_BYTES", 300_000)? {
+            flush_interval: env.millis_or("FLUSH_INTERVAL_MS", defaults.flush_interval)?,
+            flush_max_tokens: env.parse_or("FLUSH_MAX_TOKENS", defaults.flush_max_tokens)?,
+            reply_max_bytes: match env.parse_or("REPLY_MAX_BYTES", defaults.reply_max_bytes)? {
                 n if n == 0 || n > REPLY_MAX_BYTES_CEILING => {
                     return Err(ConfigError {
                         variable: "REPLY_MAX_BYTES".to_owned(),
@@ -118,7 +137,7 @@ impl Generator {
             faults,
             system_prompt: model_config.system_prompt.clone(),
             memory: model_config.memory,
-            tool_deadline: env.millis_or("TOOL_DEADLINE_MS", Duration::from_secs(120))?,
+            tool_deadline: env.millis_or("TOOL_DEADLINE_MS", defaults.tool_deadline)?,
         };
         let tools = tools::Tools::from_env(&env)?;
         let prices = pricing::Prices::parse(&env.optional("MODEL_PRICES").unwrap_or_default())?;

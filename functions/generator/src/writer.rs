@@ -362,17 +362,12 @@ mod tests {
     use chat_core::{SessionId, StoreOptions, Turn, UserId};
 
     fn settings(flush_interval_ms: u64) -> GenerationSettings {
-        GenerationSettings {
-            lease: Duration::from_secs(30),
-            max_generation_attempts: 3,
-            flush_interval: Duration::from_millis(flush_interval_ms),
-            flush_max_tokens: 32,
-            faults: false,
-            system_prompt: None,
-            memory: Default::default(),
-            reply_max_bytes: 300_000,
-            tool_deadline: Duration::from_secs(60),
-        }
+        GenerationSettings { flush_interval: Duration::from_millis(flush_interval_ms), ..Default::default() }
+    }
+
+    /// A store these tests never send a request to: they check the writer's arithmetic.
+    fn offline_store() -> Store {
+        Store::new(chat_testkit::dynamodb_client("http://127.0.0.1:9"), "unused", StoreOptions::default())
     }
 
     fn lease() -> Lease {
@@ -402,11 +397,7 @@ mod tests {
     /// token, which comes a burst gap after the last one, however late the timer fired.
     #[tokio::test]
     async fn the_next_chunk_is_due_a_flush_interval_after_the_next_token() {
-        let store = Store::new(
-            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
-            "unused",
-            StoreOptions::default(),
-        );
+        let store = offline_store();
         let settings = settings(175);
         let mut writer = writer_with(&store, &settings);
         let now = Instant::now();
@@ -421,11 +412,7 @@ mod tests {
     /// When tokens come fast, the chunk fills (`FLUSH_MAX_TOKENS`) before the interval ends.
     #[tokio::test]
     async fn a_full_chunk_comes_before_the_interval() {
-        let store = Store::new(
-            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
-            "unused",
-            StoreOptions::default(),
-        );
+        let store = offline_store();
         let settings = settings(175);
         let mut writer = writer_with(&store, &settings);
         let now = Instant::now();
@@ -443,11 +430,7 @@ mod tests {
     /// the next chunk fills at once).
     #[tokio::test]
     async fn the_token_gap_is_an_average() {
-        let store = Store::new(
-            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
-            "unused",
-            StoreOptions::default(),
-        );
+        let store = offline_store();
         let settings = settings(150);
         let mut writer = writer_with(&store, &settings);
         let mut at = Instant::now();
@@ -471,11 +454,7 @@ mod tests {
     /// A pause (a tool step, the model thinking) is not the pace of tokens.
     #[tokio::test]
     async fn a_pause_does_not_count_as_the_pace() {
-        let store = Store::new(
-            chat_testkit::dynamodb_client("http://127.0.0.1:9"),
-            "unused",
-            StoreOptions::default(),
-        );
+        let store = offline_store();
         let settings = settings(150);
         let mut writer = writer_with(&store, &settings);
         let mut at = Instant::now();

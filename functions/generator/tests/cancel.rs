@@ -51,18 +51,9 @@ async fn harness(server: &FakeLlm, tools: Tools) -> Harness {
     };
     let model = Model::new(Arc::new(provider), policy);
     let routes = Routes { main: NamedModel { model, name: "m".to_owned() }, small: None };
-    // The deployed defaults: LEASE_MS, FLUSH_INTERVAL_MS, FLUSH_MAX_TOKENS.
-    let settings = generator::GenerationSettings {
-        lease: Duration::from_secs(30),
-        max_generation_attempts: 3,
-        flush_interval: generator::DEFAULT_FLUSH_INTERVAL,
-        flush_max_tokens: 32,
-        faults: false,
-        system_prompt: None,
-        memory: Default::default(),
-        reply_max_bytes: 300_000,
-        tool_deadline: Duration::from_secs(60),
-    };
+    // The deployed defaults (lease, flush), a shorter tool deadline.
+    let settings =
+        generator::GenerationSettings { tool_deadline: Duration::from_secs(60), ..Default::default() };
     let generator = Arc::new(generator::Generator::new(store.clone(), routes, settings).with_tools(tools));
     Harness { _dynamo: dynamo, store, generator }
 }

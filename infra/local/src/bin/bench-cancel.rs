@@ -180,22 +180,12 @@ async fn run(config: &Config) -> BenchResult<Vec<Sample>> {
         stream_usage: true,
     })?;
     let policy = RetryPolicy { idle_timeout: Duration::from_secs(60), ..RetryPolicy::default() };
-    // The deployed defaults: LEASE_MS, FLUSH_INTERVAL_MS, FLUSH_MAX_TOKENS.
+    // The deployed defaults (lease, flush), a shorter tool deadline.
     let generator = Arc::new(
         generator::Generator::new(
             store.clone(),
             Model::new(Arc::new(provider), policy),
-            generator::GenerationSettings {
-                lease: Duration::from_secs(30),
-                max_generation_attempts: 3,
-                flush_interval: generator::DEFAULT_FLUSH_INTERVAL,
-                flush_max_tokens: 32,
-                faults: false,
-                system_prompt: None,
-                memory: Default::default(),
-                reply_max_bytes: 300_000,
-                tool_deadline: Duration::from_secs(60),
-            },
+            generator::GenerationSettings { tool_deadline: Duration::from_secs(60), ..Default::default() },
         )
         .with_tools(Tools::builtin().with_call_delay(config.tool_delay)),
     );

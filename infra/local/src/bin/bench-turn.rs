@@ -508,15 +508,9 @@ async fn run(
         generator_store.clone(),
         Model::new(Arc::new(model), RetryPolicy::default()),
         generator::GenerationSettings {
-            lease: Duration::from_secs(30),
-            max_generation_attempts: 3,
             flush_interval: setting.flush_interval,
             flush_max_tokens: setting.flush_max_tokens,
-            faults: false,
-            system_prompt: None,
-            memory: Default::default(),
-            reply_max_bytes: 300_000,
-            tool_deadline: Duration::from_secs(60),
+            ..Default::default()
         },
     ));
     let relay = stream::Relay::new(
