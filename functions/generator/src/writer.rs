@@ -291,8 +291,9 @@ impl<'a> TurnWriter<'a> {
         if !self.buffer.is_empty() {
             // Mid-reply, relays poll for the next chunk when it is due.
             let flushed_at = Instant::now();
-            let next_at = (check == LeaseCheck::WhenDue)
-                .then(|| self.store.now_ms() + self.next_chunk_in(flushed_at).as_millis() as u64);
+            let next_at = (check == LeaseCheck::WhenDue).then(|| {
+                self.store.now_ms().saturating_add(self.next_chunk_in(flushed_at).as_millis() as u64)
+            });
             let outcome = self
                 .store
                 .append_chunk_expecting(&self.lease, self.next_seq, self.next_index, &self.buffer, next_at)
@@ -336,8 +337,10 @@ impl<'a> TurnWriter<'a> {
             (self.settings.flush_interval, self.settings.flush_max_tokens);
         let (Some(gap), Some(last)) = (self.token_gap, self.last_token) else { return flush_interval };
         let next_token = last + self.burst_gap.unwrap_or(gap);
-        let due =
-            (next_token + flush_interval).min(last + gap.saturating_mul(flush_max_tokens.max(1) as u32));
+        // A chunk fills when enough tokens came, and never before the next one does (a burst of
+        // more than a chunk's tokens has just filled this one).
+        let full = (last + gap.saturating_mul(flush_max_tokens.clamp(1, 1 << 16) as u32)).max(next_token);
+        let due = (next_token + flush_interval).min(full);
         due.saturating_duration_since(now)
     }
 
@@ -449,6 +452,20 @@ mod tests {
         let now = at - ms(100) + ms(150);
         let due = writer.next_chunk_in(now);
         assert!(due >= ms(99) && due <= ms(100), "{due:?}");
+    }
+
+    /// A burst of more tokens than a chunk holds fills the chunk at once; the next cannot fill
+    /// before the next burst comes.
+    #[tokio::test]
+    async fn a_chunk_filled_by_a_burst_is_followed_by_one_at_the_next_burst() {
+        let store = offline_store();
+        let settings = settings(150);
+        let mut writer = writer_with(&store, &settings);
+        let now = Instant::now();
+        writer.last_token = Some(now);
+        writer.token_gap = Some(Duration::from_micros(10));
+        writer.burst_gap = Some(ms(100));
+        assert_eq!(writer.next_chunk_in(now), ms(100));
     }
 
     /// A pause (a tool step, the model thinking) is not the pace of tokens.

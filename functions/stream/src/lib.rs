@@ -60,18 +60,20 @@ struct PollState {
 
 /// How long after the time its writer said the next chunk was due (`Chunk::next_at`) a relay
 /// reads it: the put itself takes a few milliseconds, more in some places and moments. It starts
-/// at 5 ms and learns: a read at the due time that finds the chunk not there yet, when the next
-/// read finds it, adds 2 ms (up to 25 ms), and eight in a row that find it take 1 ms off (down
+/// at 5 ms and learns: a read at the due time that finds the chunk not there yet, when one of the
+/// next few reads finds it, adds 2 ms (up to 25 ms), and eight in a row that find it take 1 ms off (down
 /// to 2 ms). Too early costs a read (a tenth of a write); too late, lag every reader feels.
 #[derive(Debug, Clone, Copy)]
 struct DueMargin {
     margin: Duration,
     found_in_a_row: u32,
+    /// Reads since one at a due time found nothing (0: none pending).
+    reads_after_due: u32,
 }
 
 impl Default for DueMargin {
     fn default() -> Self {
-        DueMargin { margin: Duration::from_millis(5), found_in_a_row: 0 }
+        DueMargin { margin: Duration::from_millis(5), found_in_a_row: 0, reads_after_due: 0 }
     }
 }
 
@@ -79,7 +81,29 @@ impl DueMargin {
     const MIN: Duration = Duration::from_millis(2);
     const MAX: Duration = Duration::from_millis(25);
 
-    /// A read at the due time (plus the margin) found the chunk.
+    /// A read happened: at a chunk's due time (plus the margin) or not, and it found the chunk
+    /// or not. Found at the due time: the margin may shrink. Found within a few reads after a
+    /// due time that found nothing: the put was late, the margin grows. Found later: the model's
+    /// pace changed, which says nothing about puts.
+    fn observe(&mut self, at_due: bool, found: bool) {
+        if at_due {
+            if found {
+                self.found();
+            } else {
+                self.reads_after_due = 1;
+            }
+        } else if self.reads_after_due > 0 {
+            if found {
+                self.missed();
+                self.reads_after_due = 0;
+            } else if self.reads_after_due == LATE_PUT_READS {
+                self.reads_after_due = 0;
+            } else {
+                self.reads_after_due += 1;
+            }
+        }
+    }
+
     fn found(&mut self) {
         self.found_in_a_row += 1;
         if self.found_in_a_row == 8 {
@@ -88,7 +112,6 @@ impl DueMargin {
         }
     }
 
-    /// It was not there yet, and the next read found it.
     fn missed(&mut self) {
         self.found_in_a_row = 0;
         self.margin = (self.margin + Duration::from_millis(2)).min(Self::MAX);
@@ -99,6 +122,10 @@ impl DueMargin {
 /// on: a put that took a little longer is read a few milliseconds late, a model that slowed
 /// down or paused costs a handful of reads (a read costs a tenth of a write).
 const DUE_RETRY: Duration = Duration::from_millis(5);
+
+/// A chunk found within this many reads after its due time was late by its put (the margin grows);
+/// later, by the model's pace (it does not).
+const LATE_PUT_READS: u32 = 3;
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -473,8 +500,6 @@ impl Relay {
         let mut margin = DueMargin::default();
         // This read is at a chunk's due time (plus the margin).
         let mut polled_at_due = false;
-        // The read at the due time found nothing: this read is the first after it.
-        let mut reread_after_due = false;
         let mut state = first_read.state;
         let mut session_read = Instant::now() - SESSION_CHECK_EVERY;
         let mut sent_tokens = 0usize;
@@ -515,17 +540,8 @@ impl Relay {
                 sent_tokens += sent;
                 progressed |= sent > 0;
             }
-            // The margin learns how long a put takes: a chunk found at its due time, or found at
-            // the first read after (a later find says the model's pace changed, not the put's).
-            if std::mem::take(&mut polled_at_due) {
-                if progressed {
-                    margin.found();
-                } else {
-                    reread_after_due = true;
-                }
-            } else if std::mem::take(&mut reread_after_due) && progressed {
-                margin.missed();
-            }
+            // The margin learns how long a put takes.
+            margin.observe(std::mem::take(&mut polled_at_due), progressed);
             if progressed {
                 last_sent = Instant::now();
                 // Tokens are flowing: the turn is generating, whatever the last session read said.
@@ -590,7 +606,8 @@ impl Relay {
     ///   the fast interval doubling; both up to four times the fast interval.
     fn next_poll(&self, poll: PollState, waited: Duration) -> Duration {
         let settings = &self.settings;
-        let fast = settings.poll_fast;
+        // Never a busy loop, whatever `STREAM_POLL_FAST_MS` says.
+        let fast = settings.poll_fast.max(DUE_RETRY * 2);
         if poll.empty_polls == 0 && poll.tokens_seen {
             return match poll.next_due {
                 Some(due) => {
@@ -778,6 +795,30 @@ mod tests {
         let relay = relay();
         let wait = relay.next_poll(after_tokens(0, Some(NOW + 170)), Duration::ZERO);
         assert_eq!(wait, Duration::from_millis(170) + MARGIN);
+    }
+
+    #[test]
+    fn the_margin_learns_from_chunks_a_put_made_late_not_from_a_changed_pace() {
+        // Puts land 12 ms after the due time: found on the second read after it (5 + 10 ms).
+        let mut margin = DueMargin::default();
+        for _ in 0..3 {
+            margin.observe(true, false);
+            margin.observe(false, false);
+            margin.observe(false, true);
+        }
+        assert_eq!(margin.margin, Duration::from_millis(11));
+        // A chunk found only after the third read since its due time: the model slowed down.
+        let before = margin.margin;
+        margin.observe(true, false);
+        for _ in 0..LATE_PUT_READS {
+            margin.observe(false, false);
+        }
+        margin.observe(false, true);
+        assert_eq!(margin.margin, before);
+        // Reads that are not at a due time, with nothing pending, teach nothing.
+        margin.observe(false, true);
+        margin.observe(false, false);
+        assert_eq!(margin.margin, before);
     }
 
     #[test]
