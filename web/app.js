@@ -328,13 +328,13 @@ function closeStream() {
 
 /// Follows `turn` of `session` into `bubble` from the start (or after `lastId`): the stream replays
 /// what was written, then relays live, so a reload shows the whole reply, once.
-function follow(session, turn, bubble, lastId) {
+function follow(session, turn, bubble, lastId, limited = 0) {
   closeStream();
   const url = new URL(STREAM + "/sessions/" + encodeURIComponent(session) + "/stream?turn=" + turn, location.href);
   if (state.token) url.searchParams.set("access_token", state.token);
   if (lastId) url.searchParams.set("last_event_id", lastId);
   const source = new EventSource(url);
-  const stream = { source, bubble, session, turn, lastId, text: bubble.dataset.raw || "", stopped: null };
+  const stream = { source, bubble, session, turn, lastId, limited, text: bubble.dataset.raw || "", stopped: null };
   state.stream = stream;
   generating(true);
   updateControls();
@@ -425,6 +425,16 @@ async function fallBack(stream, url) {
   clearTimeout(timer);
   probe.abort();
   if (state.stream !== stream) return;
+  if (response && response.status === 429 && stream.limited < 3) {
+    // A stream this page just left (a reload) holds its slot until its relay notices, a moment
+    // later: try again after 1, 2, 4 s (at most Retry-After) before saying anything.
+    const retryAfter = Number(response.headers.get("retry-after")) || 5;
+    connection("Waiting for a free stream…");
+    setTimeout(() => {
+      if (state.stream === stream) follow(stream.session, stream.turn, stream.bubble, stream.lastId, stream.limited + 1);
+    }, Math.min(retryAfter, 2 ** stream.limited) * 1000);
+    return;
+  }
   if (response && response.status === 429) {
     connection("");
     notice("You have too many replies open in other tabs; close one and retry.", () => follow(stream.session, stream.turn, stream.bubble, stream.lastId));

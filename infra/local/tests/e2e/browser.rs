@@ -762,3 +762,49 @@ async fn where_sse_is_blocked_the_page_long_polls_the_reply_and_shows_exactly_th
     browser.screenshot("long-poll-fallback").await;
     browser.close().await;
 }
+
+/// A page whose stream is refused because the turn's streams are all taken (here by two other
+/// clients; after a reload, by the page's own stream the relay has not yet seen go) waits and
+/// tries again, then follows the reply to its end, rather than telling the user to close tabs.
+#[tokio::test]
+async fn a_page_refused_a_stream_while_the_turns_are_taken_tries_again_and_follows_the_reply() {
+    let browser = browser().await;
+    let user = format!("full-{}", uuid::Uuid::new_v4().simple());
+    browser.sign_in(&user).await;
+    let bearer = token(&user).await;
+    // 150 tokens, 20 ms apart: three seconds of streaming.
+    let accepted = http()
+        .post(format!("{}/sessions/{user}/messages", api()))
+        .bearer_auth(&bearer)
+        .json(&json!({"message": "[[reply-tokens:150]] a story for three"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    let id = accepted.json::<Value>().await.unwrap()["session_id"].as_str().unwrap().to_owned();
+    // MAX_STREAMS_PER_TURN (2) streams of the turn, held by other clients.
+    let url = format!("{}/sessions/{id}/stream?turn=1&access_token={bearer}", api());
+    let (status, first) = SseReader::open(&url, None).await;
+    assert_eq!(status, 200);
+    let (status, second) = SseReader::open(&url, None).await;
+    assert_eq!(status, 200);
+    // The page opens the chat (a change of the address's fragment alone loads nothing).
+    browser.client.goto(&format!("{}/#{id}", api())).await.unwrap();
+    browser.client.refresh().await.unwrap();
+    browser
+        .until(
+            "the page waiting for a stream",
+            "return document.getElementById('connection').textContent.includes('Waiting for a free stream')",
+            Duration::from_secs(15),
+        )
+        .await;
+    drop(first);
+    let reply = browser.until_reply("done").await;
+    let committed = reply_of(&stored(&user, &id).await, 1).unwrap()["content"].clone();
+    assert_eq!(reply["raw"], committed, "exactly the committed reply");
+    assert_eq!(reply["count"], 1, "one reply bubble");
+    let told = browser.js("return document.body.textContent.includes('too many replies open')").await;
+    assert_eq!(told, json!(false), "no notice to close tabs");
+    drop(second);
+    browser.close().await;
+}
