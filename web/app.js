@@ -348,7 +348,10 @@ function follow(session, turn, bubble, lastId, limited = 0) {
     scrollDown();
   };
   stream.stopPainting = () => clearTimeout(timer);
-  source.onopen = () => connection("");
+  source.onopen = () => {
+    connection("");
+    stream.limited = 0;
+  };
   source.addEventListener("token", (e) => {
     stream.text += e.data;
     stream.lastId = e.lastEventId;
@@ -412,6 +415,14 @@ function follow(session, turn, bubble, lastId, limited = 0) {
   source.addEventListener("token", () => (stream.failures = 0));
 }
 
+/// Follows `stream`'s turn again from the last token it got, keeping every token it got (some
+/// may not be painted yet).
+function followAgain(stream, limited) {
+  stream.stopPainting?.();
+  stream.bubble.dataset.raw = stream.text;
+  follow(stream.session, stream.turn, stream.bubble, stream.lastId, limited);
+}
+
 /// SSE failed: a limit the server set (429: too many streams open) is told as it is; anything
 /// else (a proxy in the way) is worked around by long-polling.
 async function fallBack(stream, url) {
@@ -427,17 +438,20 @@ async function fallBack(stream, url) {
   if (state.stream !== stream) return;
   if (response && response.status === 429 && stream.limited < 3) {
     // A stream this page just left (a reload) holds its slot until its relay notices, a moment
-    // later: try again after 1, 2, 4 s (at most Retry-After) before saying anything.
-    const retryAfter = Number(response.headers.get("retry-after")) || 5;
+    // later: try again after about 1, 2, 4 s (at most Retry-After, at least 1 s; spread, so tabs
+    // do not all come back at once) before saying anything.
+    const asked = Number(response.headers.get("retry-after"));
+    const most = Number.isFinite(asked) && asked > 0 ? asked : 5;
+    const wait = Math.max(1, Math.min(most, 2 ** stream.limited)) * (0.75 + Math.random() / 2);
     connection("Waiting for a free stream…");
     setTimeout(() => {
-      if (state.stream === stream) follow(stream.session, stream.turn, stream.bubble, stream.lastId, stream.limited + 1);
-    }, Math.min(retryAfter, 2 ** stream.limited) * 1000);
+      if (state.stream === stream) followAgain(stream, stream.limited + 1);
+    }, wait * 1000);
     return;
   }
   if (response && response.status === 429) {
     connection("");
-    notice("You have too many replies open in other tabs; close one and retry.", () => follow(stream.session, stream.turn, stream.bubble, stream.lastId));
+    notice("You have too many replies open in other tabs; close one and retry.", () => followAgain(stream, 0));
     generating(false);
     return;
   }

@@ -772,11 +772,12 @@ async fn a_page_refused_a_stream_while_the_turns_are_taken_tries_again_and_follo
     let user = format!("full-{}", uuid::Uuid::new_v4().simple());
     browser.sign_in(&user).await;
     let bearer = token(&user).await;
-    // 150 tokens, 20 ms apart: three seconds of streaming.
+    // 500 tokens, 20 ms apart: ten seconds of streaming, so the turn still runs when the page
+    // tries again (its end would free the slots anyway).
     let accepted = http()
         .post(format!("{}/sessions/{user}/messages", api()))
         .bearer_auth(&bearer)
-        .json(&json!({"message": "[[reply-tokens:150]] a story for three"}))
+        .json(&json!({"message": "[[reply-tokens:500]] a story for three"}))
         .send()
         .await
         .unwrap();
@@ -799,6 +800,14 @@ async fn a_page_refused_a_stream_while_the_turns_are_taken_tries_again_and_follo
         )
         .await;
     drop(first);
+    browser
+        .until(
+            "the reply streaming before its end",
+            "const b = document.querySelector('#messages li.assistant');
+             return b && b.dataset.state === 'streaming' && b.dataset.raw.length > 0",
+            Duration::from_secs(8),
+        )
+        .await;
     let reply = browser.until_reply("done").await;
     let committed = reply_of(&stored(&user, &id).await, 1).unwrap()["content"].clone();
     assert_eq!(reply["raw"], committed, "exactly the committed reply");
