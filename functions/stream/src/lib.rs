@@ -144,6 +144,20 @@ pub struct RelaySettings {
     pub max_open_streams: u32,
 }
 
+impl Default for RelaySettings {
+    /// What the function runs with when nothing is set.
+    fn default() -> Self {
+        RelaySettings {
+            poll_fast: Duration::from_millis(50),
+            poll_slow: Duration::from_millis(500),
+            keepalive: Duration::from_secs(15),
+            max_duration: Duration::from_secs(600),
+            retry: Duration::from_secs(1),
+            max_open_streams: chat_core::UserLimits::default().open_streams,
+        }
+    }
+}
+
 /// Why a stream was refused before its first byte; each is one status and error code.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -274,12 +288,13 @@ impl Relay {
         let env = Env::process();
         let table = env.required("TABLE_NAME")?;
         let limits = chat_core::UserLimits::from_env(&env)?;
+        let defaults = RelaySettings::default();
         let settings = RelaySettings {
-            poll_fast: env.millis_or("STREAM_POLL_FAST_MS", Duration::from_millis(50))?,
-            poll_slow: env.millis_or("STREAM_POLL_SLOW_MS", Duration::from_millis(500))?,
-            keepalive: env.millis_or("STREAM_KEEPALIVE_MS", Duration::from_secs(15))?,
-            max_duration: env.millis_or("STREAM_MAX_DURATION_MS", Duration::from_secs(600))?,
-            retry: env.millis_or("STREAM_RETRY_MS", Duration::from_secs(1))?,
+            poll_fast: env.millis_or("STREAM_POLL_FAST_MS", defaults.poll_fast)?,
+            poll_slow: env.millis_or("STREAM_POLL_SLOW_MS", defaults.poll_slow)?,
+            keepalive: env.millis_or("STREAM_KEEPALIVE_MS", defaults.keepalive)?,
+            max_duration: env.millis_or("STREAM_MAX_DURATION_MS", defaults.max_duration)?,
+            retry: env.millis_or("STREAM_RETRY_MS", defaults.retry)?,
             max_open_streams: limits.open_streams,
         };
         let auth = Authenticator::new(AuthConfig::from_env(&env)?)?;
@@ -773,15 +788,7 @@ mod tests {
         let client = chat_testkit::emulators::dynamodb_client("http://127.0.0.1:9");
         let store = Store::new(client, "unused", StoreOptions::default())
             .with_clock(Clock::Manual(Arc::new(AtomicU64::new(NOW))));
-        let settings = RelaySettings {
-            poll_fast: Duration::from_millis(50),
-            poll_slow: Duration::from_millis(500),
-            keepalive: Duration::from_secs(15),
-            max_duration: Duration::from_secs(600),
-            retry: Duration::from_secs(1),
-            max_open_streams: 0,
-        };
-        Relay::new(store, settings, Authenticator::trusted())
+        Relay::new(store, RelaySettings::default(), Authenticator::trusted())
     }
 
     const MARGIN: Duration = Duration::from_millis(7);

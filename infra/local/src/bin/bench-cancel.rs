@@ -191,14 +191,7 @@ async fn run(config: &Config) -> BenchResult<Vec<Sample>> {
     );
     let relay = stream::Relay::new(
         store.clone(),
-        stream::RelaySettings {
-            poll_fast: Duration::from_millis(50),
-            poll_slow: Duration::from_millis(500),
-            keepalive: Duration::from_secs(15),
-            max_duration: Duration::from_secs(600),
-            retry: Duration::from_secs(1),
-            max_open_streams: 0,
-        },
+        stream::RelaySettings { max_open_streams: 0, ..Default::default() },
         chat_auth::Authenticator::trusted(),
     );
     let tokens = vec!["word "; config.reply_tokens];

@@ -515,14 +515,7 @@ async fn run(
     ));
     let relay = stream::Relay::new(
         stream_store.clone(),
-        stream::RelaySettings {
-            poll_fast: setting.poll_fast,
-            poll_slow: Duration::from_millis(500),
-            keepalive: Duration::from_secs(15),
-            max_duration: Duration::from_secs(600),
-            retry: Duration::from_secs(1),
-            max_open_streams: 0,
-        },
+        stream::RelaySettings { poll_fast: setting.poll_fast, max_open_streams: 0, ..Default::default() },
         chat_auth::Authenticator::trusted(),
     );
     let mut totals = Totals::default();
